@@ -1,0 +1,52 @@
+# clusterlens: `make demo` and `make test` are the two commands; everything else is a step of them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL  := models/efficientnet_lite0/model.onnx
+PORT   ?= 7071
+LIMIT  ?= 10000
+
+.PHONY: demo test install models data serve lint typecheck clean
+
+## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
+demo: $(STAMP) $(MODEL) data
+	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
+
+## test: install what the tests need and run the suite
+test: $(STAMP) $(MODEL) data
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps foolbox==3.3.4
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+## models: export the ONNX image encoder (torch is used here only)
+models: $(MODEL)
+
+$(MODEL): $(STAMP) tools/export_models.py
+	$(BIN)/python -m tools.export_models --out $(dir $(MODEL))
+
+## data: make sure the Fashion-MNIST Debian package is installed
+data:
+	@./scripts/ensure-fashion-mnist.sh
+
+serve: $(STAMP) $(MODEL)
+	$(BIN)/clusterlens serve --port $(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf .clusterlens $(MODEL) $(dir $(MODEL))manifest.json

@@ -1,0 +1,182 @@
+"""The HTTP API: one FastAPI app, served by ``func.AsgiFunctionApp`` in Azure and uvicorn locally.
+
+Handlers parse and validate input, call ``shared``, and shape the response. Every error leaves as
+``{"error": {"code": ..., "message": ...}}`` with a 4xx status (5xx only for our own faults).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared import __version__
+from shared.catalog import Catalog, check_image_id
+from shared.errors import BadRequest, ClusterlensError, PayloadTooLarge, UnsupportedMediaType
+from shared.imaging import CONTENT_TYPES
+from shared.search import SearchService
+from shared.settings import Settings, get_settings
+from shared.storage import UPLOADS
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+SEARCH_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "the query image"},
+                    "k": {"type": "integer", "minimum": 1, "description": "number of results"},
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["id"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
+                    "k": {"type": "integer", "minimum": 1},
+                },
+            }
+        },
+    },
+}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(service: SearchService | None = None, settings: Settings | None = None) -> FastAPI:
+    """Build the API. ``service`` and ``settings`` are injectable; by default they load lazily."""
+    app = FastAPI(title="clusterlens", version=__version__, openapi_url="/api/openapi.json",
+                  docs_url="/api/docs", redoc_url=None,
+                  description="Search, map and label a large image collection.")
+
+    @lru_cache(maxsize=1)
+    def get_service() -> SearchService:
+        return service or SearchService(settings or get_settings())
+
+    @app.exception_handler(ClusterlensError)
+    async def _clusterlens_error(request: Request, exc: ClusterlensError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "something went wrong on our side; it has been logged")
+
+    @app.get("/api/health", summary="Model and index versions and counts")
+    async def health() -> dict[str, Any]:
+        return await run_in_threadpool(get_service().health)
+
+    @app.post("/api/search", summary="Similar images by uploaded image or stored id",
+              openapi_extra={"requestBody": SEARCH_BODY})
+    async def search(request: Request) -> dict[str, Any]:
+        svc = get_service()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > svc.settings.max_upload_bytes + 65536:
+            raise PayloadTooLarge(f"the request is over the {svc.settings.max_upload_bytes}-byte upload limit")
+        if ctype == "multipart/form-data":
+            data, k = await _read_multipart(request, svc.settings.max_upload_bytes)
+            return await run_in_threadpool(svc.search_image, data, k)
+        if ctype == "application/json":
+            image_id, k = _read_json_query(await request.body())
+            return await run_in_threadpool(svc.search_id, image_id, k)
+        if ctype in CONTENT_TYPES.values():
+            data = await request.body()
+            return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")))
+        if not ctype and not await request.body():
+            raise BadRequest("empty request: send a multipart form with an `image` file, or JSON {\"id\": ...}",
+                             code="empty_request")
+        raise UnsupportedMediaType(
+            "send multipart/form-data with an `image` file, application/json with an `id`, or raw image bytes")
+
+    @app.get("/api/images/{image_id}", summary="The stored image bytes",
+             responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}})
+    async def image(image_id: str) -> Response:
+        check_image_id(image_id)
+        svc = get_service()
+        record = await run_in_threadpool(Catalog(svc.storage).get, image_id)
+        data = await run_in_threadpool(svc.storage.get, UPLOADS, record.blob)
+        return Response(data, media_type=CONTENT_TYPES.get(record.format, "application/octet-stream"),
+                        headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image_id}"'})
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_page_html())
+
+    return app
+
+
+@lru_cache(maxsize=1)
+def _page_html() -> str:
+    return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+def _parse_k(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise BadRequest("k must be an integer", code="invalid_k")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 12:
+        return int(value)
+    raise BadRequest("k must be an integer", code="invalid_k")
+
+
+async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int | None]:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception:  # noqa: BLE001 - malformed multipart bodies raise assorted parser errors
+        raise BadRequest("the multipart body cannot be parsed", code="invalid_multipart") from None
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise BadRequest("the form needs a file in the `image` field", code="missing_image")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the image is over the {max_bytes}-byte upload limit")
+    return data, _parse_k(form.get("k"))
+
+
+def _read_json_query(body: bytes) -> tuple[str, int | None]:
+    if not body:
+        raise BadRequest("empty request body", code="empty_request")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict) or "id" not in payload:
+        raise BadRequest('the JSON body needs an "id" (a stored image id)', code="missing_id")
+    image_id = payload["id"]
+    if not isinstance(image_id, str):
+        raise BadRequest('"id" must be a string', code="invalid_id")
+    return check_image_id(image_id), _parse_k(payload.get("k"))

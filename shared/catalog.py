@@ -1,0 +1,95 @@
+"""The image catalogue: one JSON record per unique image, keyed by content hash.
+
+Record blob: ``embeddings/records/<id>.json`` where ``id`` is the sha256 of the image bytes.
+Fields: id, blob (name in the uploads container), label (or null), source, format, width, height,
+bytes, ingested_at. Records are written create-if-absent, so ingesting the same bytes twice is a
+no-op, whoever does it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shared.errors import BadRequest, NotFound
+from shared.storage import EMBEDDINGS, Storage
+
+RECORDS_PREFIX = "records/"
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_image_id(image_id: str) -> str:
+    """Validate an image id (64 lowercase hex characters, a sha256).
+
+    Raises:
+        BadRequest: if it is not one.
+    """
+    if not isinstance(image_id, str) or not _ID_RE.match(image_id):
+        raise BadRequest("an image id is 64 lowercase hex characters (the sha256 of the image)",
+                         code="invalid_id")
+    return image_id
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the catalogue knows about one image."""
+
+    id: str
+    blob: str
+    label: str | None
+    source: str
+    format: str
+    width: int
+    height: int
+    bytes: int
+    ingested_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ImageRecord:
+        return cls(**{k: value.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
+
+
+class Catalog:
+    """Reads and writes image records in storage."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @staticmethod
+    def _name(image_id: str) -> str:
+        return f"{RECORDS_PREFIX}{image_id}.json"
+
+    def add(self, record: ImageRecord) -> bool:
+        """Store a record unless one exists for the id. Returns whether it was new."""
+        return self.storage.put_json(EMBEDDINGS, self._name(record.id), record.to_json(), overwrite=False)
+
+    def exists(self, image_id: str) -> bool:
+        return self.storage.exists(EMBEDDINGS, self._name(image_id))
+
+    def get(self, image_id: str) -> ImageRecord:
+        """The record for an id.
+
+        Raises:
+            BadRequest: malformed id.
+            NotFound: no such image.
+        """
+        check_image_id(image_id)
+        if not self.exists(image_id):
+            raise NotFound(f"no image with id {image_id}", code="image_not_found")
+        return ImageRecord.from_json(self.storage.get_json(EMBEDDINGS, self._name(image_id)))
+
+    def ids(self) -> Iterator[str]:
+        """All image ids, in lexical order."""
+        for name in self.storage.list(EMBEDDINGS, RECORDS_PREFIX):
+            if name.endswith(".json"):
+                yield name[len(RECORDS_PREFIX) : -len(".json")]
+
+    def records(self) -> Iterator[ImageRecord]:
+        """All records, in id order."""
+        for image_id in self.ids():
+            yield ImageRecord.from_json(self.storage.get_json(EMBEDDINGS, self._name(image_id)))

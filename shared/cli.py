@@ -1,0 +1,200 @@
+"""The ``clusterlens`` command line. It prints; the library it calls logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from shared.errors import ClusterlensError
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, open_storage
+
+DATASETS = ("fashion-mnist", "skimage-photos")
+
+
+def _progress(total: int | None, desc: str, unit: str = "img"):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None)
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_bytes, scan_folder
+
+    items: Iterable[IngestItem]
+    if args.dataset == "fashion-mnist":
+        from shared.datasets import fashion_mnist_items
+
+        total = args.limit or (60000 if args.split == "train" else 10000)
+        items = fashion_mnist_items(settings.fashion_mnist_dir, args.split, args.limit, args.offset)
+        desc = f"ingest fashion-mnist/{args.split}"
+    elif args.dataset == "skimage-photos":
+        from shared.datasets import SKIMAGE_PHOTOS, skimage_photo_items
+
+        total, items, desc = len(SKIMAGE_PHOTOS), skimage_photo_items(), "ingest skimage photos"
+    else:
+        files = scan_folder(Path(args.path))
+        if args.limit:
+            files = files[: args.limit]
+        total, items, desc = len(files), folder_items(files), f"ingest {args.path}"
+    summary = IngestSummary()
+    with _progress(total, desc) as bar:
+        for item in items:
+            result = ingest_bytes(storage, settings, item)
+            summary.count(result)
+            bar.update(1)
+    print(f"added {summary.added}, already known {summary.duplicate}, quarantined {summary.quarantined}")
+    for problem in summary.problems[:20]:
+        print(f"  quarantined {problem.source}: {problem.reason}")
+    if len(summary.problems) > 20:
+        print(f"  ... and {len(summary.problems) - 20} more (see the quarantine container)")
+    return 0
+
+
+def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
+    from shared.encoder import ImageEncoder
+
+    return ImageEncoder(settings.encoder_dir, size=settings.image_size, providers=settings.ort_providers,
+                        intra_op_threads=settings.ort_intra_op_threads)
+
+
+def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.embeddings import embed_pending
+
+    encoder = _encoder(settings)
+    bar = _progress(None, f"embed ({encoder.version}, {encoder.providers[0]})")
+    with bar:
+        stats = embed_pending(storage, settings, encoder, progress=bar.update,
+                              on_total=lambda n: setattr(bar, "total", n) or bar.refresh())
+    print(f"embedded {stats.embedded} of {stats.pending} pending images "
+          f"({stats.images_per_second:.0f} img/s; seconds: {json.dumps(stats.seconds)})")
+    if stats.failed:
+        print(f"  {len(stats.failed)} images could not be decoded and were skipped")
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.reindex import reindex
+
+    encoder = _encoder(settings)
+    t0 = time.perf_counter()
+    result = reindex(storage, settings, encoder.version, force=args.force)
+    verb = "built and published" if result.built else "is up to date:"
+    print(f"index {result.version} {verb} {result.count} images in {result.nlist} clusters "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.search import SearchService
+
+    service = SearchService(settings, storage)
+    if args.image:
+        out = service.search_image(Path(args.image).read_bytes(), args.k)
+    else:
+        out = service.search_id(args.id, args.k)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    probes = ", ".join(str(p["cluster"]) for p in out["cluster_probe"])
+    print(f"searched clusters {probes} in {out['timing_ms']['total']} ms")
+    for rank, r in enumerate(out["results"], 1):
+        print(f"{rank:>3}  {r['score']:.4f}  cluster {r['cluster']:>4}  {r['label'] or '-':<14} {r['id']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    import uvicorn
+
+    from functions.http_api import create_app
+
+    url = f"http://localhost:{args.port}"
+    print(f"\nclusterlens is serving the search page at {url}")
+    print(f"  health:  curl {url}/api/health")
+    print(f"  search:  curl -F image=@some-image.png -F k=5 {url}/api/search")
+    print(f"  API docs: {url}/api/docs   (Ctrl-C stops)\n")
+    uvicorn.run(create_app(settings=settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    steps = [
+        argparse.Namespace(dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None),
+        argparse.Namespace(dataset="skimage-photos", limit=None, path=None),
+    ]
+    for step in steps:
+        cmd_ingest(step, settings, storage)
+    cmd_embed(args, settings, storage)
+    cmd_reindex(argparse.Namespace(force=False), settings, storage)
+    if args.no_serve:
+        return 0
+    return cmd_serve(args, settings, storage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clusterlens", description="Search, map and label an image collection.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="add images from a folder (class subfolders become labels) or a dataset")
+    p.add_argument("path", nargs="?", help="folder of images (jpg/png/webp/bmp/tiff), searched recursively")
+    p.add_argument("--dataset", choices=DATASETS, help="ingest a packaged dataset instead of a folder")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
+    p.add_argument("--limit", type=int, help="at most this many images")
+    p.add_argument("--offset", type=int, default=0, help="skip this many dataset images first")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("embed", help="embed every image not embedded yet")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("reindex", help="build and publish the cluster-routed index")
+    p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
+    p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("search", help="similar images by image file or stored id")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", help="query image file")
+    g.add_argument("--id", help="stored image id")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.set_defaults(func=cmd_search)
+
+    for name, helptext in (("serve", "serve the API and search page"),
+                           ("demo", "ingest Fashion-MNIST and sample photos, embed, index, serve")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--port", type=int, default=7071)
+        p.add_argument("--host", default="127.0.0.1")
+        if name == "demo":
+            p.add_argument("--limit", type=int, default=10000, help="Fashion-MNIST images to ingest")
+            p.add_argument("--no-serve", action="store_true", help="build everything, then exit")
+        p.set_defaults(func=cmd_serve if name == "serve" else cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "ingest" and bool(args.path) == bool(args.dataset):
+        print("clusterlens ingest: give a folder or --dataset, not both", file=sys.stderr)
+        return 2
+    try:
+        settings = get_settings()
+        return int(args.func(args, settings, open_storage(settings)))
+    except ClusterlensError as exc:
+        print(f"clusterlens {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"clusterlens {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Durable embeddings: Parquet shards keyed by image id, one folder per encoder version.
+
+Shard blob: ``embeddings/vectors/<encoder version>/part-<utc time>-<n>.parquet`` with columns
+``id`` (string), ``embedding`` (float32 list), ``top_class`` (int16 list), ``top_prob`` (float32
+list: the top ImageNet classes and their probabilities). A shard is written in one atomic put, so
+an interrupted run loses at most the shard in flight, and the next run embeds only what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shared.catalog import Catalog
+from shared.encoder import softmax
+from shared.errors import ClusterlensError
+from shared.imaging import decode_image
+from shared.settings import Settings
+from shared.storage import EMBEDDINGS, UPLOADS, Storage
+
+if TYPE_CHECKING:
+    from shared.encoder import ImageEncoder
+
+log = logging.getLogger(__name__)
+
+VECTORS_PREFIX = "vectors/"
+TOP_CLASSES = 5
+
+
+def version_folder(encoder_version: str) -> str:
+    """A blob-name-safe folder for an encoder version."""
+    return VECTORS_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", encoder_version) + "/"
+
+
+@dataclass
+class EmbeddingSet:
+    """All stored embeddings of one encoder version.
+
+    Attributes:
+        ids: image ids, length n, in shard order.
+        vectors: float32 (n, d).
+        top_class: int16 (n, TOP_CLASSES) ImageNet class indices, most probable first.
+        top_prob: float32 (n, TOP_CLASSES) their probabilities.
+        shards: the shard names read.
+    """
+
+    ids: list[str]
+    vectors: np.ndarray
+    top_class: np.ndarray
+    top_prob: np.ndarray
+    shards: list[str]
+
+
+class EmbeddingStore:
+    """Reads and writes embedding shards for one encoder version."""
+
+    def __init__(self, storage: Storage, encoder_version: str):
+        self.storage = storage
+        self.encoder_version = encoder_version
+        self.prefix = version_folder(encoder_version)
+
+    def shards(self) -> list[str]:
+        return [n for n in self.storage.list(EMBEDDINGS, self.prefix) if n.endswith(".parquet")]
+
+    def write_shard(self, ids: Sequence[str], vectors: np.ndarray, logits: np.ndarray) -> str:
+        """Store one shard; returns its name."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if vectors.ndim != 2 or len(ids) != len(vectors) or len(logits) != len(ids):
+            raise ValueError("ids, vectors and logits must have the same length")
+        probs = softmax(logits)
+        top = np.argsort(-probs, axis=1)[:, :TOP_CLASSES]
+        d = vectors.shape[1]
+        table = pa.table({
+            "id": pa.array(list(ids), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), d),
+            "top_class": pa.FixedSizeListArray.from_arrays(pa.array(top.astype(np.int16).ravel()), TOP_CLASSES),
+            "top_prob": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.take_along_axis(probs, top, axis=1).astype(np.float32).ravel()), TOP_CLASSES),
+        }, metadata={"encoder_version": self.encoder_version})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        name = f"{self.prefix}part-{stamp}-{len(ids):06d}.parquet"
+        self.storage.put(EMBEDDINGS, name, buf.getvalue(), overwrite=False)
+        return name
+
+    def _read_table(self, name: str, columns: list[str] | None = None) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.storage.get(EMBEDDINGS, name)), columns=columns)
+
+    def embedded_ids(self) -> set[str]:
+        """Ids that have an embedding for this encoder version."""
+        done: set[str] = set()
+        for name in self.shards():
+            done.update(self._read_table(name, ["id"]).column("id").to_pylist())
+        return done
+
+    def load(self) -> EmbeddingSet:
+        """All embeddings of this version; an id stored twice (a retried shard) counts once."""
+        ids: list[str] = []
+        vecs, classes, probs = [], [], []
+        seen: set[str] = set()
+        shards = self.shards()
+        for name in shards:
+            table = self._read_table(name)
+            shard_ids = table.column("id").to_pylist()
+            keep = np.array([i not in seen for i in shard_ids], dtype=bool)
+            seen.update(shard_ids)
+            if not keep.any():
+                continue
+            n = len(shard_ids)
+            vecs.append(_fixed_list(table, "embedding", n)[keep])
+            classes.append(_fixed_list(table, "top_class", n)[keep])
+            probs.append(_fixed_list(table, "top_prob", n)[keep])
+            ids.extend(i for i, k in zip(shard_ids, keep, strict=True) if k)
+        if not ids:
+            return EmbeddingSet([], np.zeros((0, 0), np.float32), np.zeros((0, TOP_CLASSES), np.int16),
+                                np.zeros((0, TOP_CLASSES), np.float32), shards)
+        return EmbeddingSet(ids, np.concatenate(vecs).astype(np.float32, copy=False),
+                            np.concatenate(classes), np.concatenate(probs), shards)
+
+
+def _fixed_list(table: Any, column: str, n: int) -> np.ndarray:
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat).reshape(n, -1)
+
+
+@dataclass
+class EmbedStats:
+    """What an embed run did, with per-stage seconds (decode overlaps inference)."""
+
+    pending: int = 0
+    embedded: int = 0
+    failed: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"list": 0.0, "decode": 0.0, "infer": 0.0,
+                                                               "write": 0.0, "wait": 0.0, "total": 0.0})
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds["total"] if self.seconds["total"] else 0.0
+
+
+@dataclass
+class _Batch:
+    ids: list[str]
+    pixels: np.ndarray
+    failed: list[str]
+    decode_seconds: float
+
+
+def prefetch_batches(items: Sequence[str], load: Callable[[list[str]], _Batch], batch_size: int,
+                     workers: int, prefetch: int = 4) -> Iterator[_Batch]:
+    """Load batches in worker threads, ``prefetch`` ahead, yielding them in order."""
+    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        window: list[Future[_Batch]] = []
+        next_batch = 0
+        while next_batch < len(batches) or window:
+            while next_batch < len(batches) and len(window) < prefetch:
+                window.append(pool.submit(load, batches[next_batch]))
+                next_batch += 1
+            yield window.pop(0).result()
+
+
+def embed_pending(storage: Storage, settings: Settings, encoder: ImageEncoder, *,
+                  progress: Callable[[int], None] | None = None,
+                  on_total: Callable[[int], None] | None = None) -> EmbedStats:
+    """Embed every catalogued image that has no embedding for this encoder version yet.
+
+    Decoding runs in ``settings.embed_decode_workers`` threads ahead of inference. Results are
+    flushed every ``settings.embed_shard_size`` images.
+
+    Args:
+        progress: called with the number of images finished after each batch.
+        on_total: called once with the number of pending images.
+    """
+    stats = EmbedStats()
+    t_start = time.perf_counter()
+    store = EmbeddingStore(storage, encoder.version)
+    catalog = Catalog(storage)
+    done = store.embedded_ids()
+    pending = sorted(set(catalog.ids()) - done)
+    stats.pending = len(pending)
+    stats.seconds["list"] = time.perf_counter() - t_start
+    if on_total:
+        on_total(len(pending))
+
+    def load(batch_ids: list[str]) -> _Batch:
+        t0 = time.perf_counter()
+        ok, images, failed = [], [], []
+        for image_id in batch_ids:
+            try:
+                record = catalog.get(image_id)
+                data = storage.get(UPLOADS, record.blob)
+                images.append(decode_image(data, max_bytes=settings.max_upload_bytes,
+                                           max_pixels=settings.max_image_pixels).rgb)
+                ok.append(image_id)
+            except ClusterlensError as exc:
+                log.warning("cannot embed %s: %s", image_id, exc.message)
+                failed.append(image_id)
+        pixels = encoder.preprocess(images) if images else np.zeros((0, 3, encoder.size, encoder.size), np.float32)
+        return _Batch(ok, pixels, failed, time.perf_counter() - t0)
+
+    buf_ids: list[str] = []
+    buf_vecs: list[np.ndarray] = []
+    buf_logits: list[np.ndarray] = []
+
+    def flush() -> None:
+        if not buf_ids:
+            return
+        t0 = time.perf_counter()
+        stats.shards.append(store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits)))
+        stats.seconds["write"] += time.perf_counter() - t0
+        buf_ids.clear()
+        buf_vecs.clear()
+        buf_logits.clear()
+
+    t_wait = time.perf_counter()
+    for batch in prefetch_batches(pending, load, settings.embed_batch_size, settings.embed_decode_workers):
+        stats.seconds["wait"] += time.perf_counter() - t_wait
+        stats.seconds["decode"] += batch.decode_seconds
+        stats.failed.extend(batch.failed)
+        if batch.ids:
+            t0 = time.perf_counter()
+            out = encoder.encode_array(batch.pixels)
+            stats.seconds["infer"] += time.perf_counter() - t0
+            buf_ids.extend(batch.ids)
+            buf_vecs.append(out.vectors)
+            buf_logits.append(out.logits)
+            stats.embedded += len(batch.ids)
+            if len(buf_ids) >= settings.embed_shard_size:
+                flush()
+        if progress:
+            progress(len(batch.ids) + len(batch.failed))
+        t_wait = time.perf_counter()
+    flush()
+    stats.seconds["total"] = time.perf_counter() - t_start
+    stats.seconds = {k: round(v, 3) for k, v in stats.seconds.items()}
+    log.info("embedded %d of %d pending images in %.1f s", stats.embedded, stats.pending, stats.seconds["total"])
+    return stats

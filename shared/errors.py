@@ -1,0 +1,57 @@
+"""Errors that carry a stable code and an HTTP status, so every layer reports them the same way."""
+
+from __future__ import annotations
+
+
+class ClusterlensError(Exception):
+    """An error meant for the user: a stable ``code``, a readable message, an HTTP status."""
+
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ClusterlensError):
+    code = "bad_request"
+    status = 400
+
+
+class InvalidImage(ClusterlensError):
+    """The bytes claim to be an image but cannot be decoded (truncated, corrupt, too large)."""
+
+    code = "invalid_image"
+    status = 400
+
+
+class UnsupportedMediaType(ClusterlensError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class PayloadTooLarge(ClusterlensError):
+    code = "payload_too_large"
+    status = 413
+
+
+class NotFound(ClusterlensError):
+    code = "not_found"
+    status = 404
+
+
+class NotReady(ClusterlensError):
+    """Something the request needs has not been built yet (model, index)."""
+
+    code = "not_ready"
+    status = 503
+
+
+class VersionMismatch(ClusterlensError):
+    code = "version_mismatch"
+    status = 409

@@ -1,0 +1,292 @@
+"""The cluster-routed index: optional PCA, k-means centroids, per-cluster lists (FAISS IVF).
+
+Vectors are L2-normalised (after PCA too), so inner product is cosine similarity. A query is
+assigned to its ``nprobe`` nearest centroids and compared only with the images in those clusters.
+
+Published layout in the index container::
+
+    index/v000007/index.faiss   IndexPreTransform(PCA, L2norm) + IndexIVFFlat, with a direct map
+    index/v000007/ids.npy       image id of each row
+    index/v000007/clusters.npy  cluster (IVF list) of each row
+    index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
+    index/v000007/manifest.json what it was built from, parameters, timings
+    index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
+
+A version folder is never changed after publishing, so readers see the old index or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from shared.errors import NotReady
+from shared.storage import INDEX, Storage
+
+log = logging.getLogger(__name__)
+
+POINTER = "CURRENT.json"
+FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy")
+_VERSION_RE = re.compile(r"^v(\d{6})/manifest\.json$")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation of a float32 (n, d) array (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def choose_nlist(n: int, min_points_per_list: int) -> int:
+    """Number of clusters for ``n`` vectors: about sqrt(n), with enough points to train each."""
+    return int(max(1, min(round(np.sqrt(n)), n // min_points_per_list)))
+
+
+@dataclass
+class SearchHits:
+    """Results for a batch of queries.
+
+    Attributes:
+        scores: float32 (nq, k) cosine similarity, best first.
+        rows: int64 (nq, k) index rows (-1 where fewer than k were found).
+        probe: int64 (nq, nprobe) clusters searched, nearest centroid first.
+        probe_scores: float32 (nq, nprobe) query-to-centroid similarity.
+    """
+
+    scores: np.ndarray
+    rows: np.ndarray
+    probe: np.ndarray
+    probe_scores: np.ndarray
+
+
+class ClusterIndex:
+    """A built index with its row metadata. Build with :meth:`build`, persist with :func:`publish`."""
+
+    def __init__(self, index: Any, ids: np.ndarray, clusters: np.ndarray, labels: np.ndarray,
+                 manifest: dict[str, Any]):
+        self.index = index
+        self.ivf = faiss.extract_index_ivf(index)
+        self.ids = ids
+        self.clusters = clusters
+        self.labels = labels
+        self.manifest = manifest
+        self.label_names: list[str] = list(manifest.get("label_names", []))
+        self._order = np.argsort(ids)
+
+    # -- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: list[str], labels: list[str | None], *, encoder_version: str,
+              pca_dim: int = 256, nlist: int = 0, nprobe: int = 8, min_points_per_list: int = 39,
+              source: dict[str, Any] | None = None, seed: int = 1234) -> ClusterIndex:
+        """Train and fill an index.
+
+        Args:
+            vectors: float32 (n, d) raw embeddings (normalised here).
+            ids: n image ids; labels: n label names or None.
+            pca_dim: reduce to this many dimensions first; 0 (or >= d, or n too small) skips PCA.
+            nlist: number of clusters; 0 chooses about sqrt(n).
+
+        Raises:
+            ValueError: on mismatched lengths or an empty collection.
+        """
+        if vectors.ndim != 2 or len(vectors) != len(ids) or len(ids) != len(labels):
+            raise ValueError(f"vectors {vectors.shape}, ids {len(ids)} and labels {len(labels)} must agree")
+        n, d = vectors.shape
+        if n == 0:
+            raise ValueError("nothing to index: embed some images first")
+        t0 = time.perf_counter()
+        x = normalize(vectors)
+        use_pca = 0 < pca_dim < d and n > pca_dim
+        nlist = nlist or choose_nlist(n, min_points_per_list)
+        nlist = min(nlist, n)
+        desc = (f"PCA{pca_dim},L2norm," if use_pca else "") + f"IVF{nlist},Flat"
+        index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.spherical = True
+        ivf.cp.seed = seed
+        ivf.cp.min_points_per_centroid = 1  # small collections: accept few points per cluster
+        index.train(x)
+        index.add(x)
+        ivf.make_direct_map()
+        ivf.nprobe = min(nprobe, nlist)
+        xt = _transform(index, x)
+        _, assign = ivf.quantizer.search(xt, 1)
+        names = sorted({lab for lab in labels if lab is not None})
+        code = {name: i for i, name in enumerate(names)}
+        label_codes = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
+        sizes = np.bincount(assign[:, 0], minlength=nlist)
+        manifest = {
+            "encoder_version": encoder_version,
+            "factory": desc,
+            "count": n,
+            "input_dim": d,
+            "dim": int(ivf.d),
+            "pca_dim": pca_dim if use_pca else 0,
+            "nlist": nlist,
+            "nprobe": int(ivf.nprobe),
+            "metric": "cosine",
+            "label_names": names,
+            "cluster_sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "source": source or {},
+        }
+        return cls(index, np.array(ids), assign[:, 0].astype(np.int32), label_codes, manifest)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.ivf.nprobe)
+
+    def row_of(self, image_id: str) -> int | None:
+        """Row of an image id, or None if it is not indexed."""
+        pos = int(np.searchsorted(self.ids, image_id, sorter=self._order))
+        if pos < len(self.ids) and self.ids[self._order[pos]] == image_id:
+            return int(self._order[pos])
+        return None
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> SearchHits:
+        """Search raw embeddings.
+
+        Args:
+            queries: float32 (nq, input_dim).
+            k: results per query.
+            nprobe: clusters to search (default: the index's).
+        """
+        if queries.ndim != 2 or queries.shape[1] != self.manifest["input_dim"]:
+            raise ValueError(f"queries must be (nq, {self.manifest['input_dim']}), got {queries.shape}")
+        return self.search_transformed(_transform(self.index, normalize(queries)), k, nprobe)
+
+    def search_row(self, row: int, k: int, nprobe: int | None = None) -> SearchHits:
+        """Search with an indexed image's own stored vector."""
+        return self.search_transformed(self.ivf.reconstruct(int(row))[None, :], k, nprobe)
+
+    def search_transformed(self, xt: np.ndarray, k: int, nprobe: int | None = None) -> SearchHits:
+        """Assign to the nearest centroids, then search inside those clusters only."""
+        nprobe = max(1, min(nprobe or self.nprobe, self.ivf.nlist))
+        probe_scores, probe = self.ivf.quantizer.search(xt, nprobe)
+        scores, rows = self.ivf.search_preassigned(xt, k, probe, probe_scores)
+        return SearchHits(scores=scores, rows=rows, probe=probe, probe_scores=probe_scores)
+
+    def label_of(self, row: int) -> str | None:
+        code = int(self.labels[row])
+        return self.label_names[code] if code >= 0 else None
+
+
+def _transform(index: Any, x: np.ndarray) -> np.ndarray:
+    """Apply an IndexPreTransform's chain (PCA, L2norm) to vectors; identity for a bare IVF."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return x
+    for i in range(index.chain.size()):
+        x = index.chain.at(i).apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# -- publishing and loading -----------------------------------------------------------------------
+
+def fingerprint(encoder_version: str, shards: list[str], params: dict[str, Any]) -> str:
+    """Identifies the inputs of a build: same fingerprint, same index."""
+    text = "\n".join([encoder_version, repr(sorted(params.items())), *sorted(shards)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def current_version(storage: Storage) -> str | None:
+    """The published version name, or None before the first publish."""
+    if not storage.exists(INDEX, POINTER):
+        return None
+    return str(storage.get_json(INDEX, POINTER)["version"])
+
+
+def list_versions(storage: Storage) -> list[str]:
+    """Complete (manifest written) versions, oldest first."""
+    found = []
+    for name in storage.list(INDEX, "v"):
+        m = _VERSION_RE.match(name)
+        if m:
+            found.append(name.split("/")[0])
+    return sorted(found)
+
+
+def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
+    """Write a new version, then swap the pointer to it; prune versions beyond ``keep``.
+
+    Returns:
+        the new version name.
+    """
+    existing = [int(v[1:]) for v in list_versions(storage)]
+    number = max(existing, default=0) + 1
+    while not storage.put_json(INDEX, f"v{number:06d}/claim.json",
+                               {"at": datetime.now(UTC).isoformat()}, overwrite=False):
+        number += 1  # another builder took this number
+    version = f"v{number:06d}"
+    manifest = dict(built.manifest, version=version)
+    with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
+        faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
+        np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
+        np.save(Path(tmp) / "clusters.npy", built.clusters)
+        np.save(Path(tmp) / "labels.npy", built.labels)
+        for name in FILES:
+            storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
+    storage.put_json(INDEX, f"{version}/manifest.json", manifest)  # marks the version complete
+    storage.put_json(INDEX, POINTER, {"version": version, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+    built.manifest = manifest
+    _prune(storage, keep, current=version)
+    log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest["nlist"])
+    return version
+
+
+def _prune(storage: Storage, keep: int, current: str) -> None:
+    versions = list_versions(storage)
+    for old in versions[: max(0, len(versions) - keep)]:
+        if old != current:
+            for name in list(storage.list(INDEX, f"{old}/")):
+                storage.delete(INDEX, name)
+
+
+def load_version(storage: Storage, version: str, cache_dir: Path) -> ClusterIndex:
+    """Load a published version, reading files in place when storage is local.
+
+    Raises:
+        NotReady: if the version is incomplete or missing.
+    """
+    if not storage.exists(INDEX, f"{version}/manifest.json"):
+        raise NotReady(f"index version {version} is incomplete", code="index_missing")
+    manifest = storage.get_json(INDEX, f"{version}/manifest.json")
+    paths = {}
+    for name in FILES:
+        local = storage.local_path(INDEX, f"{version}/{name}")
+        paths[name] = local or storage.download_file(INDEX, f"{version}/{name}", Path(cache_dir) / version / name)
+    index = faiss.read_index(str(paths["index.faiss"]))
+    ids = np.load(paths["ids.npy"])
+    clusters = np.load(paths["clusters.npy"])
+    labels = np.load(paths["labels.npy"])
+    return ClusterIndex(index, ids, clusters, labels, manifest)
+
+
+def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
+    """Load the published version.
+
+    Raises:
+        NotReady: if nothing has been published yet.
+    """
+    version = current_version(storage)
+    if version is None:
+        raise NotReady("no index has been built yet: run `clusterlens embed` then `clusterlens reindex`",
+                       code="index_missing")
+    return load_version(storage, version, cache_dir)

@@ -1,0 +1,143 @@
+"""Ingest: validate image bytes, dedupe by content hash, store the image and its record.
+
+Bad input is quarantined with a reason and never stops a batch. Every path that brings images in
+(a folder, a packaged dataset, later the blob trigger and the upload API) goes through
+:func:`ingest_bytes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from shared.catalog import Catalog, ImageRecord
+from shared.errors import ClusterlensError
+from shared.imaging import EXTENSION_FOR_FORMAT, FILE_EXTENSIONS, decode_image
+from shared.settings import Settings
+from shared.storage import QUARANTINE, UPLOADS, Storage
+
+log = logging.getLogger(__name__)
+
+Status = Literal["added", "duplicate", "quarantined"]
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """Bytes to ingest, where they came from, and an optional label."""
+
+    data: bytes
+    source: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: Status
+    id: str
+    source: str
+    reason: str | None = None
+
+
+@dataclass
+class IngestSummary:
+    added: int = 0
+    duplicate: int = 0
+    quarantined: int = 0
+    problems: list[IngestResult] = field(default_factory=list)
+
+    def count(self, result: IngestResult) -> None:
+        setattr(self, result.status, getattr(self, result.status) + 1)
+        if result.status == "quarantined":
+            self.problems.append(result)
+
+
+def content_id(data: bytes) -> str:
+    """The image id: sha256 of its bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> IngestResult:
+    """Validate, dedupe and store one image. Never raises for bad image data.
+
+    Returns:
+        ``added`` (new image stored), ``duplicate`` (same bytes already known) or ``quarantined``
+        (bytes kept in the quarantine container with the reason).
+    """
+    image_id = content_id(item.data)
+    catalog = Catalog(storage)
+    if catalog.exists(image_id):
+        return IngestResult("duplicate", image_id, item.source)
+    try:
+        decoded = decode_image(item.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    except ClusterlensError as exc:
+        quarantine(storage, image_id, item, code=exc.code, reason=exc.message)
+        return IngestResult("quarantined", image_id, item.source, f"{exc.code}: {exc.message}")
+    blob = f"{image_id}{EXTENSION_FOR_FORMAT[decoded.format]}"
+    storage.put(UPLOADS, blob, item.data, overwrite=False,
+                metadata={"sha256": image_id, "source": item.source[-256:], **({"label": item.label} if item.label else {})})
+    record = ImageRecord(
+        id=image_id,
+        blob=blob,
+        label=item.label,
+        source=item.source,
+        format=decoded.format,
+        width=decoded.width,
+        height=decoded.height,
+        bytes=len(item.data),
+        ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    # The record goes last: an image is known only once its bytes are durably stored.
+    added = catalog.add(record)
+    return IngestResult("added" if added else "duplicate", image_id, item.source)
+
+
+def quarantine(storage: Storage, image_id: str, item: IngestItem, *, code: str, reason: str) -> None:
+    """Keep rejected bytes with the reason, for a person to look at."""
+    storage.put(QUARANTINE, f"{image_id}.bin", item.data[: 64 * 1024 * 1024],
+                metadata={"code": code, "reason": reason[:1024], "source": item.source[-256:]})
+    storage.put_json(QUARANTINE, f"{image_id}.json", {
+        "id": image_id, "code": code, "reason": reason, "source": item.source,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    })
+    log.warning("quarantined %s (%s): %s", item.source, code, reason)
+
+
+def ingest_items(storage: Storage, settings: Settings, items: Iterable[IngestItem]) -> Iterator[IngestResult]:
+    """Ingest many items, one result each, in order."""
+    for item in items:
+        yield ingest_bytes(storage, settings, item)
+
+
+def scan_folder(root: Path) -> list[tuple[Path, str | None]]:
+    """Image files under ``root`` (recursively) with labels from the ImageFolder layout.
+
+    A file in ``root/<class>/...`` gets the label ``<class>``; a file directly in ``root`` none.
+
+    Raises:
+        FileNotFoundError: if ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    found: list[tuple[Path, str | None]] = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in FILE_EXTENSIONS and not path.name.startswith("."):
+            rel = path.relative_to(root)
+            found.append((path, rel.parts[0] if len(rel.parts) > 1 else None))
+    return found
+
+
+def folder_items(files: list[tuple[Path, str | None]]) -> Iterator[IngestItem]:
+    """Read files lazily into ingest items."""
+    for path, label in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            data = b""
+        yield IngestItem(data=data, source=str(path), label=label)

@@ -1,0 +1,169 @@
+"""The query path: lazily loaded encoder and index, search by image bytes or by stored id.
+
+Imports numpy, Pillow, onnxruntime and faiss only. One ``SearchService`` per worker; the encoder
+loads on first use and the index reloads when the published pointer moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from shared.catalog import check_image_id
+from shared.encoder import ImageEncoder
+from shared.errors import BadRequest, NotFound, VersionMismatch
+from shared.imaging import decode_image
+from shared.index import ClusterIndex, SearchHits, current_version, load_version
+from shared.settings import Settings
+from shared.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+class SearchService:
+    """Answers similarity queries. Thread-safe; the encoder and index are injectable for tests."""
+
+    def __init__(self, settings: Settings, storage: Storage | None = None,
+                 encoder: ImageEncoder | None = None, index: ClusterIndex | None = None):
+        self.settings = settings
+        self.storage = storage or open_storage(settings)
+        self._encoder = encoder
+        self._index = index
+        self._index_version: str | None = index.manifest.get("version") if index else None
+        self._checked_at = time.monotonic() if index else 0.0
+        self._lock = threading.Lock()
+
+    # -- lazy resources -----------------------------------------------------------------------
+
+    def encoder(self) -> ImageEncoder:
+        """The image encoder, loaded on first use.
+
+        Raises:
+            NotReady: if the model has not been built.
+        """
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    s = self.settings
+                    self._encoder = ImageEncoder(s.encoder_dir, size=s.image_size, providers=s.ort_providers,
+                                                 intra_op_threads=s.ort_intra_op_threads)
+        return self._encoder
+
+    def index(self) -> ClusterIndex:
+        """The published index, reloaded when the pointer has moved (checked every few seconds).
+
+        Raises:
+            NotReady: if no index has been published.
+        """
+        now = time.monotonic()
+        if self._index is not None and now - self._checked_at < self.settings.index_refresh_seconds:
+            return self._index
+        with self._lock:
+            if self._index is None or now - self._checked_at >= self.settings.index_refresh_seconds:
+                version = current_version(self.storage)
+                if version is not None and version != self._index_version:
+                    self._index = load_version(self.storage, version, self.settings.data_dir / "cache" / "index")
+                    self._index_version = version
+                    log.info("serving index %s", version)
+                self._checked_at = now
+            if self._index is None:
+                from shared.index import load_current  # raises NotReady with the way out
+
+                self._index = load_current(self.storage, self.settings.data_dir / "cache" / "index")
+            return self._index
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def check_k(self, k: int | None) -> int:
+        """Validate the number of results.
+
+        Raises:
+            BadRequest: if ``k`` is outside 1..max_k.
+        """
+        if k is None:
+            return self.settings.default_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.settings.max_k:
+            raise BadRequest(f"k must be an integer from 1 to {self.settings.max_k}", code="invalid_k")
+        return k
+
+    def search_image(self, data: bytes, k: int | None = None) -> dict[str, Any]:
+        """Images most similar to uploaded image bytes.
+
+        Raises:
+            InvalidImage, UnsupportedMediaType, PayloadTooLarge: bad upload.
+            BadRequest: bad ``k``. NotReady: no model or index. VersionMismatch: encoder changed.
+        """
+        k = self.check_k(k)
+        t0 = time.perf_counter()
+        decoded = decode_image(data, max_bytes=self.settings.max_upload_bytes,
+                               max_pixels=self.settings.max_image_pixels)
+        t1 = time.perf_counter()
+        encoder = self.encoder()
+        index = self.index()
+        self._check_versions(encoder, index)
+        vector = encoder.encode([decoded.rgb]).vectors
+        t2 = time.perf_counter()
+        hits = index.search(vector, k)
+        t3 = time.perf_counter()
+        return self._response(index, hits, {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+
+    def search_id(self, image_id: str, k: int | None = None) -> dict[str, Any]:
+        """Images most similar to an indexed image.
+
+        Raises:
+            BadRequest: malformed id or bad ``k``. NotFound: the id is not in the index.
+        """
+        k = self.check_k(k)
+        check_image_id(image_id)
+        t0 = time.perf_counter()
+        index = self.index()
+        row = index.row_of(image_id)
+        if row is None:
+            raise NotFound(f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
+                           code="image_not_found")
+        hits = index.search_row(row, k)
+        t1 = time.perf_counter()
+        return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0})
+
+    def health(self) -> dict[str, Any]:
+        """Model and index versions and counts; never raises for a missing model or index."""
+        out: dict[str, Any] = {"status": "ok", "encoder": None, "index": None}
+        try:
+            enc = self.encoder()
+            out["encoder"] = {"version": enc.version, "providers": enc.providers, "dim": enc.dim}
+        except Exception as exc:  # noqa: BLE001 - health reports, it does not fail
+            out["status"] = "degraded"
+            out["encoder_error"] = getattr(exc, "message", type(exc).__name__)
+        try:
+            idx = self.index()
+            m = idx.manifest
+            out["index"] = {"version": m.get("version"), "encoder_version": m["encoder_version"],
+                            "count": idx.count, "clusters": m["nlist"], "nprobe": idx.nprobe,
+                            "factory": m["factory"], "built_at": m["built_at"], "labels": len(idx.label_names)}
+        except Exception as exc:  # noqa: BLE001
+            out["status"] = "degraded"
+            out["index_error"] = getattr(exc, "message", type(exc).__name__)
+        return out
+
+    @staticmethod
+    def _check_versions(encoder: ImageEncoder, index: ClusterIndex) -> None:
+        if index.manifest["encoder_version"] != encoder.version:
+            raise VersionMismatch(
+                f"the index was built with encoder {index.manifest['encoder_version']} but queries are "
+                f"embedded with {encoder.version}; run `clusterlens embed` and `clusterlens reindex`")
+
+    @staticmethod
+    def _response(index: ClusterIndex, hits: SearchHits, timing: dict[str, float]) -> dict[str, Any]:
+        results = []
+        for score, row in zip(hits.scores[0], hits.rows[0], strict=True):
+            if row < 0:
+                continue
+            image_id = str(index.ids[row])
+            results.append({"id": image_id, "score": round(float(score), 6), "cluster": int(index.clusters[row]),
+                            "label": index.label_of(int(row)), "url": f"/api/images/{image_id}"})
+        probe = [{"cluster": int(c), "score": round(float(s), 6)}
+                 for c, s in zip(hits.probe[0], hits.probe_scores[0], strict=True) if c >= 0]
+        return {"results": results, "cluster_probe": probe, "index_version": index.manifest.get("version"),
+                "timing_ms": {k: round(v * 1000, 2) for k, v in timing.items()}}

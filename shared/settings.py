@@ -1,0 +1,83 @@
+"""Typed settings: the only reader of the process environment.
+
+Every setting can be given as an environment variable with the ``CLUSTERLENS_`` prefix
+(``CLUSTERLENS_DATA_DIR``, ``CLUSTERLENS_INDEX_NPROBE``, ...) or in a ``.env`` file.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """All clusterlens settings, read once from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CLUSTERLENS_", env_file=".env", extra="ignore")
+
+    # Storage
+    storage_backend: Literal["local", "azure"] = "local"
+    data_dir: Path = Path(".clusterlens")
+    azure_storage_connection_string: str | None = None
+    azure_storage_account_url: str | None = None
+    container_prefix: str = Field(
+        default="", description="Prefix for container names, e.g. 'cl-' gives 'cl-uploads'."
+    )
+
+    # Models
+    model_dir: Path = PROJECT_ROOT / "models"
+    image_encoder: str = "efficientnet_lite0"
+    image_size: int = Field(default=224, ge=32, le=512)
+    ort_intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime decide.")
+    ort_providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    # Embedding
+    embed_batch_size: int = Field(default=64, ge=1, le=4096)
+    embed_shard_size: int = Field(default=4096, ge=1)
+    embed_decode_workers: int = Field(default=2, ge=1, le=64)
+
+    # Index
+    index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
+    index_nlist: int = Field(default=0, ge=0, description="0 chooses from the collection size.")
+    index_nprobe: int = Field(default=8, ge=1)
+    index_min_points_per_list: int = Field(default=39, ge=1)
+    index_refresh_seconds: float = Field(default=5.0, ge=0)
+
+    # Limits
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    default_k: int = Field(default=10, ge=1)
+
+    # Datasets
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError("default_k must not exceed max_k")
+        if self.storage_backend == "azure" and not (
+            self.azure_storage_connection_string or self.azure_storage_account_url
+        ):
+            raise ValueError(
+                "storage_backend=azure needs CLUSTERLENS_AZURE_STORAGE_CONNECTION_STRING "
+                "or CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL"
+            )
+        return self
+
+    @property
+    def encoder_dir(self) -> Path:
+        """Folder holding the image encoder's ONNX file and manifest."""
+        return self.model_dir / self.image_encoder
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()
