@@ -117,7 +117,8 @@ class ImageEncoder:
     ):
         import onnxruntime as ort
 
-        self.manifest = EncoderManifest.load(folder)
+        self.folder = Path(folder)
+        self.manifest = EncoderManifest.load(self.folder)
         path = Path(folder) / self.manifest.file
         if not path.is_file():
             raise NotReady(f"encoder file {path} is missing; run `make models`", code="model_missing")

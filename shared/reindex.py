@@ -36,7 +36,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
     """
     store = EmbeddingStore(storage, encoder_version)
     params = {"pca_dim": settings.index_pca_dim, "nlist": settings.index_nlist,
-              "nprobe": settings.index_nprobe, "min_points_per_list": settings.index_min_points_per_list}
+              "nprobe": settings.index_nprobe, "power": settings.index_power, "min_points_per_list": settings.index_min_points_per_list}
     shards = store.shards()
     if not shards:
         raise NotReady(f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first",
@@ -55,7 +55,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
     built = ClusterIndex.build(
         emb.vectors, emb.ids, labels, encoder_version=encoder_version,
         pca_dim=settings.index_pca_dim, nlist=settings.index_nlist, nprobe=settings.index_nprobe,
-        min_points_per_list=settings.index_min_points_per_list,
+        min_points_per_list=settings.index_min_points_per_list, power=settings.index_power,
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
     version = publish(storage, built, keep=keep_versions)

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     # Index
     index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
+    index_power: float = Field(default=0.5, gt=0, le=1, description="Power normalisation; 1 turns it off.")
     index_nlist: int = Field(default=0, ge=0, description="0 chooses from the collection size.")
     index_nprobe: int = Field(default=8, ge=1)
     index_min_points_per_list: int = Field(default=39, ge=1)

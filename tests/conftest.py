@@ -1,0 +1,71 @@
+"""Shared fixtures: real model, real Fashion-MNIST, a real collection built once per session."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
+from shared.embeddings import embed_pending
+from shared.encoder import ImageEncoder
+from shared.ingest import ingest_bytes
+from shared.reindex import reindex
+from shared.search import SearchService
+from shared.settings import Settings
+from shared.storage import LocalStorage
+
+COLLECTION_SIZE = 1000
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def encoder() -> ImageEncoder:
+    """The exported encoder from `make models`; a missing model is a failure, not a skip."""
+    settings = make_settings(Path("/nonexistent"))
+    if not (settings.encoder_dir / "manifest.json").is_file():
+        pytest.fail("models/efficientnet_lite0 is missing: run `make models` (make test does)")
+    return ImageEncoder(settings.encoder_dir, size=settings.image_size)
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> tuple[np.ndarray, np.ndarray]:
+    """The Fashion-MNIST test split (never ingested: held out)."""
+    return load_fashion_mnist(make_settings(Path("/nonexistent")).fashion_mnist_dir, "test")
+
+
+@dataclass
+class Collection:
+    settings: Settings
+    storage: LocalStorage
+    service: SearchService
+    encoder: ImageEncoder
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory: pytest.TempPathFactory, encoder: ImageEncoder) -> Collection:
+    """1,000 Fashion-MNIST training images ingested, embedded and indexed in a fresh data dir."""
+    settings = make_settings(tmp_path_factory.mktemp("collection"))
+    storage = LocalStorage(settings.data_dir)
+    for item in fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=COLLECTION_SIZE):
+        assert ingest_bytes(storage, settings, item).status == "added"
+    stats = embed_pending(storage, settings, encoder)
+    assert stats.embedded == COLLECTION_SIZE
+    reindex(storage, settings, encoder.version)
+    return Collection(settings, storage, SearchService(settings, storage, encoder=encoder), encoder)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+__all__ = ["FASHION_MNIST_CLASSES", "Collection", "make_settings", "png"]
