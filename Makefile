@@ -16,6 +16,8 @@ demo: $(STAMP) $(MODEL) data
 ## test: install what the tests need and run the suite
 test: $(STAMP) $(MODEL) data
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 install: $(STAMP)

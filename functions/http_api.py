@@ -63,9 +63,14 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 def create_app(service: SearchService | None = None, settings: Settings | None = None) -> FastAPI:
     """Build the API. ``service`` and ``settings`` are injectable; by default they load lazily."""
-    app = FastAPI(title="clusterlens", version=__version__, openapi_url="/api/openapi.json",
-                  docs_url="/api/docs", redoc_url=None,
-                  description="Search, map and label a large image collection.")
+    app = FastAPI(
+        title="clusterlens",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        description="Search, map and label a large image collection.",
+    )
 
     @lru_cache(maxsize=1)
     def get_service() -> SearchService:
@@ -96,8 +101,11 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
     async def health() -> dict[str, Any]:
         return await run_in_threadpool(get_service().health)
 
-    @app.post("/api/search", summary="Similar images by uploaded image or stored id",
-              openapi_extra={"requestBody": SEARCH_BODY})
+    @app.post(
+        "/api/search",
+        summary="Similar images by uploaded image or stored id",
+        openapi_extra={"requestBody": SEARCH_BODY},
+    )
     async def search(request: Request) -> dict[str, Any]:
         svc = get_service()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -114,20 +122,28 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
             data = await request.body()
             return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")))
         if not ctype and not await request.body():
-            raise BadRequest("empty request: send a multipart form with an `image` file, or JSON {\"id\": ...}",
-                             code="empty_request")
+            raise BadRequest(
+                'empty request: send a multipart form with an `image` file, or JSON {"id": ...}', code="empty_request"
+            )
         raise UnsupportedMediaType(
-            "send multipart/form-data with an `image` file, application/json with an `id`, or raw image bytes")
+            "send multipart/form-data with an `image` file, application/json with an `id`, or raw image bytes"
+        )
 
-    @app.get("/api/images/{image_id}", summary="The stored image bytes",
-             responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}})
+    @app.get(
+        "/api/images/{image_id}",
+        summary="The stored image bytes",
+        responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}},
+    )
     async def image(image_id: str) -> Response:
         check_image_id(image_id)
         svc = get_service()
         record = await run_in_threadpool(Catalog(svc.storage).get, image_id)
         data = await run_in_threadpool(svc.storage.get, UPLOADS, record.blob)
-        return Response(data, media_type=CONTENT_TYPES.get(record.format, "application/octet-stream"),
-                        headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image_id}"'})
+        return Response(
+            data,
+            media_type=CONTENT_TYPES.get(record.format, "application/octet-stream"),
+            headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image_id}"'},
+        )
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

@@ -27,8 +27,7 @@ def check_image_id(image_id: str) -> str:
         BadRequest: if it is not one.
     """
     if not isinstance(image_id, str) or not _ID_RE.match(image_id):
-        raise BadRequest("an image id is 64 lowercase hex characters (the sha256 of the image)",
-                         code="invalid_id")
+        raise BadRequest("an image id is 64 lowercase hex characters (the sha256 of the image)", code="invalid_id")
     return image_id
 
 

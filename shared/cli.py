@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from shared.errors import ClusterlensError
 from shared.settings import Settings, get_settings
@@ -59,8 +60,12 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
 def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
     from shared.encoder import ImageEncoder
 
-    return ImageEncoder(settings.encoder_dir, size=settings.image_size, providers=settings.ort_providers,
-                        intra_op_threads=settings.ort_intra_op_threads)
+    return ImageEncoder(
+        settings.encoder_dir,
+        size=settings.image_size,
+        providers=settings.ort_providers,
+        intra_op_threads=settings.ort_intra_op_threads,
+    )
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
@@ -69,13 +74,25 @@ def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     encoder = _encoder(settings)
     bar = _progress(None, f"embed ({encoder.version}, {encoder.providers[0]})")
     with bar:
-        stats = embed_pending(storage, settings, encoder, progress=bar.update,
-                              on_total=lambda n: setattr(bar, "total", n) or bar.refresh())
-    print(f"embedded {stats.embedded} of {stats.pending} pending images "
-          f"({stats.images_per_second:.0f} img/s; seconds: {json.dumps(stats.seconds)})")
+        stats = embed_pending(
+            storage,
+            settings,
+            encoder,
+            progress=bar.update,
+            on_total=lambda n: _set_total(bar, n),
+        )
+    print(
+        f"embedded {stats.embedded} of {stats.pending} pending images "
+        f"({stats.images_per_second:.0f} img/s; seconds: {json.dumps(stats.seconds)})"
+    )
     if stats.failed:
         print(f"  {len(stats.failed)} images could not be decoded and were skipped")
     return 0
+
+
+def _set_total(bar: Any, total: int) -> None:
+    bar.total = total
+    bar.refresh()
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
@@ -85,8 +102,10 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
     t0 = time.perf_counter()
     result = reindex(storage, settings, encoder.version, force=args.force)
     verb = "built and published" if result.built else "is up to date:"
-    print(f"index {result.version} {verb} {result.count} images in {result.nlist} clusters "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"index {result.version} {verb} {result.count} images in {result.nlist} clusters "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     return 0
 
 
@@ -164,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_search)
 
-    for name, helptext in (("serve", "serve the API and search page"),
-                           ("demo", "ingest Fashion-MNIST and sample photos, embed, index, serve")):
+    for name, helptext in (
+        ("serve", "serve the API and search page"),
+        ("demo", "ingest Fashion-MNIST and sample photos, embed, index, serve"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--port", type=int, default=7071)
         p.add_argument("--host", default="127.0.0.1")
@@ -178,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "ingest" and bool(args.path) == bool(args.dataset):
         print("clusterlens ingest: give a folder or --dataset, not both", file=sys.stderr)
         return 2

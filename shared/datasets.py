@@ -13,8 +13,16 @@ from PIL import Image
 from shared.ingest import IngestItem
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 _FILES = {
@@ -23,8 +31,11 @@ _FILES = {
 }
 # Photos that ship inside scikit-image (no download): name -> label.
 SKIMAGE_PHOTOS = {
-    "astronaut": "astronaut", "chelsea": "cat", "coffee": "coffee",
-    "rocket": "rocket", "camera": "camera",
+    "astronaut": "astronaut",
+    "chelsea": "cat",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "camera": "camera",
 }
 
 
@@ -73,14 +84,18 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def fashion_mnist_items(folder: Path, split: str = "train", limit: int | None = None,
-                        offset: int = 0) -> Iterator[IngestItem]:
+def fashion_mnist_items(
+    folder: Path, split: str = "train", limit: int | None = None, offset: int = 0
+) -> Iterator[IngestItem]:
     """Fashion-MNIST samples as PNG ingest items labelled with their class names."""
     images, labels = load_fashion_mnist(folder, split)
     end = len(images) if limit is None else min(len(images), offset + limit)
     for i in range(offset, end):
-        yield IngestItem(data=png_bytes(images[i]), source=f"fashion-mnist/{split}/{i:05d}",
-                         label=FASHION_MNIST_CLASSES[int(labels[i])])
+        yield IngestItem(
+            data=png_bytes(images[i]),
+            source=f"fashion-mnist/{split}/{i:05d}",
+            label=FASHION_MNIST_CLASSES[int(labels[i])],
+        )
 
 
 def skimage_photo_items() -> Iterator[IngestItem]:
@@ -88,5 +103,4 @@ def skimage_photo_items() -> Iterator[IngestItem]:
     from skimage import data as skdata
 
     for name, label in SKIMAGE_PHOTOS.items():
-        yield IngestItem(data=png_bytes(np.asarray(getattr(skdata, name)())),
-                         source=f"skimage/{name}", label=label)
+        yield IngestItem(data=png_bytes(np.asarray(getattr(skdata, name)())), source=f"skimage/{name}", label=label)

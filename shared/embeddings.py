@@ -81,13 +81,17 @@ class EmbeddingStore:
         probs = softmax(logits)
         top = np.argsort(-probs, axis=1)[:, :TOP_CLASSES]
         d = vectors.shape[1]
-        table = pa.table({
-            "id": pa.array(list(ids), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), d),
-            "top_class": pa.FixedSizeListArray.from_arrays(pa.array(top.astype(np.int16).ravel()), TOP_CLASSES),
-            "top_prob": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.take_along_axis(probs, top, axis=1).astype(np.float32).ravel()), TOP_CLASSES),
-        }, metadata={"encoder_version": self.encoder_version})
+        table = pa.table(
+            {
+                "id": pa.array(list(ids), pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), d),
+                "top_class": pa.FixedSizeListArray.from_arrays(pa.array(top.astype(np.int16).ravel()), TOP_CLASSES),
+                "top_prob": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.take_along_axis(probs, top, axis=1).astype(np.float32).ravel()), TOP_CLASSES
+                ),
+            },
+            metadata={"encoder_version": self.encoder_version},
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -126,10 +130,20 @@ class EmbeddingStore:
             probs.append(_fixed_list(table, "top_prob", n)[keep])
             ids.extend(i for i, k in zip(shard_ids, keep, strict=True) if k)
         if not ids:
-            return EmbeddingSet([], np.zeros((0, 0), np.float32), np.zeros((0, TOP_CLASSES), np.int16),
-                                np.zeros((0, TOP_CLASSES), np.float32), shards)
-        return EmbeddingSet(ids, np.concatenate(vecs).astype(np.float32, copy=False),
-                            np.concatenate(classes), np.concatenate(probs), shards)
+            return EmbeddingSet(
+                [],
+                np.zeros((0, 0), np.float32),
+                np.zeros((0, TOP_CLASSES), np.int16),
+                np.zeros((0, TOP_CLASSES), np.float32),
+                shards,
+            )
+        return EmbeddingSet(
+            ids,
+            np.concatenate(vecs).astype(np.float32, copy=False),
+            np.concatenate(classes),
+            np.concatenate(probs),
+            shards,
+        )
 
 
 def _fixed_list(table: Any, column: str, n: int) -> np.ndarray:
@@ -145,8 +159,9 @@ class EmbedStats:
     embedded: int = 0
     failed: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"list": 0.0, "decode": 0.0, "infer": 0.0,
-                                                               "write": 0.0, "wait": 0.0, "total": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"list": 0.0, "decode": 0.0, "infer": 0.0, "write": 0.0, "wait": 0.0, "total": 0.0}
+    )
 
     @property
     def images_per_second(self) -> float:
@@ -161,8 +176,9 @@ class _Batch:
     decode_seconds: float
 
 
-def prefetch_batches(items: Sequence[str], load: Callable[[list[str]], _Batch], batch_size: int,
-                     workers: int, prefetch: int = 4) -> Iterator[_Batch]:
+def prefetch_batches(
+    items: Sequence[str], load: Callable[[list[str]], _Batch], batch_size: int, workers: int, prefetch: int = 4
+) -> Iterator[_Batch]:
     """Load batches in worker threads, ``prefetch`` ahead, yielding them in order."""
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
@@ -175,9 +191,14 @@ def prefetch_batches(items: Sequence[str], load: Callable[[list[str]], _Batch], 
             yield window.pop(0).result()
 
 
-def embed_pending(storage: Storage, settings: Settings, encoder: ImageEncoder, *,
-                  progress: Callable[[int], None] | None = None,
-                  on_total: Callable[[int], None] | None = None) -> EmbedStats:
+def embed_pending(
+    storage: Storage,
+    settings: Settings,
+    encoder: ImageEncoder,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> EmbedStats:
     """Embed every catalogued image that has no embedding for this encoder version yet.
 
     Decoding runs in ``settings.embed_decode_workers`` threads ahead of inference. Results are
@@ -205,8 +226,9 @@ def embed_pending(storage: Storage, settings: Settings, encoder: ImageEncoder, *
             try:
                 record = catalog.get(image_id)
                 data = storage.get(UPLOADS, record.blob)
-                images.append(decode_image(data, max_bytes=settings.max_upload_bytes,
-                                           max_pixels=settings.max_image_pixels).rgb)
+                images.append(
+                    decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels).rgb
+                )
                 ok.append(image_id)
             except ClusterlensError as exc:
                 log.warning("cannot embed %s: %s", image_id, exc.message)

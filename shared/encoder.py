@@ -123,8 +123,9 @@ class ImageEncoder:
         if not path.is_file():
             raise NotReady(f"encoder file {path} is missing; run `make models`", code="model_missing")
         if verify and file_sha256(path) != self.manifest.sha256:
-            raise NotReady(f"{path} does not match its manifest's sha256; rebuild with `make models`",
-                           code="model_corrupt")
+            raise NotReady(
+                f"{path} does not match its manifest's sha256; rebuild with `make models`", code="model_corrupt"
+            )
         self.size = size or self.manifest.default_size
         if self.size != self.manifest.default_size and not self.manifest.dynamic_size:
             raise ValueError(f"this encoder takes {self.manifest.default_size} px input only")

@@ -37,6 +37,14 @@ class DecodedImage:
         return CONTENT_TYPES[self.format]
 
 
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether the bytes start with the signature of a format we read (so damage means corrupt)."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
     """Validate and fully decode image bytes to RGB (EXIF orientation applied).
 
@@ -55,11 +63,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {max_bytes}")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            "not a recognised image (supported: JPEG, PNG, WebP, BMP, TIFF, GIF)"
-        ) from None
+        if looks_like_image(data):
+            raise InvalidImage("the image is truncated or corrupt (its header cannot be parsed)") from None
+        raise UnsupportedMediaType("not a recognised image (supported: JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage(f"the image header cannot be read ({type(exc).__name__})") from None
     fmt = img.format or ""

@@ -85,8 +85,7 @@ class SearchHits:
 class ClusterIndex:
     """A built index with its row metadata. Build with :meth:`build`, persist with :func:`publish`."""
 
-    def __init__(self, index: Any, ids: np.ndarray, clusters: np.ndarray, labels: np.ndarray,
-                 manifest: dict[str, Any]):
+    def __init__(self, index: Any, ids: np.ndarray, clusters: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]):
         self.index = index
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
@@ -99,9 +98,21 @@ class ClusterIndex:
     # -- building -----------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: list[str], labels: list[str | None], *, encoder_version: str,
-              pca_dim: int = 256, nlist: int = 0, nprobe: int = 8, min_points_per_list: int = 39, power: float = 0.5,
-              source: dict[str, Any] | None = None, seed: int = 1234) -> ClusterIndex:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        ids: list[str],
+        labels: list[str | None],
+        *,
+        encoder_version: str,
+        pca_dim: int = 256,
+        nlist: int = 0,
+        nprobe: int = 8,
+        min_points_per_list: int = 39,
+        power: float = 0.5,
+        source: dict[str, Any] | None = None,
+        seed: int = 1234,
+    ) -> ClusterIndex:
         """Train and fill an index.
 
         Args:
@@ -191,7 +202,8 @@ class ClusterIndex:
 
     def search_row(self, row: int, k: int, nprobe: int | None = None) -> SearchHits:
         """Search with an indexed image's own stored vector."""
-        return self.search_transformed(self.ivf.reconstruct(int(row))[None, :], k, nprobe)
+        vector = np.asarray(self.ivf.reconstruct(int(row)), dtype=np.float32)
+        return self.search_transformed(vector[None, :], k, nprobe)
 
     def search_transformed(self, xt: np.ndarray, k: int, nprobe: int | None = None) -> SearchHits:
         """Assign to the nearest centroids, then search inside those clusters only."""
@@ -205,8 +217,18 @@ class ClusterIndex:
         params.nprobe = nprobe
         scores = np.empty((n, k), dtype=np.float32)
         rows = np.empty((n, k), dtype=np.int64)
-        self.ivf.search_preassigned_c(n, faiss.swig_ptr(xt), k, faiss.swig_ptr(probe), faiss.swig_ptr(probe_scores),
-                                      faiss.swig_ptr(scores), faiss.swig_ptr(rows), False, params)
+        ivf: Any = self.ivf  # search_preassigned_c is the SWIG entry point, absent from faiss's stubs
+        ivf.search_preassigned_c(
+            n,
+            faiss.swig_ptr(xt),
+            k,
+            faiss.swig_ptr(probe),
+            faiss.swig_ptr(probe_scores),
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(rows),
+            False,
+            params,
+        )
         return SearchHits(scores=scores, rows=rows, probe=probe, probe_scores=probe_scores)
 
     def label_of(self, row: int) -> str | None:
@@ -218,12 +240,14 @@ def _transform(index: Any, x: np.ndarray) -> np.ndarray:
     """Apply an IndexPreTransform's chain (PCA, L2norm) to vectors; identity for a bare IVF."""
     if not isinstance(index, faiss.IndexPreTransform):
         return x
-    for i in range(index.chain.size()):
-        x = index.chain.at(i).apply(x)
+    chain: Any = index.chain  # a SWIG vector, typed as a list in faiss's stubs
+    for i in range(chain.size()):
+        x = chain.at(i).apply(x)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # -- publishing and loading -----------------------------------------------------------------------
+
 
 def fingerprint(encoder_version: str, shards: list[str], params: dict[str, Any]) -> str:
     """Identifies the inputs of a build: same fingerprint, same index."""
@@ -256,8 +280,9 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
     """
     existing = [int(v[1:]) for v in list_versions(storage)]
     number = max(existing, default=0) + 1
-    while not storage.put_json(INDEX, f"v{number:06d}/claim.json",
-                               {"at": datetime.now(UTC).isoformat()}, overwrite=False):
+    while not storage.put_json(
+        INDEX, f"v{number:06d}/claim.json", {"at": datetime.now(UTC).isoformat()}, overwrite=False
+    ):
         number += 1  # another builder took this number
     version = f"v{number:06d}"
     manifest = dict(built.manifest, version=version)
@@ -312,6 +337,7 @@ def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
     """
     version = current_version(storage)
     if version is None:
-        raise NotReady("no index has been built yet: run `clusterlens embed` then `clusterlens reindex`",
-                       code="index_missing")
+        raise NotReady(
+            "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`", code="index_missing"
+        )
     return load_version(storage, version, cache_dir)

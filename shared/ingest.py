@@ -78,8 +78,10 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
         quarantine(storage, image_id, item, code=exc.code, reason=exc.message)
         return IngestResult("quarantined", image_id, item.source, f"{exc.code}: {exc.message}")
     blob = f"{image_id}{EXTENSION_FOR_FORMAT[decoded.format]}"
-    storage.put(UPLOADS, blob, item.data, overwrite=False,
-                metadata={"sha256": image_id, "source": item.source[-256:], **({"label": item.label} if item.label else {})})
+    metadata = {"sha256": image_id, "source": item.source[-256:]}
+    if item.label:
+        metadata["label"] = item.label
+    storage.put(UPLOADS, blob, item.data, overwrite=False, metadata=metadata)
     record = ImageRecord(
         id=image_id,
         blob=blob,
@@ -98,12 +100,23 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
 
 def quarantine(storage: Storage, image_id: str, item: IngestItem, *, code: str, reason: str) -> None:
     """Keep rejected bytes with the reason, for a person to look at."""
-    storage.put(QUARANTINE, f"{image_id}.bin", item.data[: 64 * 1024 * 1024],
-                metadata={"code": code, "reason": reason[:1024], "source": item.source[-256:]})
-    storage.put_json(QUARANTINE, f"{image_id}.json", {
-        "id": image_id, "code": code, "reason": reason, "source": item.source,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    })
+    storage.put(
+        QUARANTINE,
+        f"{image_id}.bin",
+        item.data[: 64 * 1024 * 1024],
+        metadata={"code": code, "reason": reason[:1024], "source": item.source[-256:]},
+    )
+    storage.put_json(
+        QUARANTINE,
+        f"{image_id}.json",
+        {
+            "id": image_id,
+            "code": code,
+            "reason": reason,
+            "source": item.source,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
     log.warning("quarantined %s (%s): %s", item.source, code, reason)
 
 

@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 class SearchService:
     """Answers similarity queries. Thread-safe; the encoder and index are injectable for tests."""
 
-    def __init__(self, settings: Settings, storage: Storage | None = None,
-                 encoder: ImageEncoder | None = None, index: ClusterIndex | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage | None = None,
+        encoder: ImageEncoder | None = None,
+        index: ClusterIndex | None = None,
+    ):
         self.settings = settings
         self.storage = storage or open_storage(settings)
         self._encoder = encoder
@@ -47,8 +52,12 @@ class SearchService:
             with self._lock:
                 if self._encoder is None:
                     s = self.settings
-                    self._encoder = ImageEncoder(s.encoder_dir, size=s.image_size, providers=s.ort_providers,
-                                                 intra_op_threads=s.ort_intra_op_threads)
+                    self._encoder = ImageEncoder(
+                        s.encoder_dir,
+                        size=s.image_size,
+                        providers=s.ort_providers,
+                        intra_op_threads=s.ort_intra_op_threads,
+                    )
         return self._encoder
 
     def index(self) -> ClusterIndex:
@@ -97,8 +106,9 @@ class SearchService:
         """
         k = self.check_k(k)
         t0 = time.perf_counter()
-        decoded = decode_image(data, max_bytes=self.settings.max_upload_bytes,
-                               max_pixels=self.settings.max_image_pixels)
+        decoded = decode_image(
+            data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_image_pixels
+        )
         t1 = time.perf_counter()
         encoder = self.encoder()
         index = self.index()
@@ -121,8 +131,10 @@ class SearchService:
         index = self.index()
         row = index.row_of(image_id)
         if row is None:
-            raise NotFound(f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
-                           code="image_not_found")
+            raise NotFound(
+                f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
+                code="image_not_found",
+            )
         hits = index.search_row(row, k)
         t1 = time.perf_counter()
         return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0})
@@ -139,9 +151,16 @@ class SearchService:
         try:
             idx = self.index()
             m = idx.manifest
-            out["index"] = {"version": m.get("version"), "encoder_version": m["encoder_version"],
-                            "count": idx.count, "clusters": m["nlist"], "nprobe": idx.nprobe,
-                            "factory": m["factory"], "built_at": m["built_at"], "labels": len(idx.label_names)}
+            out["index"] = {
+                "version": m.get("version"),
+                "encoder_version": m["encoder_version"],
+                "count": idx.count,
+                "clusters": m["nlist"],
+                "nprobe": idx.nprobe,
+                "factory": m["factory"],
+                "built_at": m["built_at"],
+                "labels": len(idx.label_names),
+            }
         except Exception as exc:  # noqa: BLE001
             out["status"] = "degraded"
             out["index_error"] = getattr(exc, "message", type(exc).__name__)
@@ -152,7 +171,8 @@ class SearchService:
         if index.manifest["encoder_version"] != encoder.version:
             raise VersionMismatch(
                 f"the index was built with encoder {index.manifest['encoder_version']} but queries are "
-                f"embedded with {encoder.version}; run `clusterlens embed` and `clusterlens reindex`")
+                f"embedded with {encoder.version}; run `clusterlens embed` and `clusterlens reindex`"
+            )
 
     @staticmethod
     def _response(index: ClusterIndex, hits: SearchHits, timing: dict[str, float]) -> dict[str, Any]:
@@ -161,9 +181,23 @@ class SearchService:
             if row < 0:
                 continue
             image_id = str(index.ids[row])
-            results.append({"id": image_id, "score": round(float(score), 6), "cluster": int(index.clusters[row]),
-                            "label": index.label_of(int(row)), "url": f"/api/images/{image_id}"})
-        probe = [{"cluster": int(c), "score": round(float(s), 6)}
-                 for c, s in zip(hits.probe[0], hits.probe_scores[0], strict=True) if c >= 0]
-        return {"results": results, "cluster_probe": probe, "index_version": index.manifest.get("version"),
-                "timing_ms": {k: round(v * 1000, 2) for k, v in timing.items()}}
+            results.append(
+                {
+                    "id": image_id,
+                    "score": round(float(score), 6),
+                    "cluster": int(index.clusters[row]),
+                    "label": index.label_of(int(row)),
+                    "url": f"/api/images/{image_id}",
+                }
+            )
+        probe = [
+            {"cluster": int(c), "score": round(float(s), 6)}
+            for c, s in zip(hits.probe[0], hits.probe_scores[0], strict=True)
+            if c >= 0
+        ]
+        return {
+            "results": results,
+            "cluster_probe": probe,
+            "index_version": index.manifest.get("version"),
+            "timing_ms": {k: round(v * 1000, 2) for k, v in timing.items()},
+        }

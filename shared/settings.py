@@ -26,9 +26,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".clusterlens")
     azure_storage_connection_string: str | None = None
     azure_storage_account_url: str | None = None
-    container_prefix: str = Field(
-        default="", description="Prefix for container names, e.g. 'cl-' gives 'cl-uploads'."
-    )
+    container_prefix: str = Field(default="", description="Prefix for container names, e.g. 'cl-' gives 'cl-uploads'.")
 
     # Models
     model_dir: Path = PROJECT_ROOT / "models"

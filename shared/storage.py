@@ -15,7 +15,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import NotFound
 
@@ -115,14 +115,14 @@ class Storage(ABC):
         """A path on this machine where the blob can be read in place, if there is one."""
         return None
 
-    def get_json(self, container: str, name: str) -> dict:  # type: ignore[type-arg]
+    def get_json(self, container: str, name: str) -> dict[str, Any]:
         """Read a blob holding a JSON object."""
         value = json.loads(self.get(container, name))
         if not isinstance(value, dict):
             raise ValueError(f"{container}/{name} does not hold a JSON object")
         return value
 
-    def put_json(self, container: str, name: str, value: dict, *, overwrite: bool = True) -> bool:  # type: ignore[type-arg]
+    def put_json(self, container: str, name: str, value: dict[str, Any], *, overwrite: bool = True) -> bool:
         """Write a JSON object as a blob."""
         data = json.dumps(value, indent=1, sort_keys=True).encode()
         return self.put(container, name, data, overwrite=overwrite)

@@ -110,8 +110,7 @@ TRUNCATED_PNG = png(np.full((64, 64), 128, np.uint8) + np.arange(64, dtype=np.ui
         ({"json": ["a"]}, 400, "missing_id"),
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
         ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
-        ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
-         400, None),
+        ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, None),
     ],
 )
 def test_bad_input_is_a_4xx_json_error(client: TestClient, kwargs: dict, status: int, code: str | None) -> None:  # type: ignore[type-arg]
@@ -129,16 +128,20 @@ def test_bad_k_is_rejected(client: TestClient, collection: Collection, fashion_t
     image_id = str(collection.service.index().ids[0])
     resp = client.post("/api/search", json={"id": image_id, "k": k})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_k"
-    resp = client.post("/api/search", files={"image": ("q.png", png(fashion_test[0][0]), "image/png")},
-                       data={"k": str(k)})
+    resp = client.post(
+        "/api/search", files={"image": ("q.png", png(fashion_test[0][0]), "image/png")}, data={"k": str(k)}
+    )
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_k"
 
 
-@pytest.mark.parametrize(("path", "status", "code"), [
-    ("/api/images/" + "0" * 64, 404, "image_not_found"),
-    ("/api/images/not-an-id", 400, "invalid_id"),
-    ("/api/nowhere", 404, "not_found"),
-])
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/api/images/" + "0" * 64, 404, "image_not_found"),
+        ("/api/images/not-an-id", 400, "invalid_id"),
+        ("/api/nowhere", 404, "not_found"),
+    ],
+)
 def test_bad_paths(client: TestClient, path: str, status: int, code: str) -> None:
     resp = client.get(path)
     assert resp.status_code == status and resp.json()["error"]["code"] == code
@@ -173,9 +176,12 @@ def test_azure_functions_wrapper_routes_to_the_api(collection: Collection, monke
     assert [f.get_function_name() for f in functions] == ["http_app_func"]
     handler = functions[0].get_user_function()
     image_id = str(collection.service.index().ids[5])
-    req = func.HttpRequest(method="POST", url="http://localhost:7071/api/search",
-                           headers={"Content-Type": "application/json"},
-                           body=json.dumps({"id": image_id, "k": 3}).encode())
+    req = func.HttpRequest(
+        method="POST",
+        url="http://localhost:7071/api/search",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps({"id": image_id, "k": 3}).encode(),
+    )
     resp = asyncio.run(handler(req, _context()))
     assert resp.status_code == 200
     assert json.loads(resp.get_body())["results"][0]["id"] == image_id

@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models") / NAME)
     args = parser.parse_args(argv)
     manifest = export(args.out)
-    print(f"exported {manifest['version']} to {args.out} ({manifest['bytes'] / 1e6:.1f} MB, "
-          f"{manifest['export_seconds']} s)")
+    print(
+        f"exported {manifest['version']} to {args.out} ({manifest['bytes'] / 1e6:.1f} MB, "
+        f"{manifest['export_seconds']} s)"
+    )
     return 0
 
 

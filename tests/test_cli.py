@@ -1,0 +1,67 @@
+"""The installed `clusterlens` command, run as a user would, in a fresh data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import png
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "shared.cli"]
+
+
+def run(args: list[str], data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLUSTERLENS_DATA_DIR": str(data_dir), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_ingest_embed_reindex_search_and_idempotency(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    folder = tmp_path / "imgs"
+    (folder / "light").mkdir(parents=True)
+    (folder / "dark").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (folder / "light" / f"{i}.png").write_bytes(png(rng.integers(180, 255, (32, 32), dtype=np.uint8)))
+        (folder / "dark" / f"{i}.png").write_bytes(png(rng.integers(0, 60, (32, 32), dtype=np.uint8)))
+    (folder / "dark" / "junk.png").write_bytes(b"junk")
+
+    out = run(["ingest", str(folder)], data).stdout
+    assert "added 8, already known 0, quarantined 1" in out and "junk.png" in out
+    out = run(["ingest", "--dataset", "fashion-mnist", "--limit", "60"], data).stdout
+    assert "added 60" in out
+
+    first = run(["embed"], data).stdout
+    assert "embedded 68 of 68" in first
+    second = run(["embed"], data).stdout
+    assert "embedded 0 of 0" in second  # idempotent: nothing embedded twice
+
+    assert "built and published" in run(["reindex"], data).stdout
+    assert "up to date" in run(["reindex"], data).stdout
+
+    query = folder / "light" / "0.png"
+    body = json.loads(run(["search", "--image", str(query), "--k", "4", "--json"], data).stdout)
+    assert len(body["results"]) == 4 and body["results"][0]["label"] == "light"
+    by_id = json.loads(run(["search", "--id", body["results"][0]["id"], "--json"], data).stdout)
+    assert by_id["results"][0]["id"] == body["results"][0]["id"]
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    proc = run(["search", "--id", "a" * 64], tmp_path, check=False)
+    assert proc.returncode == 1 and "reindex" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(["ingest", str(tmp_path / "missing")], tmp_path, check=False)
+    assert proc.returncode == 1 and "not a folder" in proc.stderr
+    proc = run(["ingest"], tmp_path, check=False)
+    assert proc.returncode == 2
+    proc = run(["search", "--id", "nope"], tmp_path, check=False)
+    assert proc.returncode == 1 and "64 lowercase hex" in proc.stderr

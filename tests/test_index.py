@@ -1,0 +1,118 @@
+"""The cluster-routed index against brute force on real embeddings, and versioned publishing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.embeddings import EmbeddingStore
+from shared.errors import VersionMismatch
+from shared.index import (
+    ClusterIndex,
+    _transform,
+    current_version,
+    list_versions,
+    load_current,
+    power_normalize,
+    publish,
+)
+from shared.reindex import reindex
+from shared.search import SearchService
+from shared.storage import LocalStorage
+from tests.conftest import Collection, make_settings
+
+
+@pytest.fixture(scope="module")
+def real(collection: Collection) -> tuple[np.ndarray, list[str], list[str | None]]:
+    emb = EmbeddingStore(collection.storage, collection.encoder.version).load()
+    index = collection.service.index()
+    labels = [index.label_of(int(index.row_of(i))) for i in emb.ids]  # type: ignore[arg-type]
+    return emb.vectors, emb.ids, labels
+
+
+def _build(real, **kw) -> ClusterIndex:  # type: ignore[no-untyped-def]
+    vectors, ids, labels = real
+    return ClusterIndex.build(vectors, ids, labels, encoder_version="test", **kw)
+
+
+def test_probing_every_cluster_equals_brute_force(real) -> None:  # type: ignore[no-untyped-def]
+    index = _build(real)
+    vectors = real[0]
+    queries = vectors[::50]
+    xt_db = _transform(index.index, power_normalize(vectors, 0.5))
+    xt_q = _transform(index.index, power_normalize(queries, 0.5))
+    exact = np.argsort(-(xt_q @ xt_db.T), axis=1)[:, :10]
+    hits = index.search(queries, 10, nprobe=index.ivf.nlist)
+    for got, want in zip(hits.rows, exact, strict=True):
+        assert len(set(got) & set(want)) >= 9  # ties at the 10th place may swap
+    assert np.allclose(
+        np.sort(hits.scores, axis=1), np.sort(np.take_along_axis(xt_q @ xt_db.T, exact, 1), axis=1), atol=1e-4
+    )
+
+
+def test_default_probe_recall_against_exact(real) -> None:  # type: ignore[no-untyped-def]
+    index = _build(real)
+    queries = real[0][::10]
+    exact = index.search(queries, 10, nprobe=index.ivf.nlist).rows
+    approx = index.search(queries, 10).rows
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9, recall
+
+
+def test_results_come_only_from_probed_clusters(real) -> None:  # type: ignore[no-untyped-def]
+    index = _build(real, nprobe=2)
+    hits = index.search(real[0][:20], 10)
+    assert hits.probe.shape == (20, 2)
+    for rows, probe in zip(hits.rows, hits.probe, strict=True):
+        assert set(index.clusters[rows[rows >= 0]]) <= set(probe)
+    wider = index.search(real[0][:20], 10, nprobe=6)  # per-query override, index unchanged
+    assert wider.probe.shape == (20, 6) and index.nprobe == 2
+
+
+def test_without_pca_and_tiny_collections(real) -> None:  # type: ignore[no-untyped-def]
+    vectors, ids, labels = real
+    flat = ClusterIndex.build(vectors, ids, labels, encoder_version="t", pca_dim=0)
+    assert flat.manifest["factory"].startswith("IVF") and flat.manifest["dim"] == 1280
+    tiny = ClusterIndex.build(vectors[:3], ids[:3], labels[:3], encoder_version="t")
+    assert tiny.manifest["nlist"] == 1 and tiny.manifest["pca_dim"] == 0
+    rows = tiny.search(vectors[:1], 3).rows[0]
+    assert rows[0] == 0 and set(rows) == {0, 1, 2}
+    with pytest.raises(ValueError):
+        ClusterIndex.build(vectors[:0], [], [], encoder_version="t")
+    with pytest.raises(ValueError):
+        ClusterIndex.build(vectors[:3], ids[:2], labels[:3], encoder_version="t")
+
+
+def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(tmp_path)
+    settings = make_settings(tmp_path, index_refresh_seconds=0)
+    v1 = publish(storage, _build(real))
+    service = SearchService(settings, storage, encoder=collection.encoder)
+    assert service.index().manifest["version"] == v1 == "v000001"
+    vectors, ids, labels = real
+    v2 = publish(storage, ClusterIndex.build(vectors[:500], ids[:500], labels[:500], encoder_version="test"))
+    assert current_version(storage) == v2 == "v000002"
+    assert service.index().count == 500  # the reader noticed without a restart
+    for _ in range(3):
+        publish(storage, ClusterIndex.build(vectors[:100], ids[:100], labels[:100], encoder_version="test"), keep=3)
+    assert list_versions(storage) == ["v000003", "v000004", "v000005"]
+    assert load_current(storage, tmp_path / "cache").manifest["version"] == "v000005"
+
+
+def test_reindex_skips_when_nothing_changed(collection: Collection) -> None:
+    before = current_version(collection.storage)
+    result = reindex(collection.storage, collection.settings, collection.encoder.version)
+    assert not result.built and result.version == before
+    assert current_version(collection.storage) == before
+
+
+def test_index_from_another_encoder_is_refused(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(tmp_path)
+    publish(storage, _build(real))  # encoder_version="test"
+    service = SearchService(make_settings(tmp_path), storage, encoder=collection.encoder)
+    from tests.conftest import png
+
+    with pytest.raises(VersionMismatch):
+        service.search_image(png(np.zeros((28, 28), np.uint8)))

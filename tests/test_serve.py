@@ -1,0 +1,74 @@
+"""A real uvicorn server on 127.0.0.1 (what `clusterlens serve` and `make demo` run)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Collection, png
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(collection: Collection) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "CLUSTERLENS_DATA_DIR": str(collection.settings.data_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        else:
+            pytest.fail("the server did not come up in 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_served_page_and_search(server: str, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "clusterlens" in page.text
+    health = httpx.get(server + "/api/health").json()
+    assert health["status"] == "ok" and health["index"]["count"] == 1000
+    images, _ = fashion_test
+    resp = httpx.post(
+        server + "/api/search", files={"image": ("q.png", png(images[1]), "image/png")}, data={"k": "7"}, timeout=30
+    )
+    assert resp.status_code == 200 and len(resp.json()["results"]) == 7
+    first = resp.json()["results"][0]
+    img = httpx.get(server + first["url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+
+
+def test_served_errors_are_json(server: str) -> None:
+    resp = httpx.post(server + "/api/search", content=b"\x00" * 100, headers={"Content-Type": "image/png"})
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+    huge = httpx.post(server + "/api/search", content=b"0" * (21 * 1024 * 1024), headers={"Content-Type": "image/png"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
