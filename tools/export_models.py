@@ -12,26 +12,19 @@ Writes ``model.onnx`` with inputs ``pixels`` (batch, 3, H, W; batch and size dyn
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from shared.encoder import file_sha256
+
 NAME = "efficientnet_lite0"
 EXPORT_REVISION = 1  # bump when the export itself changes what the model computes
 DEFAULT_SIZE = 224
 MEAN, STD = 127.0, 128.0
 OPSET = 17
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_torch_model() -> Any:
@@ -95,12 +88,12 @@ def export(out_dir: Path) -> dict[str, Any]:
             dynamo=False,
         )
     tmp_path.replace(onnx_path)
-    weights_sha = _sha256(weights_path())
+    weights_sha = file_sha256(weights_path())
     manifest = {
         "name": NAME,
         "version": f"{NAME}-imagenet-fp32-r{EXPORT_REVISION}-{weights_sha[:8]}",
         "file": onnx_path.name,
-        "sha256": _sha256(onnx_path),
+        "sha256": file_sha256(onnx_path),
         "bytes": onnx_path.stat().st_size,
         "opset": OPSET,
         "precision": "fp32",
