@@ -116,12 +116,12 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
             data, k = await _read_multipart(request, svc.settings.max_upload_bytes)
             return await run_in_threadpool(svc.search_image, data, k)
         if ctype == "application/json":
-            image_id, k = _read_json_query(await request.body())
+            image_id, k = _read_json_query(await _read_body(request, 64 * 1024))
             return await run_in_threadpool(svc.search_id, image_id, k)
         if ctype in CONTENT_TYPES.values():
-            data = await request.body()
+            data = await _read_body(request, svc.settings.max_upload_bytes)
             return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")))
-        if not ctype and not await request.body():
+        if not ctype and not await _read_body(request, 64 * 1024):
             raise BadRequest(
                 'empty request: send a multipart form with an `image` file, or JSON {"id": ...}', code="empty_request"
             )
@@ -155,6 +155,21 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
 @lru_cache(maxsize=1)
 def _page_html() -> str:
     return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused as soon as it passes ``max_bytes`` (chunked bodies have no length).
+
+    Raises:
+        PayloadTooLarge: if the body is longer.
+    """
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body is over the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse_k(value: Any) -> int | None:

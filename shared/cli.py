@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.errors import ClusterlensError
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
@@ -208,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = get_settings()
         return int(args.func(args, settings, open_storage(settings)))
+    except ValidationError as exc:
+        problems = "; ".join(f"CLUSTERLENS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"clusterlens: invalid settings: {problems}", file=sys.stderr)
+        return 2
     except ClusterlensError as exc:
         print(f"clusterlens {args.command}: {exc.message}", file=sys.stderr)
         return 1

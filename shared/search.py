@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.catalog import check_image_id
 from shared.encoder import ImageEncoder
-from shared.errors import BadRequest, NotFound, VersionMismatch
+from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
 from shared.imaging import decode_image
 from shared.index import ClusterIndex, SearchHits, current_version, load_version
 from shared.settings import Settings
@@ -38,7 +38,8 @@ class SearchService:
         self._index = index
         self._index_version: str | None = index.manifest.get("version") if index else None
         self._checked_at = time.monotonic() if index else 0.0
-        self._lock = threading.Lock()
+        self._encoder_lock = threading.Lock()
+        self._index_lock = threading.Lock()
 
     # -- lazy resources -----------------------------------------------------------------------
 
@@ -49,7 +50,7 @@ class SearchService:
             NotReady: if the model has not been built.
         """
         if self._encoder is None:
-            with self._lock:
+            with self._encoder_lock:
                 if self._encoder is None:
                     s = self.settings
                     self._encoder = ImageEncoder(
@@ -63,25 +64,42 @@ class SearchService:
     def index(self) -> ClusterIndex:
         """The published index, reloaded when the pointer has moved (checked every few seconds).
 
+        One thread checks and loads; the others keep answering from the index already in memory,
+        and a failed refresh is logged while the current index goes on serving.
+
         Raises:
             NotReady: if no index has been published.
         """
-        now = time.monotonic()
-        if self._index is not None and now - self._checked_at < self.settings.index_refresh_seconds:
-            return self._index
-        with self._lock:
-            if self._index is None or now - self._checked_at >= self.settings.index_refresh_seconds:
+        current = self._index
+        if current is not None and time.monotonic() - self._checked_at < self.settings.index_refresh_seconds:
+            return current
+        if current is None:
+            self._index_lock.acquire()
+        elif not self._index_lock.acquire(blocking=False):
+            return current  # another thread is refreshing: serve what we have
+        try:
+            if self._index is not None and time.monotonic() - self._checked_at < self.settings.index_refresh_seconds:
+                return self._index
+            try:
                 version = current_version(self.storage)
-                if version is not None and version != self._index_version:
+                if version is None:
+                    raise NotReady(
+                        "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`",
+                        code="index_missing",
+                    )
+                if version != self._index_version:
                     self._index = load_version(self.storage, version, self.settings.data_dir / "cache" / "index")
                     self._index_version = version
                     log.info("serving index %s", version)
-                self._checked_at = now
-            if self._index is None:
-                from shared.index import load_current  # raises NotReady with the way out
-
-                self._index = load_current(self.storage, self.settings.data_dir / "cache" / "index")
+            except Exception:
+                if self._index is None:
+                    raise
+                log.exception("index refresh failed; still serving %s", self._index_version)
+            self._checked_at = time.monotonic()
+            assert self._index is not None  # a first load that failed has raised above
             return self._index
+        finally:
+            self._index_lock.release()
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import NotFound
+from shared.errors import ClusterlensError, NotFound
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -248,8 +248,12 @@ def open_storage(settings: Settings) -> Storage:
     """The storage backend the settings choose.
 
     Raises:
-        NotImplementedError: for the ``azure`` backend until it lands.
+        ClusterlensError: for the ``azure`` backend until it lands.
     """
     if settings.storage_backend == "local":
         return LocalStorage(settings.data_dir, settings.container_prefix)
-    raise NotImplementedError("the Azure Blob backend is not built yet; use storage_backend=local")
+    raise ClusterlensError(
+        "the Azure Blob storage backend is not built yet; set CLUSTERLENS_STORAGE_BACKEND=local",
+        code="backend_unavailable",
+        status=501,
+    )

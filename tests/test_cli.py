@@ -65,3 +65,14 @@ def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     assert proc.returncode == 2
     proc = run(["search", "--id", "nope"], tmp_path, check=False)
     assert proc.returncode == 1 and "64 lowercase hex" in proc.stderr
+
+
+def test_bad_settings_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "0")
+    proc = run(["reindex"], tmp_path, check=False)
+    assert proc.returncode == 2 and "CLUSTERLENS_INDEX_NPROBE" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "8")
+    monkeypatch.setenv("CLUSTERLENS_STORAGE_BACKEND", "azure")
+    monkeypatch.setenv("CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL", "https://example.invalid")
+    proc = run(["embed"], tmp_path, check=False)
+    assert proc.returncode == 1 and "not built yet" in proc.stderr and "Traceback" not in proc.stderr

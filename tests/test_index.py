@@ -20,7 +20,7 @@ from shared.index import (
 )
 from shared.reindex import reindex
 from shared.search import SearchService
-from shared.storage import LocalStorage
+from shared.storage import INDEX, LocalStorage
 from tests.conftest import Collection, make_settings
 
 
@@ -116,3 +116,17 @@ def test_index_from_another_encoder_is_refused(tmp_path: Path, real, collection:
 
     with pytest.raises(VersionMismatch):
         service.search_image(png(np.zeros((28, 28), np.uint8)))
+
+
+def test_a_broken_pointer_does_not_break_live_queries(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(tmp_path)
+    publish(storage, _build(real))
+    service = SearchService(make_settings(tmp_path, index_refresh_seconds=0), storage, encoder=collection.encoder)
+    assert service.index().manifest["version"] == "v000001"
+    storage.put_json("index", "CURRENT.json", {"version": "v000042"})  # points at nothing
+    assert service.index().manifest["version"] == "v000001"  # still serving
+    storage.put(INDEX, "CURRENT.json", b"{not json")
+    assert service.index().count == len(real[1])
+    fresh = SearchService(make_settings(tmp_path), storage, encoder=collection.encoder)
+    with pytest.raises(Exception):  # noqa: B017 - a worker with nothing loaded must fail loudly
+        fresh.index()

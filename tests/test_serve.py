@@ -72,3 +72,14 @@ def test_served_errors_are_json(server: str) -> None:
     assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
     huge = httpx.post(server + "/api/search", content=b"0" * (21 * 1024 * 1024), headers={"Content-Type": "image/png"})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+
+
+def test_chunked_upload_without_length_is_cut_off(server: str) -> None:
+    """A streamed body with no Content-Length is refused once it passes the limit, not buffered whole."""
+
+    def body():  # type: ignore[no-untyped-def]
+        for _ in range(30):
+            yield b"0" * (1024 * 1024)
+
+    resp = httpx.post(server + "/api/search", content=body(), headers={"Content-Type": "image/png"}, timeout=30)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
