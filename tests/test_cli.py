@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import png
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "shared.cli"]
+CLI = [sys.executable, "-m", "tools.cli"]
 
 
 def run(args: list[str], data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ def server(collection: Collection) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "CLUSTERLENS_DATA_DIR": str(collection.settings.data_dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "tools.cli", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

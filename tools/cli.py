@@ -1,4 +1,4 @@
-"""The ``clusterlens`` command line. It prints; the library it calls logs."""
+"""The ``clusterlens`` command line. It prints; the library it calls (``shared``) logs."""
 
 from __future__ import annotations
 
