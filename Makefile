@@ -3,18 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-MODEL  := models/efficientnet_lite0/model.onnx
+IMAGE_MODEL := models/efficientnet_lite0/model.onnx
+TEXT_MODEL  := models/minilm_l6/model.onnx
+MODELS := $(IMAGE_MODEL) $(TEXT_MODEL)
 PORT   ?= 7071
 LIMIT  ?= 10000
 
 .PHONY: demo test install models data serve lint typecheck clean
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
-demo: $(STAMP) $(MODEL) data
+demo: $(STAMP) $(MODELS) data
 	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
 
 ## test: install what the tests need and run the suite
-test: $(STAMP) $(MODEL) data
+test: $(STAMP) $(MODELS) data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -30,17 +32,20 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
-## models: export the ONNX image encoder (torch is used here only)
-models: $(MODEL)
+## models: export the ONNX image and text encoders (torch is used here only)
+models: $(MODELS)
 
-$(MODEL): $(STAMP) tools/export_models.py
-	$(BIN)/python -m tools.export_models --out $(dir $(MODEL))
+$(IMAGE_MODEL): $(STAMP) tools/export_models.py
+	$(BIN)/python -m tools.export_models --only image
+
+$(TEXT_MODEL): $(STAMP) tools/export_models.py shared/text_encoder.py models/imagenet1k_classes.tsv
+	$(BIN)/python -m tools.export_models --only text
 
 ## data: make sure the Fashion-MNIST Debian package is installed
 data:
 	@./scripts/ensure-fashion-mnist.sh
 
-serve: $(STAMP) $(MODEL)
+serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
 
 lint: $(STAMP)
@@ -51,4 +56,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf .clusterlens $(MODEL) $(dir $(MODEL))manifest.json
+	rm -rf .clusterlens models/efficientnet_lite0 models/minilm_l6

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     # Models
     model_dir: Path = PROJECT_ROOT / "models"
     image_encoder: str = "efficientnet_lite0"
+    text_encoder: str = "minilm_l6"
     image_size: int = Field(default=224, ge=32, le=512)
     ort_intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime decide.")
     ort_providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -74,6 +75,11 @@ class Settings(BaseSettings):
     def encoder_dir(self) -> Path:
         """Folder holding the image encoder's ONNX file and manifest."""
         return self.model_dir / self.image_encoder
+
+    @property
+    def text_encoder_dir(self) -> Path:
+        """Folder holding the text encoder's ONNX file, tokenizer and manifest."""
+        return self.model_dir / self.text_encoder
 
 
 @lru_cache(maxsize=1)

