@@ -46,9 +46,10 @@ SEARCH_BODY = {
         "application/json": {
             "schema": {
                 "type": "object",
-                "required": ["id"],
+                "description": "exactly one of `id` (similar images) or `text` (text-to-image)",
                 "properties": {
                     "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
+                    "text": {"type": "string", "maxLength": 500, "description": "a text query"},
                     "k": {"type": "integer", "minimum": 1},
                 },
             }
@@ -116,8 +117,10 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
             data, k = await _read_multipart(request, svc.settings.max_upload_bytes)
             return await run_in_threadpool(svc.search_image, data, k)
         if ctype == "application/json":
-            image_id, k = _read_json_query(await _read_body(request, 64 * 1024))
-            return await run_in_threadpool(svc.search_id, image_id, k)
+            kind, value, k = _read_json_query(await _read_body(request, 64 * 1024))
+            if kind == "text":
+                return await run_in_threadpool(svc.search_text, value, k)
+            return await run_in_threadpool(svc.search_id, value, k)
         if ctype in CONTENT_TYPES.values():
             data = await _read_body(request, svc.settings.max_upload_bytes)
             return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")))
@@ -198,16 +201,20 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int 
     return data, _parse_k(form.get("k"))
 
 
-def _read_json_query(body: bytes) -> tuple[str, int | None]:
+def _read_json_query(body: bytes) -> tuple[str, str, int | None]:
     if not body:
         raise BadRequest("empty request body", code="empty_request")
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON", code="invalid_json") from None
-    if not isinstance(payload, dict) or "id" not in payload:
-        raise BadRequest('the JSON body needs an "id" (a stored image id)', code="missing_id")
+    if not isinstance(payload, dict) or ("id" in payload) == ("text" in payload):
+        raise BadRequest('the JSON body needs one of "id" (a stored image id) or "text"', code="missing_id")
+    if "text" in payload:
+        if not isinstance(payload["text"], str):
+            raise BadRequest('"text" must be a string', code="invalid_text")
+        return "text", payload["text"], _parse_k(payload.get("k"))
     image_id = payload["id"]
     if not isinstance(image_id, str):
         raise BadRequest('"id" must be a string', code="invalid_id")
-    return check_image_id(image_id), _parse_k(payload.get("k"))
+    return "id", check_image_id(image_id), _parse_k(payload.get("k"))

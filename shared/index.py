@@ -10,6 +10,7 @@ Published layout in the index container::
     index/v000007/ids.npy       image id of each row
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
+    index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
     index/v000007/manifest.json what it was built from, parameters, timings
     index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
 
@@ -37,7 +38,8 @@ from shared.storage import INDEX, Storage
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT.json"
-FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy")
+FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy")
+FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
 _VERSION_RE = re.compile(r"^v(\d{6})/manifest\.json$")
 
 
@@ -85,12 +87,24 @@ class SearchHits:
 class ClusterIndex:
     """A built index with its row metadata. Build with :meth:`build`, persist with :func:`publish`."""
 
-    def __init__(self, index: Any, ids: np.ndarray, clusters: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        index: Any,
+        ids: np.ndarray,
+        clusters: np.ndarray,
+        labels: np.ndarray,
+        manifest: dict[str, Any],
+        class_top: np.ndarray | None = None,
+        class_prob: np.ndarray | None = None,
+    ):
         self.index = index
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
         self.clusters = clusters
         self.labels = labels
+        n = len(ids)
+        self.class_top = class_top if class_top is not None else np.zeros((n, 0), np.int16)
+        self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.get("label_names", []))
         self._order = np.argsort(ids)
@@ -110,6 +124,8 @@ class ClusterIndex:
         nprobe: int = 8,
         min_points_per_list: int = 39,
         power: float = 0.5,
+        class_top: np.ndarray | None = None,
+        class_prob: np.ndarray | None = None,
         source: dict[str, Any] | None = None,
         seed: int = 1234,
     ) -> ClusterIndex:
@@ -121,6 +137,7 @@ class ClusterIndex:
             pca_dim: reduce to this many dimensions first; 0 (or >= d, or n too small) skips PCA.
             power: power normalisation before L2 (see :func:`power_normalize`); 1.0 turns it off.
             nlist: number of clusters; 0 chooses about sqrt(n).
+            class_top, class_prob: optional (n, t) top ImageNet classes and probabilities, for text search.
 
         Raises:
             ValueError: on mismatched lengths or an empty collection.
@@ -168,7 +185,20 @@ class ClusterIndex:
             "build_seconds": round(time.perf_counter() - t0, 3),
             "source": source or {},
         }
-        return cls(index, np.array(ids), assign[:, 0].astype(np.int32), label_codes, manifest)
+        if class_top is None or class_prob is None:
+            class_top, class_prob = np.zeros((n, 0), np.int16), np.zeros((n, 0), np.float32)
+        if class_top.shape != class_prob.shape or len(class_top) != n:
+            raise ValueError("class_top and class_prob must be (n, t) arrays of the same shape")
+        manifest["format"] = FORMAT
+        return cls(
+            index,
+            np.array(ids),
+            assign[:, 0].astype(np.int32),
+            label_codes,
+            manifest,
+            class_top.astype(np.int16),
+            class_prob.astype(np.float32),
+        )
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -251,7 +281,7 @@ def _transform(index: Any, x: np.ndarray) -> np.ndarray:
 
 def fingerprint(encoder_version: str, shards: list[str], params: dict[str, Any]) -> str:
     """Identifies the inputs of a build: same fingerprint, same index."""
-    text = "\n".join([encoder_version, repr(sorted(params.items())), *sorted(shards)])
+    text = "\n".join([f"format {FORMAT}", encoder_version, repr(sorted(params.items())), *sorted(shards)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -291,6 +321,8 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
         np.save(Path(tmp) / "clusters.npy", built.clusters)
         np.save(Path(tmp) / "labels.npy", built.labels)
+        np.save(Path(tmp) / "class_top.npy", built.class_top)
+        np.save(Path(tmp) / "class_prob.npy", built.class_prob)
         for name in FILES:
             storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
     storage.put_json(INDEX, f"{version}/manifest.json", manifest)  # marks the version complete
@@ -326,7 +358,9 @@ def load_version(storage: Storage, version: str, cache_dir: Path) -> ClusterInde
     ids = np.load(paths["ids.npy"])
     clusters = np.load(paths["clusters.npy"])
     labels = np.load(paths["labels.npy"])
-    return ClusterIndex(index, ids, clusters, labels, manifest)
+    return ClusterIndex(
+        index, ids, clusters, labels, manifest, np.load(paths["class_top.npy"]), np.load(paths["class_prob.npy"])
+    )
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

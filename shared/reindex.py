@@ -70,6 +70,8 @@ def reindex(
         nprobe=settings.index_nprobe,
         min_points_per_list=settings.index_min_points_per_list,
         power=settings.index_power,
+        class_top=emb.top_class,
+        class_prob=emb.top_prob,
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
     version = publish(storage, built, keep=keep_versions)

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from shared.catalog import check_image_id
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
@@ -18,6 +20,8 @@ from shared.imaging import decode_image
 from shared.index import ClusterIndex, SearchHits, current_version, load_version
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
+from shared.text_encoder import TextEncoder
+from shared.text_search import text_scores
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class SearchService:
         storage: Storage | None = None,
         encoder: ImageEncoder | None = None,
         index: ClusterIndex | None = None,
+        text_encoder: TextEncoder | None = None,
     ):
         self.settings = settings
         self.storage = storage or open_storage(settings)
@@ -38,6 +43,8 @@ class SearchService:
         self._index = index
         self._index_version: str | None = index.manifest.get("version") if index else None
         self._checked_at = time.monotonic() if index else 0.0
+        self._text_encoder = text_encoder
+        self._label_vectors: tuple[str | None, np.ndarray] = (None, np.zeros((0, 0), np.float32))
         self._encoder_lock = threading.Lock()
         self._index_lock = threading.Lock()
 
@@ -60,6 +67,21 @@ class SearchService:
                         intra_op_threads=s.ort_intra_op_threads,
                     )
         return self._encoder
+
+    def text_encoder(self) -> TextEncoder:
+        """The text encoder, loaded on first use.
+
+        Raises:
+            NotReady: if the model has not been built.
+        """
+        if self._text_encoder is None:
+            with self._encoder_lock:
+                if self._text_encoder is None:
+                    s = self.settings
+                    self._text_encoder = TextEncoder(
+                        s.text_encoder_dir, providers=s.ort_providers, intra_op_threads=s.ort_intra_op_threads
+                    )
+        return self._text_encoder
 
     def index(self) -> ClusterIndex:
         """The published index, reloaded when the pointer has moved (checked every few seconds).
@@ -156,6 +178,64 @@ class SearchService:
         hits = index.search_row(row, k)
         t1 = time.perf_counter()
         return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0})
+
+    def search_text(self, text: str, k: int | None = None) -> dict[str, Any]:
+        """Images matching a text query, without a joint image-text model (an approximation of CLIP).
+
+        See :mod:`shared.text_search` for how images are scored.
+
+        Raises:
+            BadRequest: empty or over-long text, bad ``k``. NotReady: no model, or an index without
+            class predictions.
+        """
+        k = self.check_k(k)
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("text must be a non-empty string", code="invalid_text")
+        if len(text) > self.settings.max_text_chars:
+            raise BadRequest(f"text is limited to {self.settings.max_text_chars} characters", code="invalid_text")
+        t0 = time.perf_counter()
+        encoder = self.text_encoder()
+        index = self.index()
+        if index.class_top.shape[1] == 0:
+            raise NotReady("this index has no class predictions: run `clusterlens reindex`", code="index_outdated")
+        query = encoder.encode([text.strip()])[0]
+        t1 = time.perf_counter()
+        scores, class_w = text_scores(
+            text,
+            query,
+            encoder.imagenet_classes(),
+            index.label_names,
+            self._label_vectors_for(index, encoder),
+            index.class_top,
+            index.class_prob,
+            index.labels,
+            self.settings.text_temperature,
+        )
+        k_eff = min(k, len(scores))
+        rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
+        rows = rows[np.argsort(-scores[rows], kind="stable")]
+        t2 = time.perf_counter()
+        out = self._response(
+            index,
+            SearchHits(
+                scores=scores[rows][None, :],
+                rows=rows[None, :],
+                probe=np.zeros((1, 0), np.int64),
+                probe_scores=np.zeros((1, 0), np.float32),
+            ),
+            {"embed": t1 - t0, "search": t2 - t1, "total": t2 - t0},
+        )
+        top_classes = np.argsort(-class_w)[:5]
+        out["query_classes"] = [{"class": int(c), "weight": round(float(class_w[c]), 4)} for c in top_classes]
+        return out
+
+    def _label_vectors_for(self, index: ClusterIndex, encoder: TextEncoder) -> np.ndarray:
+        """The index's label names embedded, cached per index version."""
+        version, vectors = self._label_vectors
+        if version != index.manifest.get("version") or len(vectors) != len(index.label_names):
+            vectors = encoder.encode(index.label_names) if index.label_names else np.zeros((0, 384), np.float32)
+            self._label_vectors = (index.manifest.get("version"), vectors)
+        return vectors
 
     def health(self) -> dict[str, Any]:
         """Model and index versions and counts; never raises for a missing model or index."""

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     index_min_points_per_list: int = Field(default=39, ge=1)
     index_refresh_seconds: float = Field(default=5.0, ge=0)
 
+    # Text search
+    text_temperature: float = Field(default=0.05, gt=0, le=1, description="Softmax temperature over class texts.")
+    max_text_chars: int = Field(default=500, ge=1)
+
     # Limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1)

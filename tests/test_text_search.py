@@ -1,0 +1,116 @@
+"""Text-to-image search: labelled Fashion-MNIST, and unlabelled real photos through class predictions."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from functions.http_api import create_app
+from shared.datasets import skimage_photo_items
+from shared.embeddings import embed_pending
+from shared.encoder import ImageEncoder
+from shared.index import ClusterIndex, publish
+from shared.ingest import IngestItem, ingest_bytes
+from shared.reindex import reindex
+from shared.search import SearchService
+from shared.storage import LocalStorage
+from tests.conftest import Collection, make_settings
+
+
+@pytest.fixture(scope="module")
+def client(collection: Collection) -> TestClient:
+    return TestClient(create_app(service=collection.service), raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(("text", "label"), [("ankle boot", "Ankle boot"), ("a bag", "Bag"), ("trousers", "Trouser")])
+def test_labelled_collection_answers_text_queries(client: TestClient, text: str, label: str) -> None:
+    resp = client.post("/api/search", json={"text": text, "k": 10})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    hits = sum(r["label"] == label for r in body["results"])
+    assert len(body["results"]) == 10 and hits >= 8, [r["label"] for r in body["results"]]
+    assert len(body["query_classes"]) == 5 and {"embed", "search", "total"} <= set(body["timing_ms"])
+
+
+@pytest.fixture(scope="module")
+def photo_service(tmp_path_factory: pytest.TempPathFactory, encoder: ImageEncoder) -> SearchService:
+    """25 real photos ingested WITHOUT labels: only the image's own class predictions can match text."""
+    settings = make_settings(tmp_path_factory.mktemp("photos"))
+    storage = LocalStorage(settings.data_dir)
+    spec = importlib.util.find_spec("foolbox")
+    assert spec and spec.origin, "foolbox's sample photos are installed by `make test`"
+    items = [IngestItem(data=i.data, source=i.source) for i in skimage_photo_items()]
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "data", "imagenet_*.jpg"))):
+        items.append(IngestItem(data=Path(path).read_bytes(), source=Path(path).name))
+    for item in items:
+        assert ingest_bytes(storage, settings, item).status == "added"
+    embed_pending(storage, settings, encoder)
+    reindex(storage, settings, encoder.version)
+    return SearchService(settings, storage, encoder=encoder)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_sources"),
+    [
+        ("a cat", {"skimage/chelsea"}),
+        ("a cup of coffee", {"skimage/coffee"}),
+        ("a rocket", {"skimage/rocket"}),
+        ("a dog", {"imagenet_00_243.jpg", "imagenet_16_251.jpg"}),  # bull mastiff, dalmatian
+        ("a strawberry", {"imagenet_04_949.jpg"}),
+    ],
+)
+def test_unlabelled_photos_match_through_class_predictions(
+    photo_service: SearchService, text: str, expected_sources: set[str]
+) -> None:
+    from shared.catalog import Catalog
+
+    results = photo_service.search_text(text, k=3)["results"]
+    first = Catalog(photo_service.storage).get(results[0]["id"]).source
+    assert first in expected_sources, [Catalog(photo_service.storage).get(r["id"]).source for r in results]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"text": ""},
+        {"text": "   "},
+        {"text": "x" * 501},
+        {"text": 123},
+        {"text": "a bag", "id": "a" * 64},
+        {"text": "a bag", "k": 0},
+    ],
+)
+def test_bad_text_queries(client: TestClient, payload: dict) -> None:  # type: ignore[type-arg]
+    resp = client.post("/api/search", json=payload)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] in {"invalid_text", "missing_id", "invalid_k"}
+
+
+def test_index_without_class_predictions_asks_for_a_reindex(tmp_path: Path, collection: Collection) -> None:
+    storage = LocalStorage(tmp_path)
+    vectors = np.random.default_rng(0).normal(size=(50, 1280)).astype(np.float32)
+    publish(
+        storage,
+        ClusterIndex.build(
+            vectors, [f"{i:064x}" for i in range(50)], [None] * 50, encoder_version=collection.encoder.version
+        ),
+    )
+    client = TestClient(create_app(service=SearchService(make_settings(tmp_path), storage)))
+    resp = client.post("/api/search", json={"text": "a bag"})
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
+
+
+def test_lexical_label_matching() -> None:
+    from shared.text_search import lexical_match, words
+
+    assert words("A pair of Trousers") == {"trouser"} and words("dress") == {"dress"}
+    got = lexical_match("ankle boots", ["Ankle boot", "Trouser", "T-shirt/top", "boot"])
+    assert got.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert lexical_match("t-shirt", ["T-shirt/top"])[0] == pytest.approx(2 / 3)
+    assert lexical_match("anything", []).shape == (0,)
