@@ -214,6 +214,7 @@ class SearchService:
         k_eff = min(k, len(scores))
         rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
         rows = rows[np.argsort(-scores[rows], kind="stable")]
+        rows = rows[scores[rows] >= self.settings.text_min_score]  # no filler: fewer than k if few match
         t2 = time.perf_counter()
         out = self._response(
             index,

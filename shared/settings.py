@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     # Text search
     text_temperature: float = Field(default=0.05, gt=0, le=1, description="Softmax temperature over class texts.")
     max_text_chars: int = Field(default=500, ge=1)
+    text_min_score: float = Field(default=0.001, ge=0, le=1, description="Text results below this are dropped.")
 
     # Limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)

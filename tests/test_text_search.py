@@ -106,6 +106,11 @@ def test_index_without_class_predictions_asks_for_a_reindex(tmp_path: Path, coll
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
 
 
+def test_unrelated_images_are_not_padded_in(photo_service: SearchService) -> None:
+    results = photo_service.search_text("a cup of coffee", k=20)["results"]
+    assert 1 <= len(results) < 20 and all(r["score"] >= 0.001 for r in results)
+
+
 def test_lexical_label_matching() -> None:
     from shared.text_search import lexical_match, words
 
