@@ -67,6 +67,10 @@ class Catalog:
         """Store a record unless one exists for the id. Returns whether it was new."""
         return self.storage.put_json(EMBEDDINGS, self._name(record.id), record.to_json(), overwrite=False)
 
+    def remove(self, image_id: str) -> bool:
+        """Forget an image's record. Returns whether it existed."""
+        return self.storage.delete(EMBEDDINGS, self._name(check_image_id(image_id)))
+
     def exists(self, image_id: str) -> bool:
         return self.storage.exists(EMBEDDINGS, self._name(image_id))
 

@@ -24,6 +24,7 @@ from shared.catalog import Catalog
 from shared.encoder import softmax
 from shared.errors import ClusterlensError
 from shared.imaging import decode_image
+from shared.ingest import withdraw
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, UPLOADS, Storage
 
@@ -223,15 +224,18 @@ def embed_pending(
         t0 = time.perf_counter()
         ok, images, failed = [], [], []
         for image_id in batch_ids:
+            record = catalog.get(image_id)
             try:
-                record = catalog.get(image_id)
                 data = storage.get(UPLOADS, record.blob)
                 images.append(
                     decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels).rgb
                 )
                 ok.append(image_id)
             except ClusterlensError as exc:
-                log.warning("cannot embed %s: %s", image_id, exc.message)
+                # Stored bytes that no longer decode: quarantine with the reason, so the run (and the
+                # next one) goes on without them.
+                log.warning("cannot embed %s, quarantining it: %s", image_id, exc.message)
+                withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}")
                 failed.append(image_id)
         pixels = encoder.preprocess(images) if images else np.zeros((0, 3, encoder.size, encoder.size), np.float32)
         return _Batch(ok, pixels, failed, time.perf_counter() - t0)

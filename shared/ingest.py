@@ -19,7 +19,7 @@ from shared.catalog import Catalog, ImageRecord
 from shared.errors import ClusterlensError
 from shared.imaging import EXTENSION_FOR_FORMAT, FILE_EXTENSIONS, decode_image
 from shared.settings import Settings
-from shared.storage import QUARANTINE, UPLOADS, Storage
+from shared.storage import QUARANTINE, UPLOADS, BlobNotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,22 @@ def quarantine(storage: Storage, image_id: str, item: IngestItem, *, code: str, 
         },
     )
     log.warning("quarantined %s (%s): %s", item.source, code, reason)
+
+
+def withdraw(storage: Storage, record: ImageRecord, *, code: str, reason: str) -> None:
+    """Move a catalogued image that turned out unusable to quarantine, then forget it.
+
+    The bytes (if still there) and the reason go to quarantine first, so nothing is lost.
+    """
+    try:
+        data = storage.get(UPLOADS, record.blob)
+    except BlobNotFound:
+        data, reason = b"", f"{reason} (the stored bytes are missing)"
+    quarantine(
+        storage, record.id, IngestItem(data=data, source=record.source, label=record.label), code=code, reason=reason
+    )
+    storage.delete(UPLOADS, record.blob)
+    Catalog(storage).remove(record.id)
 
 
 def ingest_items(storage: Storage, settings: Settings, items: Iterable[IngestItem]) -> Iterator[IngestResult]:

@@ -116,3 +116,32 @@ def test_fashion_mnist_items_are_labelled_pngs(tmp_path: Path) -> None:
     assert [i.label for i in items] == [FASHION_MNIST_CLASSES[int(y)] for y in labels[10:15]]
     decoded = np.asarray(Image.open(io.BytesIO(items[0].data)))
     assert np.array_equal(decoded, images[10])
+
+
+def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    """A stored image that no longer decodes is quarantined with its reason; the rest of the batch embeds."""
+    from shared.embeddings import embed_pending
+
+    settings = make_settings(tmp_path, embed_batch_size=4)
+    storage = LocalStorage(tmp_path)
+    rng = np.random.default_rng(3)
+    results = [
+        ingest_bytes(
+            storage,
+            settings,
+            IngestItem(data=png(rng.integers(0, 255, (20, 20), dtype=np.uint8)), source=f"img{i}", label="x"),
+        )
+        for i in range(6)
+    ]
+    broken = Catalog(storage).get(results[2].id)
+    storage.put(UPLOADS, broken.blob, storage.get(UPLOADS, broken.blob)[:30])  # damaged in storage
+    stats = embed_pending(storage, settings, encoder)
+    assert stats.embedded == 5 and stats.failed == [broken.id]
+    reason = storage.get_json(QUARANTINE, f"{broken.id}.json")
+    assert (
+        reason["code"] == "invalid_image" and reason["reason"].startswith("at embedding") and reason["source"] == "img2"
+    )
+    assert storage.exists(QUARANTINE, f"{broken.id}.bin") and not storage.exists(UPLOADS, broken.blob)
+    assert not Catalog(storage).exists(broken.id)
+    again = embed_pending(storage, settings, encoder)
+    assert again.pending == 0  # not retried forever
