@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE_MODEL := models/efficientnet_lite0/model.onnx
+INT8_MODEL  := models/efficientnet_lite0_int8/model.onnx
 TEXT_MODEL  := models/minilm_l6/model.onnx
-MODELS := $(IMAGE_MODEL) $(TEXT_MODEL)
+MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(TEXT_MODEL)
 PORT   ?= 7071
 LIMIT  ?= 10000
 
@@ -38,6 +39,9 @@ models: $(MODELS)
 $(IMAGE_MODEL): $(STAMP) tools/export_models.py
 	$(BIN)/python -m tools.export_models --only image
 
+$(INT8_MODEL): $(IMAGE_MODEL)
+	$(BIN)/python -m tools.export_models --only int8
+
 $(TEXT_MODEL): $(STAMP) tools/export_models.py shared/text_encoder.py models/imagenet1k_classes.tsv
 	$(BIN)/python -m tools.export_models --only text
 
@@ -56,4 +60,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf .clusterlens models/efficientnet_lite0 models/minilm_l6
+	rm -rf .clusterlens models/efficientnet_lite0 models/efficientnet_lite0_int8 models/minilm_l6

