@@ -10,7 +10,7 @@ MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(TEXT_MODEL)
 PORT   ?= 7071
 LIMIT  ?= 10000
 
-.PHONY: demo test install models data serve lint typecheck clean
+.PHONY: demo test install models data serve lint typecheck clean bench bench-embed
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -48,6 +48,12 @@ $(TEXT_MODEL): $(STAMP) tools/export_models.py shared/text_encoder.py models/ima
 ## data: make sure the Fashion-MNIST Debian package is installed
 data:
 	@./scripts/ensure-fashion-mnist.sh
+
+## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
+bench: bench-embed
+
+bench-embed: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.embed
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
