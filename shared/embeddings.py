@@ -22,7 +22,7 @@ import numpy as np
 
 from shared.catalog import Catalog
 from shared.encoder import softmax
-from shared.errors import ClusterlensError
+from shared.errors import ClusterlensError, NotFound
 from shared.imaging import decode_image
 from shared.ingest import withdraw
 from shared.settings import Settings
@@ -224,7 +224,13 @@ def embed_pending(
         t0 = time.perf_counter()
         ok, images, failed = [], [], []
         for image_id in batch_ids:
-            record = catalog.get(image_id)
+            try:
+                record = catalog.get(image_id)
+            except NotFound:
+                log.warning("image %s was removed while embedding; skipped", image_id)
+                failed.append(image_id)
+                continue
+            data = b""
             try:
                 data = storage.get(UPLOADS, record.blob)
                 images.append(
@@ -235,7 +241,7 @@ def embed_pending(
                 # Stored bytes that no longer decode: quarantine with the reason, so the run (and the
                 # next one) goes on without them.
                 log.warning("cannot embed %s, quarantining it: %s", image_id, exc.message)
-                withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}")
+                withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=data or None)
                 failed.append(image_id)
         pixels = encoder.preprocess(images) if images else np.zeros((0, 3, encoder.size, encoder.size), np.float32)
         return _Batch(ok, pixels, failed, time.perf_counter() - t0)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "CURRENT.json"
 FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy")
+OPTIONAL_FILES = ("class_top.npy", "class_prob.npy")  # absent from format-1 versions
 FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
 _VERSION_RE = re.compile(r"^v(\d{6})/manifest\.json$")
 
@@ -352,15 +353,19 @@ def load_version(storage: Storage, version: str, cache_dir: Path) -> ClusterInde
     manifest = storage.get_json(INDEX, f"{version}/manifest.json")
     paths = {}
     for name in FILES:
-        local = storage.local_path(INDEX, f"{version}/{name}")
-        paths[name] = local or storage.download_file(INDEX, f"{version}/{name}", Path(cache_dir) / version / name)
+        blob = f"{version}/{name}"
+        if name in OPTIONAL_FILES and not storage.exists(INDEX, blob):
+            continue  # an older version: similarity search works, text search asks for a reindex
+        paths[name] = storage.local_path(INDEX, blob) or storage.download_file(
+            INDEX, blob, Path(cache_dir) / version / name
+        )
     index = faiss.read_index(str(paths["index.faiss"]))
     ids = np.load(paths["ids.npy"])
     clusters = np.load(paths["clusters.npy"])
     labels = np.load(paths["labels.npy"])
-    return ClusterIndex(
-        index, ids, clusters, labels, manifest, np.load(paths["class_top.npy"]), np.load(paths["class_prob.npy"])
-    )
+    class_top = np.load(paths["class_top.npy"]) if "class_top.npy" in paths else None
+    class_prob = np.load(paths["class_prob.npy"]) if "class_prob.npy" in paths else None
+    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob)
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

@@ -120,15 +120,19 @@ def quarantine(storage: Storage, image_id: str, item: IngestItem, *, code: str, 
     log.warning("quarantined %s (%s): %s", item.source, code, reason)
 
 
-def withdraw(storage: Storage, record: ImageRecord, *, code: str, reason: str) -> None:
+def withdraw(storage: Storage, record: ImageRecord, *, code: str, reason: str, data: bytes | None = None) -> None:
     """Move a catalogued image that turned out unusable to quarantine, then forget it.
 
     The bytes (if still there) and the reason go to quarantine first, so nothing is lost.
+
+    Args:
+        data: the stored bytes, when the caller has read them already.
     """
-    try:
-        data = storage.get(UPLOADS, record.blob)
-    except BlobNotFound:
-        data, reason = b"", f"{reason} (the stored bytes are missing)"
+    if data is None:
+        try:
+            data = storage.get(UPLOADS, record.blob)
+        except BlobNotFound:
+            data, reason = b"", f"{reason} (the stored bytes are missing)"
     quarantine(
         storage, record.id, IngestItem(data=data, source=record.source, label=record.label), code=code, reason=reason
     )

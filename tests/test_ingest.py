@@ -145,3 +145,31 @@ def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, 
     assert not Catalog(storage).exists(broken.id)
     again = embed_pending(storage, settings, encoder)
     assert again.pending == 0  # not retried forever
+
+
+def test_a_record_removed_during_embedding_does_not_stop_the_run(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    from shared import embeddings
+    from shared.embeddings import embed_pending
+
+    settings = make_settings(tmp_path, embed_batch_size=2)
+    storage = LocalStorage(tmp_path)
+    rng = np.random.default_rng(4)
+    ids = [
+        ingest_bytes(
+            storage, settings, IngestItem(data=png(rng.integers(0, 255, (20, 20), dtype=np.uint8)), source=f"i{i}")
+        ).id
+        for i in range(4)
+    ]
+    listed = sorted(ids)
+    real_prefetch = embeddings.prefetch_batches
+
+    def prefetch_after_a_removal(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        Catalog(storage).remove(listed[1])  # another worker withdrew it after the pending list was made
+        return real_prefetch(items, *args, **kwargs)
+
+    embeddings.prefetch_batches = prefetch_after_a_removal  # type: ignore[assignment]
+    try:
+        stats = embed_pending(storage, settings, encoder)
+    finally:
+        embeddings.prefetch_batches = real_prefetch  # type: ignore[assignment]
+    assert stats.embedded == 3 and stats.failed == [listed[1]]

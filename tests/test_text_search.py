@@ -119,3 +119,24 @@ def test_lexical_label_matching() -> None:
     assert got.tolist() == [1.0, 0.0, 0.0, 1.0]
     assert lexical_match("t-shirt", ["T-shirt/top"])[0] == pytest.approx(2 / 3)
     assert lexical_match("anything", []).shape == (0,)
+
+
+def test_an_index_from_before_class_predictions_still_serves_images(tmp_path: Path, collection: Collection) -> None:
+    """Format-1 versions had no class files: image search must keep working, text search asks for a reindex."""
+    from shared.storage import INDEX
+
+    storage = LocalStorage(tmp_path)
+    vectors = np.random.default_rng(1).normal(size=(50, 1280)).astype(np.float32)
+    version = publish(
+        storage,
+        ClusterIndex.build(
+            vectors, [f"{i:064x}" for i in range(50)], [None] * 50, encoder_version=collection.encoder.version
+        ),
+    )
+    for name in ("class_top.npy", "class_prob.npy"):
+        storage.delete(INDEX, f"{version}/{name}")
+    service = SearchService(make_settings(tmp_path), storage)
+    assert service.search_id(f"{7:064x}", k=3)["results"][0]["id"] == f"{7:064x}"
+    client = TestClient(create_app(service=service))
+    resp = client.post("/api/search", json={"text": "a bag"})
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
