@@ -11,8 +11,14 @@ Published layout in the index container::
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
+    index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/manifest.json what it was built from, parameters, timings
     index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
+
+An index lives in one of two spaces, recorded as ``space`` in its manifest: ``backbone`` (the raw
+1280-d embeddings, power-normalised, PCA) or ``head`` (the 64-d output of a trained projection head).
+Either way it takes raw backbone embeddings in :meth:`ClusterIndex.search`; an index in the head's
+space carries its own copy of the head, so queries always use the head it was built with.
 
 A version folder is never changed after publishing, so readers see the old index or the new one.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,15 +38,16 @@ import faiss
 import numpy as np
 
 from shared.errors import NotReady
+from shared.head import HEAD_FILE, ProjectionHead
 from shared.storage import INDEX, Storage
+from shared.versions import claim_next, prune, read_pointer, swap_pointer
+from shared.versions import list_versions as _list_versions
 
 log = logging.getLogger(__name__)
 
-POINTER = "CURRENT.json"
 FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy")
 OPTIONAL_FILES = ("class_top.npy", "class_prob.npy")  # absent from format-1 versions
 FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
-_VERSION_RE = re.compile(r"^v(\d{6})/manifest\.json$")
 
 
 def power_normalize(x: np.ndarray, power: float) -> np.ndarray:
@@ -97,8 +103,10 @@ class ClusterIndex:
         manifest: dict[str, Any],
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
+        head: ProjectionHead | None = None,
     ):
         self.index = index
+        self.head = head
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
         self.clusters = clusters
@@ -127,6 +135,7 @@ class ClusterIndex:
         power: float = 0.5,
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
+        head: ProjectionHead | None = None,
         source: dict[str, Any] | None = None,
         seed: int = 1234,
     ) -> ClusterIndex:
@@ -139,6 +148,7 @@ class ClusterIndex:
             power: power normalisation before L2 (see :func:`power_normalize`); 1.0 turns it off.
             nlist: number of clusters; 0 chooses about sqrt(n).
             class_top, class_prob: optional (n, t) top ImageNet classes and probabilities, for text search.
+            head: build in this projection head's space (its own normalisation; ``power`` and PCA unused).
 
         Raises:
             ValueError: on mismatched lengths or an empty collection.
@@ -149,12 +159,16 @@ class ClusterIndex:
         if n == 0:
             raise ValueError("nothing to index: embed some images first")
         t0 = time.perf_counter()
-        x = power_normalize(vectors, power)
-        use_pca = 0 < pca_dim < d and n > pca_dim
+        if head is not None:
+            x = head.apply(vectors).embedding
+            power, pca_dim = 1.0, 0
+        else:
+            x = power_normalize(vectors, power)
+        use_pca = 0 < pca_dim < x.shape[1] and n > pca_dim
         nlist = nlist or choose_nlist(n, min_points_per_list)
         nlist = min(nlist, n)
         desc = (f"PCA{pca_dim},L2norm," if use_pca else "") + f"IVF{nlist},Flat"
-        index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(x.shape[1], desc, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.spherical = True
         ivf.cp.seed = seed
@@ -171,6 +185,8 @@ class ClusterIndex:
         sizes = np.bincount(assign[:, 0], minlength=nlist)
         manifest = {
             "encoder_version": encoder_version,
+            "space": "head" if head is not None else "backbone",
+            "head": _head_summary(head),
             "factory": desc,
             "count": n,
             "input_dim": d,
@@ -199,6 +215,7 @@ class ClusterIndex:
             manifest,
             class_top.astype(np.int16),
             class_prob.astype(np.float32),
+            head,
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -228,7 +245,10 @@ class ClusterIndex:
         """
         if queries.ndim != 2 or queries.shape[1] != self.manifest["input_dim"]:
             raise ValueError(f"queries must be (nq, {self.manifest['input_dim']}), got {queries.shape}")
-        xq = power_normalize(queries, float(self.manifest.get("power", 1.0)))
+        if self.head is not None:
+            xq = self.head.apply(queries).embedding
+        else:
+            xq = power_normalize(queries, float(self.manifest.get("power", 1.0)))
         return self.search_transformed(_transform(self.index, xq), k, nprobe)
 
     def search_row(self, row: int, k: int, nprobe: int | None = None) -> SearchHits:
@@ -267,6 +287,20 @@ class ClusterIndex:
         return self.label_names[code] if code >= 0 else None
 
 
+def _head_summary(head: ProjectionHead | None) -> dict[str, Any] | None:
+    if head is None:
+        return None
+    m = head.manifest
+    return {
+        "version": head.version,
+        "dim": head.dim,
+        "classes": head.classes,
+        "sha256": m["sha256"],
+        "val_accuracy": m.get("train", {}).get("val_accuracy"),
+        "val_knn10_accuracy": m.get("train", {}).get("val_knn10_accuracy"),
+    }
+
+
 def _transform(index: Any, x: np.ndarray) -> np.ndarray:
     """Apply an IndexPreTransform's chain (PCA, L2norm) to vectors; identity for a bare IVF."""
     if not isinstance(index, faiss.IndexPreTransform):
@@ -288,19 +322,12 @@ def fingerprint(encoder_version: str, shards: list[str], params: dict[str, Any])
 
 def current_version(storage: Storage) -> str | None:
     """The published version name, or None before the first publish."""
-    if not storage.exists(INDEX, POINTER):
-        return None
-    return str(storage.get_json(INDEX, POINTER)["version"])
+    return read_pointer(storage, INDEX)
 
 
 def list_versions(storage: Storage) -> list[str]:
     """Complete (manifest written) versions, oldest first."""
-    found = []
-    for name in storage.list(INDEX, "v"):
-        m = _VERSION_RE.match(name)
-        if m:
-            found.append(name.split("/")[0])
-    return sorted(found)
+    return _list_versions(storage, INDEX)
 
 
 def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
@@ -309,13 +336,7 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
     Returns:
         the new version name.
     """
-    existing = [int(v[1:]) for v in list_versions(storage)]
-    number = max(existing, default=0) + 1
-    while not storage.put_json(
-        INDEX, f"v{number:06d}/claim.json", {"at": datetime.now(UTC).isoformat()}, overwrite=False
-    ):
-        number += 1  # another builder took this number
-    version = f"v{number:06d}"
+    version = claim_next(storage, INDEX)
     manifest = dict(built.manifest, version=version)
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
@@ -326,23 +347,20 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         np.save(Path(tmp) / "class_prob.npy", built.class_prob)
         for name in FILES:
             storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
+    if built.head is not None:
+        storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
+        storage.put_json(INDEX, f"{version}/head.json", built.head.manifest)
     storage.put_json(INDEX, f"{version}/manifest.json", manifest)  # marks the version complete
-    storage.put_json(INDEX, POINTER, {"version": version, "at": datetime.now(UTC).isoformat(timespec="seconds")})
+    swap_pointer(storage, INDEX, version)
     built.manifest = manifest
-    _prune(storage, keep, current=version)
+    prune(storage, INDEX, keep, current=version)
     log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest["nlist"])
     return version
 
 
-def _prune(storage: Storage, keep: int, current: str) -> None:
-    versions = list_versions(storage)
-    for old in versions[: max(0, len(versions) - keep)]:
-        if old != current:
-            for name in list(storage.list(INDEX, f"{old}/")):
-                storage.delete(INDEX, name)
-
-
-def load_version(storage: Storage, version: str, cache_dir: Path) -> ClusterIndex:
+def load_version(
+    storage: Storage, version: str, cache_dir: Path, *, providers: list[str] | None = None
+) -> ClusterIndex:
     """Load a published version, reading files in place when storage is local.
 
     Raises:
@@ -365,7 +383,12 @@ def load_version(storage: Storage, version: str, cache_dir: Path) -> ClusterInde
     labels = np.load(paths["labels.npy"])
     class_top = np.load(paths["class_top.npy"]) if "class_top.npy" in paths else None
     class_prob = np.load(paths["class_prob.npy"]) if "class_prob.npy" in paths else None
-    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob)
+    head = None
+    if manifest.get("space") == "head":
+        blob = f"{version}/{HEAD_FILE}"
+        path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
+        head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
+    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head)
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from shared.catalog import Catalog
 from shared.embeddings import EmbeddingStore
-from shared.errors import NotReady
+from shared.errors import NotReady, VersionMismatch
+from shared.head import ProjectionHead, load_head
 from shared.index import ClusterIndex, current_version, fingerprint, publish
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
@@ -32,11 +33,31 @@ def reindex(
     If the published index was built from exactly the same shards and parameters, nothing is
     built unless ``force``.
 
+    With ``settings.index_space == "head"`` the index is built in the space of the current
+    projection head (``clusterlens train-head``), which must have been trained on this encoder's
+    embeddings.
+
     Raises:
-        NotReady: if there are no embeddings for this encoder version.
+        NotReady: if there are no embeddings for this encoder version, or no head when one is asked for.
+        VersionMismatch: if the current head was trained on another encoder's embeddings.
     """
     store = EmbeddingStore(storage, encoder_version)
+    head: ProjectionHead | None = None
+    if settings.index_space == "head":
+        head = load_head(
+            storage,
+            settings.data_dir / "cache",
+            providers=settings.ort_providers,
+            intra_op_threads=settings.ort_intra_op_threads,
+        )
+        if head.encoder_version != encoder_version:
+            raise VersionMismatch(
+                f"the projection head was trained on {head.encoder_version} embeddings, not {encoder_version}: "
+                "run `clusterlens train-head` again"
+            )
     params = {
+        "space": settings.index_space,
+        "head": head.version if head else None,
         "pca_dim": settings.index_pca_dim,
         "nlist": settings.index_nlist,
         "nprobe": settings.index_nprobe,
@@ -72,6 +93,7 @@ def reindex(
         power=settings.index_power,
         class_top=emb.top_class,
         class_prob=emb.top_prob,
+        head=head,
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
     version = publish(storage, built, keep=keep_versions)

@@ -110,7 +110,12 @@ class SearchService:
                         code="index_missing",
                     )
                 if version != self._index_version:
-                    self._index = load_version(self.storage, version, self.settings.data_dir / "cache" / "index")
+                    self._index = load_version(
+                        self.storage,
+                        version,
+                        self.settings.data_dir / "cache" / "index",
+                        providers=self.settings.ort_providers,
+                    )
                     self._index_version = version
                     log.info("serving index %s", version)
             except Exception:
@@ -257,6 +262,8 @@ class SearchService:
                 "clusters": m["nlist"],
                 "nprobe": idx.nprobe,
                 "factory": m["factory"],
+                "space": m.get("space", "backbone"),
+                "dim": m["dim"],
                 "built_at": m["built_at"],
                 "labels": len(idx.label_names),
             }

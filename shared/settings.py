@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     index_nlist: int = Field(default=0, ge=0, description="0 chooses from the collection size.")
     index_nprobe: int = Field(default=8, ge=1)
     index_min_points_per_list: int = Field(default=39, ge=1)
+    index_space: Literal["backbone", "head"] = Field(
+        default="backbone", description="Index the 1280-d backbone embeddings or the trained 64-d head's."
+    )
     index_refresh_seconds: float = Field(default=5.0, ge=0)
 
     # Text search

@@ -28,7 +28,8 @@ INDEX = "index"
 LABELS = "labels"
 QUARANTINE = "quarantine"
 REPORTS = "reports"
-CONTAINERS = (UPLOADS, EMBEDDINGS, INDEX, LABELS, QUARANTINE, REPORTS)
+MODELS = "models"  # trained artefacts (projection heads), versioned
+CONTAINERS = (UPLOADS, EMBEDDINGS, INDEX, LABELS, QUARANTINE, REPORTS, MODELS)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
 _META_DIR = ".metadata"

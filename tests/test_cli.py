@@ -56,6 +56,38 @@ def test_ingest_embed_reindex_search_and_idempotency(tmp_path: Path) -> None:
     assert by_id["results"][0]["id"] == body["results"][0]["id"]
 
 
+def test_train_head_then_index_in_its_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    run(["ingest", "--dataset", "fashion-mnist", "--limit", "200"], data)
+    run(["embed"], data)
+    proc = run(["train-head", "--epochs", "5"], data, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "projection head v000001 trained on 180 labelled images (10 classes, cpu" in proc.stdout
+    assert "CLUSTERLENS_INDEX_SPACE=head" in proc.stdout
+    monkeypatch.setenv("CLUSTERLENS_INDEX_SPACE", "head")
+    assert "built and published" in run(["reindex"], data).stdout
+    manifest = json.loads((data / "index" / "v000001" / "manifest.json").read_text())
+    assert (
+        manifest["space"] == "head" and manifest["dim"] == 64 and (data / "index" / "v000001" / "head.onnx").is_file()
+    )
+    some_id = sorted(p.stem for p in (data / "embeddings" / "records").glob("*.json"))[0]
+    body = json.loads(run(["search", "--id", some_id, "--k", "3", "--json"], data).stdout)
+    assert body["results"][0]["id"] == some_id
+
+
+def test_train_head_needs_labels(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(png(rng.integers(0, 255, (32, 32), dtype=np.uint8)))
+    run(["ingest", str(folder)], data)
+    run(["embed"], data)
+    proc = run(["train-head"], data, check=False)
+    assert proc.returncode == 1 and "at least 20 labelled images" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     proc = run(["search", "--id", "a" * 64], tmp_path, check=False)
     assert proc.returncode == 1 and "reindex" in proc.stderr and "Traceback" not in proc.stderr

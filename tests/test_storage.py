@@ -60,7 +60,7 @@ def test_names_cannot_escape_the_container(storage: LocalStorage, name: str) -> 
 def test_unknown_container_is_refused(storage: LocalStorage) -> None:
     with pytest.raises(ValueError):
         storage.put("elsewhere", "x", b"x")
-    assert {"uploads", "embeddings", "index", "labels", "quarantine", "reports"} == set(CONTAINERS)
+    assert {"uploads", "embeddings", "index", "labels", "quarantine", "reports", "models"} == set(CONTAINERS)
 
 
 def test_json_and_files_round_trip(storage: LocalStorage, tmp_path: Path) -> None:

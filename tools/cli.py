@@ -111,6 +111,33 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
     return 0
 
 
+def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from tools.train_head import train_on_collection
+
+    encoder = _encoder(settings)
+    trained, version = train_on_collection(
+        storage,
+        settings,
+        encoder.version,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+    )
+    t = trained.manifest["train"]
+    print(
+        f"projection head {version} trained on {t['train']} labelled images ({len(trained.manifest['classes'])} "
+        f"classes, {t['device']}{', mixed precision' if t['mixed_precision'] else ''}, {t['seconds']:.1f} s); "
+        f"held out {t['held_out']}: accuracy {t['val_accuracy']}, 10-NN accuracy {t['val_knn10_accuracy']}"
+    )
+    if settings.index_space != "head":
+        print("  to search in its 64-d space: CLUSTERLENS_INDEX_SPACE=head clusterlens reindex")
+    else:
+        print("  run `clusterlens reindex` to build the index in its space")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.search import SearchService
 
@@ -176,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reindex", help="build and publish the cluster-routed index")
     p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("train-head", help="train the 64-d projection head on the labelled images' embeddings")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
+    p.set_defaults(func=cmd_train_head)
 
     p = sub.add_parser("search", help="similar images by image file or stored id")
     g = p.add_mutually_exclusive_group(required=True)
