@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 IMAGE_MODEL := models/efficientnet_lite0/model.onnx
 INT8_MODEL  := models/efficientnet_lite0_int8/model.onnx
+FP16_MODEL  := models/efficientnet_lite0_fp16/model.onnx
 TEXT_MODEL  := models/minilm_l6/model.onnx
-MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(TEXT_MODEL)
+MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(FP16_MODEL) $(TEXT_MODEL)
 PORT   ?= 7071
 LIMIT  ?= 10000
 
@@ -33,7 +34,7 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
-## models: export the ONNX image and text encoders (torch is used here only)
+## models: export the ONNX image encoder (fp32, int8, fp16) and text encoder (torch is used here only)
 models: $(MODELS)
 
 $(IMAGE_MODEL): $(STAMP) tools/export_models.py
@@ -41,6 +42,9 @@ $(IMAGE_MODEL): $(STAMP) tools/export_models.py
 
 $(INT8_MODEL): $(IMAGE_MODEL)
 	$(BIN)/python -m tools.export_models --only int8
+
+$(FP16_MODEL): $(IMAGE_MODEL)
+	$(BIN)/python -m tools.export_models --only fp16
 
 $(TEXT_MODEL): $(STAMP) tools/export_models.py shared/text_encoder.py models/imagenet1k_classes.tsv
 	$(BIN)/python -m tools.export_models --only text
@@ -66,4 +70,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf .clusterlens models/efficientnet_lite0 models/efficientnet_lite0_int8 models/minilm_l6
+	rm -rf .clusterlens models/efficientnet_lite0 models/efficientnet_lite0_int8 models/efficientnet_lite0_fp16 models/minilm_l6

@@ -214,6 +214,49 @@ def export_int8(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
     return manifest
 
 
+FP16_NAME = f"{NAME}_fp16"
+
+
+def export_fp16(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
+    """Convert the fp32 encoder's weights and arithmetic to fp16 for GPUs (input and outputs stay fp32).
+
+    Made for the CUDA provider (tensor cores); the CPU provider runs it too, which is how the
+    parity test checks it on machines without a GPU, but there it is not faster than fp32.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from shared.encoder import EncoderManifest
+
+    fp32_dir = fp32_dir or out_dir.parent / NAME
+    fp32 = EncoderManifest.load(fp32_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    onnx_path = out_dir / "model.onnx"
+    tmp_path = out_dir / "model.onnx.tmp"
+    model = convert_float_to_float16(onnx.load(str(fp32_dir / fp32.file)), keep_io_types=True)
+    onnx.save(model, str(tmp_path))
+    tmp_path.replace(onnx_path)
+    manifest = dict(fp32.raw)
+    manifest.update(
+        {
+            "name": FP16_NAME,
+            "version": fp32.version.replace("-fp32-", "-fp16-"),
+            "sha256": file_sha256(onnx_path),
+            "bytes": onnx_path.stat().st_size,
+            "precision": "fp16",
+            "intended_providers": ["CUDAExecutionProvider"],
+            "conversion": {
+                "method": "onnxruntime.transformers.float16.convert_float_to_float16, keep_io_types",
+                "from": {"version": fp32.version, "sha256": fp32.sha256},
+            },
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+    )
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 TEXT_NAME = "minilm_l6"
 TEXT_REVISION = 1
 TEXT_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
@@ -334,9 +377,14 @@ def export_text(out_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--only", choices=("image", "int8", "text"), help="export one encoder only")
+    parser.add_argument("--only", choices=("image", "int8", "fp16", "text"), help="export one encoder only")
     args = parser.parse_args(argv)
-    jobs = [("image", NAME, export), ("int8", INT8_NAME, export_int8), ("text", TEXT_NAME, export_text)]
+    jobs = [
+        ("image", NAME, export),
+        ("int8", INT8_NAME, export_int8),
+        ("fp16", FP16_NAME, export_fp16),
+        ("text", TEXT_NAME, export_text),
+    ]
     for kind, name, fn in jobs:
         if args.only and args.only != kind:
             continue

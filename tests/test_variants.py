@@ -1,4 +1,4 @@
-"""The int8 encoder agrees with fp32 on held-out real images and keeps retrieval quality."""
+"""The int8 and fp16 encoders agree with fp32 on held-out real images; int8 keeps retrieval quality."""
 
 from __future__ import annotations
 
@@ -31,6 +31,26 @@ def int8() -> ImageEncoder:
     if not (folder / "manifest.json").is_file():
         pytest.fail("models/efficientnet_lite0_int8 is missing: run `make models` (make test does)")
     return ImageEncoder(folder)
+
+
+@pytest.fixture(scope="module")
+def fp16() -> ImageEncoder:
+    folder = make_settings(Path("/nonexistent")).model_dir / "efficientnet_lite0_fp16"
+    if not (folder / "manifest.json").is_file():
+        pytest.fail("models/efficientnet_lite0_fp16 is missing: run `make models` (make test does)")
+    return ImageEncoder(folder)  # CPU here; the CUDA provider is what it is built for
+
+
+def test_fp16_agrees_with_fp32_on_held_out_photos(fp16: ImageEncoder, encoder: ImageEncoder) -> None:
+    images = [Image.open(p).convert("RGB") for p in PHOTOS]
+    a, b = fp16.encode(images), encoder.encode(images)
+    cosine = (a.vectors * b.vectors).sum(1) / np.linalg.norm(a.vectors, axis=1) / np.linalg.norm(b.vectors, axis=1)
+    assert cosine.min() >= 0.999, cosine
+    assert (a.logits.argmax(1) == b.logits.argmax(1)).all()
+    assert a.vectors.dtype == np.float32  # fp16 inside, fp32 at the edges
+    m = fp16.manifest.raw
+    assert m["precision"] == "fp16" and fp16.version != encoder.version
+    assert m["conversion"]["from"]["sha256"] == encoder.manifest.sha256
 
 
 def test_int8_agrees_with_fp32_on_held_out_photos(int8: ImageEncoder, encoder: ImageEncoder) -> None:
