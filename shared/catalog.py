@@ -2,7 +2,7 @@
 
 Record blob: ``embeddings/records/<id>.json`` where ``id`` is the sha256 of the image bytes.
 Fields: id, blob (name in the uploads container), label (or null), source, format, width, height,
-bytes, ingested_at. Records are written create-if-absent, so ingesting the same bytes twice is a
+bytes, ingested_at, caption (or null). Records are written create-if-absent, so ingesting the same bytes twice is a
 no-op, whoever does it.
 """
 
@@ -44,6 +44,7 @@ class ImageRecord:
     height: int
     bytes: int
     ingested_at: str
+    caption: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

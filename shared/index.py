@@ -11,6 +11,8 @@ Published layout in the index container::
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
+    index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
+                                embedding (MiniLM, float16) and text, for text search
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/manifest.json what it was built from, parameters, timings
     index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
@@ -45,8 +47,9 @@ from shared.versions import list_versions as _list_versions
 
 log = logging.getLogger(__name__)
 
-FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy")
-OPTIONAL_FILES = ("class_top.npy", "class_prob.npy")  # absent from format-1 versions
+CAPTION_FILES = ("caption_rows.npy", "caption_vectors.npy", "captions.npy")
+FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy", *CAPTION_FILES)
+OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", *CAPTION_FILES)  # absent from older versions
 FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
 
 
@@ -72,6 +75,25 @@ def normalize(x: np.ndarray) -> np.ndarray:
 def choose_nlist(n: int, min_points_per_list: int) -> int:
     """Number of clusters for ``n`` vectors: about sqrt(n), with enough points to train each."""
     return int(max(1, min(round(np.sqrt(n)), n // min_points_per_list)))
+
+
+@dataclass
+class Captions:
+    """Image captions for text search.
+
+    Attributes:
+        rows: int64 (m,) index rows that have a caption, ascending.
+        vectors: float16 (m, d) unit text embeddings of the captions.
+        text: (m,) the caption strings.
+    """
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    text: np.ndarray
+
+    @classmethod
+    def empty(cls, dim: int = 384) -> Captions:
+        return cls(np.zeros(0, np.int64), np.zeros((0, dim), np.float16), np.array([], dtype="U1"))
 
 
 @dataclass
@@ -104,9 +126,12 @@ class ClusterIndex:
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
+        captions: Captions | None = None,
     ):
         self.index = index
         self.head = head
+        self.captions = captions or Captions.empty()
+        self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
         self.clusters = clusters
@@ -136,6 +161,7 @@ class ClusterIndex:
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
+        captions: Captions | None = None,
         source: dict[str, Any] | None = None,
         seed: int = 1234,
     ) -> ClusterIndex:
@@ -149,6 +175,7 @@ class ClusterIndex:
             nlist: number of clusters; 0 chooses about sqrt(n).
             class_top, class_prob: optional (n, t) top ImageNet classes and probabilities, for text search.
             head: build in this projection head's space (its own normalisation; ``power`` and PCA unused).
+            captions: the rows that have a caption, with its text and text embedding.
 
         Raises:
             ValueError: on mismatched lengths or an empty collection.
@@ -197,6 +224,7 @@ class ClusterIndex:
             "metric": "cosine",
             "power": power,
             "label_names": names,
+            "captions": len(captions.rows) if captions else 0,
             "cluster_sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 3),
@@ -216,6 +244,7 @@ class ClusterIndex:
             class_top.astype(np.int16),
             class_prob.astype(np.float32),
             head,
+            captions,
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -282,6 +311,9 @@ class ClusterIndex:
         )
         return SearchHits(scores=scores, rows=rows, probe=probe, probe_scores=probe_scores)
 
+    def caption_of(self, row: int) -> str | None:
+        return self._caption_of.get(row)
+
     def label_of(self, row: int) -> str | None:
         code = int(self.labels[row])
         return self.label_names[code] if code >= 0 else None
@@ -345,6 +377,9 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         np.save(Path(tmp) / "labels.npy", built.labels)
         np.save(Path(tmp) / "class_top.npy", built.class_top)
         np.save(Path(tmp) / "class_prob.npy", built.class_prob)
+        np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))
+        np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
+        np.save(Path(tmp) / "captions.npy", built.captions.text)
         for name in FILES:
             storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
     if built.head is not None:
@@ -383,12 +418,17 @@ def load_version(
     labels = np.load(paths["labels.npy"])
     class_top = np.load(paths["class_top.npy"]) if "class_top.npy" in paths else None
     class_prob = np.load(paths["class_prob.npy"]) if "class_prob.npy" in paths else None
+    captions = None
+    if all(name in paths for name in CAPTION_FILES):
+        captions = Captions(
+            np.load(paths["caption_rows.npy"]), np.load(paths["caption_vectors.npy"]), np.load(paths["captions.npy"])
+        )
     head = None
     if manifest.get("space") == "head":
         blob = f"{version}/{HEAD_FILE}"
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
         head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
-    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head)
+    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions)
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

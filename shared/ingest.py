@@ -28,11 +28,12 @@ Status = Literal["added", "duplicate", "quarantined"]
 
 @dataclass(frozen=True)
 class IngestItem:
-    """Bytes to ingest, where they came from, and an optional label."""
+    """Bytes to ingest, where they came from, and an optional label and caption."""
 
     data: bytes
     source: str
     label: str | None = None
+    caption: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
         height=decoded.height,
         bytes=len(item.data),
         ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        caption=clean_caption(item.caption, settings.max_text_chars),
     )
     # The record goes last: an image is known only once its bytes are durably stored.
     added = catalog.add(record)
@@ -165,12 +167,27 @@ def scan_folder(root: Path) -> list[tuple[Path, str | None]]:
     return found
 
 
+def clean_caption(caption: str | None, max_chars: int) -> str | None:
+    """A caption as stored: whitespace collapsed, control characters dropped, at most ``max_chars``."""
+    if caption is None:
+        return None
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in caption).split())
+    return text[:max_chars] or None
+
+
 def folder_items(files: list[tuple[Path, str | None]]) -> Iterator[IngestItem]:
-    """Read files lazily into ingest items."""
+    """Read files lazily into ingest items; ``photo.txt`` beside ``photo.jpg`` is its caption."""
     for path, label in files:
         try:
             data = path.read_bytes()
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc)
             data = b""
-        yield IngestItem(data=data, source=str(path), label=label)
+        caption = None
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            try:
+                caption = sidecar.read_bytes()[:8192].decode("utf-8", errors="replace")
+            except OSError as exc:
+                log.warning("cannot read caption %s: %s", sidecar, exc)
+        yield IngestItem(data=data, source=str(path), label=label, caption=caption)

@@ -5,15 +5,40 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.catalog import Catalog
 from shared.embeddings import EmbeddingStore
 from shared.errors import NotReady, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import ClusterIndex, current_version, fingerprint, publish
+from shared.index import Captions, ClusterIndex, current_version, fingerprint, publish
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
 
 log = logging.getLogger(__name__)
+
+
+def embed_captions(settings: Settings, captions: list[str | None]) -> Captions | None:
+    """Embed the rows' captions with the text encoder; None if there are none.
+
+    A missing text model does not stop a reindex: the captions are left out (and logged), and
+    similarity search is unaffected.
+    """
+    rows = [i for i, c in enumerate(captions) if c]
+    if not rows:
+        return None
+    from shared.text_encoder import TextEncoder
+
+    try:
+        encoder = TextEncoder(
+            settings.text_encoder_dir, providers=settings.ort_providers, intra_op_threads=settings.ort_intra_op_threads
+        )
+    except NotReady as exc:
+        log.warning("captions left out of the index: %s", exc.message)
+        return None
+    texts = [str(captions[i]) for i in rows]
+    vectors = np.concatenate([encoder.encode(texts[i : i + 256]) for i in range(0, len(texts), 256)])
+    return Captions(np.array(rows, np.int64), vectors.astype(np.float16), np.array(texts))
 
 
 @dataclass
@@ -58,6 +83,7 @@ def reindex(
     params = {
         "space": settings.index_space,
         "head": head.version if head else None,
+        "text_encoder": settings.text_encoder,
         "pca_dim": settings.index_pca_dim,
         "nlist": settings.index_nlist,
         "nprobe": settings.index_nprobe,
@@ -80,7 +106,9 @@ def reindex(
             )
     emb = store.load()
     catalog = Catalog(storage)
-    labels = [catalog.get(image_id).label for image_id in emb.ids]
+    records = [catalog.get(image_id) for image_id in emb.ids]
+    labels = [r.label for r in records]
+    captions = embed_captions(settings, [r.caption for r in records])
     built = ClusterIndex.build(
         emb.vectors,
         emb.ids,
@@ -94,6 +122,7 @@ def reindex(
         class_top=emb.top_class,
         class_prob=emb.top_prob,
         head=head,
+        captions=captions,
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
     version = publish(storage, built, keep=keep_versions)

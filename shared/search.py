@@ -215,6 +215,8 @@ class SearchService:
             index.class_prob,
             index.labels,
             self.settings.text_temperature,
+            index.captions.rows,
+            index.captions.vectors.astype(np.float32) @ query if len(index.captions.rows) else None,
         )
         k_eff = min(k, len(scores))
         rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
@@ -293,6 +295,7 @@ class SearchService:
                     "score": round(float(score), 6),
                     "cluster": int(index.clusters[row]),
                     "label": index.label_of(int(row)),
+                    "caption": index.caption_of(int(row)),
                     "url": f"/api/images/{image_id}",
                 }
             )

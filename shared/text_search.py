@@ -5,7 +5,9 @@ image relates to through its predicted class probabilities, and the collection's
 Label similarity is hybrid: the dense (MiniLM) cosine, or a lexical match when the label's words
 all appear in the query, whichever is higher (MiniLM embeds some bare labels, such as "Trouser",
 poorly). A softmax with a low temperature turns all similarities into weights; an image scores
-the weight its predicted classes carry, or its label's weight if that is higher.
+the weight its predicted classes carry, or its label's weight if that is higher. An image's own
+caption competes as one more text: its weight is what it would get in that softmax, and the
+image keeps the highest of the three.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def text_scores(
     class_prob: np.ndarray,
     labels: np.ndarray,
     temperature: float,
+    caption_rows: np.ndarray | None = None,
+    caption_sims: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every indexed image for a text query.
 
@@ -61,6 +65,7 @@ def text_scores(
         class_top, class_prob: (n, t) each image's top classes and their probabilities.
         labels: (n,) each image's label code, -1 for none.
         temperature: softmax temperature over all similarities (low: sharp).
+        caption_rows, caption_sims: (m,) rows that have a caption and the query's cosine with each.
 
     Returns:
         scores (n,) in [0, 1], and the class weights (C,).
@@ -71,10 +76,17 @@ def text_scores(
     label_sims = label_vectors @ query_vector if len(label_names) else np.zeros(0, np.float32)
     if len(label_names):
         label_sims = np.maximum(label_sims, lexical_match(query, label_names))
-    weights = softmax(np.concatenate([class_sims, label_sims])[None, :] / temperature)[0]
+    logits = np.concatenate([class_sims, label_sims]) / temperature
+    weights = softmax(logits[None, :])[0]
     class_w, label_w = weights[: len(class_sims)], weights[len(class_sims) :]
     scores = (class_prob * class_w[class_top]).sum(axis=1) if class_top.shape[1] else np.zeros(len(labels))
     labelled = labels >= 0
     if labelled.any():
         scores[labelled] = np.maximum(scores[labelled], label_w[labels[labelled]])
+    if caption_rows is not None and caption_sims is not None and len(caption_rows):
+        # Weight of one more text with logit c in the same softmax: e^c / (e^c + sum(e^logits)).
+        top = logits.max()
+        log_z = top + np.log(np.exp(logits - top).sum())
+        caption_w = 1.0 / (1.0 + np.exp(log_z - caption_sims.astype(np.float64) / temperature))
+        scores[caption_rows] = np.maximum(scores[caption_rows], caption_w)
     return scores.astype(np.float32), class_w

@@ -140,3 +140,37 @@ def test_an_index_from_before_class_predictions_still_serves_images(tmp_path: Pa
     client = TestClient(create_app(service=service))
     resp = client.post("/api/search", json={"text": "a bag"})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
+
+
+def test_captions_make_images_findable_by_text(
+    tmp_path: Path, encoder: ImageEncoder, fashion_test: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A caption (``photo.txt`` beside ``photo.png``) is searchable text even when the pixels say otherwise."""
+    from shared.ingest import folder_items, scan_folder
+    from tests.conftest import png
+
+    x, _ = fashion_test
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    captions = {"truck": "A red fire truck parked\toutside the station", "ramen": "a bowl of ramen noodles"}
+    for i, (stem, text) in enumerate(captions.items()):
+        (folder / f"{stem}.png").write_bytes(png(x[i]))
+        (folder / f"{stem}.txt").write_text(text)
+    for i in range(2, 40):
+        (folder / f"plain{i}.png").write_bytes(png(x[i]))
+    settings = make_settings(tmp_path / "data")
+    storage = LocalStorage(settings.data_dir)
+    for item in folder_items(scan_folder(folder)):
+        assert ingest_bytes(storage, settings, item).status == "added"
+    embed_pending(storage, settings, encoder)
+    version = reindex(storage, settings, encoder.version).version
+    assert storage.get_json("index", f"{version}/manifest.json")["captions"] == 2
+    service = SearchService(settings, storage, encoder=encoder)
+
+    for query, stem in (("fire engine", "truck"), ("noodle soup", "ramen")):
+        top = service.search_text(query, 3)["results"][0]
+        assert top["caption"] == " ".join(captions[stem].split()), (query, top)
+    plain = service.search_text("fire engine", 40)["results"]
+    assert all(r["caption"] is None for r in plain[1:])  # images without a caption report none
+    by_image = service.search_id(service.search_text("noodle soup", 1)["results"][0]["id"], 1)["results"][0]
+    assert by_image["caption"] == "a bowl of ramen noodles"
