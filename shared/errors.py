@@ -52,6 +52,13 @@ class NotReady(ClusterlensError):
     status = 503
 
 
+class QualityGate(ClusterlensError):
+    """A build that does not meet its quality target and so is not published."""
+
+    code = "quality_gate"
+    status = 409
+
+
 class VersionMismatch(ClusterlensError):
     code = "version_mismatch"
     status = 409

@@ -155,9 +155,11 @@ class ClusterIndex:
         encoder_version: str,
         pca_dim: int = 256,
         nlist: int = 0,
-        nprobe: int = 8,
+        nprobe: int = 0,
         min_points_per_list: int = 39,
         power: float = 0.5,
+        recall_target: float = 0.95,
+        recall_sample: int = 1000,
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
@@ -173,6 +175,9 @@ class ClusterIndex:
             pca_dim: reduce to this many dimensions first; 0 (or >= d, or n too small) skips PCA.
             power: power normalisation before L2 (see :func:`power_normalize`); 1.0 turns it off.
             nlist: number of clusters; 0 chooses about sqrt(n).
+            nprobe: clusters searched per query; 0 picks the smallest that reaches ``recall_target``.
+            recall_target, recall_sample: recall@10 to reach, measured against exact search on this
+                many stored vectors (see :meth:`tune_nprobe`); the result goes in the manifest.
             class_top, class_prob: optional (n, t) top ImageNet classes and probabilities, for text search.
             head: build in this projection head's space (its own normalisation; ``power`` and PCA unused).
             captions: the rows that have a caption, with its text and text embedding.
@@ -203,7 +208,6 @@ class ClusterIndex:
         index.train(x)
         index.add(x)
         ivf.make_direct_map()
-        ivf.nprobe = min(nprobe, nlist)
         xt = _transform(index, x)
         _, assign = ivf.quantizer.search(xt, 1)
         names = sorted({lab for lab in labels if lab is not None})
@@ -220,7 +224,6 @@ class ClusterIndex:
             "dim": int(ivf.d),
             "pca_dim": pca_dim if use_pca else 0,
             "nlist": nlist,
-            "nprobe": int(ivf.nprobe),
             "metric": "cosine",
             "power": power,
             "label_names": names,
@@ -235,7 +238,7 @@ class ClusterIndex:
         if class_top.shape != class_prob.shape or len(class_top) != n:
             raise ValueError("class_top and class_prob must be (n, t) arrays of the same shape")
         manifest["format"] = FORMAT
-        return cls(
+        built = cls(
             index,
             np.array(ids),
             assign[:, 0].astype(np.int32),
@@ -246,6 +249,63 @@ class ClusterIndex:
             head,
             captions,
         )
+        t1 = time.perf_counter()
+        recall = built.tune_nprobe(xt, target=recall_target, sample=recall_sample, nprobe=nprobe, seed=seed)
+        manifest.update(nprobe=built.nprobe, recall=recall)
+        manifest["recall"]["seconds"] = round(time.perf_counter() - t1, 3)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        return built
+
+    def tune_nprobe(
+        self, xt: np.ndarray, *, target: float = 0.95, sample: int = 1000, nprobe: int = 0, seed: int = 1234
+    ) -> dict[str, Any]:
+        """Measure recall@10 against exact search and set the smallest ``nprobe`` that reaches ``target``.
+
+        Leave-one-out on ``sample`` stored vectors: each is a query against all the others, and its
+        true 10 neighbours come from exact (flat) search over the same vectors the index holds, so
+        this measures what cluster routing loses (PCA is part of the space, not of the error).
+        nprobe is tried at 1, 2, 4, ... up to ``nlist`` (which is exact), or only at ``nprobe`` if given.
+
+        Args:
+            xt: float32 (n, dim) every indexed vector, already transformed (row i is row i of the index).
+
+        Returns:
+            ``{"target", "at_10", "sample", "curve": [{"nprobe", "recall_at_10", "ms_per_query"}]}``;
+            ``at_10`` is the recall at the chosen nprobe, below ``target`` only for a fixed ``nprobe``.
+        """
+        n, nlist = len(xt), int(self.ivf.nlist)
+        k = min(10, n - 1)
+        if k < 1:
+            self.ivf.nprobe = 1
+            return {"target": target, "at_10": 1.0, "meets_target": True, "sample": 0, "curve": []}
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+        queries = np.ascontiguousarray(xt[rows])
+        flat = faiss.IndexFlatIP(xt.shape[1])
+        flat.add(xt)
+        _, exact = flat.search(queries, k + 1)
+        truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
+        if nprobe:
+            candidates = [min(nprobe, nlist)]
+        else:
+            candidates = sorted({min(2**i, nlist) for i in range(int(np.ceil(np.log2(max(nlist, 1)))) + 1)})
+        curve: list[dict[str, Any]] = []
+        for p in candidates:
+            t0 = time.perf_counter()
+            got = self.search_transformed(queries, k + 1, p).rows
+            ms = (time.perf_counter() - t0) * 1000 / len(rows)
+            found = [set(g[(g != row) & (g >= 0)][:k]) for g, row in zip(got, rows, strict=True)]
+            recall = float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
+            curve.append({"nprobe": p, "recall_at_10": round(recall, 4), "ms_per_query": round(ms, 4)})
+            if recall >= target:
+                break
+        self.ivf.nprobe = int(curve[-1]["nprobe"])
+        return {
+            "target": target,
+            "at_10": curve[-1]["recall_at_10"],
+            "meets_target": recall >= target,
+            "sample": len(rows),
+            "curve": curve,
+        }
 
     # -- queries ------------------------------------------------------------------------------
 

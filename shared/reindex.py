@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from shared.catalog import Catalog
 from shared.embeddings import EmbeddingStore
-from shared.errors import NotReady, VersionMismatch
+from shared.errors import NotFound, NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import Captions, ClusterIndex, current_version, fingerprint, publish
+from shared.index import Captions, ClusterIndex, current_version, fingerprint, list_versions, publish
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
+from shared.versions import swap_pointer
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,17 @@ class ReindexResult:
     count: int
     nlist: int
     seconds: float
+    nprobe: int = 0
+    recall_at_10: float | None = None
 
 
-def reindex(
-    storage: Storage, settings: Settings, encoder_version: str, *, force: bool = False, keep_versions: int = 3
-) -> ReindexResult:
+def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force: bool = False) -> ReindexResult:
     """Build and publish an index over every embedding of ``encoder_version``.
 
     If the published index was built from exactly the same shards and parameters, nothing is
-    built unless ``force``.
+    built unless ``force``. After building, recall@10 against exact search is measured and nprobe
+    chosen to reach ``settings.index_recall_target``; a build below the target (possible with a
+    fixed ``index_nprobe``) is not published unless ``force``.
 
     With ``settings.index_space == "head"`` the index is built in the space of the current
     projection head (``clusterlens train-head``), which must have been trained on this encoder's
@@ -65,6 +69,7 @@ def reindex(
     Raises:
         NotReady: if there are no embeddings for this encoder version, or no head when one is asked for.
         VersionMismatch: if the current head was trained on another encoder's embeddings.
+        QualityGate: if recall@10 is below the target and not ``force``.
     """
     store = EmbeddingStore(storage, encoder_version)
     head: ProjectionHead | None = None
@@ -87,6 +92,7 @@ def reindex(
         "pca_dim": settings.index_pca_dim,
         "nlist": settings.index_nlist,
         "nprobe": settings.index_nprobe,
+        "recall_target": settings.index_recall_target,
         "power": settings.index_power,
         "min_points_per_list": settings.index_min_points_per_list,
     }
@@ -101,9 +107,7 @@ def reindex(
         manifest = storage.get_json(INDEX, f"{current}/manifest.json")
         if manifest.get("source", {}).get("fingerprint") == fp:
             log.info("index %s is up to date", current)
-            return ReindexResult(
-                current, False, int(manifest["count"]), int(manifest["nlist"]), float(manifest["build_seconds"])
-            )
+            return _result(current, False, manifest)
     emb = store.load()
     catalog = Catalog(storage)
     records = [catalog.get(image_id) for image_id in emb.ids]
@@ -119,13 +123,61 @@ def reindex(
         nprobe=settings.index_nprobe,
         min_points_per_list=settings.index_min_points_per_list,
         power=settings.index_power,
+        recall_target=settings.index_recall_target,
+        recall_sample=settings.index_recall_sample,
         class_top=emb.top_class,
         class_prob=emb.top_prob,
         head=head,
         captions=captions,
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
-    version = publish(storage, built, keep=keep_versions)
+    recall = built.manifest["recall"]
+    if not recall["meets_target"]:
+        if not force:
+            raise QualityGate(
+                f"recall@10 is {recall['at_10']} at nprobe {built.nprobe}, below the target "
+                f"{recall['target']}: not published (raise CLUSTERLENS_INDEX_NPROBE, set it to 0 to tune, "
+                "or reindex --force to publish anyway)",
+                code="recall_below_target",
+            )
+        log.warning("publishing an index below its recall target (forced): %s", recall["at_10"])
+    version = publish(storage, built, keep=settings.index_keep_versions)
+    return _result(version, True, built.manifest)
+
+
+def _result(version: str, built: bool, manifest: dict[str, Any]) -> ReindexResult:
     return ReindexResult(
-        version, True, built.count, int(built.manifest["nlist"]), float(built.manifest["build_seconds"])
+        version,
+        built,
+        int(manifest["count"]),
+        int(manifest["nlist"]),
+        float(manifest["build_seconds"]),
+        int(manifest.get("nprobe", 0)),
+        manifest.get("recall", {}).get("at_10"),
     )
+
+
+def rollback(storage: Storage, to: str | None = None) -> tuple[str, str]:
+    """Point readers back at an earlier published version (the one before the current by default).
+
+    Returns:
+        (previous current version, new current version).
+
+    Raises:
+        NotReady: if nothing is published or there is no earlier version.
+        NotFound: if ``to`` is not a complete published version.
+    """
+    current = current_version(storage)
+    versions = list_versions(storage)
+    if current is None or not versions:
+        raise NotReady("no index has been published yet", code="index_missing")
+    if to is None:
+        earlier = [v for v in versions if v < current]
+        if not earlier:
+            raise NotReady(f"{current} is the oldest version kept: nothing to roll back to", code="no_earlier_version")
+        to = earlier[-1]
+    elif to not in versions:
+        raise NotFound(f"index version {to} is not available (kept: {', '.join(versions)})", code="version_not_found")
+    swap_pointer(storage, INDEX, to)
+    log.info("index rolled back from %s to %s", current, to)
+    return current, to

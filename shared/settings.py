@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
     index_power: float = Field(default=0.5, gt=0, le=1, description="Power normalisation; 1 turns it off.")
     index_nlist: int = Field(default=0, ge=0, description="0 chooses from the collection size.")
-    index_nprobe: int = Field(default=8, ge=1)
+    index_nprobe: int = Field(default=0, ge=0, description="0 picks the smallest reaching the recall target.")
+    index_recall_target: float = Field(default=0.95, gt=0, le=1, description="recall@10 vs exact search.")
+    index_recall_sample: int = Field(default=1000, ge=10)
+    index_keep_versions: int = Field(default=3, ge=1, description="Published versions kept for rollback.")
     index_min_points_per_list: int = Field(default=39, ge=1)
     index_space: Literal["backbone", "head"] = Field(
         default="backbone", description="Index the 1280-d backbone embeddings or the trained 64-d head's."

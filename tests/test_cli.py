@@ -46,8 +46,16 @@ def test_ingest_embed_reindex_search_and_idempotency(tmp_path: Path) -> None:
     second = run(["embed"], data).stdout
     assert "embedded 0 of 0" in second  # idempotent: nothing embedded twice
 
-    assert "built and published" in run(["reindex"], data).stdout
+    out = run(["reindex"], data).stdout
+    assert "index v000001 built and published 68 images" in out and "recall@10 1.0" in out
     assert "up to date" in run(["reindex"], data).stdout
+    assert "index v000002 built and published" in run(["reindex", "--force"], data).stdout
+    assert "v000002 -> v000001" in run(["index", "rollback"], data).stdout
+    listing = run(["index", "list"], data).stdout
+    assert "*  v000001" in listing and "   v000002" in listing
+    proc = run(["index", "rollback"], data, check=False)
+    assert proc.returncode == 1 and "nothing to roll back to" in proc.stderr
+    run(["index", "rollback", "--to", "v000002"], data)
 
     query = folder / "light" / "0.png"
     body = json.loads(run(["search", "--image", str(query), "--k", "4", "--json"], data).stdout)
@@ -100,10 +108,10 @@ def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
 
 
 def test_bad_settings_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "0")
+    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "-1")
     proc = run(["reindex"], tmp_path, check=False)
     assert proc.returncode == 2 and "CLUSTERLENS_INDEX_NPROBE" in proc.stderr and "Traceback" not in proc.stderr
-    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "8")
+    monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "0")
     monkeypatch.setenv("CLUSTERLENS_STORAGE_BACKEND", "azure")
     monkeypatch.setenv("CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL", "https://example.invalid")
     proc = run(["embed"], tmp_path, check=False)

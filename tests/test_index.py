@@ -130,3 +130,64 @@ def test_a_broken_pointer_does_not_break_live_queries(tmp_path: Path, real, coll
     fresh = SearchService(make_settings(tmp_path), storage, encoder=collection.encoder)
     with pytest.raises(Exception):  # noqa: B017 - a worker with nothing loaded must fail loudly
         fresh.index()
+
+
+def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    index = _build(real)
+    recall = index.manifest["recall"]
+    assert recall["meets_target"] and recall["at_10"] >= 0.95 and recall["sample"] == 1000
+    curve = recall["curve"]
+    assert curve[-1]["nprobe"] == index.nprobe == index.manifest["nprobe"]
+    assert all(c["recall_at_10"] < 0.95 for c in curve[:-1])  # the smallest nprobe that reaches it
+    assert [c["nprobe"] for c in curve] == sorted(c["nprobe"] for c in curve)
+
+    # The estimate holds for queries the index has never seen: 300 held-out test images.
+    x, _ = fashion_test
+    queries = collection.encoder.encode([Image.fromarray(p).convert("RGB") for p in x[:300]]).vectors
+    exact = index.search(queries, 10, nprobe=index.ivf.nlist).rows
+    approx = index.search(queries, 10).rows
+    held_out = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert held_out >= 0.93, held_out
+
+    fixed = _build(real, nprobe=1, recall_target=0.99)
+    assert fixed.nprobe == 1 and not fixed.manifest["recall"]["meets_target"]
+    assert len(fixed.manifest["recall"]["curve"]) == 1
+
+
+def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, collection: Collection) -> None:
+    import shutil
+
+    from shared.errors import QualityGate
+
+    shutil.copytree(collection.settings.data_dir, tmp_path / "data")
+    storage = LocalStorage(tmp_path / "data")
+    before = current_version(storage)
+    strict = make_settings(tmp_path / "data", index_nprobe=1, index_recall_target=0.99)
+    with pytest.raises(QualityGate, match="below the target"):
+        reindex(storage, strict, collection.encoder.version)
+    assert current_version(storage) == before and list_versions(storage) == [before]
+    forced = reindex(storage, strict, collection.encoder.version, force=True)
+    assert forced.built and forced.nprobe == 1 and current_version(storage) == forced.version != before
+
+
+def test_rollback_moves_the_pointer_and_readers_follow(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
+    from shared.errors import NotFound, NotReady
+    from shared.reindex import rollback
+
+    storage = LocalStorage(tmp_path)
+    with pytest.raises(NotReady):
+        rollback(storage)
+    vectors, ids, labels = real
+    v1 = publish(storage, _build(real))
+    with pytest.raises(NotReady, match="nothing to roll back to"):
+        rollback(storage)
+    v2 = publish(storage, ClusterIndex.build(vectors[:300], ids[:300], labels[:300], encoder_version="test"))
+    service = SearchService(make_settings(tmp_path, index_refresh_seconds=0), storage, encoder=collection.encoder)
+    assert service.index().count == 300
+    assert rollback(storage) == (v2, v1)
+    assert current_version(storage) == v1 and service.index().count == len(ids)  # no restart needed
+    assert rollback(storage, to=v2) == (v1, v2) and service.index().count == 300
+    with pytest.raises(NotFound, match="v000042"):
+        rollback(storage, to="v000042")

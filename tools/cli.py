@@ -105,9 +105,34 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
     result = reindex(storage, settings, encoder.version, force=args.force)
     verb = "built and published" if result.built else "is up to date:"
     print(
-        f"index {result.version} {verb} {result.count} images in {result.nlist} clusters "
-        f"({time.perf_counter() - t0:.1f} s)"
+        f"index {result.version} {verb} {result.count} images in {result.nlist} clusters, "
+        f"nprobe {result.nprobe} for recall@10 {result.recall_at_10} ({time.perf_counter() - t0:.1f} s)"
     )
+    return 0
+
+
+def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.index import INDEX, current_version, list_versions
+    from shared.reindex import rollback
+
+    if args.action == "rollback":
+        before, after = rollback(storage, args.to)
+        print(f"index rolled back: {before} -> {after} (servers switch within {settings.index_refresh_seconds:g} s)")
+        return 0
+    current = current_version(storage)
+    versions = list_versions(storage)
+    if not versions:
+        print("no index has been published yet")
+        return 0
+    print("   version   images  clusters  nprobe  recall@10  space     built")
+    for version in versions:
+        m = storage.get_json(INDEX, f"{version}/manifest.json")
+        recall = m.get("recall", {}).get("at_10", "-")
+        mark = "*" if version == current else " "
+        print(
+            f"{mark}  {version}  {m['count']:>7}  {m['nlist']:>8}  {m.get('nprobe', '-'):>6}  {recall!s:>9}  "
+            f"{m.get('space', 'backbone'):<8}  {m['built_at']}"
+        )
     return 0
 
 
@@ -201,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("reindex", help="build and publish the cluster-routed index")
-    p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even if nothing changed, and publish even below the recall target"
+    )
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("index", help="list published index versions, or roll back to an earlier one")
+    p.add_argument("action", choices=("list", "rollback"))
+    p.add_argument("--to", help="version to roll back to (default: the one before the current)")
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("train-head", help="train the 64-d projection head on the labelled images' embeddings")
     p.add_argument("--epochs", type=int, default=15)
