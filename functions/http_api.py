@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared import __version__
 from shared.catalog import Catalog, check_image_id
 from shared.errors import BadRequest, ClusterlensError, PayloadTooLarge, UnsupportedMediaType
+from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
@@ -30,6 +31,17 @@ from shared.storage import UPLOADS
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
+FILTERS_SCHEMA = {
+    "type": "object",
+    "description": "only results meeting every condition",
+    "properties": {
+        "label": {"type": "string", "description": "the image's label"},
+        "cluster": {"type": "integer", "minimum": 0, "description": "the image's cluster"},
+        "imagenet_class": {"type": "integer", "minimum": 0, "maximum": 999, "description": "predicted top-1 class"},
+        "ingested_after": {"type": "string", "format": "date-time"},
+        "ingested_before": {"type": "string", "format": "date-time"},
+    },
+}
 SEARCH_BODY = {
     "required": True,
     "content": {
@@ -40,6 +52,7 @@ SEARCH_BODY = {
                 "properties": {
                     "image": {"type": "string", "format": "binary", "description": "the query image"},
                     "k": {"type": "integer", "minimum": 1, "description": "number of results"},
+                    **{name: {"type": "string", "description": f"filter: {name}"} for name in FIELDS},
                 },
             }
         },
@@ -51,6 +64,7 @@ SEARCH_BODY = {
                     "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
                     "text": {"type": "string", "maxLength": 500, "description": "a text query"},
                     "k": {"type": "integer", "minimum": 1},
+                    "filters": FILTERS_SCHEMA,
                 },
             }
         },
@@ -114,16 +128,17 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
         if declared and declared.isdigit() and int(declared) > svc.settings.max_upload_bytes + 65536:
             raise PayloadTooLarge(f"the request is over the {svc.settings.max_upload_bytes}-byte upload limit")
         if ctype == "multipart/form-data":
-            data, k = await _read_multipart(request, svc.settings.max_upload_bytes)
-            return await run_in_threadpool(svc.search_image, data, k)
+            data, k, filters = await _read_multipart(request, svc.settings.max_upload_bytes)
+            return await run_in_threadpool(svc.search_image, data, k, filters)
         if ctype == "application/json":
-            kind, value, k = _read_json_query(await _read_body(request, 64 * 1024))
+            kind, value, k, filters = _read_json_query(await _read_body(request, 64 * 1024))
             if kind == "text":
-                return await run_in_threadpool(svc.search_text, value, k)
-            return await run_in_threadpool(svc.search_id, value, k)
+                return await run_in_threadpool(svc.search_text, value, k, filters)
+            return await run_in_threadpool(svc.search_id, value, k, filters)
         if ctype in CONTENT_TYPES.values():
+            filters = parse_filters({n: v for n, v in request.query_params.items() if n in FIELDS})
             data = await _read_body(request, svc.settings.max_upload_bytes)
-            return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")))
+            return await run_in_threadpool(svc.search_image, data, _parse_k(request.query_params.get("k")), filters)
         if not ctype and not await _read_body(request, 64 * 1024):
             raise BadRequest(
                 'empty request: send a multipart form with an `image` file, or JSON {"id": ...}', code="empty_request"
@@ -187,9 +202,9 @@ def _parse_k(value: Any) -> int | None:
     raise BadRequest("k must be an integer", code="invalid_k")
 
 
-async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int | None]:
+async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int | None, SearchFilters]:
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await request.form(max_files=1, max_fields=16)
     except Exception:  # noqa: BLE001 - malformed multipart bodies raise assorted parser errors
         raise BadRequest("the multipart body cannot be parsed", code="invalid_multipart") from None
     upload = form.get("image")
@@ -198,10 +213,11 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int 
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"the image is over the {max_bytes}-byte upload limit")
-    return data, _parse_k(form.get("k"))
+    filters = parse_filters({n: v for n, v in form.items() if n in FIELDS and isinstance(v, str)})
+    return data, _parse_k(form.get("k")), filters
 
 
-def _read_json_query(body: bytes) -> tuple[str, str, int | None]:
+def _read_json_query(body: bytes) -> tuple[str, str, int | None, SearchFilters]:
     if not body:
         raise BadRequest("empty request body", code="empty_request")
     try:
@@ -213,8 +229,8 @@ def _read_json_query(body: bytes) -> tuple[str, str, int | None]:
     if "text" in payload:
         if not isinstance(payload["text"], str):
             raise BadRequest('"text" must be a string', code="invalid_text")
-        return "text", payload["text"], _parse_k(payload.get("k"))
+        return "text", payload["text"], _parse_k(payload.get("k")), parse_filters(payload.get("filters"))
     image_id = payload["id"]
     if not isinstance(image_id, str):
         raise BadRequest('"id" must be a string', code="invalid_id")
-    return "id", check_image_id(image_id), _parse_k(payload.get("k"))
+    return "id", check_image_id(image_id), _parse_k(payload.get("k")), parse_filters(payload.get("filters"))

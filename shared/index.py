@@ -11,6 +11,7 @@ Published layout in the index container::
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
+    index/v000007/ingested.npy  ingest time of each row (UTC epoch seconds), for filters
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
@@ -39,7 +40,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from shared.errors import NotReady
+from shared.errors import BadRequest, NotReady
+from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
 from shared.storage import INDEX, Storage
 from shared.versions import claim_next, prune, read_pointer, swap_pointer
@@ -48,8 +50,17 @@ from shared.versions import list_versions as _list_versions
 log = logging.getLogger(__name__)
 
 CAPTION_FILES = ("caption_rows.npy", "caption_vectors.npy", "captions.npy")
-FILES = ("index.faiss", "ids.npy", "clusters.npy", "labels.npy", "class_top.npy", "class_prob.npy", *CAPTION_FILES)
-OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", *CAPTION_FILES)  # absent from older versions
+FILES = (
+    "index.faiss",
+    "ids.npy",
+    "clusters.npy",
+    "labels.npy",
+    "class_top.npy",
+    "class_prob.npy",
+    "ingested.npy",
+    *CAPTION_FILES,
+)
+OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", "ingested.npy", *CAPTION_FILES)  # absent from older versions
 FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
 
 
@@ -127,9 +138,11 @@ class ClusterIndex:
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
         captions: Captions | None = None,
+        ingested: np.ndarray | None = None,
     ):
         self.index = index
         self.head = head
+        self.ingested = ingested
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         self.ivf = faiss.extract_index_ivf(index)
@@ -164,6 +177,7 @@ class ClusterIndex:
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
         captions: Captions | None = None,
+        ingested: np.ndarray | None = None,
         source: dict[str, Any] | None = None,
         seed: int = 1234,
     ) -> ClusterIndex:
@@ -181,6 +195,7 @@ class ClusterIndex:
             class_top, class_prob: optional (n, t) top ImageNet classes and probabilities, for text search.
             head: build in this projection head's space (its own normalisation; ``power`` and PCA unused).
             captions: the rows that have a caption, with its text and text embedding.
+            ingested: int64 (n,) ingest time of each row in UTC epoch seconds, for filters.
 
         Raises:
             ValueError: on mismatched lengths or an empty collection.
@@ -248,6 +263,7 @@ class ClusterIndex:
             class_prob.astype(np.float32),
             head,
             captions,
+            None if ingested is None else np.asarray(ingested, dtype=np.int64),
         )
         t1 = time.perf_counter()
         recall = built.tune_nprobe(xt, target=recall_target, sample=recall_sample, nprobe=nprobe, seed=seed)
@@ -324,13 +340,19 @@ class ClusterIndex:
             return int(self._order[pos])
         return None
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> SearchHits:
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
+    ) -> SearchHits:
         """Search raw embeddings.
 
         Args:
             queries: float32 (nq, input_dim).
             k: results per query.
             nprobe: clusters to search (default: the index's).
+            filters: conditions every result must meet (see :meth:`select`).
+
+        Raises:
+            BadRequest: for a filter this index cannot meet (unknown label, cluster out of range).
         """
         if queries.ndim != 2 or queries.shape[1] != self.manifest["input_dim"]:
             raise ValueError(f"queries must be (nq, {self.manifest['input_dim']}), got {queries.shape}")
@@ -338,23 +360,95 @@ class ClusterIndex:
             xq = self.head.apply(queries).embedding
         else:
             xq = power_normalize(queries, float(self.manifest.get("power", 1.0)))
-        return self.search_transformed(_transform(self.index, xq), k, nprobe)
+        return self.search_transformed(_transform(self.index, xq), k, nprobe, filters)
 
-    def search_row(self, row: int, k: int, nprobe: int | None = None) -> SearchHits:
+    def search_row(
+        self, row: int, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
+    ) -> SearchHits:
         """Search with an indexed image's own stored vector."""
         vector = np.asarray(self.ivf.reconstruct(int(row)), dtype=np.float32)
-        return self.search_transformed(vector[None, :], k, nprobe)
+        return self.search_transformed(vector[None, :], k, nprobe, filters)
 
-    def search_transformed(self, xt: np.ndarray, k: int, nprobe: int | None = None) -> SearchHits:
-        """Assign to the nearest centroids, then search inside those clusters only."""
-        nprobe = max(1, min(nprobe or self.nprobe, self.ivf.nlist))
+    def select(self, filters: SearchFilters | None) -> np.ndarray | None:
+        """Rows meeting ``filters`` (int64, ascending), or None when there is nothing to filter.
+
+        Raises:
+            BadRequest: unknown label, cluster out of range, or a time filter on an index without times.
+        """
+        if filters is None or filters.is_empty():
+            return None
+        mask = np.ones(self.count, dtype=bool)
+        if filters.label is not None:
+            if filters.label not in self.label_names:
+                known = ", ".join(self.label_names[:20]) or "none"
+                raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
+            mask &= self.labels == self.label_names.index(filters.label)
+        if filters.cluster is not None:
+            if filters.cluster >= self.ivf.nlist:
+                raise BadRequest(f"cluster must be below {self.ivf.nlist} for this index", code="invalid_filter")
+            mask &= self.clusters == filters.cluster
+        if filters.imagenet_class is not None:
+            if self.class_top.shape[1] == 0:
+                raise BadRequest("this index has no class predictions: reindex first", code="invalid_filter")
+            mask &= self.class_top[:, 0] == filters.imagenet_class
+        if filters.ingested_after is not None or filters.ingested_before is not None:
+            if self.ingested is None:
+                raise BadRequest("this index has no ingest times: reindex first", code="invalid_filter")
+            if filters.ingested_after is not None:
+                mask &= self.ingested >= filters.ingested_after
+            if filters.ingested_before is not None:
+                mask &= self.ingested < filters.ingested_before
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def search_transformed(
+        self, xt: np.ndarray, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
+    ) -> SearchHits:
+        """Assign to the nearest centroids, then search inside those clusters only.
+
+        With filters, only the selected rows are candidates: a cluster filter searches exactly that
+        cluster; other filters widen nprobe by the inverse of their selectivity (so as many
+        candidates are expected as without a filter) and fall back to every cluster when a query
+        still finds fewer than ``k`` of the selected rows.
+        """
+        nlist = int(self.ivf.nlist)
+        nprobe = max(1, min(nprobe or self.nprobe, nlist))
         xt = np.ascontiguousarray(xt, dtype=np.float32)
         n = len(xt)
+        allowed = self.select(filters)
+        params = faiss.SearchParametersIVF()
+        selector = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+            params.sel = selector
+            if len(allowed) == 0:
+                empty = np.full((n, k), -1, dtype=np.int64)
+                return SearchHits(
+                    np.full((n, k), -np.inf, np.float32), empty, empty[:, :0], np.zeros((n, 0), np.float32)
+                )
+        if filters is not None and filters.cluster is not None:
+            centroid = self.ivf.quantizer.reconstruct(int(filters.cluster))
+            probe = np.full((n, 1), filters.cluster, dtype=np.int64)
+            probe_scores = (xt @ centroid)[:, None].astype(np.float32)
+            return self._search_probed(xt, k, probe, probe_scores, params)
+        if allowed is not None:
+            nprobe = min(nlist, int(np.ceil(nprobe * self.count / len(allowed))))
         probe_scores, probe = self.ivf.quantizer.search(xt, nprobe)
+        hits = self._search_probed(xt, k, probe, probe_scores, params)
+        if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
+            probe_scores, probe = self.ivf.quantizer.search(xt, nlist)
+            hits = self._search_probed(xt, k, probe, probe_scores, params)
+        del selector  # kept alive until the searches above are done
+        return hits
+
+    def _search_probed(
+        self, xt: np.ndarray, k: int, probe: np.ndarray, probe_scores: np.ndarray, params: Any
+    ) -> SearchHits:
+        n = len(xt)
+        probe = np.ascontiguousarray(probe, dtype=np.int64)
+        probe_scores = np.ascontiguousarray(probe_scores, dtype=np.float32)
         # The Python wrapper of search_preassigned insists on the index's own nprobe; the C++ call
         # takes it per query through SearchParametersIVF, so concurrent queries never share state.
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
+        params.nprobe = probe.shape[1]
         scores = np.empty((n, k), dtype=np.float32)
         rows = np.empty((n, k), dtype=np.int64)
         ivf: Any = self.ivf  # search_preassigned_c is the SWIG entry point, absent from faiss's stubs
@@ -437,6 +531,8 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         np.save(Path(tmp) / "labels.npy", built.labels)
         np.save(Path(tmp) / "class_top.npy", built.class_top)
         np.save(Path(tmp) / "class_prob.npy", built.class_prob)
+        ingested = built.ingested if built.ingested is not None else np.zeros(0, np.int64)
+        np.save(Path(tmp) / "ingested.npy", ingested)
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))
         np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
         np.save(Path(tmp) / "captions.npy", built.captions.text)
@@ -478,6 +574,9 @@ def load_version(
     labels = np.load(paths["labels.npy"])
     class_top = np.load(paths["class_top.npy"]) if "class_top.npy" in paths else None
     class_prob = np.load(paths["class_prob.npy"]) if "class_prob.npy" in paths else None
+    ingested = np.load(paths["ingested.npy"]) if "ingested.npy" in paths else None
+    if ingested is not None and len(ingested) != len(ids):
+        ingested = None  # written empty by a build that had no times
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
@@ -488,7 +587,7 @@ def load_version(
         blob = f"{version}/{HEAD_FILE}"
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
         head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
-    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions)
+    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested)
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         class_prob=emb.top_prob,
         head=head,
         captions=captions,
+        ingested=np.array([_epoch(r.ingested_at) for r in records], dtype=np.int64),
         source={"fingerprint": fp, "shards": len(shards), "params": params},
     )
     recall = built.manifest["recall"]
@@ -143,6 +145,11 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         log.warning("publishing an index below its recall target (forced): %s", recall["at_10"])
     version = publish(storage, built, keep=settings.index_keep_versions)
     return _result(version, True, built.manifest)
+
+
+def _epoch(iso: str) -> int:
+    when = datetime.fromisoformat(iso)
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _result(version: str, built: bool, manifest: dict[str, Any]) -> ReindexResult:

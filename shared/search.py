@@ -16,6 +16,7 @@ import numpy as np
 from shared.catalog import check_image_id
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
+from shared.filters import SearchFilters
 from shared.imaging import decode_image
 from shared.index import ClusterIndex, SearchHits, current_version, load_version
 from shared.settings import Settings
@@ -142,7 +143,7 @@ class SearchService:
             raise BadRequest(f"k must be an integer from 1 to {self.settings.max_k}", code="invalid_k")
         return k
 
-    def search_image(self, data: bytes, k: int | None = None) -> dict[str, Any]:
+    def search_image(self, data: bytes, k: int | None = None, filters: SearchFilters | None = None) -> dict[str, Any]:
         """Images most similar to uploaded image bytes.
 
         Raises:
@@ -160,11 +161,12 @@ class SearchService:
         self._check_versions(encoder, index)
         vector = encoder.encode([decoded.rgb]).vectors
         t2 = time.perf_counter()
-        hits = index.search(vector, k)
+        hits = index.search(vector, k, filters=filters)
         t3 = time.perf_counter()
-        return self._response(index, hits, {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+        timing = {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0}
+        return self._response(index, hits, timing, filters)
 
-    def search_id(self, image_id: str, k: int | None = None) -> dict[str, Any]:
+    def search_id(self, image_id: str, k: int | None = None, filters: SearchFilters | None = None) -> dict[str, Any]:
         """Images most similar to an indexed image.
 
         Raises:
@@ -180,11 +182,11 @@ class SearchService:
                 f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
                 code="image_not_found",
             )
-        hits = index.search_row(row, k)
+        hits = index.search_row(row, k, filters=filters)
         t1 = time.perf_counter()
-        return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0})
+        return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0}, filters)
 
-    def search_text(self, text: str, k: int | None = None) -> dict[str, Any]:
+    def search_text(self, text: str, k: int | None = None, filters: SearchFilters | None = None) -> dict[str, Any]:
         """Images matching a text query, without a joint image-text model (an approximation of CLIP).
 
         See :mod:`shared.text_search` for how images are scored.
@@ -218,6 +220,11 @@ class SearchService:
             index.captions.rows,
             index.captions.vectors.astype(np.float32) @ query if len(index.captions.rows) else None,
         )
+        allowed = index.select(filters)
+        if allowed is not None:
+            keep = np.zeros(len(scores), dtype=bool)
+            keep[allowed] = True
+            scores = np.where(keep, scores, 0.0).astype(np.float32)
         k_eff = min(k, len(scores))
         rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
         rows = rows[np.argsort(-scores[rows], kind="stable")]
@@ -232,6 +239,7 @@ class SearchService:
                 probe_scores=np.zeros((1, 0), np.float32),
             ),
             {"embed": t1 - t0, "search": t2 - t1, "total": t2 - t0},
+            filters,
         )
         top_classes = np.argsort(-class_w)[:5]
         out["query_classes"] = [{"class": int(c), "weight": round(float(class_w[c]), 4)} for c in top_classes]
@@ -283,7 +291,9 @@ class SearchService:
             )
 
     @staticmethod
-    def _response(index: ClusterIndex, hits: SearchHits, timing: dict[str, float]) -> dict[str, Any]:
+    def _response(
+        index: ClusterIndex, hits: SearchHits, timing: dict[str, float], filters: SearchFilters | None = None
+    ) -> dict[str, Any]:
         results = []
         for score, row in zip(hits.scores[0], hits.rows[0], strict=True):
             if row < 0:
@@ -307,6 +317,7 @@ class SearchService:
         return {
             "results": results,
             "cluster_probe": probe,
+            "filters": filters.to_json() if filters else {},
             "index_version": index.manifest.get("version"),
             "timing_ms": {k: round(v * 1000, 2) for k, v in timing.items()},
         }

@@ -60,6 +60,8 @@ def test_ingest_embed_reindex_search_and_idempotency(tmp_path: Path) -> None:
     query = folder / "light" / "0.png"
     body = json.loads(run(["search", "--image", str(query), "--k", "4", "--json"], data).stdout)
     assert len(body["results"]) == 4 and body["results"][0]["label"] == "light"
+    dark = json.loads(run(["search", "--image", str(query), "--k", "4", "--label", "dark", "--json"], data).stdout)
+    assert [r["label"] for r in dark["results"]] == ["dark"] * 4
     by_id = json.loads(run(["search", "--id", body["results"][0]["id"], "--json"], data).stdout)
     assert by_id["results"][0]["id"] == body["results"][0]["id"]
 

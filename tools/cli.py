@@ -164,13 +164,15 @@ def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storag
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.filters import parse_filters
     from shared.search import SearchService
 
     service = SearchService(settings, storage)
+    filters = parse_filters({"label": args.label, "cluster": args.cluster})
     if args.image:
-        out = service.search_image(Path(args.image).read_bytes(), args.k)
+        out = service.search_image(Path(args.image).read_bytes(), args.k, filters)
     else:
-        out = service.search_id(args.id, args.k)
+        out = service.search_id(args.id, args.k, filters)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="query image file")
     g.add_argument("--id", help="stored image id")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--label", help="only images with this label")
+    p.add_argument("--cluster", type=int, help="only images in this cluster")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_search)
 
