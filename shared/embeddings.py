@@ -112,12 +112,17 @@ class EmbeddingStore:
             done.update(self._read_table(name, ["id"]).column("id").to_pylist())
         return done
 
-    def load(self) -> EmbeddingSet:
-        """All embeddings of this version; an id stored twice (a retried shard) counts once."""
+    def load(self, shards: list[str] | None = None, skip: set[str] | None = None) -> EmbeddingSet:
+        """All embeddings of this version; an id stored twice (a retried shard) counts once.
+
+        Args:
+            shards: read only these shards (default: all).
+            skip: ids to leave out (e.g. those already indexed).
+        """
         ids: list[str] = []
         vecs, classes, probs = [], [], []
-        seen: set[str] = set()
-        shards = self.shards()
+        seen: set[str] = set(skip or ())
+        shards = self.shards() if shards is None else shards
         for name in shards:
             table = self._read_table(name)
             shard_ids = table.column("id").to_pylist()

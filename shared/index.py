@@ -243,7 +243,8 @@ class ClusterIndex:
             "power": power,
             "label_names": names,
             "captions": len(captions.rows) if captions else 0,
-            "cluster_sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
+            "cluster_sizes": _sizes(sizes),
+            "trained_count": n,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "source": source or {},
@@ -271,6 +272,95 @@ class ClusterIndex:
         manifest["recall"]["seconds"] = round(time.perf_counter() - t1, 3)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         return built
+
+    def extended(
+        self,
+        vectors: np.ndarray,
+        ids: list[str],
+        labels: list[str | None],
+        *,
+        nprobe: int = 0,
+        recall_target: float = 0.95,
+        recall_sample: int = 1000,
+        class_top: np.ndarray | None = None,
+        class_prob: np.ndarray | None = None,
+        captions: Captions | None = None,
+        ingested: np.ndarray | None = None,
+        source: dict[str, Any] | None = None,
+        seed: int = 1234,
+    ) -> ClusterIndex:
+        """A new index: this one plus more vectors, added to the existing clusters without retraining.
+
+        The PCA, centroids and head stay as trained; recall is measured again over all vectors and
+        nprobe re-chosen. This index is not changed (a published version never is).
+
+        Args:
+            vectors: float32 (m, input_dim) raw embeddings of images not in this index.
+            ids, labels, class_top, class_prob, ingested: as for :meth:`build`, for the new rows.
+            captions: the new rows' captions, rows counted from 0 within ``vectors``.
+
+        Raises:
+            ValueError: on mismatched lengths, an id already indexed, or a different dimension.
+        """
+        m = len(ids)
+        if vectors.ndim != 2 or len(vectors) != m or len(labels) != m or vectors.shape[1] != self.manifest["input_dim"]:
+            raise ValueError(f"vectors {vectors.shape}, {m} ids and {len(labels)} labels do not fit this index")
+        if any(self.row_of(i) is not None for i in ids):
+            raise ValueError("some ids are already in the index")
+        t0 = time.perf_counter()
+        n = self.count
+        x = self.head.apply(vectors).embedding if self.head else power_normalize(vectors, self.manifest["power"])
+        index = faiss.deserialize_index(faiss.serialize_index(self.index))  # clone_index lacks L2norm
+        index.add(x)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        _, assign = ivf.quantizer.search(_transform(index, x), 1)
+        names = sorted(set(self.label_names) | {lab for lab in labels if lab is not None})
+        code = {name: i for i, name in enumerate(names)}
+        old = np.array([code[name] for name in self.label_names] + [-1], dtype=np.int32)[self.labels]
+        new = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
+        clusters = np.concatenate([self.clusters, assign[:, 0].astype(np.int32)])
+        t = self.class_top.shape[1]
+        if class_top is None or class_prob is None or class_top.shape[1] != t:
+            class_top, class_prob = np.zeros((m, t), np.int16), np.zeros((m, t), np.float32)
+        if captions is not None and len(captions.rows):
+            captions = Captions(
+                np.concatenate([self.captions.rows, captions.rows + n]),
+                np.concatenate([self.captions.vectors, captions.vectors.astype(np.float16)]),
+                np.concatenate([self.captions.text, captions.text]),
+            )
+        else:
+            captions = self.captions
+        times = None
+        if self.ingested is not None and ingested is not None:
+            times = np.concatenate([self.ingested, np.asarray(ingested, dtype=np.int64)])
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("version", "recall", "nprobe", "incremental")}
+        manifest.update(
+            count=n + m,
+            label_names=names,
+            captions=len(captions.rows),
+            cluster_sizes=_sizes(np.bincount(clusters, minlength=int(ivf.nlist))),
+            trained_count=int(self.manifest.get("trained_count", n)),
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=source or {},
+            incremental={"from": self.manifest.get("version"), "added": m},
+        )
+        grown = ClusterIndex(
+            index,
+            np.concatenate([self.ids.astype("U64"), np.array(ids, dtype="U64")]),
+            clusters,
+            np.concatenate([old, new]),  # old codes remapped to the merged names; -1 stays -1
+            manifest,
+            np.concatenate([self.class_top, class_top.astype(np.int16)]),
+            np.concatenate([self.class_prob, class_prob.astype(np.float32)]),
+            self.head,
+            captions,
+            times,
+        )
+        xt = np.ascontiguousarray(ivf.reconstruct_n(0, n + m), dtype=np.float32)
+        recall = grown.tune_nprobe(xt, target=recall_target, sample=recall_sample, nprobe=nprobe, seed=seed)
+        manifest.update(nprobe=grown.nprobe, recall=recall, build_seconds=round(time.perf_counter() - t0, 3))
+        return grown
 
     def tune_nprobe(
         self, xt: np.ndarray, *, target: float = 0.95, sample: int = 1000, nprobe: int = 0, seed: int = 1234
@@ -471,6 +561,10 @@ class ClusterIndex:
     def label_of(self, row: int) -> str | None:
         code = int(self.labels[row])
         return self.label_names[code] if code >= 0 else None
+
+
+def _sizes(sizes: np.ndarray) -> dict[str, int]:
+    return {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())}
 
 
 def _head_summary(head: ProjectionHead | None) -> dict[str, Any] | None:

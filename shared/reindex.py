@@ -13,7 +13,15 @@ from shared.catalog import Catalog
 from shared.embeddings import EmbeddingStore
 from shared.errors import NotFound, NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import Captions, ClusterIndex, current_version, fingerprint, list_versions, publish
+from shared.index import (
+    Captions,
+    ClusterIndex,
+    current_version,
+    fingerprint,
+    list_versions,
+    load_version,
+    publish,
+)
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
 from shared.versions import swap_pointer
@@ -53,6 +61,8 @@ class ReindexResult:
     seconds: float
     nprobe: int = 0
     recall_at_10: float | None = None
+    mode: str = "full"  # "full" (clusters trained), "incremental" (added to them) or "unchanged"
+    added: int = 0
 
 
 def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force: bool = False) -> ReindexResult:
@@ -103,14 +113,18 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
             f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first", code="no_embeddings"
         )
     fp = fingerprint(encoder_version, shards, params)
+    source = {"fingerprint": fp, "shards": len(shards), "shard_names": sorted(shards), "params": params}
     current = current_version(storage)
+    catalog = Catalog(storage)
     if current and not force:
         manifest = storage.get_json(INDEX, f"{current}/manifest.json")
         if manifest.get("source", {}).get("fingerprint") == fp:
             log.info("index %s is up to date", current)
-            return _result(current, False, manifest)
+            return _result(current, False, manifest, mode="unchanged")
+        grown = _try_incremental(storage, settings, store, catalog, manifest, current, shards, params, source)
+        if grown is not None:
+            return _publish(storage, settings, grown, force, mode="incremental")
     emb = store.load()
-    catalog = Catalog(storage)
     records = [catalog.get(image_id) for image_id in emb.ids]
     labels = [r.label for r in records]
     captions = embed_captions(settings, [r.caption for r in records])
@@ -131,8 +145,63 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         head=head,
         captions=captions,
         ingested=np.array([_epoch(r.ingested_at) for r in records], dtype=np.int64),
-        source={"fingerprint": fp, "shards": len(shards), "params": params},
+        source=source,
     )
+    return _publish(storage, settings, built, force, mode="full")
+
+
+def _try_incremental(
+    storage: Storage,
+    settings: Settings,
+    store: EmbeddingStore,
+    catalog: Catalog,
+    manifest: dict[str, Any],
+    current: str,
+    shards: list[str],
+    params: dict[str, Any],
+    source: dict[str, Any],
+) -> ClusterIndex | None:
+    """The current index plus the newly embedded images, or None when a full build is due.
+
+    Incremental only when the current version was built from a subset of today's shards with the
+    same encoder and parameters, and the collection has grown by at most
+    ``settings.index_retrain_fraction`` since its clusters were trained.
+    """
+    src = manifest.get("source", {})
+    old_shards = set(src.get("shard_names", []))
+    if (
+        settings.index_retrain_fraction <= 0
+        or src.get("params") != params
+        or manifest.get("encoder_version") != store.encoder_version
+        or not old_shards
+        or not old_shards <= set(shards)
+    ):
+        return None
+    cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
+    new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()))
+    trained = int(manifest.get("trained_count", manifest["count"]))
+    if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
+        log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
+        return None
+    if not new.ids:  # new shards held only images already indexed (a retried embed)
+        return cur.extended(np.zeros((0, cur.manifest["input_dim"]), np.float32), [], [], source=source)
+    records = [catalog.get(image_id) for image_id in new.ids]
+    return cur.extended(
+        new.vectors,
+        new.ids,
+        [r.label for r in records],
+        nprobe=settings.index_nprobe,
+        recall_target=settings.index_recall_target,
+        recall_sample=settings.index_recall_sample,
+        class_top=new.top_class,
+        class_prob=new.top_prob,
+        captions=embed_captions(settings, [r.caption for r in records]),
+        ingested=np.array([_epoch(r.ingested_at) for r in records], dtype=np.int64),
+        source=source,
+    )
+
+
+def _publish(storage: Storage, settings: Settings, built: ClusterIndex, force: bool, mode: str) -> ReindexResult:
     recall = built.manifest["recall"]
     if not recall["meets_target"]:
         if not force:
@@ -144,7 +213,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
             )
         log.warning("publishing an index below its recall target (forced): %s", recall["at_10"])
     version = publish(storage, built, keep=settings.index_keep_versions)
-    return _result(version, True, built.manifest)
+    return _result(version, True, built.manifest, mode=mode)
 
 
 def _epoch(iso: str) -> int:
@@ -152,7 +221,7 @@ def _epoch(iso: str) -> int:
     return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
-def _result(version: str, built: bool, manifest: dict[str, Any]) -> ReindexResult:
+def _result(version: str, built: bool, manifest: dict[str, Any], mode: str) -> ReindexResult:
     return ReindexResult(
         version,
         built,
@@ -161,6 +230,8 @@ def _result(version: str, built: bool, manifest: dict[str, Any]) -> ReindexResul
         float(manifest["build_seconds"]),
         int(manifest.get("nprobe", 0)),
         manifest.get("recall", {}).get("at_10"),
+        mode,
+        int(manifest.get("incremental", {}).get("added", 0)) if mode == "incremental" else 0,
     )
 
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     index_nprobe: int = Field(default=0, ge=0, description="0 picks the smallest reaching the recall target.")
     index_recall_target: float = Field(default=0.95, gt=0, le=1, description="recall@10 vs exact search.")
     index_recall_sample: int = Field(default=1000, ge=10)
+    index_retrain_fraction: float = Field(
+        default=0.2, ge=0, description="Add to the existing clusters until the collection grows by this share."
+    )
     index_keep_versions: int = Field(default=3, ge=1, description="Published versions kept for rollback.")
     index_min_points_per_list: int = Field(default=39, ge=1)
     index_space: Literal["backbone", "head"] = Field(

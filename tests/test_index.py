@@ -191,3 +191,54 @@ def test_rollback_moves_the_pointer_and_readers_follow(tmp_path: Path, real, col
     assert rollback(storage, to=v2) == (v1, v2) and service.index().count == 300
     with pytest.raises(NotFound, match="v000042"):
         rollback(storage, to="v000042")
+
+
+def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    """Incremental reindex: new images join the existing clusters, are found at once, and a big growth retrains."""
+    import shutil
+
+    from shared.datasets import png_bytes
+    from shared.embeddings import embed_pending
+    from shared.ingest import IngestItem, ingest_bytes
+
+    shutil.copytree(collection.settings.data_dir, tmp_path / "data")
+    storage = LocalStorage(tmp_path / "data")
+    settings = make_settings(tmp_path / "data", index_refresh_seconds=0)
+    before = load_current(storage, tmp_path / "cache")
+    service = SearchService(settings, storage, encoder=collection.encoder)
+    assert service.index().count == 1000
+
+    x, _ = fashion_test
+    new_ids = []
+    for i in range(30):
+        item = IngestItem(data=png_bytes(x[i]), source=f"new/{i}", label="New" if i < 3 else None)
+        new_ids.append(ingest_bytes(storage, settings, item).id)
+    embed_pending(storage, settings, collection.encoder)
+    result = reindex(storage, settings, collection.encoder.version)
+    assert result.mode == "incremental" and result.added == 30 and result.count == 1030
+    grown = load_current(storage, tmp_path / "cache")
+    assert grown.manifest["incremental"] == {"from": before.manifest["version"], "added": 30}
+    assert grown.manifest["trained_count"] == 1000 and grown.manifest["nlist"] == before.manifest["nlist"]
+    assert grown.manifest["recall"]["meets_target"]
+    centroids = before.ivf.quantizer.reconstruct_n(0, before.ivf.nlist)
+    np.testing.assert_array_equal(grown.ivf.quantizer.reconstruct_n(0, grown.ivf.nlist), centroids)
+    assert grown.label_of(int(grown.row_of(new_ids[0]))) == "New"  # type: ignore[arg-type]
+    assert grown.label_of(int(grown.row_of(str(before.ids[0])))) == before.label_of(0)  # type: ignore[arg-type]
+
+    # The live service picks it up and finds a new image by its own bytes, first.
+    out = service.search_image(png_bytes(x[7]), 3)
+    assert out["results"][0]["id"] == new_ids[7] and out["results"][0]["score"] > 0.999
+    assert service.search_id(new_ids[0], 1, None)["results"][0]["label"] == "New"
+    assert reindex(storage, settings, collection.encoder.version).mode == "unchanged"
+    assert grown.extended(np.zeros((0, 1280), np.float32), [], []).count == 1030  # a retried shard: nothing new
+    with pytest.raises(ValueError, match="already"):
+        grown.extended(np.zeros((1, 1280), np.float32), [new_ids[0]], [None])
+
+    # Growth past the retrain share (here 1%) trains the clusters again.
+    for i in range(30, 50):
+        ingest_bytes(storage, settings, IngestItem(data=png_bytes(x[i]), source=f"new/{i}"))
+    embed_pending(storage, settings, collection.encoder)
+    strict = make_settings(tmp_path / "data", index_retrain_fraction=0.01)
+    full = reindex(storage, strict, collection.encoder.version)
+    assert full.mode == "full" and full.count == 1050
+    assert "incremental" not in load_current(storage, tmp_path / "cache").manifest

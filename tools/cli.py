@@ -103,7 +103,11 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
     encoder = _encoder(settings)
     t0 = time.perf_counter()
     result = reindex(storage, settings, encoder.version, force=args.force)
-    verb = "built and published" if result.built else "is up to date:"
+    verb = {
+        "full": "built and published",
+        "incremental": f"published (+{result.added} added to the existing clusters):",
+        "unchanged": "is up to date:",
+    }[result.mode]
     print(
         f"index {result.version} {verb} {result.count} images in {result.nlist} clusters, "
         f"nprobe {result.nprobe} for recall@10 {result.recall_at_10} ({time.perf_counter() - t0:.1f} s)"
