@@ -163,6 +163,12 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
             headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image_id}"'},
         )
 
+    @app.delete("/api/images/{image_id}", summary="Delete an image from storage and search, for good")
+    async def delete_image(image_id: str) -> dict[str, Any]:
+        check_image_id(image_id)
+        record = await run_in_threadpool(get_service().delete, image_id)
+        return {"deleted": record.id, "source": record.source}
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_page_html())

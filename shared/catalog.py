@@ -17,6 +17,7 @@ from shared.errors import BadRequest, NotFound
 from shared.storage import EMBEDDINGS, Storage
 
 RECORDS_PREFIX = "records/"
+DELETED_PREFIX = "deleted/"  # tombstones: deleted images stay out of every later index
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -74,6 +75,42 @@ class Catalog:
 
     def exists(self, image_id: str) -> bool:
         return self.storage.exists(EMBEDDINGS, self._name(image_id))
+
+    def delete(self, image_id: str) -> ImageRecord:
+        """Delete an image for good: tombstone first, then its bytes, then its record.
+
+        The tombstone keeps the id out of later indexes although its embedding stays in the
+        (immutable) shards; written first, an interrupted delete still hides the image. Ingesting
+        the same bytes again later is taken as intent and lifts it.
+
+        Raises:
+            BadRequest: malformed id. NotFound: no such image.
+        """
+        from datetime import UTC, datetime
+
+        from shared.storage import UPLOADS
+
+        record = self.get(image_id)
+        self.storage.put_json(
+            EMBEDDINGS,
+            f"{DELETED_PREFIX}{image_id}.json",
+            {"id": image_id, "source": record.source, "at": datetime.now(UTC).isoformat(timespec="seconds")},
+        )
+        self.storage.delete(UPLOADS, record.blob)
+        self.remove(image_id)
+        return record
+
+    def undelete(self, image_id: str) -> bool:
+        """Lift a tombstone (the image is being added again). Returns whether there was one."""
+        return self.storage.delete(EMBEDDINGS, f"{DELETED_PREFIX}{check_image_id(image_id)}.json")
+
+    def deleted_ids(self) -> set[str]:
+        """Ids of deleted images."""
+        return {
+            name[len(DELETED_PREFIX) : -len(".json")]
+            for name in self.storage.list(EMBEDDINGS, DELETED_PREFIX)
+            if name.endswith(".json")
+        }
 
     def get(self, image_id: str) -> ImageRecord:
         """The record for an id.

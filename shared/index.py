@@ -143,6 +143,7 @@ class ClusterIndex:
         self.index = index
         self.head = head
         self.ingested = ingested
+        self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         self.ivf = faiss.extract_index_ivf(index)
@@ -488,6 +489,7 @@ class ClusterIndex:
                 mask &= self.ingested >= filters.ingested_after
             if filters.ingested_before is not None:
                 mask &= self.ingested < filters.ingested_before
+        mask[self.hidden] = False
         return np.flatnonzero(mask).astype(np.int64)
 
     def search_transformed(
@@ -506,10 +508,15 @@ class ClusterIndex:
         n = len(xt)
         allowed = self.select(filters)
         params = faiss.SearchParametersIVF()
-        selector = None
+        keep_alive: list[Any] = []  # SWIG selectors hold raw pointers: keep them referenced
+        hidden_rows = self.hidden  # read once: a delete may swap it meanwhile
+        if allowed is None and len(hidden_rows):
+            hidden = faiss.IDSelectorBatch(len(hidden_rows), faiss.swig_ptr(hidden_rows))
+            keep_alive += [hidden, faiss.IDSelectorNot(hidden)]
+            params.sel = keep_alive[-1]
         if allowed is not None:
-            selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
-            params.sel = selector
+            keep_alive.append(faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
+            params.sel = keep_alive[-1]
             if len(allowed) == 0:
                 empty = np.full((n, k), -1, dtype=np.int64)
                 return SearchHits(
@@ -527,7 +534,7 @@ class ClusterIndex:
         if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
             probe_scores, probe = self.ivf.quantizer.search(xt, nlist)
             hits = self._search_probed(xt, k, probe, probe_scores, params)
-        del selector  # kept alive until the searches above are done
+        del keep_alive  # the searches above are done
         return hits
 
     def _search_probed(

@@ -96,6 +96,7 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
         caption=clean_caption(item.caption, settings.max_text_chars),
     )
     # The record goes last: an image is known only once its bytes are durably stored.
+    catalog.undelete(image_id)  # added again after a delete: the user wants it back
     added = catalog.add(record)
     return IngestResult("added" if added else "duplicate", image_id, item.source)
 

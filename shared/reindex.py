@@ -112,19 +112,26 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         raise NotReady(
             f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first", code="no_embeddings"
         )
-    fp = fingerprint(encoder_version, shards, params)
-    source = {"fingerprint": fp, "shards": len(shards), "shard_names": sorted(shards), "params": params}
-    current = current_version(storage)
     catalog = Catalog(storage)
+    deleted = catalog.deleted_ids()
+    fp = fingerprint(encoder_version, [*shards, *(f"deleted:{i}" for i in sorted(deleted))], params)
+    source = {
+        "fingerprint": fp,
+        "shards": len(shards),
+        "shard_names": sorted(shards),
+        "params": params,
+        "deleted": fingerprint("deleted", sorted(deleted), {}),
+    }
+    current = current_version(storage)
     if current and not force:
         manifest = storage.get_json(INDEX, f"{current}/manifest.json")
         if manifest.get("source", {}).get("fingerprint") == fp:
             log.info("index %s is up to date", current)
             return _result(current, False, manifest, mode="unchanged")
-        grown = _try_incremental(storage, settings, store, catalog, manifest, current, shards, params, source)
+        grown = _try_incremental(storage, settings, store, catalog, manifest, current, shards, params, source, deleted)
         if grown is not None:
             return _publish(storage, settings, grown, force, mode="incremental")
-    emb = store.load()
+    emb = store.load(skip=deleted)
     records = [catalog.get(image_id) for image_id in emb.ids]
     labels = [r.label for r in records]
     captions = embed_captions(settings, [r.caption for r in records])
@@ -160,17 +167,20 @@ def _try_incremental(
     shards: list[str],
     params: dict[str, Any],
     source: dict[str, Any],
+    deleted: set[str],
 ) -> ClusterIndex | None:
     """The current index plus the newly embedded images, or None when a full build is due.
 
     Incremental only when the current version was built from a subset of today's shards with the
     same encoder and parameters, and the collection has grown by at most
-    ``settings.index_retrain_fraction`` since its clusters were trained.
+    ``settings.index_retrain_fraction`` since its clusters were trained, with no image deleted or
+    added back since.
     """
     src = manifest.get("source", {})
     old_shards = set(src.get("shard_names", []))
     if (
-        settings.index_retrain_fraction <= 0
+        src.get("deleted") != source["deleted"]  # deletes (or re-adds) since: rows change, build again
+        or settings.index_retrain_fraction <= 0
         or src.get("params") != params
         or manifest.get("encoder_version") != store.encoder_version
         or not old_shards
@@ -178,7 +188,7 @@ def _try_incremental(
     ):
         return None
     cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
-    new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()))
+    new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()) | deleted)
     trained = int(manifest.get("trained_count", manifest["count"]))
     if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)

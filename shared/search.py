@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.catalog import check_image_id
+from shared.catalog import Catalog, ImageRecord, check_image_id
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
 from shared.filters import SearchFilters
@@ -123,11 +123,39 @@ class SearchService:
                 if self._index is None:
                     raise
                 log.exception("index refresh failed; still serving %s", self._index_version)
+            try:
+                self._hide_deleted(self._index)
+            except Exception:
+                if self._index is None:
+                    raise
+                log.exception("reading deletions failed; still serving %s", self._index_version)
             self._checked_at = time.monotonic()
             assert self._index is not None  # a first load that failed has raised above
             return self._index
         finally:
             self._index_lock.release()
+
+    def _hide_deleted(self, index: ClusterIndex | None) -> None:
+        """Leave deleted images (tombstones in storage) out of this index's answers."""
+        if index is None:
+            return
+        rows = [index.row_of(i) for i in Catalog(self.storage).deleted_ids()]
+        index.hidden = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+
+    def delete(self, image_id: str) -> ImageRecord:
+        """Delete an image from storage; this worker stops returning it at once, others within
+        ``index_refresh_seconds``, and the next reindex leaves it out for good.
+
+        Raises:
+            BadRequest: malformed id. NotFound: no such image.
+        """
+        record = Catalog(self.storage).delete(image_id)
+        index = self._index
+        if index is not None:
+            row = index.row_of(image_id)
+            if row is not None:
+                index.hidden = np.union1d(index.hidden, np.array([row], np.int64))
+        return record
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -177,7 +205,7 @@ class SearchService:
         t0 = time.perf_counter()
         index = self.index()
         row = index.row_of(image_id)
-        if row is None:
+        if row is None or row in index.hidden:
             raise NotFound(
                 f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
                 code="image_not_found",
@@ -225,6 +253,9 @@ class SearchService:
             keep = np.zeros(len(scores), dtype=bool)
             keep[allowed] = True
             scores = np.where(keep, scores, 0.0).astype(np.float32)
+        elif len(index.hidden):
+            scores = scores.copy()
+            scores[index.hidden] = 0.0
         k_eff = min(k, len(scores))
         rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
         rows = rows[np.argsort(-scores[rows], kind="stable")]
