@@ -130,6 +130,10 @@ def test_head_errors_are_clear(own_collection: Collection, tmp_path: Path) -> No
         train_head(emb.vectors[:10], ["a"] * 5 + ["b"] * 5, tmp_path, encoder_version="e", progress=False)
     with pytest.raises(BadRequest, match="2 classes"):
         train_head(emb.vectors[:40], ["a"] * 40, tmp_path, encoder_version="e", progress=False)
+    lone = train_head(
+        emb.vectors[:41], ["a"] * 20 + ["b"] * 20 + ["c"], tmp_path, encoder_version="e", epochs=1, progress=False
+    )
+    assert lone.manifest["classes"] == ["a", "b"] and lone.manifest["dropped_classes"] == ["c"]
 
     fresh = make_settings(tmp_path / "empty", index_space="head")
     fresh_storage = LocalStorage(fresh.data_dir)

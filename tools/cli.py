@@ -160,6 +160,9 @@ def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storag
         f"classes, {t['device']}{', mixed precision' if t['mixed_precision'] else ''}, {t['seconds']:.1f} s); "
         f"held out {t['held_out']}: accuracy {t['val_accuracy']}, 10-NN accuracy {t['val_knn10_accuracy']}"
     )
+    if trained.manifest["dropped_classes"]:
+        dropped = trained.manifest["dropped_classes"]
+        print(f"  left out {len(dropped)} labels with a single image: {', '.join(dropped[:10])}")
     if settings.index_space != "head":
         print("  to search in its 64-d space: CLUSTERLENS_INDEX_SPACE=head clusterlens reindex")
     else:

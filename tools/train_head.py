@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 NAME = "projection_head"
 OPSET = 17
 MIN_LABELLED = 20
+MIN_PER_CLASS = 2
 
 
 class HeadNet(nn.Module):
@@ -122,6 +124,11 @@ def train_head(
 
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features {features.shape} and {len(labels)} labels must agree")
+    counts = Counter(labels)
+    dropped = sorted(c for c, n in counts.items() if n < MIN_PER_CLASS)  # one example teaches nothing
+    if dropped:
+        keep = [i for i, label in enumerate(labels) if counts[label] >= MIN_PER_CLASS]
+        features, labels = features[keep], [labels[i] for i in keep]
     classes = sorted(set(labels))
     if len(labels) < MIN_LABELLED or len(classes) < 2:
         raise BadRequest(
@@ -195,6 +202,7 @@ def train_head(
         "hidden": hidden,
         "power": power,
         "classes": classes,
+        "dropped_classes": dropped,
         "encoder_version": encoder_version,
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "train": {
