@@ -144,6 +144,7 @@ class ClusterIndex:
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
+        self.mapped: Path | None = None  # the file the FAISS lists are memory-mapped from, if they are
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         self.ivf = faiss.extract_index_ivf(index)
@@ -311,7 +312,10 @@ class ClusterIndex:
         t0 = time.perf_counter()
         n = self.count
         x = self.head.apply(vectors).embedding if self.head else power_normalize(vectors, self.manifest["power"])
-        index = faiss.deserialize_index(faiss.serialize_index(self.index))  # clone_index lacks L2norm
+        if self.mapped is not None:  # a mapped copy would write back into the published file: read it whole
+            index = faiss.read_index(str(self.mapped))
+        else:
+            index = faiss.deserialize_index(faiss.serialize_index(self.index))  # clone_index lacks L2norm
         index.add(x)
         ivf = faiss.extract_index_ivf(index)
         ivf.make_direct_map()
@@ -669,7 +673,7 @@ def load_version(
         paths[name] = storage.local_path(INDEX, blob) or storage.download_file(
             INDEX, blob, Path(cache_dir) / version / name
         )
-    index = faiss.read_index(str(paths["index.faiss"]))
+    index, mapped = _read_faiss(paths["index.faiss"])
     ids = np.load(paths["ids.npy"])
     clusters = np.load(paths["clusters.npy"])
     labels = np.load(paths["labels.npy"])
@@ -688,7 +692,19 @@ def load_version(
         blob = f"{version}/{HEAD_FILE}"
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
         head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
-    return ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested)
+    loaded = ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested)
+    loaded.mapped = Path(paths["index.faiss"]) if mapped else None
+    return loaded
+
+
+def _read_faiss(path: Path) -> tuple[Any, bool]:
+    """Read an index file memory-mapped (the lists stay in the page cache, shared between workers and
+    read on demand, so a cold worker answers sooner); an ordinary read where mapping is refused."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP), True
+    except RuntimeError as exc:
+        log.info("memory-mapping %s failed (%s); reading it whole", path, exc)
+        return faiss.read_index(str(path)), False
 
 
 def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:

@@ -304,6 +304,8 @@ class SearchService:
                 "nprobe": idx.nprobe,
                 "factory": m["factory"],
                 "space": m.get("space", "backbone"),
+                "memory_mapped": idx.mapped is not None,
+                "recall_at_10": m.get("recall", {}).get("at_10"),
                 "dim": m["dim"],
                 "built_at": m["built_at"],
                 "labels": len(idx.label_names),

@@ -98,7 +98,11 @@ def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collecti
     for _ in range(3):
         publish(storage, ClusterIndex.build(vectors[:100], ids[:100], labels[:100], encoder_version="test"), keep=3)
     assert list_versions(storage) == ["v000003", "v000004", "v000005"]
-    assert load_current(storage, tmp_path / "cache").manifest["version"] == "v000005"
+    loaded = load_current(storage, tmp_path / "cache")
+    assert loaded.manifest["version"] == "v000005" and loaded.mapped is not None  # lists memory-mapped from the file
+    small = ClusterIndex.build(vectors[:100], ids[:100], labels[:100], encoder_version="test")
+    np.testing.assert_array_equal(loaded.search(vectors[:20], 5).rows, small.search(vectors[:20], 5).rows)
+    np.testing.assert_allclose(loaded.ivf.reconstruct(7), small.ivf.reconstruct(7), atol=1e-6)
 
 
 def test_reindex_skips_when_nothing_changed(collection: Collection) -> None:
