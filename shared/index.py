@@ -147,6 +147,8 @@ class ClusterIndex:
         self.mapped: Path | None = None  # the file the FAISS lists are memory-mapped from, if they are
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
+        # Stored as float16; widened once here rather than on every text query.
+        self.caption_vectors = self.captions.vectors.astype(np.float32)
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
         self.clusters = clusters

@@ -246,7 +246,7 @@ class SearchService:
             index.labels,
             self.settings.text_temperature,
             index.captions.rows,
-            index.captions.vectors.astype(np.float32) @ query if len(index.captions.rows) else None,
+            index.caption_vectors @ query if len(index.captions.rows) else None,
         )
         allowed = index.select(filters)
         if allowed is not None:
