@@ -6,8 +6,10 @@ assigned to its ``nprobe`` nearest centroids and compared only with the images i
 
 Published layout in the index container::
 
-    index/v000007/index.faiss   IndexPreTransform(PCA, L2norm) + IndexIVFFlat, with a direct map
-    index/v000007/ids.npy       image id of each row
+    index/v000007/index.faiss   IndexPreTransform(PCA, L2norm) + IndexIVFFlat or IndexIVFPQ, with a direct map
+    index/v000007/ids.npy       image id of each row; order.npy: the rows sorted by id (id lookups)
+    index/v000007/vectors.npy   IVF-PQ only: every row's exact vector in the index's space (float32),
+                                memory-mapped and read only for the shortlist a query re-ranks
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
@@ -17,6 +19,14 @@ Published layout in the index container::
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/manifest.json what it was built from, parameters, timings
     index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
+
+Three kinds, chosen by :func:`plan_index` from the collection size and a memory budget:
+
+- ``flat``: small collections. The same clustered lists, but every list is searched: exact.
+- ``ivf_flat``: the default. Full vectors in the lists; a query scans its ``nprobe`` nearest lists.
+- ``ivf_pq``: large collections. The lists hold product-quantised codes (``m`` bytes a vector at 8
+  bits); a query scans them for a shortlist of ``k * rerank`` rows, which are re-ranked exactly with
+  their full vectors from ``vectors.npy`` (on disk, memory-mapped: only the shortlist is read).
 
 An index lives in one of two spaces, recorded as ``space`` in its manifest: ``backbone`` (the raw
 1280-d embeddings, power-normalised, PCA) or ``head`` (the 64-d output of a trained projection head).
@@ -58,10 +68,15 @@ FILES = (
     "class_top.npy",
     "class_prob.npy",
     "ingested.npy",
+    "order.npy",
+    "vectors.npy",
     *CAPTION_FILES,
 )
-OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", "ingested.npy", *CAPTION_FILES)  # absent from older versions
-FORMAT = 2  # bump when the files of a version change, so an up-to-date check rebuilds
+# absent from older versions (and vectors.npy from every kind but ivf_pq)
+OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", "ingested.npy", "order.npy", "vectors.npy", *CAPTION_FILES)
+FORMAT = 3  # bump when the files of a version change, so an up-to-date check rebuilds
+KINDS = ("flat", "ivf_flat", "ivf_pq")
+ID_BYTES = 8  # FAISS keeps an int64 id beside each code in the inverted lists
 
 
 def power_normalize(x: np.ndarray, power: float) -> np.ndarray:
@@ -84,8 +99,103 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 def choose_nlist(n: int, min_points_per_list: int) -> int:
-    """Number of clusters for ``n`` vectors: about sqrt(n), with enough points to train each."""
-    return int(max(1, min(round(np.sqrt(n)), n // min_points_per_list)))
+    """Number of clusters for ``n`` vectors, with enough points to train each.
+
+    About sqrt(n) up to 100,000 vectors, growing to 4 * sqrt(n) at 1,000,000 and beyond: more,
+    smaller lists keep the share of the collection a query scans falling as it grows.
+    """
+    factor = float(np.clip(1 + 3 * np.log10(max(n, 1) / 1e5), 1, 4))
+    return int(max(1, min(round(factor * np.sqrt(n)), n // min_points_per_list)))
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build: the kind and its parameters, and why.
+
+    Attributes:
+        kind: ``flat``, ``ivf_flat`` or ``ivf_pq`` (see the module docstring).
+        dim: dimension the index searches in (after PCA, if any).
+        pca_dim: PCA output dimension, 0 for none.
+        nlist: number of clusters (IVF lists).
+        pq_m, pq_nbits: IVF-PQ code: ``pq_m`` sub-quantisers of ``pq_nbits`` bits (0 for other kinds).
+        rerank: IVF-PQ shortlist factor: ``k * rerank`` candidates are re-ranked exactly (0 otherwise).
+        bytes_per_vector: memory the index holds per vector (code plus its id in the list).
+        reason: one line on why this kind was chosen.
+    """
+
+    kind: str
+    dim: int
+    pca_dim: int
+    nlist: int
+    pq_m: int = 0
+    pq_nbits: int = 0
+    rerank: int = 0
+    bytes_per_vector: int = 0
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def plan_index(
+    n: int,
+    input_dim: int,
+    *,
+    kind: str = "auto",
+    memory_mb: float = 1024,
+    pca_dim: int = 256,
+    nlist: int = 0,
+    pq_m: int = 0,
+    pq_nbits: int = 8,
+    rerank: int = 10,
+    flat_max: int = 2000,
+    min_points_per_list: int = 39,
+) -> IndexPlan:
+    """Choose the index kind and its parameters from the collection size and a memory budget.
+
+    ``auto``: ``flat`` up to ``flat_max`` vectors (a full scan costs microseconds there); ``ivf_flat``
+    while ``n`` full vectors fit in ``memory_mb``; ``ivf_pq`` beyond, with the largest code of at most
+    56 bytes (64 with its id) that fits the budget. Any parameter given (non-zero) is kept as is.
+
+    Args:
+        n: vectors to index; input_dim: their dimension before PCA.
+        kind: ``auto`` or one of :data:`KINDS`.
+        memory_mb: budget for what the index holds in memory (codes and ids, not the re-ranking file).
+        pca_dim: PCA before the coarse quantiser; 0 (or >= input_dim, or n too small) for none.
+
+    Raises:
+        ValueError: unknown kind, or an IVF-PQ code that does not divide the dimension.
+    """
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"index kind must be auto or one of {', '.join(KINDS)}, not {kind!r}")
+    if n < 1:
+        raise ValueError("nothing to index: embed some images first")
+    use_pca = 0 < pca_dim < input_dim and n > pca_dim
+    dim = pca_dim if use_pca else input_dim
+    budget = memory_mb * 2**20
+    full = 4 * dim + ID_BYTES
+    if kind == "auto":
+        if n <= flat_max:
+            kind, reason = "flat", f"{n} vectors <= {flat_max}: a full scan is exact and cheap"
+        elif n * full <= budget:
+            kind, reason = "ivf_flat", f"{n} x {full} B = {n * full / 2**20:.0f} MiB fits the {memory_mb:g} MiB budget"
+        else:
+            kind, reason = "ivf_pq", f"{n} x {full} B = {n * full / 2**20:.0f} MiB exceeds the {memory_mb:g} MiB budget"
+    else:
+        reason = "set by CLUSTERLENS_INDEX_KIND"
+    nlist = min(nlist or choose_nlist(n, min_points_per_list), n)
+    if kind != "ivf_pq":
+        return IndexPlan(kind, dim, dim if use_pca else 0, nlist, bytes_per_vector=full, reason=reason)
+    if not pq_m:
+        room = min(56.0, budget / n - ID_BYTES) * 8 / pq_nbits  # sub-quantisers the budget allows
+        fits = [m for m in (64, 56, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= min(room, dim)]
+        pq_m = fits[0] if fits else min(m for m in (8, 4, 2, 1) if dim % m == 0)
+    if dim % pq_m:
+        raise ValueError(f"IVF-PQ needs pq_m to divide the dimension {dim}; {pq_m} does not")
+    code = (pq_m * pq_nbits + 7) // 8
+    return IndexPlan(
+        "ivf_pq", dim, dim if use_pca else 0, nlist, pq_m, pq_nbits, max(1, rerank), code + ID_BYTES, reason
+    )
 
 
 @dataclass
@@ -139,8 +249,13 @@ class ClusterIndex:
         head: ProjectionHead | None = None,
         captions: Captions | None = None,
         ingested: np.ndarray | None = None,
+        vectors: np.ndarray | None = None,
+        order: np.ndarray | None = None,
     ):
         self.index = index
+        # IVF-PQ: exact vectors (n, dim) in the index's space for re-ranking; None for other kinds
+        self.vectors = vectors
+        self.rerank = int(manifest.get("rerank", 0)) if vectors is not None else 0
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
@@ -158,7 +273,7 @@ class ClusterIndex:
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.get("label_names", []))
-        self._order = np.argsort(ids)
+        self._order = order if order is not None and len(order) == len(ids) else np.argsort(ids)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -170,9 +285,15 @@ class ClusterIndex:
         labels: list[str | None],
         *,
         encoder_version: str,
+        kind: str = "ivf_flat",
         pca_dim: int = 256,
         nlist: int = 0,
         nprobe: int = 0,
+        pq_m: int = 0,
+        pq_nbits: int = 8,
+        rerank: int = 10,
+        memory_mb: float = 1024,
+        flat_max: int = 2000,
         min_points_per_list: int = 39,
         power: float = 0.5,
         recall_target: float = 0.95,
@@ -190,6 +311,8 @@ class ClusterIndex:
         Args:
             vectors: float32 (n, d) raw embeddings (normalised here).
             ids: n image ids; labels: n label names or None.
+            kind: ``flat``, ``ivf_flat``, ``ivf_pq`` or ``auto`` (see :func:`plan_index`, which also
+                takes ``pq_m``, ``pq_nbits``, ``rerank``, ``memory_mb`` and ``flat_max``).
             pca_dim: reduce to this many dimensions first; 0 (or >= d, or n too small) skips PCA.
             power: power normalisation before L2 (see :func:`power_normalize`); 1.0 turns it off.
             nlist: number of clusters; 0 chooses about sqrt(n).
@@ -215,33 +338,54 @@ class ClusterIndex:
             power, pca_dim = 1.0, 0
         else:
             x = power_normalize(vectors, power)
-        use_pca = 0 < pca_dim < x.shape[1] and n > pca_dim
-        nlist = nlist or choose_nlist(n, min_points_per_list)
-        nlist = min(nlist, n)
-        desc = (f"PCA{pca_dim},L2norm," if use_pca else "") + f"IVF{nlist},Flat"
+        plan = plan_index(
+            n,
+            x.shape[1],
+            kind=kind,
+            memory_mb=memory_mb,
+            pca_dim=pca_dim,
+            nlist=nlist,
+            pq_m=pq_m,
+            pq_nbits=pq_nbits,
+            rerank=rerank,
+            flat_max=flat_max,
+            min_points_per_list=min_points_per_list,
+        )
+        nlist = plan.nlist
+        codec = f"PQ{plan.pq_m}x{plan.pq_nbits}" if plan.kind == "ivf_pq" else "Flat"
+        desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"IVF{nlist},{codec}"
         index = faiss.index_factory(x.shape[1], desc, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.spherical = True
         ivf.cp.seed = seed
         ivf.cp.min_points_per_centroid = 1  # small collections: accept few points per cluster
+        if plan.kind == "ivf_pq":
+            ivfpq: Any = faiss.downcast_index(ivf)
+            ivfpq.pq.cp.min_points_per_centroid = 1  # the recall gate judges the codes
         index.train(x)
+        t_train = time.perf_counter() - t0
         index.add(x)
         ivf.make_direct_map()
         xt = _transform(index, x)
-        _, assign = ivf.quantizer.search(xt, 1)
+        del x
+        clusters = list_of_rows(ivf)
         names = sorted({lab for lab in labels if lab is not None})
         code = {name: i for i, name in enumerate(names)}
         label_codes = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
-        sizes = np.bincount(assign[:, 0], minlength=nlist)
+        sizes = np.bincount(clusters, minlength=nlist)
         manifest = {
             "encoder_version": encoder_version,
             "space": "head" if head is not None else "backbone",
             "head": _head_summary(head),
             "factory": desc,
+            "kind": plan.kind,
+            "plan": plan.to_json(),
+            "rerank": plan.rerank,
+            "bytes_per_vector": plan.bytes_per_vector,
             "count": n,
             "input_dim": d,
             "dim": int(ivf.d),
-            "pca_dim": pca_dim if use_pca else 0,
+            "pca_dim": plan.pca_dim,
             "nlist": nlist,
             "metric": "cosine",
             "power": power,
@@ -250,6 +394,7 @@ class ClusterIndex:
             "cluster_sizes": _sizes(sizes),
             "trained_count": n,
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "train_seconds": round(t_train, 3),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "source": source or {},
         }
@@ -261,7 +406,7 @@ class ClusterIndex:
         built = cls(
             index,
             np.array(ids),
-            assign[:, 0].astype(np.int32),
+            clusters,
             label_codes,
             manifest,
             class_top.astype(np.int16),
@@ -269,8 +414,11 @@ class ClusterIndex:
             head,
             captions,
             None if ingested is None else np.asarray(ingested, dtype=np.int64),
+            xt if plan.kind == "ivf_pq" else None,
         )
         t1 = time.perf_counter()
+        if plan.kind == "flat":
+            nprobe = nlist  # every list: exact
         recall = built.tune_nprobe(xt, target=recall_target, sample=recall_sample, nprobe=nprobe, seed=seed)
         manifest.update(nprobe=built.nprobe, recall=recall)
         manifest["recall"]["seconds"] = round(time.perf_counter() - t1, 3)
@@ -321,12 +469,13 @@ class ClusterIndex:
         index.add(x)
         ivf = faiss.extract_index_ivf(index)
         ivf.make_direct_map()
-        _, assign = ivf.quantizer.search(_transform(index, x), 1)
+        xt_new = _transform(index, x)
+        assign = list_of_rows(ivf)[n:]
         names = sorted(set(self.label_names) | {lab for lab in labels if lab is not None})
         code = {name: i for i, name in enumerate(names)}
         old = np.array([code[name] for name in self.label_names] + [-1], dtype=np.int32)[self.labels]
         new = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
-        clusters = np.concatenate([self.clusters, assign[:, 0].astype(np.int32)])
+        clusters = np.concatenate([self.clusters, assign])
         t = self.class_top.shape[1]
         if class_top is None or class_prob is None or class_top.shape[1] != t:
             class_top, class_prob = np.zeros((m, t), np.int16), np.zeros((m, t), np.float32)
@@ -363,8 +512,11 @@ class ClusterIndex:
             self.head,
             captions,
             times,
+            None if self.vectors is None else np.concatenate([self.vectors, xt_new]),
         )
-        xt = np.ascontiguousarray(ivf.reconstruct_n(0, n + m), dtype=np.float32)
+        xt = grown.all_vectors()
+        if self.manifest.get("kind") == "flat":
+            nprobe = int(ivf.nlist)
         recall = grown.tune_nprobe(xt, target=recall_target, sample=recall_sample, nprobe=nprobe, seed=seed)
         manifest.update(nprobe=grown.nprobe, recall=recall, build_seconds=round(time.perf_counter() - t0, 3))
         return grown
@@ -393,9 +545,7 @@ class ClusterIndex:
             return {"target": target, "at_10": 1.0, "meets_target": True, "sample": 0, "curve": []}
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
         queries = np.ascontiguousarray(xt[rows])
-        flat = faiss.IndexFlatIP(xt.shape[1])
-        flat.add(xt)
-        _, exact = flat.search(queries, k + 1)
+        _, exact = faiss.knn(queries, xt, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
         truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
         if nprobe:
             candidates = [min(nprobe, nlist)]
@@ -451,20 +601,40 @@ class ClusterIndex:
         Raises:
             BadRequest: for a filter this index cannot meet (unknown label, cluster out of range).
         """
+        return self.search_transformed(self.transform(queries), k, nprobe, filters)
+
+    def transform(self, queries: np.ndarray) -> np.ndarray:
+        """Raw embeddings (nq, input_dim) into the index's space (nq, dim): head or power
+        normalisation, then PCA and L2 norm, exactly as the indexed vectors were.
+
+        Raises:
+            ValueError: for a wrong shape.
+        """
         if queries.ndim != 2 or queries.shape[1] != self.manifest["input_dim"]:
             raise ValueError(f"queries must be (nq, {self.manifest['input_dim']}), got {queries.shape}")
         if self.head is not None:
             xq = self.head.apply(queries).embedding
         else:
             xq = power_normalize(queries, float(self.manifest.get("power", 1.0)))
-        return self.search_transformed(_transform(self.index, xq), k, nprobe, filters)
+        return _transform(self.index, xq)
 
     def search_row(
         self, row: int, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
     ) -> SearchHits:
         """Search with an indexed image's own stored vector."""
-        vector = np.asarray(self.ivf.reconstruct(int(row)), dtype=np.float32)
-        return self.search_transformed(vector[None, :], k, nprobe, filters)
+        return self.search_transformed(self.vector_of(row)[None, :], k, nprobe, filters)
+
+    def vector_of(self, row: int) -> np.ndarray:
+        """float32 (dim,) an indexed row's vector in the index's space (exact, also for IVF-PQ)."""
+        if self.vectors is not None:
+            return np.array(self.vectors[int(row)], dtype=np.float32)
+        return np.asarray(self.ivf.reconstruct(int(row)), dtype=np.float32)
+
+    def all_vectors(self) -> np.ndarray:
+        """float32 (n, dim) every indexed vector in the index's space, row order (exact)."""
+        if self.vectors is not None:
+            return np.ascontiguousarray(self.vectors, dtype=np.float32)
+        return np.ascontiguousarray(self.ivf.reconstruct_n(0, self.count), dtype=np.float32)
 
     def select(self, filters: SearchFilters | None) -> np.ndarray | None:
         """Rows meeting ``filters`` (int64, ascending), or None when there is nothing to filter.
@@ -546,6 +716,33 @@ class ClusterIndex:
     def _search_probed(
         self, xt: np.ndarray, k: int, probe: np.ndarray, probe_scores: np.ndarray, params: Any
     ) -> SearchHits:
+        if self.vectors is None or not self.rerank:
+            return self._scan(xt, k, probe, probe_scores, params)
+        shortlist = self._scan(xt, min(k * self.rerank, self.count), probe, probe_scores, params)
+        return self._rerank(xt, shortlist, k)
+
+    def _rerank(self, xt: np.ndarray, shortlist: SearchHits, k: int) -> SearchHits:
+        """Exact inner products of the shortlist's full vectors; the best ``k`` of each query."""
+        n, s = shortlist.rows.shape
+        rows = shortlist.rows
+        scores = np.full((n, s), -np.inf, dtype=np.float32)
+        valid = rows >= 0
+        if valid.any():
+            wanted = np.unique(rows[valid])  # ascending: the memory-mapped file is read in order
+            vecs = np.asarray(self.vectors[wanted], dtype=np.float32)  # type: ignore[index]
+            where = np.searchsorted(wanted, np.where(valid, rows, wanted[0]))
+            scores = np.einsum("nsd,nd->ns", vecs[where], xt, dtype=np.float32)
+            scores[~valid] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_scores = np.take_along_axis(scores, top, 1)
+        out_rows = np.take_along_axis(rows, top, 1)
+        out_rows[~np.isfinite(out_scores)] = -1
+        if k > s:  # fewer candidates than asked for: pad like FAISS does
+            out_scores = np.pad(out_scores, ((0, 0), (0, k - s)), constant_values=-np.inf)
+            out_rows = np.pad(out_rows, ((0, 0), (0, k - s)), constant_values=-1)
+        return SearchHits(out_scores.astype(np.float32), out_rows, shortlist.probe, shortlist.probe_scores)
+
+    def _scan(self, xt: np.ndarray, k: int, probe: np.ndarray, probe_scores: np.ndarray, params: Any) -> SearchHits:
         n = len(xt)
         probe = np.ascontiguousarray(probe, dtype=np.int64)
         probe_scores = np.ascontiguousarray(probe_scores, dtype=np.float32)
@@ -592,6 +789,18 @@ def _head_summary(head: ProjectionHead | None) -> dict[str, Any] | None:
         "val_accuracy": m.get("train", {}).get("val_accuracy"),
         "val_knn10_accuracy": m.get("train", {}).get("val_knn10_accuracy"),
     }
+
+
+def list_of_rows(ivf: Any) -> np.ndarray:
+    """int32 (ntotal,) the IVF list (cluster) each row was added to, read from the lists themselves
+    (assigning every vector to its nearest centroid again would cost as much as adding them)."""
+    out = np.full(int(ivf.ntotal), -1, dtype=np.int32)
+    invlists = ivf.invlists
+    for lst in range(int(ivf.nlist)):
+        size = int(invlists.list_size(lst))
+        if size:
+            out[faiss.rev_swig_ptr(invlists.get_ids(lst), size)] = lst
+    return out
 
 
 def _transform(index: Any, x: np.ndarray) -> np.ndarray:
@@ -643,8 +852,12 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))
         np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
         np.save(Path(tmp) / "captions.npy", built.captions.text)
+        np.save(Path(tmp) / "order.npy", built._order.astype(np.int64))
+        if built.vectors is not None:
+            np.save(Path(tmp) / "vectors.npy", np.asarray(built.vectors, dtype=np.float32))
         for name in FILES:
-            storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
+            if (Path(tmp) / name).is_file():
+                storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
     if built.head is not None:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
         storage.put_json(INDEX, f"{version}/head.json", built.head.manifest)
@@ -676,14 +889,19 @@ def load_version(
             INDEX, blob, Path(cache_dir) / version / name
         )
     index, mapped = _read_faiss(paths["index.faiss"])
-    ids = np.load(paths["ids.npy"])
-    clusters = np.load(paths["clusters.npy"])
-    labels = np.load(paths["labels.npy"])
-    class_top = np.load(paths["class_top.npy"]) if "class_top.npy" in paths else None
-    class_prob = np.load(paths["class_prob.npy"]) if "class_prob.npy" in paths else None
-    ingested = np.load(paths["ingested.npy"]) if "ingested.npy" in paths else None
+
+    def load(name: str) -> np.ndarray | None:
+        # Memory-mapped like the lists: a cold worker reads only the pages a query touches.
+        return np.load(paths[name], mmap_mode="r") if name in paths else None
+
+    ids, clusters, labels = load("ids.npy"), load("clusters.npy"), load("labels.npy")
+    assert ids is not None and clusters is not None and labels is not None  # required files
+    class_top, class_prob, ingested = load("class_top.npy"), load("class_prob.npy"), load("ingested.npy")
     if ingested is not None and len(ingested) != len(ids):
         ingested = None  # written empty by a build that had no times
+    vectors = load("vectors.npy") if manifest.get("kind") == "ivf_pq" else None
+    if manifest.get("kind") == "ivf_pq" and vectors is None:
+        raise NotReady(f"index version {version} has no re-ranking vectors", code="index_missing")
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
@@ -694,7 +912,10 @@ def load_version(
         blob = f"{version}/{HEAD_FILE}"
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
         head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
-    loaded = ClusterIndex(index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested)
+    order = load("order.npy")
+    loaded = ClusterIndex(
+        index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested, vectors, order
+    )
     loaded.mapped = Path(paths["index.faiss"]) if mapped else None
     return loaded
 

@@ -63,6 +63,7 @@ class ReindexResult:
     recall_at_10: float | None = None
     mode: str = "full"  # "full" (clusters trained), "incremental" (added to them) or "unchanged"
     added: int = 0
+    kind: str = "ivf_flat"
 
 
 def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force: bool = False) -> ReindexResult:
@@ -100,6 +101,12 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         "space": settings.index_space,
         "head": head.version if head else None,
         "text_encoder": settings.text_encoder,
+        "kind": settings.index_kind,
+        "memory_mb": settings.index_memory_mb,
+        "flat_max": settings.index_flat_max,
+        "pq_m": settings.index_pq_m,
+        "pq_nbits": settings.index_pq_nbits,
+        "rerank": settings.index_rerank,
         "pca_dim": settings.index_pca_dim,
         "nlist": settings.index_nlist,
         "nprobe": settings.index_nprobe,
@@ -140,6 +147,12 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         emb.ids,
         labels,
         encoder_version=encoder_version,
+        kind=settings.index_kind,
+        memory_mb=settings.index_memory_mb,
+        flat_max=settings.index_flat_max,
+        pq_m=settings.index_pq_m,
+        pq_nbits=settings.index_pq_nbits,
+        rerank=settings.index_rerank,
         pca_dim=settings.index_pca_dim,
         nlist=settings.index_nlist,
         nprobe=settings.index_nprobe,
@@ -242,6 +255,7 @@ def _result(version: str, built: bool, manifest: dict[str, Any], mode: str) -> R
         manifest.get("recall", {}).get("at_10"),
         mode,
         int(manifest.get("incremental", {}).get("added", 0)) if mode == "incremental" else 0,
+        str(manifest.get("kind", "ivf_flat")),
     )
 
 

@@ -303,6 +303,8 @@ class SearchService:
                 "clusters": m["nlist"],
                 "nprobe": idx.nprobe,
                 "factory": m["factory"],
+                "kind": m.get("kind", "ivf_flat"),
+                "bytes_per_vector": m.get("bytes_per_vector"),
                 "space": m.get("space", "backbone"),
                 "memory_mapped": idx.mapped is not None,
                 "recall_at_10": m.get("recall", {}).get("at_10"),

@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     embed_decode_workers: int = Field(default=2, ge=1, le=64)
 
     # Index
+    index_kind: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = Field(
+        default="auto", description="auto: flat for small sets, IVF-Flat while it fits index_memory_mb, else IVF-PQ."
+    )
+    index_memory_mb: float = Field(
+        default=1024, gt=0, description="Memory budget for the vectors an index holds (codes and ids)."
+    )
+    index_flat_max: int = Field(default=2000, ge=0, description="auto: exact search up to this many images.")
+    index_pq_m: int = Field(default=0, ge=0, description="IVF-PQ sub-quantisers (code bytes); 0 chooses.")
+    index_pq_nbits: int = Field(default=8, ge=4, le=12, description="IVF-PQ bits per sub-quantiser.")
+    index_rerank: int = Field(
+        default=10, ge=1, le=100, description="IVF-PQ: k times this many candidates are re-ranked exactly."
+    )
     index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
     index_power: float = Field(default=0.5, gt=0, le=1, description="Power normalisation; 1 turns it off.")
     index_nlist: int = Field(default=0, ge=0, description="0 chooses from the collection size.")

@@ -168,7 +168,7 @@ def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, colle
     shutil.copytree(collection.settings.data_dir, tmp_path / "data")
     storage = LocalStorage(tmp_path / "data")
     before = current_version(storage)
-    strict = make_settings(tmp_path / "data", index_nprobe=1, index_recall_target=0.99)
+    strict = make_settings(tmp_path / "data", index_kind="ivf_flat", index_nprobe=1, index_recall_target=0.99)
     with pytest.raises(QualityGate, match="below the target"):
         reindex(storage, strict, collection.encoder.version)
     assert current_version(storage) == before and list_versions(storage) == [before]

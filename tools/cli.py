@@ -109,7 +109,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
         "unchanged": "is up to date:",
     }[result.mode]
     print(
-        f"index {result.version} {verb} {result.count} images in {result.nlist} clusters, "
+        f"index {result.version} {verb} {result.count} images in {result.nlist} clusters ({result.kind}), "
         f"nprobe {result.nprobe} for recall@10 {result.recall_at_10} ({time.perf_counter() - t0:.1f} s)"
     )
     return 0
@@ -128,13 +128,14 @@ def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     if not versions:
         print("no index has been published yet")
         return 0
-    print("   version   images  clusters  nprobe  recall@10  space     built")
+    print("   version   images  kind      clusters  nprobe  recall@10  space     built")
     for version in versions:
         m = storage.get_json(INDEX, f"{version}/manifest.json")
         recall = m.get("recall", {}).get("at_10", "-")
         mark = "*" if version == current else " "
         print(
-            f"{mark}  {version}  {m['count']:>7}  {m['nlist']:>8}  {m.get('nprobe', '-'):>6}  {recall!s:>9}  "
+            f"{mark}  {version}  {m['count']:>7}  {m.get('kind', 'ivf_flat'):<8}  {m['nlist']:>8}  "
+            f"{m.get('nprobe', '-'):>6}  {recall!s:>9}  "
             f"{m.get('space', 'backbone'):<8}  {m['built_at']}"
         )
     return 0

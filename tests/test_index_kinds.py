@@ -1,0 +1,130 @@
+"""Index kinds (exact, IVF-Flat, IVF-PQ with exact re-ranking), chosen from size and memory, on real embeddings."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.datasets import png_bytes
+from shared.embeddings import EmbeddingStore, embed_pending
+from shared.index import ClusterIndex, load_current, plan_index, publish
+from shared.ingest import IngestItem, ingest_bytes
+from shared.reindex import reindex
+from shared.search import SearchService
+from shared.storage import INDEX, LocalStorage
+from tests.conftest import Collection, make_settings
+
+
+@pytest.fixture(scope="module")
+def real(collection: Collection) -> tuple[np.ndarray, list[str]]:
+    emb = EmbeddingStore(collection.storage, collection.encoder.version).load()
+    return emb.vectors, emb.ids
+
+
+def _exact(index: ClusterIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over the index's own vectors, in its space: (scores, rows)."""
+    sims = index.transform(queries) @ index.all_vectors().T
+    rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, rows, 1), rows
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / truth.shape[1] for f, t in zip(found, truth, strict=True)]))
+
+
+def test_plan_follows_size_and_memory_budget() -> None:
+    small = plan_index(1500, 1280)
+    assert small.kind == "flat" and small.pca_dim == 256
+    mid = plan_index(70_000, 1280)
+    assert mid.kind == "ivf_flat" and mid.bytes_per_vector == 4 * 256 + 8 and mid.nlist == 265
+    big = plan_index(10_000_000, 1280)  # 10M x 1032 B is 9.6 GiB: over the 1 GiB default
+    assert big.kind == "ivf_pq" and big.bytes_per_vector <= 64 and 256 % big.pq_m == 0 and big.rerank == 10
+    assert 10_000_000 * big.bytes_per_vector <= 1024 * 2**20
+    assert big.nlist == round(4 * np.sqrt(10_000_000))  # more, smaller lists as the collection grows
+    tight = plan_index(10_000_000, 1280, memory_mb=200)  # 20 bytes a vector: a smaller code
+    assert tight.kind == "ivf_pq" and tight.bytes_per_vector <= 21 and tight.pq_m == 8
+    head = plan_index(5_000_000, 64, pca_dim=0, memory_mb=100)
+    assert head.kind == "ivf_pq" and head.pca_dim == 0 and 64 % head.pq_m == 0
+    roomy = plan_index(1_000_000, 1280, memory_mb=4096)
+    assert roomy.kind == "ivf_flat"
+    forced = plan_index(50_000, 1280, kind="ivf_pq", pq_m=16, nlist=100)
+    assert (forced.kind, forced.pq_m, forced.nlist, forced.bytes_per_vector) == ("ivf_pq", 16, 100, 24)
+    with pytest.raises(ValueError, match="divide"):
+        plan_index(50_000, 1280, kind="ivf_pq", pq_m=48)
+    with pytest.raises(ValueError, match="kind"):
+        plan_index(50_000, 1280, kind="hnsw")
+
+
+def test_flat_kind_is_exact(real) -> None:  # type: ignore[no-untyped-def]
+    vectors, ids = real
+    index = ClusterIndex.build(vectors, ids, [None] * len(ids), encoder_version="t", kind="auto")
+    assert index.manifest["kind"] == "flat" and index.nprobe == index.ivf.nlist  # 1,000 vectors: exact
+    assert index.manifest["recall"]["at_10"] == 1.0
+    queries = vectors[::25]
+    scores, rows = _exact(index, queries, 10)
+    hits = index.search(queries, 10)
+    assert _recall(hits.rows, rows) >= 0.99  # ties at the 10th place may swap
+    np.testing.assert_allclose(hits.scores, scores, atol=1e-4)
+
+
+def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vectors, ids = real
+    labels: list[str | None] = [None] * len(ids)
+    pq = ClusterIndex.build(vectors, ids, labels, encoder_version="t", kind="ivf_pq", pq_m=16, rerank=4)
+    m = pq.manifest
+    assert m["kind"] == "ivf_pq" and m["factory"].endswith("PQ16x8") and m["bytes_per_vector"] == 24
+    assert m["recall"]["meets_target"] and m["recall"]["at_10"] >= 0.95
+    queries = vectors[1::20]
+    _, truth = _exact(pq, queries, 10)
+    hits = pq.search(queries, 10)
+    assert _recall(hits.rows, truth) >= 0.93
+    # Scores are exact inner products of the full vectors, not PQ estimates.
+    exact_scores = np.einsum("nkd,nd->nk", pq.all_vectors()[hits.rows], pq.transform(queries))
+    np.testing.assert_allclose(hits.scores, exact_scores, atol=1e-5)
+    # Without re-ranking (a shortlist of exactly k) the 16-byte codes alone find less.
+    pq.rerank = 1
+    codes_only = _recall(pq.search(queries, 10).rows, truth)
+    pq.rerank = 4
+    assert codes_only < _recall(hits.rows, truth) - 0.05, codes_only
+
+    # Published and loaded: the codes are memory-mapped, the exact vectors are a memory-mapped file.
+    storage = LocalStorage(tmp_path)
+    version = publish(storage, pq)
+    assert (tmp_path / INDEX / version / "vectors.npy").is_file()
+    loaded = load_current(storage, tmp_path / "cache")
+    assert isinstance(loaded.vectors, np.memmap) and loaded.mapped is not None and loaded.rerank == 4
+    assert isinstance(loaded.ids, np.memmap) and loaded.row_of(ids[123]) == 123
+    again = loaded.search(queries, 10)
+    np.testing.assert_array_equal(again.rows, hits.rows)
+    own = loaded.search_row(7, 1)  # its exact stored vector: finds itself with cosine 1
+    assert own.rows[0, 0] == 7 and own.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ivf_pq_collection_adds_finds_and_deletes(tmp_path: Path, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    """The product path with CLUSTERLENS_INDEX_KIND=ivf_pq: reindex, incremental add, find, delete."""
+    shutil.copytree(collection.settings.data_dir, tmp_path / "data")
+    storage = LocalStorage(tmp_path / "data")
+    settings = make_settings(tmp_path / "data", index_refresh_seconds=0, index_kind="ivf_pq", index_pq_m=32)
+    first = reindex(storage, settings, collection.encoder.version)
+    assert first.mode == "full" and first.kind == "ivf_pq" and first.recall_at_10 >= 0.95  # type: ignore[operator]
+    service = SearchService(settings, storage, encoder=collection.encoder)
+    assert service.health()["index"]["kind"] == "ivf_pq"
+
+    x, _ = fashion_test
+    new_ids = [
+        ingest_bytes(storage, settings, IngestItem(data=png_bytes(x[i]), source=f"new/{i}")).id for i in range(20)
+    ]
+    embed_pending(storage, settings, collection.encoder)
+    grown = reindex(storage, settings, collection.encoder.version)
+    assert grown.mode == "incremental" and grown.added == 20 and grown.kind == "ivf_pq"
+    out = service.search_image(png_bytes(x[5]), 3)
+    assert out["results"][0]["id"] == new_ids[5] and out["results"][0]["score"] > 0.999  # exact re-ranking
+
+    service.delete(new_ids[5])
+    assert new_ids[5] not in {r["id"] for r in service.search_image(png_bytes(x[5]), 10)["results"]}
+    rebuilt = reindex(storage, settings, collection.encoder.version)
+    assert rebuilt.mode == "full" and rebuilt.count == 1019
+    assert load_current(storage, tmp_path / "cache").row_of(new_ids[5]) is None
