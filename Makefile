@@ -11,7 +11,7 @@ MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(FP16_MODEL) $(TEXT_MODEL)
 PORT   ?= 7071
 LIMIT  ?= 10000
 
-.PHONY: demo test install models data serve lint typecheck clean bench bench-embed
+.PHONY: demo test install models data serve lint typecheck clean bench bench-embed bench-search bench-http
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -54,10 +54,18 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed
+bench: bench-embed bench-search bench-http
 
 bench-embed: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.embed
+
+## bench-search: IVF-Flat / IVF-PQ vs exact search on the real 70k embeddings and 1M grown from them
+bench-search: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.search
+
+## bench-http: the real uvicorn server answering 1,000 image queries at concurrency 1 and 8 (70k index)
+bench-http: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.http
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
