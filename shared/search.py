@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from shared.catalog import Catalog, ImageRecord, check_image_id
@@ -159,6 +160,17 @@ class SearchService:
 
     # -- queries ------------------------------------------------------------------------------
 
+    def _pin_threads(self) -> None:
+        """Run this thread's FAISS calls on ``settings.search_threads`` threads.
+
+        A query is one vector, and FAISS parallelises over queries, so extra OpenMP threads only spin,
+        taking cores from ONNX Runtime: on 2 cores against the 70k index, search 2.2 -> 0.7 ms and
+        embed 15.7 -> 10.9 ms per query. OpenMP keeps the count per thread, and servers answer from
+        pools of threads, so it is set on every query (a thread-local store).
+        """
+        if self.settings.search_threads:
+            faiss.omp_set_num_threads(self.settings.search_threads)
+
     def check_k(self, k: int | None) -> int:
         """Validate the number of results.
 
@@ -189,6 +201,7 @@ class SearchService:
         self._check_versions(encoder, index)
         vector = encoder.encode([decoded.rgb]).vectors
         t2 = time.perf_counter()
+        self._pin_threads()
         hits = index.search(vector, k, filters=filters)
         t3 = time.perf_counter()
         timing = {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0}
@@ -210,6 +223,7 @@ class SearchService:
                 f"image {image_id} is not in the index (unknown, or not embedded and indexed yet)",
                 code="image_not_found",
             )
+        self._pin_threads()
         hits = index.search_row(row, k, filters=filters)
         t1 = time.perf_counter()
         return self._response(index, hits, {"search": t1 - t0, "total": t1 - t0}, filters)

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         default="backbone", description="Index the 1280-d backbone embeddings or the trained 64-d head's."
     )
     index_refresh_seconds: float = Field(default=5.0, ge=0)
+    search_threads: int = Field(
+        default=1,
+        ge=0,
+        description="FAISS threads in the API process (0: FAISS's default, every core). A single query gains "
+        "nothing from more, and idle OpenMP threads spinning beside ONNX Runtime's slow both down.",
+    )
 
     # Text search
     text_temperature: float = Field(default=0.05, gt=0, le=1, description="Softmax temperature over class texts.")

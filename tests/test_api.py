@@ -201,3 +201,30 @@ def _context() -> func.Context:
         thread_local_storage = None  # type: ignore[assignment]
 
     return Ctx()
+
+
+def test_queries_run_faiss_on_the_configured_threads(collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    """CLUSTERLENS_SEARCH_THREADS holds in whichever server thread answers (OpenMP counts per thread)."""
+    import threading
+
+    import faiss
+
+    from shared.search import SearchService
+    from tests.conftest import make_settings
+
+    settings = make_settings(collection.settings.data_dir, search_threads=1)
+    service = SearchService(settings, collection.storage, encoder=collection.encoder)
+    seen: dict[str, int] = {}
+
+    def worker() -> None:  # a fresh thread, like a server's pool thread
+        faiss.omp_set_num_threads(2)
+        service.search_image(png(fashion_test[0][0]), 5)
+        seen["image"] = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(2)
+        service.search_id(str(service.index().ids[0]), 5)
+        seen["id"] = faiss.omp_get_max_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"image": 1, "id": 1}
