@@ -601,11 +601,11 @@ class ClusterIndex:
                 if recall >= target:
                     break
                 continue
-            self.rerank = 0  # the raw PQ shortlist at the longest length, re-ranked by prefix below
-            try:
-                longest = self.search_transformed(queries, min((k + 1) * factors[-1], n), p)
-            finally:
-                self.rerank = base
+            # The raw PQ shortlist at the longest length, re-ranked by prefix below.
+            probe_scores, probe = self.ivf.quantizer.search(queries, p)
+            longest = self._scan(
+                queries, min((k + 1) * factors[-1], n), probe, probe_scores, faiss.SearchParametersIVF()
+            )
             scan_ms = (time.perf_counter() - t0) * 1000 / len(rows)
             for r in factors:
                 t1 = time.perf_counter()
