@@ -40,7 +40,7 @@ models: $(MODELS)
 $(IMAGE_MODEL): $(STAMP) tools/export_models.py
 	$(BIN)/python -m tools.export_models --only image
 
-$(INT8_MODEL): $(IMAGE_MODEL) | data  # calibrated on Fashion-MNIST images
+$(INT8_MODEL): $(IMAGE_MODEL) tools/export_models.py | data  # calibrated on Fashion-MNIST images
 	$(BIN)/python -m tools.export_models --only int8
 
 $(FP16_MODEL): $(IMAGE_MODEL)
