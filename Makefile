@@ -8,17 +8,19 @@ INT8_MODEL  := models/efficientnet_lite0_int8/model.onnx
 FP16_MODEL  := models/efficientnet_lite0_fp16/model.onnx
 TEXT_MODEL  := models/minilm_l6/model.onnx
 MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(FP16_MODEL) $(TEXT_MODEL)
+AZURITE_VERSION := 3.35.0
+AZURITE := .azurite/node_modules/.bin/azurite
 PORT   ?= 7071
 LIMIT  ?= 10000
 
-.PHONY: demo test install models data serve lint typecheck clean bench bench-embed bench-search bench-http
+.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
 	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
 
-## test: install what the tests need and run the suite
-test: $(STAMP) $(MODELS) data
+## test: install what the tests need (Azurite included) and run the suite
+test: $(STAMP) $(MODELS) data $(AZURITE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -33,6 +35,13 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 	$(BIN)/python -m pip install --quiet --no-deps foolbox==3.3.4
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
+
+## azurite: the Azure Storage emulator the integration tests start (npm, pinned)
+azurite: $(AZURITE)
+
+$(AZURITE):
+	@mkdir -p .azurite
+	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
 
 ## models: export the ONNX image encoder (fp32, int8, fp16) and text encoder (torch is used here only)
 models: $(MODELS)
@@ -70,6 +79,10 @@ bench-http: $(STAMP) $(MODELS) data
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
 
+## worker: run queued jobs on the local backend (what the Azure Container Apps job runs)
+worker: $(STAMP) $(MODELS)
+	$(BIN)/clusterlens worker
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -78,4 +91,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf .clusterlens models/efficientnet_lite0 models/efficientnet_lite0_int8 models/efficientnet_lite0_fp16 models/minilm_l6
+	rm -rf .clusterlens .azurite models/efficientnet_lite0 models/efficientnet_lite0_int8 models/efficientnet_lite0_fp16 models/minilm_l6

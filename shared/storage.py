@@ -1,13 +1,15 @@
 """Blob-style storage: named containers of named blobs with string metadata.
 
-``LocalStorage`` keeps containers as folders under one root and is the default. The interface
-mirrors Azure Blob Storage (containers, ``/``-separated names, metadata, create-if-absent), so an
-Azure implementation can be dropped in by :func:`open_storage` without touching callers.
+``LocalStorage`` keeps containers as folders under one root and is the default;
+``AzureBlobStorage`` is the same interface over Azure Blob Storage (connection string, or account
+URL with ``DefaultAzureCredential``). Both give atomic whole-blob writes, create-if-absent
+(``overwrite=False``), lexical listing and string metadata; :func:`open_storage` picks one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,11 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
 
 from shared.errors import ClusterlensError, NotFound
 
 if TYPE_CHECKING:
     from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 UPLOADS = "uploads"
 EMBEDDINGS = "embeddings"
@@ -29,7 +34,8 @@ LABELS = "labels"
 QUARANTINE = "quarantine"
 REPORTS = "reports"
 MODELS = "models"  # trained artefacts (projection heads), versioned
-CONTAINERS = (UPLOADS, EMBEDDINGS, INDEX, LABELS, QUARANTINE, REPORTS, MODELS)
+JOBS = "jobs"  # job records: status, progress, timings, errors
+CONTAINERS = (UPLOADS, EMBEDDINGS, INDEX, LABELS, QUARANTINE, REPORTS, MODELS, JOBS)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
 _META_DIR = ".metadata"
@@ -245,16 +251,192 @@ class LocalStorage(Storage):
         return path if path.is_file() else None
 
 
-def open_storage(settings: Settings) -> Storage:
-    """The storage backend the settings choose.
+class StorageUnavailable(ClusterlensError):
+    """The storage account cannot be reached, or refuses us."""
 
-    Raises:
-        ClusterlensError: for the ``azure`` backend until it lands.
+    code = "storage_unavailable"
+    status = 503
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+_META_SAFE = " !#$&'()*+,-./:;=?@[]^_`{|}~"  # printable ASCII kept as is; the rest percent-encoded
+
+
+def _encode_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata values as Azure takes them (ASCII header values): percent-encode everything else."""
+    out = {}
+    for key, value in metadata.items():
+        if not key.isidentifier():
+            raise ValueError(f"metadata keys must be identifiers: {key!r}")
+        out[key] = quote(str(value), safe=_META_SAFE)
+    return out
+
+
+class AzureBlobStorage(Storage):
+    """Containers in an Azure Storage account (or Azurite).
+
+    Whole-blob writes are atomic in Blob Storage (a single put, or a block list committed at
+    once); ``overwrite=False`` is a conditional put (``If-None-Match: *``), so create-if-absent
+    holds between processes and machines. Files are streamed in blocks both ways.
+
+    Args:
+        connection_string: an account connection string (Azurite's, or one with a key or SAS).
+        account_url: ``https://<account>.blob.core.windows.net``, used with ``credential``
+            (``DefaultAzureCredential`` when None: managed identity in Azure, your login locally).
+        container_prefix: prepended to every container name.
+        create_containers: create missing containers (needs the right to; skipped when refused).
     """
+
+    def __init__(
+        self,
+        *,
+        connection_string: str | None = None,
+        account_url: str | None = None,
+        credential: Any = None,
+        container_prefix: str = "",
+        create_containers: bool = True,
+    ):
+        from azure.storage.blob import BlobServiceClient
+
+        # Beyond 8 MiB a blob goes up in 4 MiB blocks, committed at once (still atomic for readers).
+        sizes: dict[str, Any] = {"max_single_put_size": 8 * 1024 * 1024, "max_block_size": 4 * 1024 * 1024}
+        if connection_string:
+            self.service = BlobServiceClient.from_connection_string(connection_string, **sizes)
+        elif account_url:
+            if credential is None:
+                from azure.identity import DefaultAzureCredential
+
+                credential = DefaultAzureCredential()
+            self.service = BlobServiceClient(account_url, credential=credential, **sizes)
+        else:
+            raise ValueError("AzureBlobStorage needs a connection string or an account URL")
+        self.prefix = container_prefix
+        self._clients = {c: self.service.get_container_client(f"{container_prefix}{c}") for c in CONTAINERS}
+        if create_containers:
+            self._create_containers()
+
+    def _create_containers(self) -> None:
+        """Create missing containers; also the first contact with the account, so it fails fast and clearly.
+
+        Raises:
+            StorageUnavailable: if the account cannot be reached or the credential is refused.
+        """
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceExistsError,
+            ServiceRequestError,
+        )
+
+        for client in self._clients.values():
+            try:
+                client.create_container(retry_total=0)  # fail fast at start; jobs and triggers are retried
+            except ResourceExistsError:
+                pass
+            except ClientAuthenticationError as exc:
+                raise StorageUnavailable(
+                    f"Azure Storage at {self.service.url} refused the credential: {_first_line(exc)}"
+                ) from None
+            except HttpResponseError as exc:  # e.g. 403 with data-plane rights only: infra made them
+                log.info("not creating container %s: %s", client.container_name, exc.reason)
+            except ServiceRequestError as exc:
+                raise StorageUnavailable(
+                    f"cannot reach Azure Storage at {self.service.url}: {_first_line(exc)}"
+                ) from None
+
+    def _container(self, container: str) -> Any:
+        try:
+            return self._clients[container]
+        except KeyError:
+            raise ValueError(f"unknown container: {container!r}") from None
+
+    def _blob(self, container: str, name: str) -> Any:
+        return self._container(container).get_blob_client(check_blob_name(name))
+
+    def put(
+        self,
+        container: str,
+        name: str,
+        data: bytes,
+        *,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = True,
+    ) -> bool:
+        from azure.core.exceptions import ResourceExistsError
+
+        blob = self._blob(container, name)
+        try:
+            blob.upload_blob(
+                data, overwrite=overwrite, metadata=_encode_metadata(metadata) if metadata is not None else None
+            )
+        except ResourceExistsError:
+            return False
+        return True
+
+    def get(self, container: str, name: str) -> bytes:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return bytes(self._blob(container, name).download_blob().readall())
+        except ResourceNotFoundError:
+            raise BlobNotFound(f"{container}/{name} not found") from None
+
+    def exists(self, container: str, name: str) -> bool:
+        return bool(self._blob(container, name).exists())
+
+    def list(self, container: str, prefix: str = "") -> Iterator[str]:
+        # Blob Storage lists in lexical (UTF-8 byte) order, page by page.
+        yield from self._container(container).list_blob_names(name_starts_with=prefix or None)
+
+    def delete(self, container: str, name: str) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            self._blob(container, name).delete_blob(delete_snapshots="include")
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    def get_metadata(self, container: str, name: str) -> dict[str, str]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            props = self._blob(container, name).get_blob_properties()
+        except ResourceNotFoundError:
+            raise BlobNotFound(f"{container}/{name} not found") from None
+        return {str(k): unquote(str(v)) for k, v in (props.metadata or {}).items()}
+
+    def upload_file(self, container: str, name: str, path: Path) -> None:
+        with open(path, "rb") as fh:  # streamed in blocks, committed at once
+            self._blob(container, name).upload_blob(fh, overwrite=True, max_concurrency=4)
+
+    def download_file(self, container: str, name: str, dest: Path) -> Path:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:  # streamed to disk, never whole in memory
+                self._blob(container, name).download_blob(max_concurrency=4).readinto(fh)
+            os.replace(tmp, dest)
+        except ResourceNotFoundError:
+            raise BlobNotFound(f"{container}/{name} not found") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage backend the settings choose: a local folder, or an Azure Storage account."""
     if settings.storage_backend == "local":
         return LocalStorage(settings.data_dir, settings.container_prefix)
-    raise ClusterlensError(
-        "the Azure Blob storage backend is not built yet; set CLUSTERLENS_STORAGE_BACKEND=local",
-        code="backend_unavailable",
-        status=501,
+    return AzureBlobStorage(
+        connection_string=settings.azure_storage_connection_string,
+        account_url=settings.azure_storage_account_url,
+        container_prefix=settings.container_prefix,
     )

@@ -115,6 +115,10 @@ def test_bad_settings_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert proc.returncode == 2 and "CLUSTERLENS_INDEX_NPROBE" in proc.stderr and "Traceback" not in proc.stderr
     monkeypatch.setenv("CLUSTERLENS_INDEX_NPROBE", "0")
     monkeypatch.setenv("CLUSTERLENS_STORAGE_BACKEND", "azure")
-    monkeypatch.setenv("CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL", "https://example.invalid")
-    proc = run(["embed"], tmp_path, check=False)
-    assert proc.returncode == 1 and "not built yet" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setenv(
+        "CLUSTERLENS_AZURE_STORAGE_CONNECTION_STRING",
+        "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:9/a;",
+    )
+    proc = run(["embed"], tmp_path, check=False)  # nothing listens on port 9: a clear error, at once
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot reach Azure Storage at http://127.0.0.1:9" in proc.stderr, proc.stderr

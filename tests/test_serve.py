@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import Collection, png
+from tests.servers import running_server
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(collection: Collection) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "CLUSTERLENS_DATA_DIR": str(collection.settings.data_dir)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        else:
-            pytest.fail("the server did not come up in 60 s")
+    with running_server({"CLUSTERLENS_DATA_DIR": str(collection.settings.data_dir)}) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_served_page_and_search(server: str, fashion_test) -> None:  # type: ignore[no-untyped-def]
