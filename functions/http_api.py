@@ -24,9 +24,12 @@ from shared.catalog import Catalog, check_image_id
 from shared.errors import BadRequest, ClusterlensError, PayloadTooLarge, UnsupportedMediaType
 from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
+from shared.jobs import JobRecord, JobStore, api_job, check_job_id, enqueue
+from shared.queues import JobQueue, open_queue
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
 from shared.storage import UPLOADS
+from shared.uploads import accept_upload, clean_label
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -72,12 +75,46 @@ SEARCH_BODY = {
 }
 
 
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "the image file"},
+                    "label": {"type": "string", "maxLength": 100, "description": "its label (optional)"},
+                    "caption": {"type": "string", "maxLength": 2000, "description": "a caption (optional)"},
+                },
+            }
+        },
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
+    },
+}
+# Parameters each job kind takes over HTTP: name -> (type, min, max).
+API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
+    "reindex": {"force": (bool, 0, 1)},
+    "retrain": {"epochs": (int, 1, 200), "seed": (int, 0, 2**31 - 1)},
+    "train_head": {
+        "epochs": (int, 1, 200),
+        "batch_size": (int, 8, 8192),
+        "lr": (float, 1e-6, 1.0),
+        "seed": (int, 0, 2**31 - 1),
+    },
+    "analyse": {},
+    "embed": {"all": (bool, 0, 1)},
+}
+
+
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(service: SearchService | None = None, settings: Settings | None = None) -> FastAPI:
-    """Build the API. ``service`` and ``settings`` are injectable; by default they load lazily."""
+def create_app(
+    service: SearchService | None = None, settings: Settings | None = None, queue: JobQueue | None = None
+) -> FastAPI:
+    """Build the API. ``service``, ``settings`` and ``queue`` are injectable; by default they load lazily."""
     app = FastAPI(
         title="clusterlens",
         version=__version__,
@@ -90,6 +127,11 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
     @lru_cache(maxsize=1)
     def get_service() -> SearchService:
         return service or SearchService(settings or get_settings())
+
+    @lru_cache(maxsize=1)
+    def get_queue() -> JobQueue:
+        svc = get_service()
+        return queue or open_queue(svc.settings, svc.settings.queue_name)
 
     @app.exception_handler(ClusterlensError)
     async def _clusterlens_error(request: Request, exc: ClusterlensError) -> JSONResponse:
@@ -169,6 +211,78 @@ def create_app(service: SearchService | None = None, settings: Settings | None =
         record = await run_in_threadpool(get_service().delete, image_id)
         return {"deleted": record.id, "source": record.source}
 
+    @app.post(
+        "/api/images",
+        status_code=201,
+        summary="Add an image (the blob trigger's path): stored, deduplicated, queued for embedding",
+        openapi_extra={"requestBody": UPLOAD_BODY},
+        responses={200: {"description": "already known (same bytes)"}, 201: {"description": "added"}},
+    )
+    async def upload_image(request: Request) -> Response:
+        svc = get_service()
+        limit = svc.settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 65536:
+            raise PayloadTooLarge(f"the request is over the {limit}-byte upload limit")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            data, fields = await _read_image_form(request, limit, max_fields=8)
+        elif ctype in CONTENT_TYPES.values() or ctype == "application/octet-stream":
+            data, fields = await _read_body(request, limit), dict(request.query_params)
+        else:
+            raise UnsupportedMediaType("send multipart/form-data with an `image` file, or the image bytes")
+        if not data:
+            raise BadRequest("the upload is empty", code="empty_upload")
+        label = clean_label(_text_field(fields, "label"))
+        caption = _text_field(fields, "caption")
+        accepted = await run_in_threadpool(
+            accept_upload, svc.storage, get_queue(), svc.settings, data, source="api", label=label, caption=caption
+        )
+        result = accepted.result
+        if result.status == "quarantined":
+            err = result.error
+            raise ClusterlensError(
+                f"{err.message if err else result.reason} (kept in quarantine for review)",
+                code=err.code if err else "invalid_image",
+                status=err.status if err else 400,
+            )
+        body: dict[str, Any] = {"id": result.id, "status": result.status, "url": f"/api/images/{result.id}"}
+        if accepted.job is not None:
+            body["job"] = {"id": accepted.job.job_id, "url": f"/api/jobs/{accepted.job.job_id}"}
+        return JSONResponse(body, status_code=201 if result.status == "added" else 200)
+
+    @app.post("/api/jobs", status_code=202, summary="Start a job: reindex, retrain, train_head, analyse or embed")
+    async def start_job(request: Request) -> JSONResponse:
+        payload = _json_object(await _read_body(request, 16 * 1024))
+        kind = payload.get("kind")
+        if kind not in API_JOB_PARAMS:
+            raise BadRequest(f'"kind" must be one of {", ".join(API_JOB_PARAMS)}', code="invalid_kind")
+        params = _job_params(kind, payload.get("params", {}))
+        key = request.headers.get("idempotency-key") or payload.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+            raise BadRequest("an idempotency key is a string of 1 to 200 characters", code="invalid_idempotency_key")
+        svc = get_service()
+        message = api_job(kind, params, key)
+        record, queued = await run_in_threadpool(enqueue, svc.storage, get_queue(), message)
+        return JSONResponse(
+            {"job": _job_json(record), "queued": queued},
+            status_code=202,
+            headers={"Location": f"/api/jobs/{record.job_id}"},
+        )
+
+    @app.get("/api/jobs/{job_id}", summary="A job's status, progress, timings and errors")
+    async def job_status(job_id: str) -> dict[str, Any]:
+        check_job_id(job_id)
+        record = await run_in_threadpool(JobStore(get_service().storage).get, job_id)
+        return _job_json(record)
+
+    @app.get("/api/jobs", summary="Recent jobs, newest first")
+    async def jobs(limit: int = 20) -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise BadRequest("limit must be between 1 and 100", code="invalid_limit")
+        records = await run_in_threadpool(JobStore(get_service().storage).recent, limit)
+        return {"jobs": [_job_json(r) for r in records]}
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_page_html())
@@ -208,9 +322,14 @@ def _parse_k(value: Any) -> int | None:
     raise BadRequest("k must be an integer", code="invalid_k")
 
 
-async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int | None, SearchFilters]:
+async def _read_image_form(request: Request, max_bytes: int, max_fields: int) -> tuple[bytes, dict[str, Any]]:
+    """A multipart form's ``image`` file (at most ``max_bytes``) and its other fields.
+
+    Raises:
+        BadRequest: unparsable form or no file. PayloadTooLarge: the file is over the limit.
+    """
     try:
-        form = await request.form(max_files=1, max_fields=16)
+        form = await request.form(max_files=1, max_fields=max_fields)
     except Exception:  # noqa: BLE001 - malformed multipart bodies raise assorted parser errors
         raise BadRequest("the multipart body cannot be parsed", code="invalid_multipart") from None
     upload = form.get("image")
@@ -219,6 +338,11 @@ async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int 
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"the image is over the {max_bytes}-byte upload limit")
+    return data, {k: v for k, v in form.items() if k != "image"}
+
+
+async def _read_multipart(request: Request, max_bytes: int) -> tuple[bytes, int | None, SearchFilters]:
+    data, form = await _read_image_form(request, max_bytes, max_fields=16)
     filters = parse_filters({n: v for n, v in form.items() if n in FIELDS and isinstance(v, str)})
     return data, _parse_k(form.get("k")), filters
 
@@ -240,3 +364,51 @@ def _read_json_query(body: bytes) -> tuple[str, str, int | None, SearchFilters]:
     if not isinstance(image_id, str):
         raise BadRequest('"id" must be a string', code="invalid_id")
     return "id", check_image_id(image_id), _parse_k(payload.get("k")), parse_filters(payload.get("filters"))
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("empty request body", code="empty_request")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def _job_params(kind: str, params: Any) -> dict[str, Any]:
+    """Check a job's parameters against what its kind takes.
+
+    Raises:
+        BadRequest: for unknown names, wrong types or values out of range.
+    """
+    if not isinstance(params, dict):
+        raise BadRequest('"params" must be an object', code="invalid_params")
+    allowed = API_JOB_PARAMS[kind]
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise BadRequest(f"{kind} takes no parameter {name!r} (it takes: {known})", code="invalid_params")
+        typ, lo, hi = allowed[name]
+        ok = isinstance(value, bool) if typ is bool else isinstance(value, typ | int) and not isinstance(value, bool)
+        if not ok or (typ is not bool and not lo <= value <= hi):
+            what = "true or false" if typ is bool else f"a number from {lo:g} to {hi:g}"
+            raise BadRequest(f"params.{name} must be {what}", code="invalid_params")
+        out[name] = typ(value)
+    return out
+
+
+def _job_json(record: JobRecord) -> dict[str, Any]:
+    value: dict[str, Any] = record.model_dump(mode="json")
+    value["url"] = f"/api/jobs/{record.job_id}"
+    return value
+
+
+def _text_field(fields: Any, name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequest(f"`{name}` must be text", code=f"invalid_{name}")

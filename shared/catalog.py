@@ -2,7 +2,8 @@
 
 Record blob: ``embeddings/records/<id>.json`` where ``id`` is the sha256 of the image bytes.
 Fields: id, blob (name in the uploads container), label (or null), source, format, width, height,
-bytes, ingested_at, caption (or null). Records are written create-if-absent, so ingesting the same bytes twice is a
+bytes, ingested_at, caption (or null), job (the embedding job
+that was queued for it, or null). Records are written create-if-absent, so ingesting the same bytes twice is a
 no-op, whoever does it.
 """
 
@@ -46,6 +47,7 @@ class ImageRecord:
     bytes: int
     ingested_at: str
     caption: str | None = None
+    job: str | None = None  # the embedding job it was queued in (blob trigger and upload API)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

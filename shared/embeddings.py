@@ -1,6 +1,6 @@
 """Durable embeddings: Parquet shards keyed by image id, one folder per encoder version.
 
-Shard blob: ``embeddings/vectors/<encoder version>/part-<utc time>-<n>.parquet`` with columns
+Shard blob: ``embeddings/vectors/<encoder version>/part-<utc time>-<random>-<n>.parquet`` with columns
 ``id`` (string), ``embedding`` (float32 list), ``top_class`` (int16 list), ``top_prob`` (float32
 list: the top ImageNet classes and their probabilities). A shard is written in one atomic put, so
 an interrupted run loses at most the shard in flight, and the next run embeds only what is missing.
@@ -12,7 +12,8 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,14 +97,17 @@ class EmbeddingStore:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        name = f"{self.prefix}part-{stamp}-{len(ids):06d}.parquet"
+        # The random part keeps two writers (parallel job replicas) from ever sharing a name.
+        name = f"{self.prefix}part-{stamp}-{uuid.uuid4().hex[:8]}-{len(ids):06d}.parquet"
         self.storage.put(EMBEDDINGS, name, buf.getvalue(), overwrite=False)
         return name
 
     def _read_table(self, name: str, columns: list[str] | None = None) -> Any:
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(self.storage.get(EMBEDDINGS, name)), columns=columns)
+        # use_threads=False: pyarrow 26's reader thread pool aborts the process at exit about one
+        # run in six ("terminate called without an active exception"); shards are small anyway.
+        return pq.read_table(io.BytesIO(self.storage.get(EMBEDDINGS, name)), columns=columns, use_threads=False)
 
     def embedded_ids(self) -> set[str]:
         """Ids that have an embedding for this encoder version."""
@@ -204,6 +208,7 @@ def embed_pending(
     *,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> EmbedStats:
     """Embed every catalogued image that has no embedding for this encoder version yet.
 
@@ -213,13 +218,15 @@ def embed_pending(
     Args:
         progress: called with the number of images finished after each batch.
         on_total: called once with the number of pending images.
+        only: consider only these image ids (an embedding job's own images).
     """
     stats = EmbedStats()
     t_start = time.perf_counter()
     store = EmbeddingStore(storage, encoder.version)
     catalog = Catalog(storage)
     done = store.embedded_ids()
-    pending = sorted(set(catalog.ids()) - done)
+    known = set(catalog.ids()) if only is None else {i for i in only if catalog.exists(i)}
+    pending = sorted(known - done)
     stats.pending = len(pending)
     stats.seconds["list"] = time.perf_counter() - t_start
     if on_total:

@@ -43,6 +43,7 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -893,8 +894,12 @@ def list_versions(storage: Storage) -> list[str]:
     return _list_versions(storage, INDEX)
 
 
-def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
+def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Callable[[], bool] | None = None) -> str:
     """Write a new version, then swap the pointer to it; prune versions beyond ``keep``.
+
+    Args:
+        swap_if: asked right before the swap; False leaves the version written (complete, kept
+            for rollback) but not current, and sets ``manifest["published"]`` to False.
 
     Returns:
         the new version name.
@@ -923,8 +928,12 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3) -> str:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
         storage.put_json(INDEX, f"{version}/head.json", built.head.manifest)
     storage.put_json(INDEX, f"{version}/manifest.json", manifest)  # marks the version complete
-    swap_pointer(storage, INDEX, version)
     built.manifest = manifest
+    if swap_if is not None and not swap_if():
+        built.manifest = dict(manifest, published=False)
+        log.warning("index %s written but not published: a newer build is current", version)
+        return version
+    swap_pointer(storage, INDEX, version)
     prune(storage, INDEX, keep, current=version)
     log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest["nlist"])
     return version

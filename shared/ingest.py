@@ -42,6 +42,7 @@ class IngestResult:
     id: str
     source: str
     reason: str | None = None
+    error: ClusterlensError | None = None  # why it was quarantined
 
 
 @dataclass
@@ -62,8 +63,11 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> IngestResult:
+def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem, *, job_id: str | None = None) -> IngestResult:
     """Validate, dedupe and store one image. Never raises for bad image data.
+
+    Args:
+        job_id: the embedding job the image is queued in, kept in its record.
 
     Returns:
         ``added`` (new image stored), ``duplicate`` (same bytes already known) or ``quarantined``
@@ -77,7 +81,7 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
         decoded = decode_image(item.data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
     except ClusterlensError as exc:
         quarantine(storage, image_id, item, code=exc.code, reason=exc.message)
-        return IngestResult("quarantined", image_id, item.source, f"{exc.code}: {exc.message}")
+        return IngestResult("quarantined", image_id, item.source, f"{exc.code}: {exc.message}", exc)
     blob = f"{image_id}{EXTENSION_FOR_FORMAT[decoded.format]}"
     metadata = {"sha256": image_id, "source": item.source[-256:]}
     if item.label:
@@ -94,6 +98,7 @@ def ingest_bytes(storage: Storage, settings: Settings, item: IngestItem) -> Inge
         bytes=len(item.data),
         ingested_at=datetime.now(UTC).isoformat(timespec="seconds"),
         caption=clean_caption(item.caption, settings.max_text_chars),
+        job=job_id,
     )
     # The record goes last: an image is known only once its bytes are durably stored.
     catalog.undelete(image_id)  # added again after a delete: the user wants it back

@@ -61,7 +61,9 @@ class ReindexResult:
     seconds: float
     nprobe: int = 0
     recall_at_10: float | None = None
-    mode: str = "full"  # "full" (clusters trained), "incremental" (added to them) or "unchanged"
+    # "full" (clusters trained), "incremental" (added to them), "unchanged", or "superseded" (built, but a
+    # concurrent build holding more shards was published first: kept for rollback, not made current)
+    mode: str = "full"
     added: int = 0
     kind: str = "ivf_flat"
 
@@ -235,8 +237,28 @@ def _publish(storage: Storage, settings: Settings, built: ClusterIndex, force: b
                 code="recall_below_target",
             )
         log.warning("publishing an index below its recall target (forced): %s", recall["at_10"])
-    version = publish(storage, built, keep=settings.index_keep_versions)
+    version = publish(storage, built, keep=settings.index_keep_versions, swap_if=lambda: _still_newest(storage, built))
+    if built.manifest.get("published") is False:
+        return _result(version, True, built.manifest, mode="superseded")
     return _result(version, True, built.manifest, mode=mode)
+
+
+def _still_newest(storage: Storage, built: ClusterIndex) -> bool:
+    """Whether ``built`` may replace the current version: it holds every shard the current one does.
+
+    Two reindex jobs can run at once (parallel job replicas); shards only ever accumulate, so the
+    build that read fewer of them must not replace the one that read more. A build for another
+    encoder version (a model change) always may.
+    """
+    current = current_version(storage)
+    if current is None:
+        return True
+    manifest = storage.get_json(INDEX, f"{current}/manifest.json")
+    if manifest.get("encoder_version") != built.manifest.get("encoder_version"):
+        return True
+    theirs = set(manifest.get("source", {}).get("shard_names", []))
+    ours = set(built.manifest.get("source", {}).get("shard_names", []))
+    return theirs <= ours
 
 
 def _epoch(iso: str) -> int:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -19,14 +19,45 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """All clusterlens settings, read once from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="CLUSTERLENS_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CLUSTERLENS_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # Storage
     storage_backend: Literal["local", "azure"] = "local"
     data_dir: Path = Path(".clusterlens")
     azure_storage_connection_string: str | None = None
     azure_storage_account_url: str | None = None
-    container_prefix: str = Field(default="", description="Prefix for container names, e.g. 'cl-' gives 'cl-uploads'.")
+    container_prefix: str = Field(
+        default="", pattern=r"^[a-z0-9-]{0,20}$", description="Prefix for container names: 'cl-' gives 'cl-uploads'."
+    )
+
+    # Jobs: the queue between the function app and the container job (or `clusterlens worker`)
+    queue_name: str = Field(default="jobs", pattern=r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$")
+    poison_queue_name: str = Field(default="jobs-poison", pattern=r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$")
+    job_max_attempts: int = Field(default=5, ge=1, le=100, description="Tries before a job goes to the poison queue.")
+    job_visibility_seconds: int = Field(
+        default=120,
+        ge=2,
+        le=7 * 24 * 3600,
+        description="A taken message stays hidden this long; renewed while working.",
+    )
+    job_retry_seconds: float = Field(default=10, ge=0, description="First retry delay; doubles each try.")
+    job_poll_seconds: float = Field(default=1.0, gt=0, le=60, description="Idle worker's wait between queue polls.")
+    embed_batch_seconds: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Uploads arriving within one window share one embedding job, which runs when the window closes.",
+    )
+    reindex_schedule: str = Field(
+        default="0 0 * * * *",
+        validation_alias=AliasChoices("REINDEX_SCHEDULE", "CLUSTERLENS_REINDEX_SCHEDULE"),
+        description="NCRONTAB (seconds first) of the reindex timer.",
+    )
+    retrain_schedule: str = Field(
+        default="0 30 2 * * *",
+        validation_alias=AliasChoices("RETRAIN_SCHEDULE", "CLUSTERLENS_RETRAIN_SCHEDULE"),
+        description="NCRONTAB (seconds first) of the retrain timer.",
+    )
 
     # Models
     model_dir: Path = PROJECT_ROOT / "models"
@@ -89,6 +120,15 @@ class Settings(BaseSettings):
 
     # Datasets
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+    @field_validator("reindex_schedule", "retrain_schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        from croniter import croniter
+
+        if len(value.split()) != 6 or not croniter.is_valid(value, second_at_beginning=True):
+            raise ValueError(f"{value!r} is not an NCRONTAB schedule (six fields, seconds first: '0 0 * * * *')")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,9 +18,12 @@ from shared.embeddings import embed_pending
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.reindex import reindex
+from shared.runtime import get_runtime
 from shared.search import SearchService
-from shared.settings import Settings
+from shared.settings import Settings, get_settings
 from shared.storage import LocalStorage
+from tests.azurite import Azurite
+from tests.azurite import start as start_azurite
 
 COLLECTION_SIZE = 1000
 
@@ -62,10 +68,37 @@ def collection(tmp_path_factory: pytest.TempPathFactory, encoder: ImageEncoder) 
     return Collection(settings, storage, SearchService(settings, storage, encoder=encoder), encoder)
 
 
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """A real Azurite (blob + queue) for the session; each test takes its own container prefix."""
+    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def use_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Any], None]]:
+    """Point the process's settings and runtime (what triggers use) at a backend."""
+
+    def apply(backend: Any) -> None:  # a tests.jobs_support.Backend
+        for name in [n for n in os.environ if n.startswith("CLUSTERLENS_")]:
+            monkeypatch.delenv(name)
+        for name, value in backend.env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        get_runtime.cache_clear()
+
+    yield apply
+    get_settings.cache_clear()
+    get_runtime.cache_clear()
+
+
 def png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 
-__all__ = ["FASHION_MNIST_CLASSES", "Collection", "make_settings", "png"]
+__all__ = ["FASHION_MNIST_CLASSES", "Azurite", "Collection", "make_settings", "png"]

@@ -172,9 +172,17 @@ def test_azure_functions_wrapper_routes_to_the_api(collection: Collection, monke
     get_settings.cache_clear()
     import function_app
 
-    functions = function_app.app.get_functions()
-    assert [f.get_function_name() for f in functions] == ["http_app_func"]
-    handler = functions[0].get_user_function()
+    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
+    assert sorted(functions) == ["http_app_func", "ingest_blob", "reindex_timer", "retrain_timer"]
+    # What the host indexes: the blob trigger fed by Event Grid, timers on schedules from app settings.
+    blob = json.loads(functions["ingest_blob"].get_function_json())["bindings"][0]
+    assert (blob["type"], blob["path"], blob["source"]) == ("blobTrigger", "uploads/{name}", "EventGrid")
+    schedules = {
+        name: json.loads(functions[name].get_function_json())["bindings"][0]["schedule"]
+        for name in ("reindex_timer", "retrain_timer")
+    }
+    assert schedules == {"reindex_timer": "%REINDEX_SCHEDULE%", "retrain_timer": "%RETRAIN_SCHEDULE%"}
+    handler = functions["http_app_func"].get_user_function()
     image_id = str(collection.service.index().ids[5])
     req = func.HttpRequest(
         method="POST",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pydantic import AliasChoices
+
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +43,15 @@ print(json.dumps(sorted(m.split(".")[0] for m in sys.modules)))
 
 def test_every_setting_is_in_local_settings_example() -> None:
     values = json.loads((ROOT / "local.settings.json.example").read_text())["Values"]
-    for name in Settings.model_fields:
-        assert f"CLUSTERLENS_{name.upper()}" in values, name
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = alias.choices[0] if isinstance(alias, AliasChoices) else f"CLUSTERLENS_{name.upper()}"
+        assert env in values, name
+        if isinstance(alias, AliasChoices):
+            assert Settings.model_validate({env: values[env]}).model_dump()[name] == values[env]
     assert values["FUNCTIONS_WORKER_RUNTIME"] == "python"
+    # The timer bindings read their schedules from app settings by these names.
+    assert {"REINDEX_SCHEDULE", "RETRAIN_SCHEDULE"} <= set(values)
 
 
 def test_settings_come_from_prefixed_environment(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -68,3 +76,29 @@ def test_function_app_only_assembles() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert "onnxruntime" in reqs and not {"torch", "torchvision", "timm", "scikit-learn"} & set(reqs)
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line} is not pinned"
+            pins[name.lower()] = version
+    return pins
+
+
+def test_job_image_pins_the_same_versions_as_the_function_app() -> None:
+    """The job and the function app run the same shared library: same versions, GPU runtime in the job."""
+    app, job = _pins(ROOT / "requirements.txt"), _pins(ROOT / "job" / "requirements.txt")
+    assert "onnxruntime" not in job and job["onnxruntime-gpu"] == app["onnxruntime"]
+    assert job["torch"] == "2.13.0"
+    host_only = {"azure-functions", "fastapi", "uvicorn", "python-multipart", "onnxruntime"}
+    assert {k: v for k, v in app.items() if k not in host_only} == {
+        k: v for k, v in job.items() if k not in ("onnxruntime-gpu", "torch")
+    }
+    dockerfile = (ROOT / "job" / "Dockerfile").read_text()
+    # onnxruntime-gpu 1.31's CUDA provider links CUDA 13 and cuDNN 9 (readelf on the wheel).
+    assert "FROM nvidia/cuda:13." in dockerfile and "cudnn" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "job"]' in dockerfile

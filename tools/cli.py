@@ -107,6 +107,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
         "full": "built and published",
         "incremental": f"published (+{result.added} added to the existing clusters):",
         "unchanged": "is up to date:",
+        "superseded": "was built but not published (a newer build is current):",
     }[result.mode]
     print(
         f"index {result.version} {verb} {result.count} images in {result.nlist} clusters ({result.kind}), "
@@ -192,6 +193,8 @@ def cmd_search(args: argparse.Namespace, settings: Settings, storage: Storage) -
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    import subprocess
+
     import uvicorn
 
     from functions.http_api import create_app
@@ -200,8 +203,60 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     print(f"\nclusterlens is serving the search page at {url}")
     print(f"  health:  curl {url}/api/health")
     print(f"  search:  curl -F image=@some-image.png -F k=5 {url}/api/search")
+    print(f"  upload:  curl -F image=@some-image.png {url}/api/images")
     print(f"  API docs: {url}/api/docs   (Ctrl-C stops)\n")
-    uvicorn.run(create_app(settings=settings), host=args.host, port=args.port, log_level="warning")
+    worker = None
+    if args.worker:  # the same loop as the container job, on the local queue
+        worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker"])
+        print(f"  a worker (pid {worker.pid}) embeds and indexes uploads as they arrive\n")
+    try:
+        uvicorn.run(create_app(settings=settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.worker import install_signal_handlers, open_worker
+
+    if not args.verbose:
+        logging.getLogger("shared").setLevel(logging.INFO)
+    worker = open_worker(settings, storage)
+    install_signal_handlers(worker)
+    where = settings.data_dir if settings.storage_backend == "local" else "Azure Storage"
+    print(f"clusterlens worker {worker.worker_id}: taking jobs from queue {worker.queue.name} ({where})", flush=True)
+    stats = worker.run(until_idle=args.until_idle, idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
+    print(f"worker done: {json.dumps(stats.outcomes)}", flush=True)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.jobs import JobStore, api_job, enqueue
+    from shared.queues import open_queue
+
+    store = JobStore(storage)
+    if args.action == "start":
+        if not args.kind:
+            print("clusterlens jobs start: give --kind", file=sys.stderr)
+            return 2
+        params = {"force": True} if args.force else {}
+        record, queued = enqueue(storage, open_queue(settings, settings.queue_name), api_job(args.kind, params))
+        print(f"job {record.job_id} {'queued' if queued else 'was already queued'}")
+        return 0
+    if args.action == "show":
+        if not args.id:
+            print("clusterlens jobs show: give --id", file=sys.stderr)
+            return 2
+        print(json.dumps(store.get(args.id).model_dump(mode="json"), indent=1))
+        return 0
+    for r in store.recent(args.limit):
+        done = r.progress.get("done")
+        total = r.progress.get("total")
+        progress = f"{done}/{total}" if done is not None else ""
+        error = f"  {r.error.code}: {r.error.message}" if r.error else ""
+        print(f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.status:<9} {r.job_id:<40} {progress:>11}{error}")
     return 0
 
 
@@ -264,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("worker", help="run queued jobs (embed, reindex, train-head, retrain): the container job's loop")
+    p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
+    p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
+    p.add_argument("--max-jobs", type=int, help="exit after this many messages")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("jobs", help="list recent jobs, show one, or start one")
+    p.add_argument("action", nargs="?", choices=("list", "show", "start"), default="list")
+    p.add_argument("--id", help="job id (show)")
+    p.add_argument("--kind", choices=("reindex", "retrain", "train_head", "analyse"), help="job kind (start)")
+    p.add_argument("--force", action="store_true", help="start: reindex even if nothing changed")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_jobs)
+
     for name, helptext in (
         ("serve", "serve the API and search page"),
         ("demo", "ingest Fashion-MNIST and sample photos, embed, index, serve"),
@@ -271,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--port", type=int, default=7071)
         p.add_argument("--host", default="127.0.0.1")
+        p.add_argument(
+            "--worker",
+            action=argparse.BooleanOptionalAction,
+            default=name == "demo",
+            help="also run a worker, so uploads are embedded and searchable within seconds",
+        )
         if name == "demo":
             p.add_argument("--limit", type=int, default=10000, help="Fashion-MNIST images to ingest")
             p.add_argument("--no-serve", action="store_true", help="build everything, then exit")
@@ -283,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)  # its failures reach the user as our message
     if args.command == "ingest" and bool(args.path) == bool(args.dataset):
         print("clusterlens ingest: give a folder or --dataset, not both", file=sys.stderr)
         return 2

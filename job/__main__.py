@@ -1,0 +1,36 @@
+"""Entry point of the Azure Container Apps job: ``python -m job``.
+
+KEDA starts an execution while the jobs queue holds messages; each execution works through the
+queue and exits when it is empty (or idle for ``--idle-timeout`` seconds). The loop is
+``shared.worker.Worker``, the same one ``clusterlens worker`` runs locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m job", description=__doc__.splitlines()[0])
+    parser.add_argument("--forever", action="store_true", help="keep polling instead of exiting when idle")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="exit after this many idle seconds")
+    parser.add_argument("--max-jobs", type=int, help="exit after this many messages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
+    from shared.settings import get_settings
+    from shared.worker import install_signal_handlers, open_worker
+
+    worker = open_worker(get_settings())
+    install_signal_handlers(worker)
+    logging.getLogger("job").info("worker %s on queue %s", worker.worker_id, worker.queue.name)
+    stats = worker.run(until_idle=not args.forever, idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
+    logging.getLogger("job").info("done: %s", json.dumps(stats.outcomes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

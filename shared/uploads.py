@@ -1,0 +1,135 @@
+"""Uploads: one path for an image arriving by blob event or over HTTP.
+
+Validate and store the image (content hash as id, quarantine with a reason when bad), then make
+sure its embedding job is queued. Safe to repeat: the same bytes delivered again find their
+record, and the record names the job they were queued in, so the repeat queues nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared.catalog import Catalog
+from shared.errors import BadRequest, ClusterlensError
+from shared.imaging import EXTENSION_FOR_FORMAT
+from shared.ingest import IngestItem, IngestResult, ingest_bytes, quarantine
+from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, upload_job
+from shared.queues import JobQueue
+from shared.settings import Settings
+from shared.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# Where ingest keeps images (``uploads/<sha256>.<ext>``): events for these are our own writes.
+STORED_NAME = re.compile(
+    r"^[0-9a-f]{64}(" + "|".join(re.escape(e) for e in sorted(set(EXTENSION_FOR_FORMAT.values()))) + r")$"
+)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What became of an upload: the ingest result and the embedding job it is in (if any)."""
+
+    result: IngestResult
+    job: JobRecord | None = None
+    queued: bool = False  # whether this call queued the job (False: it was queued before)
+
+
+def accept_upload(
+    storage: Storage,
+    queue: JobQueue,
+    settings: Settings,
+    data: bytes,
+    *,
+    source: str,
+    label: str | None = None,
+    caption: str | None = None,
+    now: datetime | None = None,
+) -> Accepted:
+    """Ingest one image and queue its embedding (batched with the other uploads of its window).
+
+    Never raises for bad image data: that is quarantined and reported in the result.
+    """
+    now = now or datetime.now(UTC)
+    message, delay = upload_job(now, settings.embed_batch_seconds, origin=source[-256:])
+    result = ingest_bytes(
+        storage, settings, IngestItem(data=data, source=source, label=label, caption=caption), job_id=message.job_id
+    )
+    if result.status == "quarantined":
+        return Accepted(result)
+    record = Catalog(storage).get(result.id)
+    if record.job is None:  # known from a local ingest, which embeds on its own
+        return Accepted(result)
+    if record.job != message.job_id:  # delivered again later: its job is the one it was first queued in
+        message = JobMessage(job_id=record.job, kind="embed", origin=message.origin, created_at=now)
+        delay = 0
+    store = JobStore(storage)
+    store.add_item(record.job, record.id)  # before the message can be seen
+    job, queued = enqueue(storage, queue, message, delay=delay)
+    return Accepted(result, job, queued)
+
+
+def too_large(storage: Storage, settings: Settings, *, source: str, size: int) -> IngestResult:
+    """Record an upload over the size limit without reading it (its bytes stay where they are)."""
+    from shared.ingest import content_id
+
+    reason = f"{size} bytes is over the {settings.max_upload_bytes}-byte limit (the blob is left in place)"
+    pseudo_id = content_id(source.encode())
+    quarantine(storage, pseudo_id, IngestItem(data=b"", source=source), code="payload_too_large", reason=reason)
+    return IngestResult("quarantined", pseudo_id, source, f"payload_too_large: {reason}")
+
+
+def handle_blob(
+    storage: Storage,
+    queue: JobQueue,
+    settings: Settings,
+    *,
+    name: str,
+    length: int | None,
+    metadata: dict[str, str],
+    read: Callable[[int], bytes],
+) -> Accepted:
+    """What the blob trigger does with one blob of the uploads container.
+
+    Args:
+        name: the blob path as the host gives it (``uploads/<blob name>``).
+        length: its size, if the host said (checked before reading).
+        metadata: the blob's metadata; ``label`` and ``caption`` are kept with the image.
+        read: reads up to n bytes of the blob.
+    """
+    source = f"blob:{name}"
+    blob_name = name.rsplit("/", 1)[-1]
+    if STORED_NAME.match(blob_name) and Catalog(storage).exists(blob_name[:64]):
+        # Our own stored copy (ingest writes uploads/<sha256>.<ext>): already known.
+        return Accepted(IngestResult("duplicate", blob_name[:64], source))
+    limit = settings.max_upload_bytes
+    if length is not None and length > limit:
+        return Accepted(too_large(storage, settings, source=source, size=length))
+    data = read(limit + 1)
+    if len(data) > limit:
+        return Accepted(too_large(storage, settings, source=source, size=length or len(data)))
+    meta = {k.lower(): v for k, v in metadata.items()}
+    try:
+        label = clean_label(meta.get("label"))
+    except ClusterlensError as exc:  # a bad label does not cost the image
+        log.warning("ignoring the label of %s: %s", source, exc.message)
+        label = None
+    return accept_upload(storage, queue, settings, data, source=source, label=label, caption=meta.get("caption"))
+
+
+def clean_label(label: str | None) -> str | None:
+    """A label as stored: trimmed, printable, at most 100 characters; empty means none.
+
+    Raises:
+        BadRequest: if it is longer or holds control characters.
+    """
+    if label is None:
+        return None
+    text = label.strip()
+    if len(text) > 100 or not text.isprintable():
+        raise BadRequest("a label is at most 100 printable characters", code="invalid_label")
+    return text or None

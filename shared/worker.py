@@ -1,0 +1,432 @@
+"""The job worker: take a message, run its job with the shared library, delete it when the result is durable.
+
+One loop for both homes: the Azure Container Apps job (``python -m job``, KEDA starts executions
+while the queue has messages) and ``clusterlens worker`` on the local backend.
+
+Delivery is at least once, so every job is idempotent: embedding skips images already embedded,
+reindex skips an index already built from the same inputs, and a message whose job already
+finished is dropped. While a job runs, a heartbeat thread keeps its message hidden; a worker that
+dies (or is killed) stops renewing it, and the message comes back after ``job_visibility_seconds``
+for another try. A failed try is retried after a growing delay; after ``job_max_attempts`` tries
+(failed or died) the message goes to the poison queue with its error and the job is marked failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import ClusterlensError
+from shared.jobs import FINISHED, JobError, JobMessage, JobRecord, JobStore, enqueue, follow_up_reindex
+from shared.queues import JobQueue, LostMessage, QueueMessage
+from shared.settings import Settings
+from shared.storage import Storage
+
+if TYPE_CHECKING:
+    from shared.encoder import ImageEncoder
+
+log = logging.getLogger(__name__)
+
+
+class PermanentJobError(ClusterlensError):
+    """A job that cannot succeed however often it is tried: failed at once, not retried."""
+
+    code = "job_not_possible"
+    status = 422
+
+
+@dataclass
+class JobContext:
+    """What a job handler gets: the message, storage, settings, and a way to report progress."""
+
+    message: JobMessage
+    record: JobRecord
+    storage: Storage
+    settings: Settings
+    queue: JobQueue
+    store: JobStore
+    encoder_factory: Callable[[], ImageEncoder]
+    _saved_at: float = 0.0
+
+    def progress(self, done: int, total: int | None = None, stage: str | None = None) -> None:
+        """Record progress; written to the job record at most every two seconds."""
+        self.record.progress.update({"done": done, **({"total": total} if total is not None else {})})
+        if stage:
+            self.record.progress["stage"] = stage
+        now = time.monotonic()
+        if now - self._saved_at >= 2.0:
+            self._saved_at = now
+            self.store.save(self.record)
+
+
+Handler = Callable[[JobContext], dict[str, Any]]
+
+
+def run_embed(ctx: JobContext) -> dict[str, Any]:
+    """Embed the job's images (those its uploads listed), or every pending image with ``params.all``."""
+    from shared.embeddings import embed_pending
+
+    ids = None if ctx.message.params.get("all") else ctx.store.items(ctx.message.job_id)
+    stats = _embed(ctx, ids, embed_pending)
+    out: dict[str, Any] = {
+        "images": None if ids is None else len(ids),
+        "embedded": stats.embedded,
+        "failed": len(stats.failed),
+        "shards": stats.shards,
+        "seconds": stats.seconds,
+    }
+    if stats.embedded:
+        follow, delay = follow_up_reindex(datetime.now(UTC), ctx.settings.embed_batch_seconds, ctx.message.job_id)
+        enqueue(ctx.storage, ctx.queue, follow, delay=delay)
+        out["reindex_job"] = follow.job_id
+    return out
+
+
+def _embed(ctx: JobContext, ids: list[str] | None, embed_pending: Any) -> Any:
+    done = [0]
+    total: list[int | None] = [None]
+
+    def on_total(n: int) -> None:
+        total[0] = n
+        ctx.progress(0, n, "embed")
+
+    def step(n: int) -> None:
+        done[0] += n
+        ctx.progress(done[0], total[0], "embed")
+
+    encoder = ctx.encoder_factory()
+    return embed_pending(ctx.storage, ctx.settings, encoder, progress=step, on_total=on_total, only=ids)
+
+
+def stragglers(storage: Storage, encoder_version: str) -> list[str]:
+    """Images not embedded yet whose embedding job is not going to do it (finished, lost, or none)."""
+    from shared.catalog import Catalog
+    from shared.embeddings import EmbeddingStore
+
+    catalog, store = Catalog(storage), JobStore(storage)
+    pending = sorted(set(catalog.ids()) - EmbeddingStore(storage, encoder_version).embedded_ids())
+    live: dict[str, bool] = {}
+    out = []
+    for image_id in pending:
+        job = catalog.get(image_id).job
+        if job is not None and job not in live:
+            record = store.find(job)
+            live[job] = record is not None and record.status not in FINISHED
+        if job is None or not live[job]:
+            out.append(image_id)
+    return out
+
+
+def run_reindex(ctx: JobContext) -> dict[str, Any]:
+    """Embed stragglers, then build and publish the index (skipped when nothing changed)."""
+    from shared.embeddings import embed_pending
+    from shared.reindex import reindex
+
+    encoder = ctx.encoder_factory()
+    missing = stragglers(ctx.storage, encoder.version)
+    embedded = _embed(ctx, missing, embed_pending).embedded if missing else 0
+    ctx.progress(0, None, "index")
+    result = reindex(ctx.storage, ctx.settings, encoder.version, force=bool(ctx.message.params.get("force")))
+    return {
+        "version": result.version,
+        "mode": result.mode,
+        "count": result.count,
+        "kind": result.kind,
+        "nlist": result.nlist,
+        "nprobe": result.nprobe,
+        "recall_at_10": result.recall_at_10,
+        "build_seconds": result.seconds,
+        "stragglers_embedded": embedded,
+    }
+
+
+def run_train_head(ctx: JobContext) -> dict[str, Any]:
+    """Train the projection head on the labelled images (torch: job side only)."""
+    from tools.train_head import train_on_collection
+
+    params = ctx.message.params
+    options = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed") if k in params}
+    ctx.progress(0, None, "train")
+    trained, version = train_on_collection(ctx.storage, ctx.settings, ctx.encoder_factory().version, **options)
+    return {"head_version": version, "train": trained.manifest["train"]}
+
+
+def run_retrain(ctx: JobContext) -> dict[str, Any]:
+    """Retrain what learns from labels (the projection head), and reindex when searching in its space."""
+    out = run_train_head(ctx)
+    if ctx.settings.index_space == "head":
+        out["reindex"] = run_reindex(ctx)
+    return out
+
+
+def run_analyse(ctx: JobContext) -> dict[str, Any]:
+    raise PermanentJobError("the analysis job is not available in this version", code="not_available")
+
+
+HANDLERS: dict[str, Handler] = {
+    "embed": run_embed,
+    "reindex": run_reindex,
+    "train_head": run_train_head,
+    "retrain": run_retrain,
+    "analyse": run_analyse,
+}
+
+
+class Heartbeat:
+    """Keeps a held message hidden while its job runs, renewing every third of the timeout."""
+
+    def __init__(self, queue: JobQueue, message: QueueMessage, visibility: int):
+        self.queue, self.message, self.visibility = queue, message, visibility
+        self.lost = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(1.0, self.visibility / 3)):
+            with self._lock:
+                try:
+                    self.message = self.queue.extend(self.message, self.visibility)
+                except LostMessage:
+                    log.warning("lost the claim on message %s: another worker may run it", self.message.id)
+                    self.lost = True
+                    return
+                except Exception:  # noqa: BLE001 - a failed renewal is retried on the next beat
+                    log.warning("could not renew message %s", self.message.id, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def current(self) -> QueueMessage:
+        with self._lock:
+            return self.message
+
+
+@dataclass
+class WorkerStats:
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    @property
+    def processed(self) -> int:
+        return sum(self.outcomes.values())
+
+
+class Worker:
+    """Takes job messages from ``queue`` and runs them; failures past the limit go to ``poison``.
+
+    Args:
+        encoder: an image encoder to use (default: loaded on first need from the settings).
+        handlers: job kind -> handler (injectable).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        queue: JobQueue,
+        poison: JobQueue,
+        *,
+        encoder: ImageEncoder | None = None,
+        handlers: dict[str, Handler] | None = None,
+        worker_id: str | None = None,
+    ):
+        self.storage, self.settings, self.queue, self.poison = storage, settings, queue, poison
+        self.store = JobStore(storage)
+        self.handlers = handlers or HANDLERS
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._encoder = encoder
+        self.stop = threading.Event()
+
+    def encoder(self) -> ImageEncoder:
+        if self._encoder is None:
+            from shared.encoder import ImageEncoder
+
+            s = self.settings
+            self._encoder = ImageEncoder(
+                s.encoder_dir, size=s.image_size, providers=s.ort_providers, intra_op_threads=s.ort_intra_op_threads
+            )
+            log.info("image encoder %s on %s", self._encoder.version, self._encoder.providers[0])
+        return self._encoder
+
+    def run(
+        self, *, until_idle: bool = False, idle_timeout: float | None = None, max_jobs: int | None = None
+    ) -> WorkerStats:
+        """Process messages until stopped.
+
+        Args:
+            until_idle: return once the queue is empty (hidden messages count: a batch window
+                still open, a retry waiting) or nothing arrived for ``idle_timeout`` seconds.
+            max_jobs: return after this many messages.
+        """
+        stats = WorkerStats()
+        idle_since = time.monotonic()
+        while not self.stop.is_set():
+            message = self.queue.receive(visibility_timeout=self.settings.job_visibility_seconds)
+            if message is None:
+                idle = time.monotonic() - idle_since
+                if until_idle and (
+                    self.queue.approximate_count() == 0 or (idle_timeout is not None and idle >= idle_timeout)
+                ):
+                    break
+                self.stop.wait(self.settings.job_poll_seconds)
+                continue
+            stats.count(self.process(message))
+            idle_since = time.monotonic()
+            if max_jobs is not None and stats.processed >= max_jobs:
+                break
+        return stats
+
+    def process(self, message: QueueMessage) -> str:
+        """Run one message's job. Returns the outcome: succeeded, duplicate, retrying, failed or poisoned."""
+        try:
+            job = JobMessage.from_text(message.content)
+        except ClusterlensError as exc:
+            self._poison(message, None, exc.code, exc.message, message.dequeue_count)
+            self.queue.delete(message)
+            return "poisoned"
+        record = self.store.find(job.job_id) or JobRecord.for_message(job)
+        if record.status in FINISHED:
+            log.info("job %s already %s: dropping a repeated message", job.job_id, record.status)
+            self._delete(message)
+            return "duplicate"
+        attempt = message.dequeue_count
+        if attempt > self.settings.job_max_attempts:  # earlier tries died without reporting
+            last = record.error.message if record.error else "the worker stopped without reporting (killed?)"
+            return self._give_up(message, job, record, "worker_lost", last, attempt - 1)
+        record.status, record.attempts, record.worker = "running", attempt, self.worker_id
+        record.started_at = record.started_at or datetime.now(UTC)
+        record.error = None
+        self.store.save(record)
+        ctx = JobContext(job, record, self.storage, self.settings, self.queue, self.store, self.encoder)
+        handler = self.handlers.get(job.kind)
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {}
+        error: Exception | None = None
+        with Heartbeat(self.queue, message, self.settings.job_visibility_seconds) as beat:
+            try:
+                if handler is None:
+                    raise PermanentJobError(f"no handler for job kind {job.kind!r}")
+                result = handler(ctx)
+            except Exception as exc:  # noqa: BLE001 - a job's failure is recorded, never kills the worker
+                error = exc
+        held = beat.current()  # the heartbeat has stopped: this receipt is the last one
+        record.seconds["total"] = round(time.perf_counter() - t0, 3)
+        if error is not None:
+            return self._failed(held, job, record, error, attempt)
+        record.status, record.result, record.finished_at = "succeeded", result, datetime.now(UTC)
+        record.progress["stage"] = "done"
+        self.store.save(record)  # durable first ...
+        self._delete(held)  # ... then the message goes
+        log.info("job %s succeeded in %.1f s", job.job_id, record.seconds["total"])
+        return "succeeded"
+
+    def _failed(self, held: QueueMessage, job: JobMessage, record: JobRecord, exc: Exception, attempt: int) -> str:
+        if isinstance(exc, ClusterlensError):
+            code, text = exc.code, exc.message
+            log.warning("job %s try %d failed: %s (%s)", job.job_id, attempt, text, code)
+        else:
+            code, text = "internal_error", f"{type(exc).__name__} (see the worker's log)"
+            log.exception("job %s try %d failed", job.job_id, attempt)
+        detail = "".join(traceback.format_exception_only(exc)).strip()[:2000]
+        record.errors.append(JobError(attempt=attempt, code=code, message=text, at=datetime.now(UTC)))
+        record.error = record.errors[-1]
+        if isinstance(exc, PermanentJobError) or attempt >= self.settings.job_max_attempts:
+            return self._give_up(held, job, record, code, text, attempt, detail)
+        record.status = "retrying"
+        self.store.save(record)
+        delay = min(self.settings.job_retry_seconds * 2 ** (attempt - 1), 3600.0)
+        try:
+            self.queue.extend(held, int(round(delay)))  # back on the queue after the delay
+        except LostMessage:
+            pass
+        return "retrying"
+
+    def _give_up(
+        self,
+        message: QueueMessage,
+        job: JobMessage,
+        record: JobRecord,
+        code: str,
+        text: str,
+        attempts: int,
+        detail: str | None = None,
+    ) -> str:
+        record.status, record.finished_at = "failed", datetime.now(UTC)
+        if record.error is None or record.error.code != code:
+            record.error = JobError(attempt=attempts, code=code, message=text, at=datetime.now(UTC))
+            record.errors.append(record.error)
+        self.store.save(record)
+        self._poison(message, job.job_id, code, text, attempts, detail)
+        self._delete(message)
+        log.error("job %s failed after %d tries: %s", job.job_id, attempts, text)
+        return "failed"
+
+    def _poison(
+        self,
+        message: QueueMessage,
+        job_id: str | None,
+        code: str,
+        text: str,
+        attempts: int,
+        detail: str | None = None,
+    ) -> None:
+        self.poison.send(
+            json.dumps(
+                {
+                    "job_id": job_id,
+                    "attempts": attempts,
+                    "error": {"code": code, "message": text, "detail": detail},
+                    "message": message.content[: 32 * 1024],
+                    "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+        )
+
+    def _delete(self, message: QueueMessage) -> None:
+        try:
+            self.queue.delete(message)
+        except LostMessage:  # taken again meanwhile: that worker will find the job finished
+            log.warning("message %s was taken again before it could be deleted", message.id)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    """SIGTERM/SIGINT stop the loop after the current job (a killed job's message comes back anyway)."""
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current job", signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def open_worker(settings: Settings, storage: Storage | None = None) -> Worker:
+    """A worker on the queues and storage the settings choose."""
+    from shared.queues import open_queue
+    from shared.storage import open_storage
+
+    return Worker(
+        storage or open_storage(settings),
+        settings,
+        open_queue(settings, settings.queue_name),
+        open_queue(settings, settings.poison_queue_name),
+    )

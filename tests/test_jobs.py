@@ -1,0 +1,142 @@
+"""Queues, job ids, triggers and the worker loop, on the local backend and on Azurite."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+from functions import blob_ingest, timers
+from shared.catalog import Catalog
+from shared.datasets import fashion_mnist_items
+from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, schedule_job, timer_slot
+from shared.queues import LostMessage
+from shared.worker import JobContext, Worker
+from tests.jobs_support import Backend, make_backend
+
+BACKENDS = ["local", pytest.param("azure", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    azurite = request.getfixturevalue("azurite") if request.param == "azure" else None
+    return make_backend(request.param, tmp_path, azurite, job_retry_seconds=0, job_max_attempts=3)
+
+
+def test_queue_hides_taken_messages_and_honours_only_the_latest_receipt(backend: Backend) -> None:
+    q = backend.queue
+    q.send("a")
+    first = q.receive(visibility_timeout=1)
+    assert first is not None and first.content == "a" and first.dequeue_count == 1
+    assert q.receive(visibility_timeout=1) is None  # hidden while held
+    time.sleep(1.6)
+    second = q.receive(visibility_timeout=30)  # the holder "died": it comes back
+    assert second is not None and second.content == "a" and second.dequeue_count == 2
+    with pytest.raises(LostMessage):
+        q.delete(first)  # the first claim is gone
+    renewed = q.extend(second, 30)
+    with pytest.raises(LostMessage):
+        q.extend(second, 30)  # a receipt works once
+    q.delete(renewed)
+    assert q.approximate_count() == 0
+    q.send("later", delay=1)
+    assert q.receive(visibility_timeout=5) is None and q.approximate_count() == 1
+    time.sleep(1.6)
+    late = q.receive(visibility_timeout=5)
+    assert late is not None and late.content == "later"
+
+
+def _blob_event(name: str, data: bytes, metadata: dict[str, str] | None = None) -> func.blob.InputStream:
+    """What the Functions host hands the blob trigger for an Event Grid BlobCreated event."""
+    return func.blob.InputStream(
+        data=data, name=f"uploads/{name}", length=len(data), uri=f"https://x/uploads/{name}", metadata=metadata or {}
+    )
+
+
+def test_same_blob_event_three_times_gives_one_record_and_one_job(backend: Backend, use_env: Any) -> None:
+    use_env(backend)
+    item = next(iter(fashion_mnist_items(backend.settings.fashion_mnist_dir, "train", limit=1)))
+    for _ in range(3):
+        blob_ingest.ingest_blob(_blob_event("shirt.png", item.data, {"label": str(item.label), "caption": "a top"}))
+    assert backend.record_count() == 1
+    assert len(backend.job_ids()) == 1 and backend.job_ids()[0].startswith("embed-batch-")
+    assert backend.queue.approximate_count() == 1
+    job = JobStore(backend.storage).get(backend.job_ids()[0])
+    record = next(Catalog(backend.storage).records())
+    assert JobStore(backend.storage).items(job.job_id) == [record.id]
+    assert record.label == item.label and record.caption == "a top" and record.job == job.job_id
+
+
+def test_timer_firings_queue_one_job_per_schedule_slot(backend: Backend, use_env: Any) -> None:
+    schedule = "0 */5 * * * *"
+    at = datetime(2026, 11, 22, 10, 5, 0, 300_000, tzinfo=UTC)
+    assert timer_slot(schedule, at) == datetime(2026, 11, 22, 10, 5, tzinfo=UTC)
+    assert timer_slot(schedule, datetime(2026, 11, 22, 10, 4, 59, 500_000, tzinfo=UTC)).minute == 5  # a bit early
+    first, queued = schedule_job(backend.storage, backend.queue, "reindex", schedule, at)
+    assert queued
+    _, again = schedule_job(backend.storage, backend.queue, "reindex", schedule, at.replace(second=1))  # duplicate
+    late = datetime(2026, 11, 22, 10, 8, tzinfo=UTC)  # past due: still the 10:05 slot
+    _, past_due = schedule_job(backend.storage, backend.queue, "reindex", schedule, late)
+    assert not again and not past_due and backend.queue.approximate_count() == 1
+    _, next_slot = schedule_job(backend.storage, backend.queue, "reindex", schedule, at.replace(minute=10))
+    assert next_slot and backend.queue.approximate_count() == 2
+    # The real handlers, fired twice in one slot (as a restarted host does): one more job each.
+    use_env(backend)
+    before = set(backend.job_ids())
+    for past in (False, True):
+        timers.reindex_timer(func.timer.TimerRequest(past_due=past))
+        timers.retrain_timer(func.timer.TimerRequest(past_due=past))
+    added = set(backend.job_ids()) - before
+    assert len(added) == 2 and {j.split("-")[0] for j in added} == {"reindex", "retrain"}
+
+
+def test_an_enqueue_that_died_before_sending_is_completed_by_the_next(backend: Backend) -> None:
+    message = JobMessage(job_id="reindex-api-x1", kind="reindex", origin="api", created_at=datetime.now(UTC))
+    assert JobStore(backend.storage).create(JobRecord.for_message(message))  # ... and then the process died
+    _, queued = enqueue(backend.storage, backend.queue, message)
+    assert queued and backend.queue.approximate_count() == 1
+    _, queued = enqueue(backend.storage, backend.queue, message)
+    assert not queued and backend.queue.approximate_count() == 1
+
+
+def test_a_message_that_always_fails_ends_in_the_poison_queue_with_its_error(backend: Backend) -> None:
+    """A reindex with nothing embedded fails each try; after job_max_attempts it is poisoned."""
+    message = JobMessage(job_id="reindex-api-doomed", kind="reindex", origin="api", created_at=datetime.now(UTC))
+    enqueue(backend.storage, backend.queue, message)
+    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison)
+    stats = worker.run(until_idle=True, idle_timeout=30)
+    assert stats.outcomes == {"retrying": 2, "failed": 1}
+    assert backend.queue.approximate_count() == 0
+    poisoned = backend.poison.peek()
+    assert len(poisoned) == 1
+    body = json.loads(poisoned[0])
+    assert body["job_id"] == "reindex-api-doomed" and body["attempts"] == 3
+    assert body["error"]["code"] == "no_embeddings" and "embed" in body["error"]["message"]
+    assert JobMessage.from_text(body["message"]) == message  # the original, to replay after a fix
+    record = JobStore(backend.storage).get("reindex-api-doomed")
+    assert record.status == "failed" and [e.attempt for e in record.errors] == [1, 2, 3]
+    assert record.error is not None and record.error.code == "no_embeddings"
+
+
+def test_invalid_messages_and_finished_jobs_are_not_run(backend: Backend) -> None:
+    calls: list[str] = []
+
+    def handler(ctx: JobContext) -> dict[str, Any]:
+        calls.append(ctx.message.job_id)
+        return {"ok": True}
+
+    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"reindex": handler})
+    backend.queue.send("{not json")
+    backend.queue.send(json.dumps({"version": 99, "job_id": "reindex-api-v99", "kind": "reindex"}))
+    message = JobMessage(job_id="reindex-api-once", kind="reindex", origin="api", created_at=datetime.now(UTC))
+    enqueue(backend.storage, backend.queue, message)
+    backend.queue.send(message.to_text())  # the same job delivered twice
+    stats = worker.run(until_idle=True, idle_timeout=30)
+    assert calls == ["reindex-api-once"]
+    assert stats.outcomes == {"poisoned": 2, "succeeded": 1, "duplicate": 1}
+    assert all(json.loads(p)["error"]["code"] == "invalid_message" for p in backend.poison.peek())

@@ -1,0 +1,116 @@
+"""POST /api/images and the jobs API on the local backend: upload, the worker embeds, search finds it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from functions.http_api import create_app
+from shared.datasets import fashion_mnist_items
+from shared.encoder import ImageEncoder
+from shared.queues import open_queue
+from shared.search import SearchService
+from shared.storage import QUARANTINE, LocalStorage
+from shared.worker import Worker
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def app(tmp_path: Path, encoder: ImageEncoder) -> tuple[TestClient, Worker]:
+    settings = make_settings(tmp_path, embed_batch_seconds=1, index_refresh_seconds=0, job_retry_seconds=0)
+    storage = LocalStorage(settings.data_dir)
+    queue = open_queue(settings, settings.queue_name)
+    service = SearchService(settings, storage, encoder=encoder)
+    worker = Worker(storage, settings, queue, open_queue(settings, settings.poison_queue_name), encoder=encoder)
+    return TestClient(create_app(service, settings, queue)), worker
+
+
+def test_uploaded_images_are_embedded_by_the_worker_and_found(app: tuple[TestClient, Worker]) -> None:
+    client, worker = app
+    items = list(fashion_mnist_items(worker.settings.fashion_mnist_dir, "train", limit=30, offset=2000))
+    jobs = set()
+    for item in items[:20]:
+        r = client.post("/api/images", files={"image": ("x.png", item.data, "image/png")}, data={"label": item.label})
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["status"] == "added" and body["id"] == hashlib.sha256(item.data).hexdigest()
+        jobs.add(body["job"]["id"])
+    for item in items[20:]:  # raw bytes, label and caption as query parameters
+        r = client.post(
+            "/api/images", content=item.data, headers={"Content-Type": "image/png"}, params={"caption": "from curl"}
+        )
+        assert r.status_code == 201, r.text
+        jobs.add(r.json()["job"]["id"])
+    again = client.post("/api/images", files={"image": ("x.png", items[0].data, "image/png")})
+    assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    assert len(jobs) < len(items)  # batched
+    job = client.get(f"/api/jobs/{sorted(jobs)[0]}").json()
+    assert job["status"] == "queued" and job["kind"] == "embed"
+    stats = worker.run(until_idle=True, idle_timeout=30)
+    assert stats.outcomes.get("succeeded", 0) >= len(jobs) + 1  # the embed jobs and a reindex
+    for item in items:
+        r = client.post("/api/search", files={"image": ("q.png", item.data, "image/png")}, data={"k": "1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["id"] == hashlib.sha256(item.data).hexdigest()
+    done = client.get(f"/api/jobs/{sorted(jobs)[0]}").json()
+    assert done["status"] == "succeeded" and done["attempts"] == 1 and done["result"]["embedded"] > 0
+    listed = client.get("/api/jobs", params={"limit": 50}).json()["jobs"]
+    assert {j["job_id"] for j in listed} >= jobs and any(j["kind"] == "reindex" for j in listed)
+
+
+def test_bad_uploads_are_answered_and_quarantined(app: tuple[TestClient, Worker]) -> None:
+    client, worker = app
+    r = client.post("/api/images", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n broken", "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+    assert "quarantine" in r.json()["error"]["message"]
+    r = client.post("/api/images", files={"image": ("x.txt", b"hello there", "text/plain")})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert len([n for n in worker.storage.list(QUARANTINE) if n.endswith(".json")]) == 2
+    cases = [
+        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty_upload"),
+        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
+        ({"data": {"label": "x"}, "files": {"other": ("a", b"a")}}, 400, "missing_image"),
+        ({"files": {"image": ("x.png", b"x", "image/png")}, "data": {"label": "a\x00b"}}, 400, "invalid_label"),
+        ({"files": {"image": ("x.png", b"x", "image/png")}, "data": {"label": "y" * 101}}, 400, "invalid_label"),
+    ]
+    for kwargs, status, code in cases:
+        r = client.post("/api/images", **kwargs)  # type: ignore[arg-type]
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (kwargs, r.text)
+    big = b"\x89PNG" + b"0" * (worker.settings.max_upload_bytes + 10)
+    r = client.post("/api/images", content=big, headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_jobs_api_validates_and_is_idempotent_with_a_key(app: tuple[TestClient, Worker]) -> None:
+    client, worker = app
+    bad = [
+        ({"kind": "nope"}, "invalid_kind"),
+        ({"kind": "reindex", "params": {"force": "yes"}}, "invalid_params"),
+        ({"kind": "reindex", "params": {"rm": True}}, "invalid_params"),
+        ({"kind": "train_head", "params": {"epochs": 10_000}}, "invalid_params"),
+        ({"kind": "reindex", "params": []}, "invalid_params"),
+        ({"kind": "reindex", "idempotency_key": 5}, "invalid_idempotency_key"),
+    ]
+    for body, code in bad:
+        r = client.post("/api/jobs", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, (body, r.text)
+    assert client.post("/api/jobs", content=b"[1]", headers={"Content-Type": "application/json"}).status_code == 400
+    first = client.post("/api/jobs", json={"kind": "reindex"}, headers={"Idempotency-Key": "nightly-42"})
+    second = client.post("/api/jobs", json={"kind": "reindex"}, headers={"Idempotency-Key": "nightly-42"})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["queued"] and not second.json()["queued"]
+    assert first.json()["job"]["job_id"] == second.json()["job"]["job_id"]
+    assert first.headers["location"] == f"/api/jobs/{first.json()['job']['job_id']}"
+    assert worker.queue.approximate_count() == 1
+    assert client.get("/api/jobs/reindex-api-unknown").json()["error"]["code"] == "job_not_found"
+    assert client.get("/api/jobs/..%2Fetc").status_code in (400, 404)
+    assert client.get("/api/jobs/BAD ID").json()["error"]["code"] == "invalid_job_id"
+    assert client.get("/api/jobs", params={"limit": 0}).json()["error"]["code"] == "invalid_limit"
+    # Nothing is embedded: the reindex fails each try and is reported, not hidden.
+    worker.run(until_idle=True, idle_timeout=30)
+    job = client.get(first.json()["job"]["url"]).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "no_embeddings"
+    assert len(job["errors"]) == worker.settings.job_max_attempts
