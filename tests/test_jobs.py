@@ -140,3 +140,27 @@ def test_invalid_messages_and_finished_jobs_are_not_run(backend: Backend) -> Non
     assert calls == ["reindex-api-once"]
     assert stats.outcomes == {"poisoned": 2, "succeeded": 1, "duplicate": 1}
     assert all(json.loads(p)["error"]["code"] == "invalid_message" for p in backend.poison.peek())
+
+
+def test_a_long_job_keeps_its_message_hidden_until_it_is_done(backend: Backend) -> None:
+    """The heartbeat renews the claim: a job three times longer than the visibility timeout is never
+    handed to a second worker, and its message is gone once the result is written."""
+    backend.settings.job_visibility_seconds = 2
+    seen: list[str] = []
+
+    def slow(ctx: JobContext) -> dict[str, Any]:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            stolen = backend.queue.receive(visibility_timeout=30)  # a second worker polling
+            if stolen is not None:
+                seen.append(stolen.content)
+            time.sleep(0.25)
+        return {"slept": 6}
+
+    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"reindex": slow})
+    message = JobMessage(job_id="reindex-api-slow", kind="reindex", origin="api", created_at=datetime.now(UTC))
+    enqueue(backend.storage, backend.queue, message)
+    assert worker.run(max_jobs=1).outcomes == {"succeeded": 1}
+    assert seen == []
+    assert backend.queue.approximate_count() == 0
+    assert JobStore(backend.storage).get("reindex-api-slow").result == {"slept": 6}
