@@ -87,7 +87,8 @@ def run_embed(ctx: JobContext) -> dict[str, Any]:
         "seconds": stats.seconds,
     }
     if stats.embedded:
-        follow, delay = follow_up_reindex(datetime.now(UTC), ctx.settings.embed_batch_seconds, ctx.message.job_id)
+        # Embedding jobs finishing within two seconds of each other share one reindex.
+        follow, delay = follow_up_reindex(datetime.now(UTC), 2, ctx.message.job_id)
         enqueue(ctx.storage, ctx.queue, follow, delay=delay)
         out["reindex_job"] = follow.job_id
     return out
