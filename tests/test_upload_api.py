@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,14 @@ from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
 from shared.datasets import fashion_mnist_items
+from shared.embeddings import EmbeddingStore
 from shared.encoder import ImageEncoder
+from shared.index import current_version, load_version
+from shared.jobs import JobStore
 from shared.queues import open_queue
 from shared.search import SearchService
 from shared.storage import QUARANTINE, LocalStorage
+from shared.uploads import accept_upload
 from shared.worker import Worker
 from tests.conftest import make_settings
 
@@ -114,3 +120,36 @@ def test_jobs_api_validates_and_is_idempotent_with_a_key(app: tuple[TestClient, 
     job = client.get(first.json()["job"]["url"]).json()
     assert job["status"] == "failed" and job["error"]["code"] == "no_embeddings"
     assert len(job["errors"]) == worker.settings.job_max_attempts
+
+
+def test_two_workers_share_the_queue_without_writing_the_same_output(tmp_path: Path, encoder: ImageEncoder) -> None:
+    """Parallel replicas: each embedding job is taken by one worker, every image is embedded once, and
+    the index both of them feed ends up holding every image."""
+    settings = make_settings(tmp_path, embed_batch_seconds=1, job_visibility_seconds=30, embed_batch_size=8)
+    storage = LocalStorage(settings.data_dir)
+    queue = open_queue(settings, settings.queue_name)
+    items = list(fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=48, offset=3000))
+    start = datetime.now(UTC) - timedelta(seconds=30)  # six past windows: six jobs, visible at once
+    for i, item in enumerate(items):
+        accept_upload(storage, queue, settings, item.data, source="test", now=start + timedelta(seconds=i // 8))
+    assert queue.approximate_count() == 6
+    workers = [
+        Worker(storage, settings, queue, open_queue(settings, settings.poison_queue_name), encoder=encoder, worker_id=w)
+        for w in ("a", "b")
+    ]
+    threads = [threading.Thread(target=w.run, kwargs={"until_idle": True, "idle_timeout": 20}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    records = JobStore(storage).recent(50)
+    embeds = [r for r in records if r.kind == "embed"]
+    assert len(embeds) == 6 and all(r.status == "succeeded" and r.attempts == 1 for r in embeds)
+    assert {r.worker for r in embeds} == {"a", "b"}  # both took work
+    store = EmbeddingStore(storage, encoder.version)
+    ids = [i for name in store.shards() for i in store._read_table(name, ["id"]).column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 48
+    assert len(set(store.shards())) == len(store.shards()) >= 6
+    version = current_version(storage)
+    assert version is not None
+    assert load_version(storage, version, tmp_path / "cache").count == 48
