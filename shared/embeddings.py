@@ -103,11 +103,18 @@ class EmbeddingStore:
         return name
 
     def _read_table(self, name: str, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # use_threads=False: pyarrow 26's reader thread pool aborts the process at exit about one
-        # run in six ("terminate called without an active exception"); shards are small anyway.
-        return pq.read_table(io.BytesIO(self.storage.get(EMBEDDINGS, name)), columns=columns, use_threads=False)
+        # The bytes are copied into memory Arrow owns. read_table can leave the reader's last
+        # reference on one of Arrow's pool threads; if that reference keeps a Python bytes object
+        # alive, its release needs the GIL, and after interpreter shutdown that thread is unwound
+        # through C++ and the process aborts ("terminate called without an active exception",
+        # apache/arrow#34314; seen in about one `clusterlens embed` in ten here, found with gdb).
+        data = self.storage.get(EMBEDDINGS, name)
+        owned = pa.allocate_buffer(len(data))
+        np.frombuffer(owned, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+        return pq.read_table(pa.BufferReader(owned), columns=columns, use_threads=False)
 
     def embedded_ids(self) -> set[str]:
         """Ids that have an embedding for this encoder version."""
