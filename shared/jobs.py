@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -33,7 +34,6 @@ from shared.storage import JOBS, Storage
 log = logging.getLogger(__name__)
 
 JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse"]
-JOB_KINDS: tuple[str, ...] = ("embed", "reindex", "train_head", "retrain", "analyse")
 Status = Literal["queued", "running", "retrying", "succeeded", "failed"]
 FINISHED: tuple[str, ...] = ("succeeded", "failed")
 MESSAGE_VERSION: Literal[1] = 1
@@ -177,8 +177,6 @@ def check_job_id(job_id: str) -> str:
     Raises:
         BadRequest: if it is not one.
     """
-    import re
-
     if not isinstance(job_id, str) or not re.match(JOB_ID_PATTERN, job_id):
         raise BadRequest("a job id looks like `reindex-api-0123abcd`", code="invalid_job_id")
     return job_id

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from shared.catalog import Catalog
 from shared.errors import BadRequest, ClusterlensError
 from shared.imaging import EXTENSION_FOR_FORMAT
-from shared.ingest import IngestItem, IngestResult, ingest_bytes, quarantine
+from shared.ingest import IngestItem, IngestResult, content_id, ingest_bytes, quarantine
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, upload_job
 from shared.queues import JobQueue
 from shared.settings import Settings
@@ -61,22 +61,20 @@ def accept_upload(
     )
     if result.status == "quarantined":
         return Accepted(result)
-    record = Catalog(storage).get(result.id)
-    if record.job is None:  # known from a local ingest, which embeds on its own
-        return Accepted(result)
-    if record.job != message.job_id:  # delivered again later: its job is the one it was first queued in
-        message = JobMessage(job_id=record.job, kind="embed", origin=message.origin, created_at=now)
-        delay = 0
-    store = JobStore(storage)
-    store.add_item(record.job, record.id)  # before the message can be seen
+    if result.status == "duplicate":  # known before: its job is the one it was first queued in
+        job_id = Catalog(storage).get(result.id).job
+        if job_id is None:  # known from a local ingest, which embeds on its own
+            return Accepted(result)
+        if job_id != message.job_id:
+            message = JobMessage(job_id=job_id, kind="embed", origin=message.origin, created_at=now)
+            delay = 0
+    JobStore(storage).add_item(message.job_id, result.id)  # before the message can be seen
     job, queued = enqueue(storage, queue, message, delay=delay)
     return Accepted(result, job, queued)
 
 
 def too_large(storage: Storage, settings: Settings, *, source: str, size: int) -> IngestResult:
     """Record an upload over the size limit without reading it (its bytes stay where they are)."""
-    from shared.ingest import content_id
-
     reason = f"{size} bytes is over the {settings.max_upload_bytes}-byte limit (the blob is left in place)"
     pseudo_id = content_id(source.encode())
     quarantine(storage, pseudo_id, IngestItem(data=b"", source=source), code="payload_too_large", reason=reason)

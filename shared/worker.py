@@ -34,6 +34,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 
 if TYPE_CHECKING:
+    from shared.embeddings import EmbedStats
     from shared.encoder import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,8 @@ Handler = Callable[[JobContext], dict[str, Any]]
 
 def run_embed(ctx: JobContext) -> dict[str, Any]:
     """Embed the job's images (those its uploads listed), or every pending image with ``params.all``."""
-    from shared.embeddings import embed_pending
-
     ids = None if ctx.message.params.get("all") else ctx.store.items(ctx.message.job_id)
-    stats = _embed(ctx, ids, embed_pending)
+    stats = _embed(ctx, ids)
     out: dict[str, Any] = {
         "images": None if ids is None else len(ids),
         "embedded": stats.embedded,
@@ -94,7 +93,10 @@ def run_embed(ctx: JobContext) -> dict[str, Any]:
     return out
 
 
-def _embed(ctx: JobContext, ids: list[str] | None, embed_pending: Any) -> Any:
+def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
+    """Embed ``ids`` (None: every pending image), reporting progress into the job record."""
+    from shared.embeddings import embed_pending
+
     done = [0]
     total: list[int | None] = [None]
 
@@ -131,12 +133,11 @@ def stragglers(storage: Storage, encoder_version: str) -> list[str]:
 
 def run_reindex(ctx: JobContext) -> dict[str, Any]:
     """Embed stragglers, then build and publish the index (skipped when nothing changed)."""
-    from shared.embeddings import embed_pending
     from shared.reindex import reindex
 
     encoder = ctx.encoder_factory()
     missing = stragglers(ctx.storage, encoder.version)
-    embedded = _embed(ctx, missing, embed_pending).embedded if missing else 0
+    embedded = _embed(ctx, missing).embedded if missing else 0
     ctx.progress(0, None, "index")
     result = reindex(ctx.storage, ctx.settings, encoder.version, force=bool(ctx.message.params.get("force")))
     return {
@@ -189,7 +190,6 @@ class Heartbeat:
 
     def __init__(self, queue: JobQueue, message: QueueMessage, visibility: int):
         self.queue, self.message, self.visibility = queue, message, visibility
-        self.lost = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -201,7 +201,6 @@ class Heartbeat:
                     self.message = self.queue.extend(self.message, self.visibility)
                 except LostMessage:
                     log.warning("lost the claim on message %s: another worker may run it", self.message.id)
-                    self.lost = True
                     return
                 except Exception:  # noqa: BLE001 - a failed renewal is retried on the next beat
                     log.warning("could not renew message %s", self.message.id, exc_info=True)
