@@ -40,6 +40,7 @@ MESSAGE_VERSION: Literal[1] = 1
 JOB_ID_PATTERN = r"^[a-z_]+-[a-z]+-[A-Za-z0-9_.-]{1,80}$"
 RECORDS = "records/"
 SENT = "sent/"
+CREATED = "created/"
 ITEMS = "items/"
 
 
@@ -120,8 +121,16 @@ class JobStore:
         self.storage = storage
 
     def create(self, record: JobRecord) -> bool:
-        """Store a new record unless one exists. Returns whether it was new."""
-        return self.storage.put_json(JOBS, f"{RECORDS}{record.job_id}.json", _dump(record), overwrite=False)
+        """Store a new record unless one exists. Returns whether it was new.
+
+        A new record also gets an empty ``created/<time>-<id>`` blob: names sort by time there,
+        so :meth:`recent` lists one prefix instead of reading every record.
+        """
+        if not self.storage.put_json(JOBS, f"{RECORDS}{record.job_id}.json", _dump(record), overwrite=False):
+            return False
+        stamp = record.created_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
+        self.storage.put(JOBS, f"{CREATED}{stamp}-{record.job_id}", b"", overwrite=False)
+        return True
 
     def save(self, record: JobRecord) -> None:
         record.updated_at = datetime.now(UTC)
@@ -147,9 +156,9 @@ class JobStore:
 
     def recent(self, limit: int = 20) -> list[JobRecord]:
         """The most recently created jobs, newest first."""
-        names = list(self.storage.list(JOBS, RECORDS))
-        records = [JobRecord.model_validate(self.storage.get_json(JOBS, n)) for n in names[-max(limit * 5, 100) :]]
-        return sorted(records, key=lambda r: r.created_at, reverse=True)[:limit]
+        names = list(self.storage.list(JOBS, CREATED))[-limit:]
+        found = (self.find(name[len(CREATED) :].split("-", 1)[1]) for name in reversed(names))
+        return [r for r in found if r is not None]
 
     def was_sent(self, job_id: str) -> bool:
         return self.storage.exists(JOBS, f"{SENT}{job_id}")

@@ -164,3 +164,19 @@ def test_a_long_job_keeps_its_message_hidden_until_it_is_done(backend: Backend) 
     assert seen == []
     assert backend.queue.approximate_count() == 0
     assert JobStore(backend.storage).get("reindex-api-slow").result == {"slept": 6}
+
+
+def test_recent_jobs_are_the_newest_whatever_their_names(backend: Backend) -> None:
+    """Listing is by creation time: record names sort by id, which says nothing about age."""
+    start = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+    for i in range(110):  # older jobs with names that sort last, more than any read-everything cap
+        old = JobMessage(job_id=f"train_head-api-{i:03d}", kind="train_head", origin="api", created_at=start)
+        enqueue(backend.storage, backend.queue, old)
+    for i in range(3):
+        new = JobMessage(
+            job_id=f"embed-batch-{i:03d}", kind="embed", origin="api", created_at=start.replace(hour=9, minute=i)
+        )
+        enqueue(backend.storage, backend.queue, new)
+    recent = JobStore(backend.storage).recent(3)
+    assert [r.job_id for r in recent] == ["embed-batch-002", "embed-batch-001", "embed-batch-000"]
+    assert len(JobStore(backend.storage).recent(200)) == 113
