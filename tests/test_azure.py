@@ -178,6 +178,11 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_embeds_each_image_once(
     )
     use_env(backend)
     items = list(fashion_mnist_items(backend.settings.fashion_mnist_dir, "train", limit=120, offset=500))
+    # Start uploading as a batch window opens, so the first job holds a window's worth of images
+    # (many shards), not the few that a window about to close would catch: the kill below then
+    # lands inside a job, not between two.
+    window = backend.settings.embed_batch_seconds
+    time.sleep(window - time.time() % window + 0.05)
     _upload_and_trigger(backend, items)
     store = EmbeddingStore(backend.storage, encoder.version)
     proc = _worker(backend, tmp_path / "killed-worker.log")

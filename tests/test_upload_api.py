@@ -6,6 +6,7 @@ import hashlib
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,7 +21,7 @@ from shared.queues import open_queue
 from shared.search import SearchService
 from shared.storage import QUARANTINE, LocalStorage
 from shared.uploads import accept_upload
-from shared.worker import Worker
+from shared.worker import HANDLERS, JobContext, Worker, run_embed
 from tests.conftest import make_settings
 
 
@@ -133,8 +134,27 @@ def test_two_workers_share_the_queue_without_writing_the_same_output(tmp_path: P
     for i, item in enumerate(items):
         accept_upload(storage, queue, settings, item.data, source="test", now=start + timedelta(seconds=i // 8))
     assert queue.approximate_count() == 6
+    # Each worker's first embedding job waits until the other has one too, so the two really run
+    # at once (left alone, one thread can take all six short jobs before the other polls).
+    both_busy = threading.Barrier(2, timeout=60)
+    first = threading.local()
+
+    def embed_together(ctx: JobContext) -> dict[str, Any]:
+        if not getattr(first, "done", False):
+            first.done = True
+            both_busy.wait()
+        return run_embed(ctx)
+
     workers = [
-        Worker(storage, settings, queue, open_queue(settings, settings.poison_queue_name), encoder=encoder, worker_id=w)
+        Worker(
+            storage,
+            settings,
+            queue,
+            open_queue(settings, settings.poison_queue_name),
+            encoder=encoder,
+            worker_id=w,
+            handlers={**HANDLERS, "embed": embed_together},
+        )
         for w in ("a", "b")
     ]
     threads = [threading.Thread(target=w.run, kwargs={"until_idle": True, "idle_timeout": 20}) for w in workers]
