@@ -1,0 +1,459 @@
+"""Active learning: which images to label next, and the simulation that shows it pays.
+
+Strategies are small functions over ``predict_proba`` output (n, classes), so any classifier plugs in
+(modAL's design): ``least_confidence`` (1 - max p), ``margin`` (1 - (p1 - p2)), ``entropy``; higher
+means less sure. ``random`` is the baseline. Pure top-k uncertainty picks near-duplicates (a run of
+look-alike shirts the model is equally unsure about), so :func:`select_batch` diversifies: it takes
+the ``pool_factor`` x n most uncertain, clusters them with k-means on their features and picks
+round-robin across the clusters, most uncertain first in each (Zhdanov 2019, "Diverse mini-batch
+active learning"). An optional class-balance guard caps any one predicted class's share of a batch.
+
+Classifiers for the loop (:func:`make_classifier`): LightGBM (default), logistic regression and
+kNN, all with the scikit-learn API, trained on :class:`FeatureSpace` features (the embeddings power-
+and L2-normalised, then PCA fitted on every image, labelled or not: unlabelled data is there to use).
+
+Imports numpy and faiss at the top; scikit-learn and LightGBM load inside the functions that use
+them (job side only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("random", "least_confidence", "margin", "entropy")
+UNCERTAINTY_STRATEGIES = STRATEGIES[1:]
+CLASSIFIERS = ("lightgbm", "logistic", "knn")
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 1:
+        raise ValueError(f"probabilities must be (n, classes), got shape {probs.shape}")
+    return probs
+
+
+def least_confidence(probs: np.ndarray) -> np.ndarray:
+    """1 - max p per row: (n, classes) -> (n,)."""
+    return 1.0 - _check_probs(probs).max(axis=1)
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """1 - (p1 - p2), the gap between the two most probable classes: (n, classes) -> (n,)."""
+    probs = _check_probs(probs)
+    if probs.shape[1] == 1:
+        return np.zeros(len(probs))
+    top2 = np.partition(probs, -2, axis=1)[:, -2:]
+    return 1.0 - (top2[:, 1] - top2[:, 0])
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats, -sum p log p: (n, classes) -> (n,)."""
+    probs = _check_probs(probs)
+    logs = np.log(np.where(probs > 0, probs, 1.0))
+    return -(probs * logs).sum(axis=1)
+
+
+_SCORERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "least_confidence": least_confidence,
+    "margin": margin,
+    "entropy": entropy,
+}
+
+
+def uncertainty(probs: np.ndarray, strategy: str) -> np.ndarray:
+    """Uncertainty by a named strategy (higher: less sure).
+
+    Raises:
+        ValueError: for an unknown strategy (``random`` has no uncertainty).
+    """
+    if strategy not in _SCORERS:
+        raise ValueError(f"strategy must be one of {', '.join(_SCORERS)}")
+    return _SCORERS[strategy](probs)
+
+
+def diverse_order(
+    scores: np.ndarray,
+    features: np.ndarray,
+    n: int,
+    *,
+    pool_factor: float = 3.0,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    max_group_share: float | None = None,
+) -> np.ndarray:
+    """Pick ``n`` rows that are uncertain and unlike each other.
+
+    The ``pool_factor * n`` highest-scoring rows are clustered (k-means on ``features``, ``n_clusters``
+    clusters, default ``n``); rows are then taken round-robin over the clusters, each cluster's
+    highest score first, clusters visited in order of their best score.
+
+    Args:
+        scores: (m,) uncertainty, higher first.
+        features: (m, d) float32 features of the same rows.
+        n: how many to pick.
+        pool_factor: size of the uncertain pool relative to n (1 gives pure top-n).
+        n_clusters: clusters in the pool (default n: at most one pick per cluster until all are used).
+        seed: k-means seed.
+        groups: (m,) optional group of each row (the predicted class) for the balance guard.
+        max_group_share: with ``groups``, at most this share of the picks from one group while
+            other groups have candidates left (looking past the pool if it must).
+
+    Returns:
+        int64 (min(n, m),) row indices in pick order.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    features = np.asarray(features, dtype=np.float32)
+    if scores.ndim != 1 or features.ndim != 2 or len(features) != len(scores):
+        raise ValueError(f"scores (m,) and features (m, d) must agree, got {scores.shape} and {features.shape}")
+    if groups is not None and len(groups) != len(scores):
+        raise ValueError("groups must have one entry per row")
+    n = min(int(n), len(scores))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    pool_size = min(len(scores), max(n, int(round(pool_factor * n))))
+    ranked = np.argsort(-scores, kind="stable")
+    pool = ranked[:pool_size]
+    c = min(n_clusters or n, pool_size)
+    if c > 1 and pool_size > c:
+        assign = _kmeans_assign(features[pool], c, seed)
+    else:
+        assign = np.arange(pool_size) % max(c, 1)
+    # Each cluster's members best-first (pool is already in score order).
+    members: dict[int, list[int]] = {}
+    for pos, cluster in enumerate(assign):
+        members.setdefault(int(cluster), []).append(int(pool[pos]))
+    queues = sorted(members.values(), key=lambda rows: -scores[rows[0]])
+    cap = None
+    if groups is not None and max_group_share is not None:
+        cap = max(1, int(np.ceil(max_group_share * n)))
+    taken: list[int] = []
+    held: list[int] = []  # over the group cap: used only if nothing else is left
+    counts: dict[Any, int] = {}
+    heads = [0] * len(queues)
+    while len(taken) < n:
+        progressed = False
+        for qi, rows in enumerate(queues):
+            if heads[qi] >= len(rows) or len(taken) >= n:
+                continue
+            row = rows[heads[qi]]
+            heads[qi] += 1
+            progressed = True
+            if cap is not None and groups is not None:
+                g = groups[row]
+                if counts.get(g, 0) >= cap:
+                    held.append(row)
+                    continue
+                counts[g] = counts.get(g, 0) + 1
+            taken.append(row)
+        if not progressed:
+            break
+    if cap is not None and groups is not None:  # capped out of the pool: look further down the ranking
+        for row in ranked[pool_size:]:
+            if len(taken) >= n:
+                break
+            g = groups[row]
+            if counts.get(g, 0) < cap:
+                counts[g] = counts.get(g, 0) + 1
+                taken.append(int(row))
+    taken.extend(held[: n - len(taken)])
+    return np.array(taken, dtype=np.int64)
+
+
+def _kmeans_assign(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster of each row after a short FAISS k-means."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, verbose=False, min_points_per_centroid=1)
+    km.cp.max_points_per_centroid = 10_000
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0]
+
+
+def select_batch(
+    probs: np.ndarray,
+    n: int,
+    strategy: str,
+    *,
+    features: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+    pool_factor: float = 3.0,
+    class_balance: float | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The next ``n`` rows to label among the unlabelled ones.
+
+    Args:
+        probs: (m, classes) the classifier's probabilities for the unlabelled rows.
+        n: batch size.
+        strategy: one of :data:`STRATEGIES`.
+        features: (m, d) features for batch diversity; None (or pool_factor 1) picks pure top-n.
+        rng: for ``random``.
+        pool_factor: diversity pool size relative to n.
+        class_balance: optional cap on one predicted class's share of the batch (e.g. 0.3).
+        seed: k-means seed.
+
+    Returns:
+        int64 row indices into ``probs``, in pick order.
+
+    Raises:
+        ValueError: unknown strategy, or mismatched shapes.
+    """
+    probs = _check_probs(probs)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    n = min(int(n), len(probs))
+    if strategy == "random":
+        rng = rng or np.random.default_rng(seed)
+        return rng.choice(len(probs), size=n, replace=False).astype(np.int64)
+    scores = uncertainty(probs, strategy)
+    groups = probs.argmax(axis=1) if class_balance else None
+    if features is None or pool_factor <= 1:
+        features = np.zeros((len(probs), 1), np.float32)
+        pool_factor = 1.0
+    return diverse_order(
+        scores, features, n, pool_factor=pool_factor, seed=seed, groups=groups, max_group_share=class_balance
+    )
+
+
+# -- features and classifiers -------------------------------------------------------------------
+
+
+class FeatureSpace:
+    """Embeddings -> classifier features: power normalisation, L2, PCA fitted on all images.
+
+    Args:
+        dim: PCA output dimension (0: no PCA).
+        power: power normalisation exponent (0.5, as the index uses; 1: none).
+        sample: at most this many rows to fit the PCA on.
+    """
+
+    def __init__(self, dim: int = 128, power: float = 0.5, sample: int = 50_000, seed: int = 0):
+        self.dim = dim
+        self.power = power
+        self.sample = sample
+        self.seed = seed
+
+    def _normalise(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.power != 1:
+            x = np.sign(x) * np.abs(x) ** self.power
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, x: np.ndarray) -> FeatureSpace:
+        """Fit on (n, d) embeddings; sets ``mean_`` (d,) and ``components_`` (d, dim)."""
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"need (n >= 2, d) embeddings, got {x.shape}")
+        xn = self._normalise(x)
+        if len(xn) > self.sample:
+            xn = xn[np.random.default_rng(self.seed).choice(len(xn), self.sample, replace=False)]
+        self.mean_ = xn.mean(axis=0)
+        if self.dim and self.dim < x.shape[1]:
+            centred = (xn - self.mean_).astype(np.float64)
+            cov = centred.T @ centred / max(len(centred) - 1, 1)
+            vals, vecs = np.linalg.eigh(cov)
+            self.components_ = vecs[:, np.argsort(-vals)[: min(self.dim, len(xn))]].astype(np.float32)
+        else:
+            self.components_ = np.eye(x.shape[1], dtype=np.float32)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) embeddings -> (n, dim) float32 features.
+
+        Raises:
+            RuntimeError: if not fitted. ValueError: on a wrong dimension.
+        """
+        if not hasattr(self, "components_"):
+            raise RuntimeError("FeatureSpace is not fitted")
+        if x.ndim != 2 or x.shape[1] != len(self.mean_):
+            raise ValueError(f"expected (n, {len(self.mean_)}) embeddings, got {x.shape}")
+        return np.ascontiguousarray((self._normalise(x) - self.mean_) @ self.components_, dtype=np.float32)
+
+
+def make_classifier(kind: str = "lightgbm", seed: int = 0, n_labels: int | None = None) -> Any:
+    """A scikit-learn style classifier for the labelling loop.
+
+    LightGBM is set for small label sets: shallow trees (15 leaves), at least 5 images per leaf,
+    column and row subsampling, 300 rounds at learning rate 0.08 (fewer below 1,000 labels). kNN is
+    10 neighbours weighted by distance on the L2-normalised features (cosine order).
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind == "lightgbm":
+        import lightgbm as lgb
+
+        small = n_labels is not None and n_labels < 1000
+        return lgb.LGBMClassifier(
+            n_estimators=150 if small else 300,
+            learning_rate=0.08,
+            num_leaves=15,
+            min_child_samples=5,
+            colsample_bytree=0.5,
+            subsample=0.8,
+            subsample_freq=1,
+            reg_lambda=1.0,
+            random_state=seed,
+            verbose=-1,
+        )
+    if kind == "logistic":
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=1.0, max_iter=1000)
+    if kind == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import Normalizer
+
+        k = 10 if n_labels is None else max(1, min(10, n_labels))
+        return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance"))
+    raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}")
+
+
+def full_proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """``predict_proba`` widened to all ``n_classes`` (a class absent from training gets 0).
+
+    Returns:
+        float64 (n, n_classes).
+    """
+    out = np.zeros((len(x), n_classes))
+    if len(x) == 0:
+        return out
+    out[:, np.asarray(model.classes_, dtype=np.int64)] = model.predict_proba(x)
+    return out
+
+
+def fit_classifier(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
+    """Fit a classifier on features ``x`` (n, d) and integer classes ``y`` (n,).
+
+    Raises:
+        ValueError: fewer than two classes among the labels.
+    """
+    if len(np.unique(y)) < 2:
+        raise ValueError("need labels of at least two classes to train a classifier")
+    model = make_classifier(kind, seed, n_labels=len(y))
+    model.fit(x, y)
+    return model
+
+
+# -- simulation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Curve:
+    """One strategy's learning curve over seeds: rows are seeds, columns rounds."""
+
+    labeled_frac: list[float]
+    accuracy: list[list[float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        acc = np.array(self.accuracy)
+        return {
+            "labeled_frac": [round(f, 4) for f in self.labeled_frac],
+            "accuracy_mean": [round(float(v), 4) for v in acc.mean(axis=0)],
+            "accuracy_std": [round(float(v), 4) for v in acc.std(axis=0)],
+            "seeds": len(self.accuracy),
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def simulate(
+    x_pool: np.ndarray,
+    y_pool: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    strategies: Sequence[str] = STRATEGIES,
+    seeds: Sequence[int] = (0, 1, 2),
+    seed_frac: float = 0.05,
+    batch_frac: float = 0.05,
+    max_frac: float = 0.3,
+    classifier: str = "lightgbm",
+    pool_factor: float = 3.0,
+    class_balance: float | None = None,
+    on_round: Callable[[str, int, float, float], None] | None = None,
+) -> dict[str, Curve]:
+    """Replay the labelling loop with the true labels as the oracle.
+
+    Each seed draws one random seed set (``seed_frac`` of the pool, not stratified, as a real start
+    is) shared by all strategies; each round trains on the labelled rows, measures accuracy on the
+    test set, and asks the strategy for ``batch_frac`` of the pool more, until ``max_frac``.
+
+    Args:
+        x_pool, y_pool: (n, d) features and (n,) int classes of the unlabelled pool.
+        x_test, y_test: the held-out test set.
+        on_round: called with (strategy, seed, labeled fraction, accuracy) after each round.
+
+    Returns:
+        strategy -> its curve.
+
+    Raises:
+        ValueError: on bad fractions or shapes.
+    """
+    if not 0 < seed_frac <= max_frac <= 1 or not 0 < batch_frac <= 1:
+        raise ValueError("need 0 < seed_frac <= max_frac <= 1 and 0 < batch_frac <= 1")
+    if len(x_pool) != len(y_pool) or len(x_test) != len(y_test) or x_pool.shape[1] != x_test.shape[1]:
+        raise ValueError("pool and test features and labels must agree")
+    n = len(y_pool)
+    n_classes = int(max(y_pool.max(), y_test.max())) + 1
+    seed_n = max(2, int(round(seed_frac * n)))
+    batch_n = max(1, int(round(batch_frac * n)))
+    max_n = int(round(max_frac * n))
+    curves: dict[str, Curve] = {}
+    for seed in seeds:
+        start = np.random.default_rng(seed).choice(n, size=seed_n, replace=False)
+        for strategy in strategies:
+            t0 = time.perf_counter()
+            rng = np.random.default_rng(seed + 1000)
+            labelled = np.zeros(n, dtype=bool)
+            labelled[start] = True
+            fracs, accs = [], []
+            while True:
+                model = fit_classifier(classifier, x_pool[labelled], y_pool[labelled], seed)
+                acc = float((full_proba(model, x_test, n_classes).argmax(axis=1) == y_test).mean())
+                frac = labelled.sum() / n
+                fracs.append(float(frac))
+                accs.append(acc)
+                if on_round:
+                    on_round(strategy, seed, float(frac), acc)
+                room = max_n - int(labelled.sum())
+                if room <= 0 or labelled.all():
+                    break
+                rest = np.flatnonzero(~labelled)
+                probs = full_proba(model, x_pool[rest], n_classes) if strategy != "random" else np.ones((len(rest), 1))
+                pick = select_batch(
+                    probs,
+                    min(batch_n, room),
+                    strategy,
+                    features=x_pool[rest],
+                    rng=rng,
+                    pool_factor=pool_factor,
+                    class_balance=class_balance,
+                    seed=seed,
+                )
+                labelled[rest[pick]] = True
+            curve = curves.setdefault(strategy, Curve(labeled_frac=fracs))
+            curve.accuracy.append(accs)
+            curve.seconds += time.perf_counter() - t0
+    return curves
+
+
+def labels_to_reach(curve: dict[str, Any], target: float) -> float | None:
+    """The first labelled fraction whose mean accuracy reaches ``target``, or None."""
+    for frac, acc in zip(curve["labeled_frac"], curve["accuracy_mean"], strict=True):
+        if acc >= target:
+            return float(frac)
+    return None
