@@ -25,6 +25,8 @@ from shared.errors import BadRequest, ClusterlensError, PayloadTooLarge, Unsuppo
 from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
 from shared.jobs import JobRecord, JobStore, api_job, check_job_id, enqueue
+from shared.labelling import classifier_summary, label_queue, label_summary, submit_labels
+from shared.labels import check_user
 from shared.queues import JobQueue, open_queue
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
@@ -39,6 +41,7 @@ FILTERS_SCHEMA = {
     "description": "only results meeting every condition",
     "properties": {
         "label": {"type": "string", "description": "the image's label"},
+        "predicted": {"type": "string", "description": "the label classifier's predicted class"},
         "cluster": {"type": "integer", "minimum": 0, "description": "the image's cluster"},
         "imagenet_class": {"type": "integer", "minimum": 0, "maximum": 999, "description": "predicted top-1 class"},
         "ingested_after": {"type": "string", "format": "date-time"},
@@ -104,6 +107,49 @@ API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
     },
     "analyse": {},
     "embed": {"all": (bool, 0, 1)},
+}
+
+
+LABELS_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["labels"],
+                "properties": {
+                    "labels": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["id", "label"],
+                            "properties": {
+                                "id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                "label": {"type": "string", "maxLength": 100},
+                            },
+                        },
+                    },
+                    "user": {"type": "string", "maxLength": 64, "description": "who labels (default anonymous)"},
+                },
+            }
+        }
+    },
+}
+LABEL_SET_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["classes"],
+                "properties": {
+                    "classes": {"type": "array", "items": {"type": "string", "maxLength": 100}, "minItems": 1},
+                    "user": {"type": "string", "maxLength": 64},
+                },
+            }
+        }
+    },
 }
 
 
@@ -282,6 +328,49 @@ def create_app(
             raise BadRequest("limit must be between 1 and 100", code="invalid_limit")
         records = await run_in_threadpool(JobStore(get_service().storage).recent, limit)
         return {"jobs": [_job_json(r) for r in records]}
+
+    @app.get("/api/label-queue", summary="The next images to label: least certain first, spread over clusters")
+    async def get_label_queue(n: int = 20, strategy: str | None = None) -> dict[str, Any]:
+        return await run_in_threadpool(label_queue, get_service(), n, strategy)
+
+    @app.post(
+        "/api/labels",
+        summary="Label a batch of images; bad items are reported, the valid ones kept",
+        openapi_extra={"requestBody": LABELS_BODY},
+    )
+    async def post_labels(request: Request) -> JSONResponse:
+        body = _json_object(await _read_body(request, 1024 * 1024))
+        status, out = await run_in_threadpool(submit_labels, get_service(), get_queue(), body)
+        return JSONResponse(out, status_code=status)
+
+    @app.get("/api/labels", summary="Label counts per class and the latest labels given")
+    async def get_labels(limit: int = 20) -> dict[str, Any]:
+        if not 0 <= limit <= 1000:
+            raise BadRequest("limit must be between 0 and 1000", code="invalid_limit")
+        return await run_in_threadpool(label_summary, get_service(), limit)
+
+    @app.get("/api/label-set", summary="The classes images may be labelled with")
+    async def get_label_set() -> dict[str, Any]:
+        current = await run_in_threadpool(get_service().labels.label_set)
+        return {"label_set": current.to_json() if current else None}
+
+    @app.put(
+        "/api/label-set",
+        summary="Define the classes (labels of classes left out stay stored but are not trained on)",
+        openapi_extra={"requestBody": LABEL_SET_BODY},
+    )
+    async def put_label_set(request: Request) -> dict[str, Any]:
+        payload = _json_object(await _read_body(request, 256 * 1024))
+        classes = payload.get("classes")
+        if not isinstance(classes, list):
+            raise BadRequest('send {"classes": ["...", ...]}', code="invalid_label_set")
+        svc = get_service()
+        made = await run_in_threadpool(svc.labels.define, classes, user=check_user(payload.get("user")), source="user")
+        return {"label_set": made.to_json()}
+
+    @app.get("/api/classifier", summary="The current label classifier's metrics, and every retrain's")
+    async def classifier() -> dict[str, Any]:
+        return await run_in_threadpool(classifier_summary, get_service())
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

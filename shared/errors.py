@@ -62,3 +62,10 @@ class QualityGate(ClusterlensError):
 class VersionMismatch(ClusterlensError):
     code = "version_mismatch"
     status = 409
+
+
+class Conflict(ClusterlensError):
+    """The request is valid but the state it needs is not there (no label set yet, ...)."""
+
+    code = "conflict"
+    status = 409

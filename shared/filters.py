@@ -1,4 +1,4 @@
-"""Search filters: label, cluster, predicted ImageNet class, ingest time.
+"""Search filters: label, predicted class, cluster, predicted ImageNet class, ingest time.
 
 Parsed from any mapping of strings or JSON values (a JSON object, form fields, query parameters),
 so every way of calling the search API filters the same way.
@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.errors import BadRequest
 
-FIELDS = ("label", "cluster", "imagenet_class", "ingested_after", "ingested_before")
+FIELDS = ("label", "predicted", "cluster", "imagenet_class", "ingested_after", "ingested_before")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class SearchFilters:
     """Conditions every result must meet; None means no condition. Times are UTC epoch seconds."""
 
     label: str | None = None
+    predicted: str | None = None  # the label classifier's predicted class
     cluster: int | None = None
     imagenet_class: int | None = None
     ingested_after: int | None = None
@@ -54,11 +55,12 @@ def parse_filters(raw: Mapping[str, Any] | None) -> SearchFilters:
     if unknown:
         raise BadRequest(f"unknown filter {unknown[0]!r}; filters are {', '.join(FIELDS)}", code="invalid_filter")
     values: dict[str, Any] = {}
-    label = raw.get("label")
-    if label not in (None, ""):
-        if not isinstance(label, str) or len(label) > 200:
-            raise BadRequest("label must be a string of at most 200 characters", code="invalid_filter")
-        values["label"] = label
+    for name in ("label", "predicted"):
+        label = raw.get(name)
+        if label not in (None, ""):
+            if not isinstance(label, str) or len(label) > 200:
+                raise BadRequest(f"{name} must be a string of at most 200 characters", code="invalid_filter")
+            values[name] = label
     for name, upper in (("cluster", 1_000_000), ("imagenet_class", 999)):
         value = _int(raw.get(name), name)
         if value is not None and not 0 <= value <= upper:

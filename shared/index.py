@@ -281,6 +281,12 @@ class ClusterIndex:
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.get("label_names", []))
+        # As built; the search service lays the label log and the classifier's predictions over them.
+        self.built_labels = labels
+        self.built_label_names = list(self.label_names)
+        self.predicted = np.full(n, -1, np.int32)  # code into predicted_names, -1: no prediction
+        self.predicted_prob = np.zeros(n, np.float32)
+        self.predicted_names: list[str] = []
         self._order = order if order is not None and len(order) == len(ids) else np.argsort(ids)
 
     # -- building -----------------------------------------------------------------------------
@@ -642,6 +648,49 @@ class ClusterIndex:
     def nprobe(self) -> int:
         return int(self.ivf.nprobe)
 
+    def rows_of(self, image_ids: list[str]) -> np.ndarray:
+        """int64 (m,) rows of ids, -1 for ids not indexed."""
+        if not len(image_ids) or not len(self.ids):
+            return np.full(len(image_ids), -1, np.int64)
+        keys = np.asarray(image_ids, dtype="U64")
+        pos = np.minimum(np.searchsorted(self.ids, keys, sorter=self._order), len(self.ids) - 1)
+        rows = self._order[pos]
+        return np.where(self.ids[rows] == keys, rows, -1).astype(np.int64)
+
+    def overlay_labels(self, current: dict[str, str], extra_names: list[str] | None = None) -> None:
+        """Take each image's current label (image id -> label) over the labels it was built with.
+
+        ``extra_names`` (the label set's classes) join the label names even while no image has them.
+
+        New arrays are swapped in whole, so a query running meanwhile sees the old labels or the new.
+        """
+        names = list(self.built_label_names)
+        extra = sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in set(names)})
+        names += extra
+        code = {name: i for i, name in enumerate(names)}
+        labels = np.array(self.built_labels, dtype=np.int32, copy=True)
+        ids = list(current)
+        rows = self.rows_of(ids)
+        found = rows >= 0
+        if found.any():
+            labels[rows[found]] = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        self.label_names = names
+        self.labels = labels
+
+    def set_predictions(self, names: list[str], codes: np.ndarray, probs: np.ndarray) -> None:
+        """The classifier's prediction per row: ``codes`` int (n,) into ``names`` (-1: none), ``probs`` (n,)."""
+        if len(codes) != self.count or len(probs) != self.count:
+            raise ValueError(f"need {self.count} predictions, got {len(codes)}")
+        self.predicted_names = list(names)
+        self.predicted = np.asarray(codes, np.int32)
+        self.predicted_prob = np.asarray(probs, np.float32)
+
+    def prediction_of(self, row: int) -> dict[str, Any] | None:
+        code = int(self.predicted[row])
+        if code < 0:
+            return None
+        return {"label": self.predicted_names[code], "prob": round(float(self.predicted_prob[row]), 4)}
+
     def row_of(self, image_id: str) -> int | None:
         """Row of an image id, or None if it is not indexed."""
         pos = int(np.searchsorted(self.ids, image_id, sorter=self._order))
@@ -712,6 +761,13 @@ class ClusterIndex:
                 known = ", ".join(self.label_names[:20]) or "none"
                 raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
             mask &= self.labels == self.label_names.index(filters.label)
+        if filters.predicted is not None:
+            if filters.predicted not in self.predicted_names:
+                known = ", ".join(self.predicted_names[:20]) or "none: no classifier has been trained yet"
+                raise BadRequest(
+                    f"unknown predicted class {filters.predicted!r} (classes: {known})", code="unknown_label"
+                )
+            mask &= self.predicted == self.predicted_names.index(filters.predicted)
         if filters.cluster is not None:
             if filters.cluster >= self.ivf.nlist:
                 raise BadRequest(f"cluster must be below {self.ivf.nlist} for this index", code="invalid_filter")

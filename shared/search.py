@@ -15,11 +15,13 @@ import faiss
 import numpy as np
 
 from shared.catalog import Catalog, ImageRecord, check_image_id
+from shared.classifier import ClassifierView, current_classifier_version
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
 from shared.filters import SearchFilters
 from shared.imaging import decode_image
 from shared.index import ClusterIndex, SearchHits, current_version, load_version
+from shared.labels import LabelLog
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from shared.text_encoder import TextEncoder
@@ -48,6 +50,9 @@ class SearchService:
         self._text_encoder = text_encoder
         self._label_vectors: tuple[str | None, np.ndarray] = (None, np.zeros((0, 0), np.float32))
         self._encoder_lock = threading.Lock()
+        self.labels = LabelLog(self.storage)
+        self._classifier: ClassifierView | None = None
+        self._overlay_state: tuple[Any, ...] = ()
         self._index_lock = threading.Lock()
 
     # -- lazy resources -----------------------------------------------------------------------
@@ -124,12 +129,13 @@ class SearchService:
                 if self._index is None:
                     raise
                 log.exception("index refresh failed; still serving %s", self._index_version)
-            try:
-                self._hide_deleted(self._index)
-            except Exception:
-                if self._index is None:
-                    raise
-                log.exception("reading deletions failed; still serving %s", self._index_version)
+            for apply, what in ((self._hide_deleted, "deletions"), (self._overlay, "labels or predictions")):
+                try:
+                    apply(self._index)
+                except Exception:
+                    if self._index is None:
+                        raise
+                    log.exception("reading %s failed; still serving %s", what, self._index_version)
             self._checked_at = time.monotonic()
             assert self._index is not None  # a first load that failed has raised above
             return self._index
@@ -142,6 +148,51 @@ class SearchService:
             return
         rows = [index.row_of(i) for i in Catalog(self.storage).deleted_ids()]
         index.hidden = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+
+    def classifier(self) -> ClassifierView | None:
+        """The published label classifier (predictions and labelling queues), or None before one."""
+        version = current_classifier_version(self.storage)
+        current = self._classifier
+        if version is None:
+            self._classifier = None
+        elif current is None or current.version != version:
+            self._classifier = ClassifierView(self.storage, version)
+        return self._classifier
+
+    def _overlay(self, index: ClusterIndex | None) -> None:
+        """Lay the label log's current labels and the classifier's predictions over the index, so
+        new labels and a retrain show in filters and text search without a reindex."""
+        if index is None:
+            return
+        self.labels.refresh()
+        view = self.classifier()
+        label_set = self.labels.label_set()
+        state = (
+            id(index),
+            index.manifest.get("version"),
+            self.labels.batches(),
+            view.version if view else None,
+            label_set.version if label_set else None,
+        )
+        if state == self._overlay_state:
+            return
+        current = {image_id: e.label for image_id, e in self.labels.current().items()}
+        classes = view.classes if view else []
+        index.overlay_labels(current, [*(label_set.classes if label_set else []), *classes])
+        if view is not None:
+            pos = view.lookup(index.ids)
+            codes = np.where(pos >= 0, view.pred[pos].astype(np.int32), -1)
+            probs = np.where(pos >= 0, view.prob[pos], 0.0)
+            index.set_predictions(classes, codes, probs)
+        else:
+            index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
+        self._overlay_state = state
+
+    def refresh_labels(self) -> None:
+        """Apply labels written since the last look now (the API calls this after taking labels)."""
+        index = self._index
+        if index is not None:
+            self._overlay(index)
 
     def delete(self, image_id: str) -> ImageRecord:
         """Delete an image from storage; this worker stops returning it at once, others within
@@ -261,6 +312,7 @@ class SearchService:
             self.settings.text_temperature,
             index.captions.rows,
             index.caption_vectors @ query if len(index.captions.rows) else None,
+            *self._predicted_labels(index),
         )
         allowed = index.select(filters)
         if allowed is not None:
@@ -289,6 +341,14 @@ class SearchService:
         top_classes = np.argsort(-class_w)[:5]
         out["query_classes"] = [{"class": int(c), "weight": round(float(class_w[c]), 4)} for c in top_classes]
         return out
+
+    @staticmethod
+    def _predicted_labels(index: ClusterIndex) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Predicted classes as codes into the index's label names (-1: none), and their probabilities."""
+        if not index.predicted_names:
+            return None, None
+        to_label = np.array([index.label_names.index(n) for n in index.predicted_names] + [-1], np.int32)
+        return to_label[index.predicted], index.predicted_prob
 
     def _label_vectors_for(self, index: ClusterIndex, encoder: TextEncoder) -> np.ndarray:
         """The index's label names embedded, cached per index version."""
@@ -354,6 +414,7 @@ class SearchService:
                     "score": round(float(score), 6),
                     "cluster": int(index.clusters[row]),
                     "label": index.label_of(int(row)),
+                    "predicted": index.prediction_of(int(row)),
                     "caption": index.caption_of(int(row)),
                     "url": f"/api/images/{image_id}",
                 }

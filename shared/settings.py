@@ -112,6 +112,32 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=500, ge=1)
     text_min_score: float = Field(default=0.001, ge=0, le=1, description="Text results below this are dropped.")
 
+    # Labels, the classifier and active learning
+    label_classes: list[str] = Field(
+        default=[], description="The class list; empty: created from the first labels (at ingest, first batch)."
+    )
+    classifier_kind: Literal["lightgbm", "logistic", "knn"] = "lightgbm"
+    classifier_space: Literal["backbone", "head"] = Field(
+        default="backbone", description="Train on backbone embeddings (PCA-reduced) or the projection head's."
+    )
+    classifier_pca_dim: int = Field(default=128, ge=0, description="Backbone features for the classifier; 0: all.")
+    classifier_holdout: float = Field(default=0.2, ge=0, lt=1, description="Labelled share held out to measure it.")
+    classifier_keep_versions: int = Field(default=5, ge=1)
+    al_strategy: Literal["random", "least_confidence", "margin", "entropy"] = Field(
+        default="margin", description="Default order of the labelling queue."
+    )
+    al_pool_factor: float = Field(
+        default=3.0, ge=1, le=100, description="Diversity: cluster this many times the picks' most uncertain images."
+    )
+    al_class_balance: float = Field(
+        default=0, ge=0, le=1, description="Cap on one predicted class's share of the queue; 0: off."
+    )
+    label_queue_size: int = Field(default=500, ge=1, le=100_000, description="Queue length computed per retrain.")
+    max_label_batch: int = Field(default=500, ge=1, le=10_000, description="Labels per POST /api/labels.")
+    retrain_after_labels: int = Field(
+        default=50, ge=0, description="Queue a retrain once this many labels arrived since the last one; 0: off."
+    )
+
     # Limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1)

@@ -7,7 +7,8 @@ all appear in the query, whichever is higher (MiniLM embeds some bare labels, su
 poorly). A softmax with a low temperature turns all similarities into weights; an image scores
 the weight its predicted classes carry, or its label's weight if that is higher. An image's own
 caption competes as one more text: its weight is what it would get in that softmax, and the
-image keeps the highest of the three.
+image keeps the highest of the three. An unlabelled image with a prediction from the label
+classifier scores its predicted label's weight times the prediction's probability.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def text_scores(
     temperature: float,
     caption_rows: np.ndarray | None = None,
     caption_sims: np.ndarray | None = None,
+    predicted: np.ndarray | None = None,
+    predicted_prob: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every indexed image for a text query.
 
@@ -66,6 +69,9 @@ def text_scores(
         labels: (n,) each image's label code, -1 for none.
         temperature: softmax temperature over all similarities (low: sharp).
         caption_rows, caption_sims: (m,) rows that have a caption and the query's cosine with each.
+        predicted, predicted_prob: (n,) each image's predicted label (code into ``label_names``, -1 for
+            none) from the label classifier, and its probability: an unlabelled image scores its
+            predicted label's weight times that probability.
 
     Returns:
         scores (n,) in [0, 1], and the class weights (C,).
@@ -80,6 +86,10 @@ def text_scores(
     weights = softmax(logits[None, :])[0]
     class_w, label_w = weights[: len(class_sims)], weights[len(class_sims) :]
     scores = (class_prob * class_w[class_top]).sum(axis=1) if class_top.shape[1] else np.zeros(len(labels))
+    if predicted is not None and predicted_prob is not None and len(label_names):
+        has = (predicted >= 0) & (labels < 0)
+        if has.any():
+            scores[has] = np.maximum(scores[has], label_w[predicted[has]] * predicted_prob[has])
     labelled = labels >= 0
     if labelled.any():
         scores[labelled] = np.maximum(scores[labelled], label_w[labels[labelled]])

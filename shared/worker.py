@@ -165,10 +165,20 @@ def run_train_head(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_retrain(ctx: JobContext) -> dict[str, Any]:
-    """Retrain what learns from labels (the projection head), and reindex when searching in its space."""
-    out = run_train_head(ctx)
+    """Retrain what learns from labels: the label classifier (publishing predictions and labelling
+    queues for every image); also the projection head, and a reindex, when searching in its space."""
+    from shared.classifier import train_and_publish
+
+    out: dict[str, Any] = {}
     if ctx.settings.index_space == "head":
+        out.update(run_train_head(ctx))
         out["reindex"] = run_reindex(ctx)
+
+    def stage(name: str) -> None:
+        ctx.progress(0, None, name)
+
+    result = train_and_publish(ctx.storage, ctx.settings, ctx.encoder_factory().version, progress=stage)
+    out.update(result.to_json())
     return out
 
 

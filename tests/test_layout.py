@@ -95,9 +95,11 @@ def test_job_image_pins_the_same_versions_as_the_function_app() -> None:
     assert "onnxruntime" not in job and job["onnxruntime-gpu"] == app["onnxruntime"]
     assert job["torch"] == "2.13.0"
     host_only = {"azure-functions", "fastapi", "uvicorn", "python-multipart", "onnxruntime"}
-    assert {k: v for k, v in app.items() if k not in host_only} == {
-        k: v for k, v in job.items() if k not in ("onnxruntime-gpu", "torch")
-    }
+    job_only = ("onnxruntime-gpu", "torch", "scikit-learn", "lightgbm", "matplotlib")  # training: job side
+    assert {k: v for k, v in app.items() if k not in host_only} == {k: v for k, v in job.items() if k not in job_only}
+    tools = _pins(ROOT / "requirements-models.txt")  # what the tests and the CLI train with
+    assert all(job[name] == tools[name] for name in job_only[1:])
+    assert not set(job_only[1:]) & set(app)  # the function app stays light
     dockerfile = (ROOT / "job" / "Dockerfile").read_text()
     # onnxruntime-gpu 1.31's CUDA provider links CUDA 13 and cuDNN 9 (readelf on the wheel).
     assert "FROM nvidia/cuda:13." in dockerfile and "cudnn" in dockerfile

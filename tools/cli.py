@@ -18,12 +18,23 @@ from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
 
 DATASETS = ("fashion-mnist", "skimage-photos")
+STRATEGY_CHOICES = ("random", "least_confidence", "margin", "entropy")
 
 
 def _progress(total: int | None, desc: str, unit: str = "img"):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None)
+
+
+def _keep_labels(items: Iterable[Any], share: float) -> Iterable[Any]:
+    """Keep the label of a fixed random ``share`` of the items (seeded: the same images every run)."""
+    import dataclasses
+    import random
+
+    rng = random.Random(0)
+    for item in items:
+        yield item if rng.random() < share else dataclasses.replace(item, label=None)
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
@@ -36,6 +47,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
         total = args.limit or (60000 if args.split == "train" else 10000)
         items = fashion_mnist_items(settings.fashion_mnist_dir, args.split, args.limit, args.offset)
         desc = f"ingest fashion-mnist/{args.split}"
+        if args.label_share is not None:
+            items = _keep_labels(items, args.label_share)
     elif args.dataset == "skimage-photos":
         from shared.datasets import SKIMAGE_PHOTOS, skimage_photo_items
 
@@ -172,6 +185,139 @@ def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storag
     return 0
 
 
+def cmd_label_queue(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.labelling import label_queue
+    from shared.search import SearchService
+
+    out = label_queue(SearchService(settings, storage), args.n, args.strategy)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    c = out["classifier"]
+    if c:
+        print(
+            f"classifier {c['version']} ({c['kind']}, {c['labels_used']} labels, held-out accuracy "
+            f"{c['accuracy']}); {c['labels_since']} labels since. Strategy: {out['strategy']}"
+        )
+    else:
+        print("no classifier yet: images spread over the clusters (label some, then `clusterlens retrain`)")
+    print(f"{out['labelled']} labelled, {out['unlabelled']} unlabelled")
+    for item in out["items"]:
+        p = item["prediction"]
+        guess = f"{p['label']} ({p['prob']:.2f})" if p else "-"
+        unsure = f"{item['uncertainty']:.3f}" if item["uncertainty"] is not None else "-"
+        print(f"{item['id']}  cluster {item['cluster']:>4}  predicted {guess:<24} uncertainty {unsure}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.labelling import submit_labels
+    from shared.queues import open_queue
+    from shared.search import SearchService
+
+    pairs = [(args.id, args.label)] if args.id else []
+    if args.csv:
+        import csv
+
+        with open(args.csv, newline="", encoding="utf-8") as fh:
+            pairs += [(row[0].strip(), row[1].strip()) for row in csv.reader(fh) if len(row) >= 2]
+    if not pairs:
+        print("clusterlens label: give ID LABEL or --csv FILE", file=sys.stderr)
+        return 2
+    service = SearchService(settings, storage)
+    queue = open_queue(settings, settings.queue_name)
+    total_ok = 0
+    for start in range(0, len(pairs), settings.max_label_batch):
+        chunk = pairs[start : start + settings.max_label_batch]
+        body = {"labels": [{"id": i, "label": lab} for i, lab in chunk], "user": args.user or _login()}
+        _, out = submit_labels(service, queue, body)
+        total_ok += out["accepted"]
+        for err in out["errors"]:
+            print(f"  line {start + err['index'] + 1}: {err['id']}: {err['error']['message']}", file=sys.stderr)
+        if out.get("retrain_job"):
+            print(f"queued retrain job {out['retrain_job']}")
+    print(f"labelled {total_ok} of {len(pairs)}")
+    return 0 if total_ok == len(pairs) else 1
+
+
+def _login() -> str:
+    import getpass
+    import re
+
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+    return name if re.fullmatch(r"[A-Za-z0-9@._ +-]{1,64}", name) else "cli"
+
+
+def cmd_retrain(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.classifier import train_and_publish
+
+    if args.kind:
+        settings = settings.model_copy(update={"classifier_kind": args.kind})
+    encoder = _encoder(settings)
+    bar = _progress(None, "retrain", unit="step")
+    result = train_and_publish(storage, settings, encoder.version, progress=bar.set_postfix_str)
+    bar.close()
+    if result.version is None:
+        print(f"retrain skipped: {result.reason}")
+        return 1
+    m = result.metrics
+    held = (
+        f"held-out accuracy {m['accuracy']}, macro-F1 {m['macro_f1']} on {m['holdout']} labels"
+        if m.get("evaluated")
+        else f"not evaluated: {m.get('reason')}"
+    )
+    print(
+        f"classifier {result.version} ({settings.classifier_kind}) trained on {result.labels_used} labels, "
+        f"{len(result.classes)} classes; {held}; predictions for {result.predictions} images "
+        f"({result.seconds.get('total', 0):.1f} s)"
+    )
+    if result.left_out:
+        print(f"  left out (fewer than two labels): {', '.join(result.left_out)}")
+    return 0
+
+
+def cmd_simulate_al(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.simulation import dataset_features, plot_learning_curves, run_simulation
+
+    encoder = _encoder(settings)
+    bar = _progress(args.limit or 60_000, f"embed {args.dataset}")
+    data = dataset_features(
+        settings, encoder, args.dataset, limit=args.limit, test_limit=args.test_limit, progress=bar.update
+    )
+    bar.close()
+    rounds = _progress(None, "simulate", unit="round")
+    result = run_simulation(
+        data,
+        strategies=args.strategies,
+        seeds=tuple(range(args.seeds)),
+        seed_frac=args.seed_frac,
+        batch_frac=args.batch_frac,
+        max_frac=args.max_frac,
+        small_batch_frac=args.small_batch_frac or None,
+        classifier=args.classifier,
+        on_round=lambda *a: rounds.update(1),
+    )
+    rounds.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot_learning_curves(result, out.with_suffix(".png"))
+    full = result["full_label_accuracy"]
+    print(f"full-label accuracy ({args.classifier}, {len(data.y_pool)} labels): {full:.4f}")
+    for strategy in args.strategies:
+        curve = result[strategy]
+        points = ", ".join(
+            f"{f:.0%}: {a:.4f}" for f, a in zip(curve["labeled_frac"], curve["accuracy_mean"], strict=True)
+        )
+        reach = result["labels_to_reach_99pct_of_full"].get(strategy)
+        print(f"  {strategy:<17} {points}  (99% of full at {f'{reach:.0%}' if reach else 'not reached'})")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.filters import parse_filters
     from shared.search import SearchService
@@ -262,16 +408,29 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     steps = [
-        argparse.Namespace(dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None),
+        argparse.Namespace(
+            dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None, label_share=args.label_share
+        ),
         argparse.Namespace(dataset="skimage-photos", limit=None, path=None),
     ]
     for step in steps:
         cmd_ingest(step, settings, storage)
     cmd_embed(args, settings, storage)
     cmd_reindex(argparse.Namespace(force=False), settings, storage)
+    from shared.classifier import current_classifier_version
+
+    if current_classifier_version(storage) is None:  # predictions and a labelling queue from the start
+        cmd_retrain(argparse.Namespace(kind=None), settings, storage)
     if args.no_serve:
         return 0
     return cmd_serve(args, settings, storage)
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("a share is from 0 to 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--offset", type=int, default=0, help="skip this many dataset images first")
+    p.add_argument(
+        "--label-share",
+        type=_share,
+        help="Fashion-MNIST: keep the labels of this share of the images (a fixed random choice), the rest "
+        "come in unlabelled, for active learning (default: all labelled)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("embed", help="embed every image not embedded yet")
@@ -319,6 +484,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("label-queue", help="the next images to label: least certain first, spread over clusters")
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, help="default: CLUSTERLENS_AL_STRATEGY")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.set_defaults(func=cmd_label_queue)
+
+    p = sub.add_parser("label", help="label images: ID LABEL, or a CSV file of id,label rows")
+    p.add_argument("id", nargs="?", help="image id")
+    p.add_argument("label", nargs="?", help="its label (a class of the label set)")
+    p.add_argument("--csv", help="file of id,label rows")
+    p.add_argument("--user", default=None, help="who labels (default: your login name)")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("retrain", help="train the label classifier on every label, publish it and its predictions")
+    p.add_argument("--kind", choices=("lightgbm", "logistic", "knn"), help="default: CLUSTERLENS_CLASSIFIER_KIND")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("simulate-al", help="replay active learning on a labelled dataset (true labels as oracle)")
+    p.add_argument("--dataset", choices=("fashion-mnist",), default="fashion-mnist")
+    p.add_argument("--limit", type=int, help="pool: the first N training images (default all 60,000)")
+    p.add_argument("--test-limit", type=int, help="test: the first N test images (default all 10,000)")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGY_CHOICES, default=list(STRATEGY_CHOICES))
+    p.add_argument("--seeds", type=int, default=3, help="random seeds (seed sets) to average over")
+    p.add_argument("--seed-frac", type=float, default=0.05, help="random seed set, share of the pool")
+    p.add_argument("--batch-frac", type=float, default=0.05, help="labels asked per round, share of the pool")
+    p.add_argument("--max-frac", type=float, default=0.3, help="stop at this labelled share")
+    p.add_argument("--small-batch-frac", type=float, default=0.01, help="the smaller-batch variant; 0: skip it")
+    p.add_argument("--classifier", choices=("lightgbm", "logistic", "knn"), default="lightgbm")
+    p.add_argument("--out", default="active_learning.json", help="JSON path; the PNG goes beside it")
+    p.set_defaults(func=cmd_simulate_al)
+
     p = sub.add_parser("worker", help="run queued jobs (embed, reindex, train-head, retrain): the container job's loop")
     p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
     p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
@@ -348,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "demo":
             p.add_argument("--limit", type=int, default=10000, help="Fashion-MNIST images to ingest")
+            p.add_argument(
+                "--label-share",
+                type=_share,
+                default=0.05,
+                help="share of Fashion-MNIST images that keep their label; the rest are for labelling",
+            )
             p.add_argument("--no-serve", action="store_true", help="build everything, then exit")
         p.set_defaults(func=cmd_serve if name == "serve" else cmd_demo)
     return parser

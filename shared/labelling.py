@@ -1,0 +1,269 @@
+"""The labelling endpoints' logic: the next images to label, and taking a batch of labels.
+
+API side (numpy only). The queue comes from the published classifier (computed by the retrain job
+for each strategy); before the first classifier, or once its queue is used up, images are offered
+round-robin over the index's clusters, so the first labels cover the collection.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from shared.active_learning import STRATEGIES
+from shared.catalog import Catalog, check_image_id
+from shared.errors import BadRequest, ClusterlensError
+from shared.index import ClusterIndex
+from shared.jobs import JobMessage, enqueue
+from shared.labels import LabelSet, check_class_name, check_user
+from shared.queues import JobQueue
+from shared.search import SearchService
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_N = 200
+
+
+def _cold_order(index: ClusterIndex) -> np.ndarray:
+    """Rows round-robin over clusters (first of each cluster, then second, ...); within a cluster,
+    id order, which for content hashes is a fixed random order."""
+    by_cluster = np.lexsort((index.ids, index.clusters))
+    clusters = index.clusters[by_cluster]
+    starts = np.searchsorted(clusters, clusters, side="left")
+    rank = np.arange(len(by_cluster)) - starts
+    return np.asarray(by_cluster[np.lexsort((clusters, rank))], dtype=np.int64)
+
+
+def label_queue(service: SearchService, n: int = 20, strategy: str | None = None) -> dict[str, Any]:
+    """The next ``n`` unlabelled images to label, with the current prediction and uncertainty.
+
+    Raises:
+        BadRequest: n outside 1..200 or an unknown strategy. NotReady: no index yet.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUEUE_N:
+        raise BadRequest(f"n must be an integer from 1 to {MAX_QUEUE_N}", code="invalid_n")
+    strategy = strategy or service.settings.al_strategy
+    if strategy not in STRATEGIES:
+        raise BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}", code="invalid_strategy")
+    index = service.index()
+    service.refresh_labels()
+    view = service.classifier()
+    labelled = index.labels >= 0
+    skip = labelled.copy()
+    skip[index.hidden] = True
+    picked: list[tuple[int, float | None, str]] = []
+    if view is not None:
+        queued = view.queue.get(strategy, [])
+        rows = index.rows_of([q["id"] for q in queued])
+        for row, item in zip(rows, queued, strict=True):
+            if row >= 0 and not skip[row]:
+                picked.append((int(row), item["uncertainty"], strategy))
+                skip[row] = True
+                if len(picked) == n:
+                    break
+    if len(picked) < n:
+        for row in _cold_order(index):
+            if not skip[row]:
+                picked.append((int(row), None, "cluster_round_robin"))
+                if len(picked) == n:
+                    break
+    items = []
+    for row, score, source in picked:
+        image_id = str(index.ids[row])
+        items.append(
+            {
+                "id": image_id,
+                "url": f"/api/images/{image_id}",
+                "cluster": int(index.clusters[row]),
+                "prediction": view.prediction(image_id) if view else None,
+                "uncertainty": score,
+                "picked_by": source,
+            }
+        )
+    label_set = service.labels.label_set()
+    entries = len(service.labels.entries())
+    return {
+        "items": items,
+        "strategy": strategy,
+        "classifier": _classifier_summary(view, entries),
+        "label_set": label_set.to_json() if label_set else None,
+        "labelled": int(labelled.sum()),
+        "unlabelled": int(index.count - labelled.sum() - len(index.hidden)),
+    }
+
+
+def _classifier_summary(view: Any, entries: int) -> dict[str, Any] | None:
+    if view is None:
+        return None
+    m = view.manifest
+    return {
+        "version": m["version"],
+        "kind": m["kind"],
+        "trained_at": m["trained_at"],
+        "labels_used": m["labels_used"],
+        "accuracy": m["metrics"].get("accuracy"),
+        "macro_f1": m["metrics"].get("macro_f1"),
+        "labels_since": max(0, entries - int(m.get("log_entries", 0))),
+    }
+
+
+def submit_labels(service: SearchService, queue: JobQueue | None, body: Any) -> tuple[int, dict[str, Any]]:
+    """Take a batch ``{"labels": [{"id", "label"}, ...], "user": optional}``.
+
+    Valid entries are stored even when others in the batch are not; each bad one is reported with
+    its position. Queues a retrain once ``retrain_after_labels`` labels have arrived since the last.
+
+    Returns:
+        (HTTP status, response body): 200 when any label was stored, 400 when none was.
+
+    Raises:
+        BadRequest: the body is not such an object, or holds too many labels.
+    """
+    settings = service.settings
+    if not isinstance(body, dict) or not isinstance(body.get("labels"), list):
+        raise BadRequest('send {"labels": [{"id": ..., "label": ...}, ...]}', code="invalid_body")
+    items = body["labels"]
+    if not 1 <= len(items) <= settings.max_label_batch:
+        raise BadRequest(f"send 1 to {settings.max_label_batch} labels at a time", code="invalid_body")
+    user = check_user(body.get("user"))
+    label_set = _label_set_for(service, items, user)
+    allowed = set(label_set.classes)
+    catalog = Catalog(service.storage)
+    try:
+        index: ClusterIndex | None = service.index()
+    except ClusterlensError:
+        index = None
+    accepted: list[tuple[str, str]] = []
+    errors: list[dict[str, Any]] = []
+    for position, item in enumerate(items):
+        raw_id = item.get("id") if isinstance(item, dict) else None
+        try:
+            if not isinstance(item, dict):
+                raise BadRequest('each label is an object {"id": ..., "label": ...}', code="invalid_item")
+            image_id = check_image_id(raw_id)  # type: ignore[arg-type]
+            label = check_class_name(item.get("label"))
+            if label not in allowed:
+                shown = ", ".join(label_set.classes[:30])
+                raise BadRequest(f"unknown label {label!r}; the label set has: {shown}", code="unknown_label")
+            indexed = index is not None and (row := index.rows_of([image_id])[0]) >= 0 and row not in index.hidden
+            if not indexed and not catalog.exists(image_id):
+                raise BadRequest(f"no image with id {image_id}", code="image_not_found")
+            accepted.append((image_id, label))
+        except ClusterlensError as exc:
+            errors.append(
+                {
+                    "index": position,
+                    "id": raw_id if isinstance(raw_id, str) else None,
+                    "error": {"code": exc.code, "message": exc.message},
+                }
+            )
+    out: dict[str, Any] = {
+        "accepted": len(accepted),
+        "rejected": len(errors),
+        "errors": errors,
+        "label_set": label_set.to_json(),
+    }
+    if not accepted:
+        out["error"] = {"code": "invalid_labels", "message": f"none of the {len(items)} labels could be taken"}
+        return 400, out
+    out["batch"] = service.labels.append(accepted, user=user, label_set=label_set.version)
+    service.refresh_labels()
+    out["retrain_job"] = _maybe_retrain(service, queue)
+    return 200, out
+
+
+def _label_set_for(service: SearchService, items: list[Any], user: str) -> LabelSet:
+    """The current label set. When none is defined or configured, the labels given at ingest create
+    it; with none of those, the first submitted batch does."""
+    current = service.labels.label_set()
+    if current is not None:
+        return current
+    first: list[str] = []
+    try:
+        first += service.index().built_label_names  # the labels given at ingest
+    except ClusterlensError:
+        pass
+    if not first:
+        for item in items:
+            if isinstance(item, dict):
+                try:
+                    first.append(check_class_name(item.get("label")))
+                except ClusterlensError:
+                    continue
+    return service.labels.ensure_label_set(service.settings.label_classes, first, user=user)
+
+
+def _maybe_retrain(service: SearchService, queue: JobQueue | None) -> str | None:
+    """Queue one retrain per classifier version once enough new labels have come in."""
+    threshold = service.settings.retrain_after_labels
+    if not threshold or queue is None:
+        return None
+    view = service.classifier()
+    since = len(service.labels.entries()) - (int(view.manifest.get("log_entries", 0)) if view else 0)
+    if since < threshold:
+        return None
+    basis = view.version if view else "v000000"
+    message = JobMessage(  # one per `threshold` new labels per classifier version
+        job_id=f"retrain-labels-{basis}-{since // threshold}",
+        kind="retrain",
+        origin=f"labels:{since} since {basis}",
+        created_at=datetime.now(UTC),
+    )
+    try:
+        record, _ = enqueue(service.storage, queue, message)
+    except Exception:  # noqa: BLE001 - the labels are stored; a retrain can be started later
+        log.exception("could not queue a retrain after labels")
+        return None
+    return record.job_id
+
+
+def label_summary(service: SearchService, limit: int = 20) -> dict[str, Any]:
+    """Current label counts per class (ingest labels included) and the latest ``limit`` entries."""
+    service.labels.refresh()
+    entries = service.labels.entries()
+    counts: dict[str, int] = {}
+    labelled = 0
+    try:
+        index = service.index()
+        service.refresh_labels()
+        codes, n = np.unique(index.labels[index.labels >= 0], return_counts=True)
+        counts = {index.label_names[int(c)]: int(k) for c, k in zip(codes, n, strict=True)}
+        labelled = int(n.sum())
+    except ClusterlensError:
+        current = service.labels.current()
+        for entry in current.values():
+            counts[entry.label] = counts.get(entry.label, 0) + 1
+        labelled = len(current)
+    label_set = service.labels.label_set()
+    return {
+        "labelled": labelled,
+        "counts": counts,
+        "log_entries": len(entries),
+        "label_set": label_set.to_json() if label_set else None,
+        "recent": [
+            {"id": e.id, "label": e.label, "user": e.user, "at": e.at, "label_set": e.label_set}
+            for e in reversed(entries[-limit:] if limit else [])
+        ],
+    }
+
+
+def classifier_summary(service: SearchService) -> dict[str, Any]:
+    """The current classifier (metrics per class) and the metrics of every retrain, oldest first."""
+    from shared.classifier import history
+
+    view = service.classifier()
+    service.labels.refresh()
+    current = None
+    if view is not None:
+        current = {
+            **(_classifier_summary(view, len(service.labels.entries())) or {}),
+            "classes": view.classes,
+            "label_counts": view.manifest.get("label_counts"),
+            "metrics": view.manifest.get("metrics"),
+            "left_out": view.manifest.get("left_out"),
+            "images": view.manifest.get("images"),
+        }
+    return {"current": current, "history": history(service.storage)}
