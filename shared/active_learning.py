@@ -285,8 +285,9 @@ class FeatureSpace:
 def make_classifier(kind: str = "lightgbm", seed: int = 0, n_labels: int | None = None) -> Any:
     """A scikit-learn style classifier for the labelling loop.
 
-    LightGBM is set for small label sets: shallow trees (15 leaves), at least 5 images per leaf,
-    column and row subsampling, 300 rounds at learning rate 0.08 (fewer below 1,000 labels). kNN is
+    LightGBM is set for small label sets: shallow trees (15 leaves), at least 5 images per leaf (2
+    below 200 labels), column and row subsampling, 300 rounds at learning rate 0.08 (150 below 1,000
+    labels). kNN is
     10 neighbours weighted by distance on the L2-normalised features (cosine order).
 
     Raises:
@@ -296,11 +297,13 @@ def make_classifier(kind: str = "lightgbm", seed: int = 0, n_labels: int | None 
         import lightgbm as lgb
 
         small = n_labels is not None and n_labels < 1000
+        tiny = n_labels is not None and n_labels < 200  # a few per class: let leaves be small
         return lgb.LGBMClassifier(
             n_estimators=150 if small else 300,
             learning_rate=0.08,
             num_leaves=15,
-            min_child_samples=5,
+            min_child_samples=2 if tiny else 5,
+            min_data_in_bin=1 if tiny else 3,
             colsample_bytree=0.5,
             subsample=0.8,
             subsample_freq=1,
