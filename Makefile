@@ -13,7 +13,7 @@ AZURITE := .azurite/node_modules/.bin/azurite
 PORT   ?= 7071
 LIMIT  ?= 10000
 
-.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http
+.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -63,7 +63,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed bench-search bench-http
+bench: bench-embed bench-search bench-http bench-al
 
 bench-embed: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.embed
@@ -75,6 +75,10 @@ bench-search: $(STAMP) $(MODELS) data
 ## bench-http: the real uvicorn server answering 1,000 image queries at concurrency 1 and 8 (70k index)
 bench-http: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.http
+
+## bench-al: active learning on the real 70k embeddings: uncertainty strategies vs random, LightGBM, 3 seeds
+bench-al: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.active_learning
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
