@@ -248,8 +248,12 @@ def run_simulation(
     space = FeatureSpace(dim=pca_dim).fit(data.x_pool)
     x_pool, x_test = space.transform(data.x_pool), space.transform(data.x_test)
     log.info("features: %d pool, %d test, %d-d", len(x_pool), len(x_test), x_pool.shape[1])
-    common: dict[str, Any] = dict(seeds=tuple(seeds), seed_frac=seed_frac, classifier=classifier)
-    common["pool_factor"] = pool_factor
+    common: dict[str, Any] = {
+        "seeds": tuple(seeds),
+        "seed_frac": seed_frac,
+        "classifier": classifier,
+        "pool_factor": pool_factor,
+    }
 
     curves = simulate(
         x_pool,
