@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.active_learning import STRATEGIES, FeatureSpace, diverse_order, full_proba, uncertainty
+from shared.active_learning import STRATEGIES, FeatureSpace, diverse_order, fit_classifier, full_proba, uncertainty
 from shared.errors import NotReady
 from shared.labels import LabelLog, ingest_labels
 from shared.settings import Settings
@@ -84,8 +84,6 @@ def _evaluate(kind: str, x: np.ndarray, y: np.ndarray, classes: list[str], holdo
     """Accuracy, macro-F1 and per-class scores on a stratified held-out share of the labels."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
     from sklearn.model_selection import train_test_split
-
-    from shared.active_learning import fit_classifier
 
     counts = np.bincount(y, minlength=len(classes))
     used = counts[counts > 0]
@@ -145,7 +143,6 @@ def train_and_publish(
     Raises:
         NotReady: no embeddings for this encoder, or a head is asked for and none is trained.
     """
-    from shared.active_learning import fit_classifier
     from shared.catalog import Catalog
     from shared.embeddings import EmbeddingStore
 

@@ -222,21 +222,20 @@ def _maybe_retrain(service: SearchService, queue: JobQueue | None) -> str | None
 
 def label_summary(service: SearchService, limit: int = 20) -> dict[str, Any]:
     """Current label counts per class (ingest labels included) and the latest ``limit`` entries."""
-    service.labels.refresh()
-    entries = service.labels.entries()
     counts: dict[str, int] = {}
-    labelled = 0
     try:
         index = service.index()
-        service.refresh_labels()
+        service.refresh_labels()  # reads the log's new batches and lays them over the index
         codes, n = np.unique(index.labels[index.labels >= 0], return_counts=True)
         counts = {index.label_names[int(c)]: int(k) for c, k in zip(codes, n, strict=True)}
         labelled = int(n.sum())
-    except ClusterlensError:
+    except ClusterlensError:  # no index yet: the log alone
+        service.labels.refresh()
         current = service.labels.current()
         for entry in current.values():
             counts[entry.label] = counts.get(entry.label, 0) + 1
         labelled = len(current)
+    entries = service.labels.entries()
     label_set = service.labels.label_set()
     return {
         "labelled": labelled,

@@ -13,6 +13,7 @@ and matplotlib load inside the functions that use them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -248,24 +249,20 @@ def run_simulation(
     space = FeatureSpace(dim=pca_dim).fit(data.x_pool)
     x_pool, x_test = space.transform(data.x_pool), space.transform(data.x_test)
     log.info("features: %d pool, %d test, %d-d", len(x_pool), len(x_test), x_pool.shape[1])
-    common: dict[str, Any] = {
-        "seeds": tuple(seeds),
-        "seed_frac": seed_frac,
-        "classifier": classifier,
-        "pool_factor": pool_factor,
-    }
-
-    curves = simulate(
+    # The same pool, test set, seeds and classifier for the main run and the small-batch variant.
+    replay = functools.partial(
+        simulate,
         x_pool,
         data.y_pool,
         x_test,
         data.y_test,
-        strategies=tuple(strategies),
-        batch_frac=batch_frac,
-        max_frac=max_frac,
-        on_round=on_round,
-        **common,
+        seeds=tuple(seeds),
+        seed_frac=seed_frac,
+        classifier=classifier,
+        pool_factor=pool_factor,
     )
+
+    curves = replay(strategies=tuple(strategies), batch_frac=batch_frac, max_frac=max_frac, on_round=on_round)
     main = {name: curve.summary() for name, curve in curves.items()}
     for name, summary in main.items():
         log.info("%s: %s", name, summary["accuracy_mean"])
@@ -294,16 +291,8 @@ def run_simulation(
             if on_round:
                 on_round(f"small_batch/{strategy}", seed, frac, acc)
 
-        small_curves = simulate(
-            x_pool,
-            data.y_pool,
-            x_test,
-            data.y_test,
-            strategies=tuple(chosen),
-            batch_frac=small_batch_frac,
-            max_frac=small_batch_max_frac,
-            on_round=small_round,
-            **common,
+        small_curves = replay(
+            strategies=tuple(chosen), batch_frac=small_batch_frac, max_frac=small_batch_max_frac, on_round=small_round
         )
         small = {"batch_frac": small_batch_frac}
         small.update({name: curve.summary() for name, curve in small_curves.items()})
