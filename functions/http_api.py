@@ -21,13 +21,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared import __version__
 from shared.catalog import Catalog, check_image_id
-from shared.errors import BadRequest, ClusterlensError, PayloadTooLarge, UnsupportedMediaType
+from shared.errors import BadRequest, ClusterlensError, NotReady, PayloadTooLarge, UnsupportedMediaType
 from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
 from shared.jobs import JobRecord, JobStore, api_job, check_job_id, enqueue
 from shared.labelling import classifier_summary, label_queue, label_summary, submit_labels
 from shared.labels import check_user
 from shared.queues import JobQueue, open_queue
+from shared.reports import CONTENT_TYPES as REPORT_TYPES
+from shared.reports import Classifier, report_file, report_summary, review_list
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
 from shared.storage import UPLOADS
@@ -95,6 +97,19 @@ UPLOAD_BODY = {
         **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
     },
 }
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary", "description": "the image to classify"}},
+            }
+        },
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
+    },
+}
 # Parameters each job kind takes over HTTP: name -> (type, min, max).
 API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
     "reindex": {"force": (bool, 0, 1)},
@@ -105,7 +120,7 @@ API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
         "lr": (float, 1e-6, 1.0),
         "seed": (int, 0, 2**31 - 1),
     },
-    "analyse": {},
+    "analyse": {"k": (int, 0, 4096), "map_sample": (int, 100, 200_000)},
     "embed": {"all": (bool, 0, 1)},
 }
 
@@ -173,6 +188,10 @@ def create_app(
     @lru_cache(maxsize=1)
     def get_service() -> SearchService:
         return service or SearchService(settings or get_settings())
+
+    @lru_cache(maxsize=1)
+    def get_classifier() -> Classifier:
+        return Classifier(get_service().storage)
 
     @lru_cache(maxsize=1)
     def get_queue() -> JobQueue:
@@ -266,19 +285,7 @@ def create_app(
     )
     async def upload_image(request: Request) -> Response:
         svc = get_service()
-        limit = svc.settings.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 65536:
-            raise PayloadTooLarge(f"the request is over the {limit}-byte upload limit")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            data, fields = await _read_image_form(request, limit, max_fields=8)
-        elif ctype in CONTENT_TYPES.values() or ctype == "application/octet-stream":
-            data, fields = await _read_body(request, limit), dict(request.query_params)
-        else:
-            raise UnsupportedMediaType("send multipart/form-data with an `image` file, or the image bytes")
-        if not data:
-            raise BadRequest("the upload is empty", code="empty_upload")
+        data, fields = await _read_image_upload(request, svc.settings.max_upload_bytes, max_fields=8)
         label = clean_label(_text_field(fields, "label"))
         caption = _text_field(fields, "caption")
         accepted = await run_in_threadpool(
@@ -372,6 +379,39 @@ def create_app(
     async def classifier() -> dict[str, Any]:
         return await run_in_threadpool(classifier_summary, get_service())
 
+    @app.post(
+        "/api/classify",
+        summary="Classify an image: top classes from the latest report's best model, its 10 nearest labelled images",
+        openapi_extra={"requestBody": CLASSIFY_BODY},
+    )
+    async def classify(request: Request, top: int = 5) -> dict[str, Any]:
+        svc = get_service()
+        data, _ = await _read_image_upload(request, svc.settings.max_upload_bytes, max_fields=4)
+        return await run_in_threadpool(get_classifier().classify, svc, data, top)
+
+    @app.get(
+        "/api/reports/{version}", summary="An analysis report's metrics and links to its files (`latest` or vNNNNNN)"
+    )
+    async def report(version: str) -> dict[str, Any]:
+        return await run_in_threadpool(report_summary, get_service().storage, version)
+
+    @app.get(
+        "/api/reports/{version}/{name:path}",
+        summary="A file of an analysis report: report.html, metrics.json, maps/<pca|umap|tsne>.json, figures",
+        responses={200: {"content": {t: {} for t in sorted(set(REPORT_TYPES.values()))}}},
+    )
+    async def report_file_(version: str, name: str) -> Response:
+        data, media_type = await run_in_threadpool(report_file, get_service().storage, version, name)
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/anomalies", summary="The latest report's most isolated images, most isolated first")
+    async def anomalies(limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return await run_in_threadpool(_review, get_service(), "anomalies", limit, offset)
+
+    @app.get("/api/mislabels", summary="Labels the 10 nearest labelled neighbours confidently disagree with")
+    async def mislabels(limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return await run_in_threadpool(_review, get_service(), "mislabels", limit, offset)
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(_page_html())
@@ -382,6 +422,37 @@ def create_app(
 @lru_cache(maxsize=1)
 def _page_html() -> str:
     return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+def _review(svc: SearchService, kind: str, limit: int, offset: int) -> dict[str, Any]:
+    try:
+        svc.index()
+        label_of: Any = svc.current_label
+    except NotReady:
+        label_of = None
+    return review_list(svc.storage, kind, limit, offset, label_of)
+
+
+async def _read_image_upload(request: Request, limit: int, max_fields: int) -> tuple[bytes, dict[str, Any]]:
+    """An image sent as a multipart ``image`` field (with the form's other fields) or as the raw
+    body (with the query parameters).
+
+    Raises:
+        PayloadTooLarge, UnsupportedMediaType, BadRequest: as for uploads.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 65536:
+        raise PayloadTooLarge(f"the request is over the {limit}-byte upload limit")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        data, fields = await _read_image_form(request, limit, max_fields=max_fields)
+    elif ctype in CONTENT_TYPES.values() or ctype == "application/octet-stream":
+        data, fields = await _read_body(request, limit), dict(request.query_params)
+    else:
+        raise UnsupportedMediaType("send multipart/form-data with an `image` file, or the image bytes")
+    if not data:
+        raise BadRequest("the upload is empty", code="empty_upload")
+    return data, fields
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:

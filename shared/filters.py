@@ -1,4 +1,4 @@
-"""Search filters: label, predicted class, cluster, predicted ImageNet class, ingest time.
+"""Search filters: label, labelled or not, predicted class, cluster, predicted ImageNet class, ingest time.
 
 Parsed from any mapping of strings or JSON values (a JSON object, form fields, query parameters),
 so every way of calling the search API filters the same way.
@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.errors import BadRequest
 
-FIELDS = ("label", "predicted", "cluster", "imagenet_class", "ingested_after", "ingested_before")
+FIELDS = ("label", "labelled", "predicted", "cluster", "imagenet_class", "ingested_after", "ingested_before")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class SearchFilters:
     """Conditions every result must meet; None means no condition. Times are UTC epoch seconds."""
 
     label: str | None = None
+    labelled: bool | None = None  # True: labelled images only; False: unlabelled only
     predicted: str | None = None  # the label classifier's predicted class
     cluster: int | None = None
     imagenet_class: int | None = None
@@ -61,6 +62,7 @@ def parse_filters(raw: Mapping[str, Any] | None) -> SearchFilters:
             if not isinstance(label, str) or len(label) > 200:
                 raise BadRequest(f"{name} must be a string of at most 200 characters", code="invalid_filter")
             values[name] = label
+    values["labelled"] = _bool(raw.get("labelled"), "labelled")
     for name, upper in (("cluster", 1_000_000), ("imagenet_class", 999)):
         value = _int(raw.get(name), name)
         if value is not None and not 0 <= value <= upper:
@@ -69,6 +71,16 @@ def parse_filters(raw: Mapping[str, Any] | None) -> SearchFilters:
     for name in ("ingested_after", "ingested_before"):
         values[name] = _time(raw.get(name), name)
     return SearchFilters(**values)
+
+
+def _bool(value: Any, name: str) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise BadRequest(f"{name} must be true or false", code="invalid_filter")
 
 
 def _int(value: Any, name: str) -> int | None:

@@ -761,6 +761,8 @@ class ClusterIndex:
                 known = ", ".join(self.label_names[:20]) or "none"
                 raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
             mask &= self.labels == self.label_names.index(filters.label)
+        if filters.labelled is not None:
+            mask &= (self.labels >= 0) == filters.labelled
         if filters.predicted is not None:
             if filters.predicted not in self.predicted_names:
                 known = ", ".join(self.predicted_names[:20]) or "none: no classifier has been trained yet"

@@ -188,6 +188,12 @@ class SearchService:
             index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
         self._overlay_state = state
 
+    def current_label(self, image_id: str) -> str | None:
+        """An indexed image's label now (the label log over the index), None if unlabelled or not indexed."""
+        index = self.index()
+        row = index.row_of(image_id)
+        return index.label_of(row) if row is not None else None
+
     def refresh_labels(self) -> None:
         """Apply labels written since the last look now (the API calls this after taking labels)."""
         index = self._index

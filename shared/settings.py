@@ -138,6 +138,21 @@ class Settings(BaseSettings):
         default=50, ge=0, description="Queue a retrain once this many labels arrived since the last one; 0: off."
     )
 
+    # Batch analysis (clusters, maps, classifiers, anomalies): `clusterlens analyse`, job kind analyse
+    analysis_k: int = Field(default=0, ge=0, le=4096, description="k-means clusters; 0: silhouette sweep.")
+    analysis_k_min: int = Field(default=4, ge=2, description="Silhouette sweep: smallest k tried.")
+    analysis_k_max: int = Field(default=30, ge=2, le=4096, description="Silhouette sweep: largest k tried.")
+    analysis_silhouette_sample: int = Field(default=5000, ge=100, description="Images the silhouette is scored on.")
+    analysis_maps: list[Literal["pca", "umap", "tsne"]] = Field(default=["pca", "umap", "tsne"])
+    analysis_map_sample: int = Field(default=10_000, ge=100, description="UMAP and t-SNE draw at most this many.")
+    analysis_pca_points: int = Field(default=100_000, ge=100, description="The PCA map draws at most this many.")
+    analysis_anomaly_share: float = Field(default=0.05, gt=0, lt=1, description="Most isolated share flagged.")
+    analysis_mislabel_vote: float = Field(
+        default=0.7, gt=0.5, le=1, description="Flag a label when this share of its 10 neighbours says otherwise."
+    )
+    analysis_contact_per_cluster: int = Field(default=8, ge=1, le=32)
+    analysis_keep_versions: int = Field(default=5, ge=1)
+
     # Limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
@@ -160,6 +175,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.default_k > self.max_k:
             raise ValueError("default_k must not exceed max_k")
+        if self.analysis_k_min > self.analysis_k_max:
+            raise ValueError("analysis_k_min must not exceed analysis_k_max")
         if self.storage_backend == "azure" and not (
             self.azure_storage_connection_string or self.azure_storage_account_url
         ):

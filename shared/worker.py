@@ -183,7 +183,24 @@ def run_retrain(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_analyse(ctx: JobContext) -> dict[str, Any]:
-    raise PermanentJobError("the analysis job is not available in this version", code="not_available")
+    """Cluster, map, classify and review the collection; publish the report (see :mod:`shared.analysis`)."""
+    from shared.analysis import run_analysis, summary
+    from shared.errors import NotReady
+
+    params = ctx.message.params
+    updates = {
+        name: params[key] for key, name in (("k", "analysis_k"), ("map_sample", "analysis_map_sample")) if key in params
+    }
+    settings = ctx.settings.model_copy(update=updates)
+
+    def stage(name: str, done: int, total: int) -> None:
+        ctx.progress(done, total, name)
+
+    try:
+        metrics = run_analysis(ctx.storage, settings, ctx.encoder_factory().version, progress=stage)
+    except NotReady as exc:  # nothing embedded: trying again will not help until images arrive
+        raise PermanentJobError(exc.message, code=exc.code) from exc
+    return summary(metrics)
 
 
 HANDLERS: dict[str, Handler] = {

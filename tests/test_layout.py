@@ -12,7 +12,9 @@ from pydantic import AliasChoices
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "sklearn", "umap", "pyarrow", "skimage", "lightgbm")
+# the analysis job's extras: UMAP (and its numba stack) and the ONNX converters for its classifiers
+ANALYSIS = ("umap-learn", "numba", "llvmlite", "pynndescent", "onnxmltools", "skl2onnx", "onnxconverter-common")
+HEAVY = ("torch", "sklearn", "umap", "pyarrow", "skimage", "lightgbm", "matplotlib", "numba", "onnxmltools", "skl2onnx")
 
 
 def test_query_path_imports_nothing_heavy(collection) -> None:  # type: ignore[no-untyped-def]
@@ -95,7 +97,7 @@ def test_job_image_pins_the_same_versions_as_the_function_app() -> None:
     assert "onnxruntime" not in job and job["onnxruntime-gpu"] == app["onnxruntime"]
     assert job["torch"] == "2.13.0"
     host_only = {"azure-functions", "fastapi", "uvicorn", "python-multipart", "onnxruntime"}
-    job_only = ("onnxruntime-gpu", "torch", "scikit-learn", "lightgbm", "matplotlib")  # training: job side
+    job_only = ("onnxruntime-gpu", "torch", "scikit-learn", "lightgbm", "matplotlib", *ANALYSIS)  # job side
     assert {k: v for k, v in app.items() if k not in host_only} == {k: v for k, v in job.items() if k not in job_only}
     tools = _pins(ROOT / "requirements-models.txt")  # what the tests and the CLI train with
     assert all(job[name] == tools[name] for name in job_only[1:])

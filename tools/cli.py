@@ -279,6 +279,44 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings, storage: Storage) 
     return 0
 
 
+def cmd_analyse(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from shared.analysis import run_analysis, summary
+    from shared.storage import REPORTS
+
+    updates: dict[str, Any] = {}
+    if args.k is not None:
+        updates["analysis_k"] = args.k
+    if args.map_sample is not None:
+        updates["analysis_map_sample"] = args.map_sample
+    if args.maps:
+        updates["analysis_maps"] = args.maps
+    settings = settings.model_copy(update=updates)
+    bar = _progress(None, "analyse", unit="step")
+
+    def stage(name: str, done: int, total: int) -> None:
+        bar.set_postfix_str(name)
+        bar.update(0 if done else 1)
+
+    out = summary(run_analysis(storage, settings, _encoder(settings).version, progress=stage))
+    bar.close()
+    where = storage.local_path(REPORTS, f"{out['report_version']}/report.html")
+    agreement = out["agreement"]
+    print(
+        f"report {out['report_version']}: {out['images']} images ({out['labelled']} labelled), k = {out['k']}, "
+        f"silhouette {out['silhouette']}"
+        + (f", adjusted Rand {agreement['adjusted_rand']}, purity {agreement['purity']}" if agreement else "")
+    )
+    print("  maps: " + ", ".join(f"{m} {s} s" for m, s in out["maps"].items()))
+    if out["accuracy"]:
+        accuracy = ", ".join(f"{m} {a}" for m, a in out["accuracy"].items())
+        print(f"  held-out accuracy: {accuracy}; best {out['best_model']} (serves POST /api/classify)")
+    print(f"  anomalies flagged: {out['anomalies']}; likely mislabels: {out['mislabels']}")
+    for step, reason in out["skipped"].items():
+        print(f"  skipped {step}: {reason}")
+    print(f"  {out['seconds']['total']:.1f} s; open {where or out['html']}")
+    return 0
+
+
 def cmd_simulate_al(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.simulation import dataset_features, plot_learning_curves, run_simulation
 
@@ -421,6 +459,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
     if current_classifier_version(storage) is None:  # predictions and a labelling queue from the start
         cmd_retrain(argparse.Namespace(kind=None), settings, storage)
+    from shared.analysis import current_report
+
+    if current_report(storage) is None:  # clusters, maps and the review lists from the start
+        cmd_analyse(argparse.Namespace(k=None, map_sample=None, maps=None), settings, storage)
     if args.no_serve:
         return 0
     return cmd_serve(args, settings, storage)
@@ -501,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("lightgbm", "logistic", "knn"), help="default: CLUSTERLENS_CLASSIFIER_KIND")
     p.set_defaults(func=cmd_retrain)
 
+    p = sub.add_parser("analyse", help="cluster, map, classify and review the collection; publish a report")
+    p.add_argument("--k", type=int, help="k-means clusters (default: CLUSTERLENS_ANALYSIS_K; 0: silhouette sweep)")
+    p.add_argument("--map-sample", type=int, help="UMAP and t-SNE draw at most this many images")
+    p.add_argument("--maps", nargs="+", choices=("pca", "umap", "tsne"), help="which 2-D maps (default: all)")
+    p.set_defaults(func=cmd_analyse)
+
     p = sub.add_parser("simulate-al", help="replay active learning on a labelled dataset (true labels as oracle)")
     p.add_argument("--dataset", choices=("fashion-mnist",), default="fashion-mnist")
     p.add_argument("--limit", type=int, help="pool: the first N training images (default all 60,000)")
@@ -515,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="active_learning.json", help="JSON path; the PNG goes beside it")
     p.set_defaults(func=cmd_simulate_al)
 
-    p = sub.add_parser("worker", help="run queued jobs (embed, reindex, train-head, retrain): the container job's loop")
+    p = sub.add_parser(
+        "worker", help="run queued jobs (embed, reindex, train-head, retrain, analyse): the container job's loop"
+    )
     p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
     p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
     p.add_argument("--max-jobs", type=int, help="exit after this many messages")

@@ -1,0 +1,679 @@
+"""Batch analysis: cluster the collection, draw it, classify it, and flag the odd images for review.
+
+One job (``clusterlens analyse``, job kind ``analyse``) runs five steps on every embedded image and
+publishes a numbered report in the reports container::
+
+    reports/v000003/metrics.json      every figure, each step's status, reason and seconds
+    reports/v000003/report.html       the same, readable, self-contained (images inlined)
+    reports/v000003/maps/<m>.json     2-D maps as columns (x, y, id, cluster, label) for the web page
+    reports/v000003/anomalies.json    the most isolated images, most isolated first
+    reports/v000003/mislabels.json    labels their neighbours disagree with, most confident first
+    reports/v000003/clusters.json     sizes and the images nearest each centroid
+    reports/v000003/*.png             the figures
+    reports/v000003/classify/         the best classifier (ONNX) and its feature space, for /api/classify
+    reports/v000003/manifest.json     written last: the version is complete
+    reports/CURRENT.json              the pointer, swapped after the manifest
+
+Steps with nothing to work on are skipped with a reason (no labels: no classifiers, no
+mislabels). scikit-learn, LightGBM, UMAP and matplotlib are imported inside the steps (job side).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from shared.active_learning import FeatureSpace, make_classifier
+from shared.errors import NotReady
+from shared.settings import Settings
+from shared.storage import REPORTS, Storage
+from shared.versions import claim_next, prune, read_pointer, swap_pointer
+
+log = logging.getLogger(__name__)
+
+KNN_K = 10
+KNN_ALPHA = 0.5  # Laplace smoothing of kNN vote shares, so a wrong unanimous vote has a finite log loss
+MODELS = ("logistic", "lightgbm", "knn10")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class AnalysisData:
+    """What every step works on.
+
+    Attributes:
+        ids: (n,) image ids.
+        features: float32 (n, p) power + L2 + PCA features (the classifiers' input).
+        unit: float32 (n, p) the same, L2-normalised (clustering, maps, anomalies: cosine geometry).
+        labels: int64 (n,) code into ``classes``, -1 unlabelled.
+        classes: the label set's classes that have labels.
+        knn_space: float32 (n, q) unit vectors kNN votes in: the published index's space where the
+            index holds the image, else ``unit``.
+        space: the fitted feature space (saved with the classify model).
+    """
+
+    ids: list[str]
+    features: np.ndarray
+    unit: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    knn_space: np.ndarray
+    knn_source: str
+    space: FeatureSpace
+    encoder_version: str
+    head_version: str | None = None
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.labels >= 0)
+
+
+@dataclass
+class Report:
+    """A report being built: metrics, files to publish, each step's status."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def skip(self, step: str, reason: str) -> None:
+        self.steps[step] = {"status": "skipped", "reason": reason, "seconds": 0.0}
+        log.info("analysis step %s skipped: %s", step, reason)
+
+    def json(self, name: str, value: Any) -> None:
+        self.files[name] = json.dumps(value, separators=(",", ":")).encode()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def load_data(storage: Storage, settings: Settings, encoder_version: str) -> AnalysisData:
+    """Every embedded image (deleted ones left out), its current label and its features.
+
+    Raises:
+        NotReady: no embeddings for this encoder (embed first).
+    """
+    from shared.catalog import Catalog
+    from shared.embeddings import EmbeddingStore
+    from shared.labels import LabelLog, ingest_labels
+
+    emb = EmbeddingStore(storage, encoder_version).load(skip=Catalog(storage).deleted_ids())
+    if len(emb.ids) < 2:
+        raise NotReady(
+            f"need embedded images for encoder {encoder_version}: ingest and embed first", code="no_embeddings"
+        )
+    vectors, head_version = emb.vectors, None
+    if settings.classifier_space == "head":
+        from shared.head import load_head
+
+        head = load_head(storage, settings.data_dir / "cache", providers=settings.ort_providers)
+        vectors, head_version = head.apply(vectors).embedding, head.version
+    space = FeatureSpace(dim=settings.classifier_pca_dim if head_version is None else 0).fit(vectors)
+    features = space.transform(vectors)
+
+    log_ = LabelLog(storage)
+    log_.refresh()
+    current = {i: e.label for i, e in log_.current(ingest_labels(storage)).items()}
+    label_set = log_.label_set()
+    order = list(label_set.classes) if label_set else []
+    order += sorted({lab for lab in current.values() if lab not in set(order)})
+    used = [c for c in order if c in set(current.values())]
+    code = {c: i for i, c in enumerate(used)}
+    labels = np.array([code.get(current.get(i, ""), -1) for i in emb.ids], dtype=np.int64)
+
+    knn_space, source = _index_space(storage, settings, encoder_version, emb.ids)
+    unit = _unit(features)
+    if knn_space is None:
+        knn_space, source = unit, "analysis features (no published index for this encoder)"
+    return AnalysisData(
+        ids=list(emb.ids),
+        features=features,
+        unit=unit,
+        labels=labels,
+        classes=used,
+        knn_space=knn_space,
+        knn_source=source,
+        space=space,
+        encoder_version=encoder_version,
+        head_version=head_version,
+    )
+
+
+def _index_space(
+    storage: Storage, settings: Settings, encoder_version: str, ids: list[str]
+) -> tuple[np.ndarray | None, str]:
+    """The published index's vector of every image, when the index holds them all."""
+    from shared.index import current_version, load_current
+
+    if current_version(storage) is None:
+        return None, ""
+    index = load_current(storage, settings.data_dir / "cache")
+    if index.manifest.get("encoder_version") != encoder_version:
+        return None, ""
+    rows = index.rows_of(ids)
+    if (rows < 0).any():
+        log.info(
+            "index %s lacks %d embedded images: kNN uses analysis features",
+            index.manifest.get("version"),
+            int((rows < 0).sum()),
+        )
+        return None, ""
+    return _unit(
+        index.all_vectors()[rows]
+    ), f"index {index.manifest.get('version')} ({index.manifest.get('kind', 'ivf')})"
+
+
+# -- clustering --------------------------------------------------------------------------------
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> tuple[np.ndarray, np.ndarray, float]:
+    """Spherical FAISS k-means on unit vectors.
+
+    Args:
+        x: float32 (n, d) unit vectors.
+        k: clusters (at most n).
+
+    Returns:
+        centroids (k, d), assignment int64 (n,), inertia (sum of squared distances to the nearest centroid).
+    """
+    import faiss
+
+    if x.ndim != 2 or not 1 <= k <= len(x):
+        raise ValueError(f"need (n >= k, d) vectors for k={k}, got {x.shape}")
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    centroids = np.asarray(km.centroids, dtype=np.float32)
+    flat = faiss.IndexFlatL2(x.shape[1])
+    flat.add(centroids)
+    dist, assign = flat.search(x, 1)
+    return centroids, assign[:, 0].astype(np.int64), float(dist.sum())
+
+
+def sweep_candidates(k_min: int, k_max: int, n: int, steps: int = 8) -> list[int]:
+    """Up to ``steps`` k values spread geometrically over [k_min, k_max], none above n - 1."""
+    hi = max(2, min(k_max, n - 1))
+    lo = max(2, min(k_min, hi))
+    return sorted({int(round(v)) for v in np.geomspace(lo, hi, steps)})
+
+
+def cluster_step(data: AnalysisData, settings: Settings, report: Report) -> np.ndarray:
+    """k-means (k from settings or the best silhouette of a sweep), sizes, silhouette, agreement with labels.
+
+    Returns:
+        int64 (n,) cluster of every image.
+    """
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    x = data.unit
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(x), min(settings.analysis_silhouette_sample, len(x)), replace=False)
+    sweep = []
+    candidates = (
+        [min(settings.analysis_k, len(x) - 1)]
+        if settings.analysis_k
+        else sweep_candidates(settings.analysis_k_min, settings.analysis_k_max, len(x))
+    )
+    best: tuple[float, int, np.ndarray, np.ndarray, float] | None = None
+    for k in candidates:
+        t0 = time.perf_counter()
+        centroids, assign, inertia = kmeans(x, k)
+        sil = float(silhouette_score(x[sample], assign[sample])) if len(np.unique(assign[sample])) > 1 else -1.0
+        sweep.append(
+            {
+                "k": k,
+                "silhouette": round(sil, 4),
+                "inertia": round(inertia, 3),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        if best is None or sil > best[0]:
+            best = (sil, k, centroids, assign, inertia)
+    assert best is not None
+    sil, k, centroids, assign, inertia = best
+    sizes = np.bincount(assign, minlength=k)
+    per = settings.analysis_contact_per_cluster
+    nearest = {}
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        order = np.argsort(-(x[members] @ centroids[c]))[:per]
+        nearest[c] = [data.ids[int(i)] for i in members[order]]
+    out: dict[str, Any] = {
+        "k": k,
+        "chosen_by": "setting" if settings.analysis_k else "silhouette sweep",
+        "silhouette": round(sil, 4),
+        "silhouette_sample": int(len(sample)),
+        "inertia": round(inertia, 3),
+        "sweep": sweep,
+        "sizes": [int(s) for s in sizes],
+        "size_stats": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+    }
+    lab = data.labelled
+    if len(lab) and len(data.classes) > 1:
+        y, a = data.labels[lab], assign[lab]
+        majority = sum(int(np.bincount(y[a == c]).max()) for c in np.unique(a))
+        out["agreement"] = {
+            "labelled": int(len(lab)),
+            "adjusted_rand": round(float(adjusted_rand_score(y, a)), 4),
+            "purity": round(majority / len(lab), 4),
+        }
+    else:
+        out["agreement"] = None
+    report.metrics["clustering"] = out
+    report.json("clusters.json", {"k": k, "sizes": out["sizes"], "nearest": {str(c): v for c, v in nearest.items()}})
+    report.files["centroids.npy"] = _npy(centroids)
+    return assign
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+# -- maps ----------------------------------------------------------------------------------------
+
+
+def project(method: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(n, d) -> float32 (n, 2): PCA, UMAP (n_neighbors 15, min_dist 0.1) or t-SNE (perplexity 30)."""
+    if method == "pca":
+        centred = (x - x.mean(axis=0)).astype(np.float64)
+        _, vecs = np.linalg.eigh(centred.T @ centred)
+        return (centred @ vecs[:, ::-1][:, :2]).astype(np.float32)
+    if method == "umap":
+        import umap
+
+        neighbours = min(15, len(x) - 1)
+        reducer = umap.UMAP(n_neighbors=neighbours, min_dist=0.1, metric="cosine", random_state=seed, n_jobs=1)
+        return np.asarray(reducer.fit_transform(x), dtype=np.float32)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (len(x) - 1) / 3)
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine")
+        return np.asarray(tsne.fit_transform(x), dtype=np.float32)
+    raise ValueError(f"unknown map method {method!r}")
+
+
+def maps_step(
+    data: AnalysisData, clusters: np.ndarray | None, settings: Settings, report: Report, progress: Progress
+) -> dict[str, Any]:
+    """Every configured 2-D map, as data columns for the page; returns method -> (rows, xy) for the figures."""
+    rng = np.random.default_rng(0)
+    n = len(data.ids)
+    drawn: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for i, method in enumerate(settings.analysis_maps):
+        cap = settings.analysis_pca_points if method == "pca" else settings.analysis_map_sample
+        rows = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+        if len(rows) < 5:
+            out[method] = {"skipped": "fewer than 5 images"}
+            continue
+        progress(f"map {method}", i, len(settings.analysis_maps))
+        t0 = time.perf_counter()
+        xy = project(method, data.unit[rows])
+        seconds = time.perf_counter() - t0
+        drawn[method] = (rows, xy)
+        out[method] = {"points": int(len(rows)), "of": n, "seconds": round(seconds, 3)}
+        report.json(
+            f"maps/{method}.json",
+            {
+                "method": method,
+                "seconds": round(seconds, 3),
+                "x": [round(float(v), 4) for v in xy[:, 0]],
+                "y": [round(float(v), 4) for v in xy[:, 1]],
+                "id": [data.ids[int(r)] for r in rows],
+                "cluster": [int(clusters[r]) for r in rows] if clusters is not None else None,
+                "label": [data.classes[int(c)] if c >= 0 else None for c in data.labels[rows]],
+            },
+        )
+    report.metrics["maps"] = out
+    return drawn
+
+
+# -- classifiers ---------------------------------------------------------------------------------
+
+
+def knn_vote(neighbour_labels: np.ndarray, n_classes: int, alpha: float = KNN_ALPHA) -> np.ndarray:
+    """Majority vote of neighbours' labels (int (m, k), -1 ignored) as smoothed shares (m, n_classes)."""
+    counts = np.zeros((len(neighbour_labels), n_classes))
+    for c in range(n_classes):
+        counts[:, c] = (neighbour_labels == c).sum(axis=1)
+    return (counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * n_classes)
+
+
+def knn_neighbours(
+    base: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine neighbours (unit vectors) with FAISS: scores and rows (m, k); rows -1 where fewer exist."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(np.ascontiguousarray(base, dtype=np.float32))
+    extra = 1 if exclude_self else 0
+    scores, rows = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k + extra, len(base)))
+    if exclude_self:
+        scores, rows = scores[:, 1:], rows[:, 1:]
+    return scores, rows
+
+
+def _split(y: np.ndarray, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """Stratified train / test positions into ``y``, or None when there are too few labels."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    used = int((counts > 0).sum())
+    n_test = max(int(round(holdout * len(y))), used)
+    if counts[counts > 0].min() < 2 or len(y) - n_test < used:
+        return None
+    tr, te = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def classifier_step(
+    data: AnalysisData, settings: Settings, report: Report, progress: Progress
+) -> dict[str, Any] | None:
+    """Logistic regression, LightGBM and 10-NN on the labelled images with a stratified 20% held out.
+
+    Returns:
+        what the figures need (confusion matrices, classes) or None when skipped.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
+
+    lab = data.labelled
+    counts = np.bincount(data.labels[lab], minlength=len(data.classes)) if len(lab) else np.zeros(0, np.int64)
+    keep = np.flatnonzero(counts >= 2)
+    if len(keep) < 2:
+        report.skip("classifiers", "no labels to learn from: need two classes with two labelled images each")
+        return None
+    remap = np.full(len(data.classes), -1)
+    remap[keep] = np.arange(len(keep))
+    rows = lab[remap[data.labels[lab]] >= 0]
+    y = remap[data.labels[rows]]
+    classes = [data.classes[c] for c in keep]
+    split = _split(y, settings.classifier_holdout)
+    if split is None:
+        report.skip("classifiers", "too few labels to hold 20% out (each class needs one on each side)")
+        return None
+    tr, te = split
+    c = len(classes)
+    results: dict[str, Any] = {}
+    figures: dict[str, Any] = {"classes": classes, "confusion": {}}
+    for i, name in enumerate(MODELS):
+        progress(f"classifier {name}", i, len(MODELS))
+        t0 = time.perf_counter()
+        if name == "knn10":
+            _, nn = knn_neighbours(data.knn_space[rows[tr]], data.knn_space[rows[te]], KNN_K)
+            proba = knn_vote(np.where(nn >= 0, y[tr][np.maximum(nn, 0)], -1), c)
+        else:
+            model = make_classifier("logistic" if name == "logistic" else "lightgbm", seed=0, n_labels=len(tr))
+            model.fit(data.features[rows[tr]], y[tr])
+            proba = np.zeros((len(te), c))
+            proba[:, model.classes_] = model.predict_proba(data.features[rows[te]])
+        seconds = time.perf_counter() - t0
+        pred = proba.argmax(axis=1)
+        p, r, f1, support = precision_recall_fscore_support(y[te], pred, labels=range(c), zero_division=0)
+        results[name] = {
+            "accuracy": round(float(accuracy_score(y[te], pred)), 4),
+            "macro_f1": round(float(f1_score(y[te], pred, labels=range(c), average="macro", zero_division=0)), 4),
+            "log_loss": round(float(log_loss(y[te], _clip(proba), labels=range(c))), 4),
+            "seconds": round(seconds, 3),
+            "per_class": {
+                classes[j]: {
+                    "precision": round(float(p[j]), 4),
+                    "recall": round(float(r[j]), 4),
+                    "f1": round(float(f1[j]), 4),
+                    "support": int(support[j]),
+                }
+                for j in range(c)
+            },
+        }
+        figures["confusion"][name] = confusion_matrix(y[te], pred, labels=range(c))
+    best = max(MODELS, key=lambda m: (results[m]["accuracy"], results[m]["macro_f1"]))
+    report.metrics["classifiers"] = {
+        "labelled": int(len(rows)),
+        "train": int(len(tr)),
+        "test": int(len(te)),
+        "classes": classes,
+        "chance": round(float(np.bincount(y[te]).max() / len(te)), 4),
+        "knn_space": data.knn_source,
+        "feature_dim": int(data.features.shape[1]),
+        "models": results,
+        "best": best,
+    }
+    figures["best"] = best
+    figures["rows"], figures["y"] = rows, y
+    return figures
+
+
+def _clip(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    clipped = np.clip(proba, eps, 1)
+    return np.asarray(clipped / clipped.sum(axis=1, keepdims=True))
+
+
+def publish_classifier(data: AnalysisData, fitted: dict[str, Any], report: Report) -> dict[str, Any]:
+    """Refit the best model on every label and add it to the report for ``POST /api/classify``:
+    ONNX for logistic regression and LightGBM (onnxruntime runs it, no scikit-learn in the API),
+    nothing for 10-NN (the API votes over the live index's labelled images)."""
+    best, rows, y, classes = fitted["best"], fitted["rows"], fitted["y"], fitted["classes"]
+    entry: dict[str, Any] = {
+        "kind": best,
+        "classes": classes,
+        "encoder_version": data.encoder_version,
+        "head_version": data.head_version,
+        "feature_dim": int(data.features.shape[1]),
+        "power": data.space.power,
+        "accuracy": report.metrics["classifiers"]["models"][best]["accuracy"],
+        "labelled": int(len(rows)),
+        "knn_k": KNN_K,
+        "knn_alpha": KNN_ALPHA,
+    }
+    buf = io.BytesIO()
+    np.savez(buf, mean=data.space.mean_, components=data.space.components_)
+    report.files["classify/features.npz"] = buf.getvalue()
+    if best != "knn10":
+        model = make_classifier("logistic" if best == "logistic" else "lightgbm", seed=0, n_labels=len(y))
+        model.fit(data.features[rows], y)
+        report.files["classify/model.onnx"] = to_onnx(best, model, data.features.shape[1])
+        entry["model_file"] = "classify/model.onnx"
+    report.metrics["classify"] = entry
+    return entry
+
+
+def to_onnx(kind: str, model: Any, dim: int) -> bytes:
+    """A fitted logistic regression or LightGBM classifier as ONNX: input ``x`` float (n, dim),
+    outputs ``label`` (n,) and ``probabilities`` (n, classes)."""
+    if kind == "lightgbm":
+        from onnxmltools import convert_lightgbm
+        from onnxmltools.convert.common.data_types import FloatTensorType
+
+        onx = convert_lightgbm(
+            model, initial_types=[("x", FloatTensorType([None, dim]))], zipmap=False, target_opset=15
+        )
+    else:
+        from skl2onnx import convert_sklearn
+        from skl2onnx.common.data_types import FloatTensorType as SklFloat
+
+        onx = convert_sklearn(
+            model, initial_types=[("x", SklFloat([None, dim]))], options={id(model): {"zipmap": False}}, target_opset=15
+        )
+    return bytes(onx.SerializeToString())
+
+
+# -- anomalies and mislabels ---------------------------------------------------------------------
+
+
+def anomaly_step(
+    data: AnalysisData, clusters: np.ndarray | None, settings: Settings, report: Report
+) -> list[dict[str, Any]]:
+    """Isolation Forest (200 trees) on the features; the ``analysis_anomaly_share`` most isolated flagged."""
+    from sklearn.ensemble import IsolationForest
+
+    n = len(data.ids)
+    flagged = max(1, int(round(settings.analysis_anomaly_share * n)))
+    forest = IsolationForest(n_estimators=200, random_state=0, n_jobs=1).fit(data.features)
+    score = -forest.score_samples(data.features)  # higher: more isolated
+    order = np.argsort(-score, kind="stable")[:flagged]
+    items = [
+        {
+            "id": data.ids[int(r)],
+            "rank": i + 1,
+            "score": round(float(score[r]), 5),
+            "cluster": int(clusters[r]) if clusters is not None else None,
+            "label": data.classes[int(data.labels[r])] if data.labels[r] >= 0 else None,
+        }
+        for i, r in enumerate(order)
+    ]
+    report.metrics["anomalies"] = {
+        "trees": 200,
+        "images": n,
+        "flagged": len(items),
+        "share": round(len(items) / n, 4),
+        "threshold": round(float(score[order[-1]]), 5),
+        "score_median": round(float(np.median(score)), 5),
+    }
+    report.json("anomalies.json", {"items": items})
+    return items
+
+
+def mislabel_step(data: AnalysisData, settings: Settings, report: Report) -> list[dict[str, Any]]:
+    """Labelled images whose 10 nearest labelled neighbours confidently vote for another class."""
+    lab = data.labelled
+    if len(lab) <= KNN_K or len(data.classes) < 2:
+        report.skip("mislabels", f"needs more than {KNN_K} labelled images of two classes or more")
+        return []
+    scores, nn = knn_neighbours(data.knn_space[lab], data.knn_space[lab], KNN_K, exclude_self=True)
+    y = data.labels[lab]
+    votes = np.zeros((len(lab), len(data.classes)), np.int64)
+    for c in range(len(data.classes)):
+        votes[:, c] = (y[nn] == c).sum(axis=1)
+    top = votes.argmax(axis=1)
+    share = votes.max(axis=1) / nn.shape[1]
+    flag = np.flatnonzero((top != y) & (share >= settings.analysis_mislabel_vote))
+    order = flag[np.lexsort((-scores[flag].mean(axis=1), -share[flag]))]
+    items = [
+        {
+            "id": data.ids[int(lab[i])],
+            "label": data.classes[int(y[i])],
+            "suggested": data.classes[int(top[i])],
+            "vote": round(float(share[i]), 2),
+            "neighbours": [data.ids[int(lab[j])] for j in nn[i][:5]],
+        }
+        for i in order
+    ]
+    report.metrics["mislabels"] = {
+        "labelled": int(len(lab)),
+        "flagged": len(items),
+        "min_vote": settings.analysis_mislabel_vote,
+        "knn_space": data.knn_source,
+    }
+    report.json("mislabels.json", {"items": items})
+    return items
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+def run_analysis(
+    storage: Storage, settings: Settings, encoder_version: str, *, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run every step, render the report and publish it as the next version.
+
+    Returns:
+        the report's metrics (``version`` included).
+
+    Raises:
+        NotReady: nothing embedded yet.
+    """
+    from shared.report_render import render_figures, render_html
+
+    step_progress = progress or (lambda stage, done, total: None)
+    report = Report()
+    t_all = time.perf_counter()
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        step_progress(name, 0, 1)
+        t0 = time.perf_counter()
+        value = fn()
+        if name not in report.steps:
+            report.steps[name] = {"status": "done", "seconds": round(time.perf_counter() - t0, 3)}
+        return value
+
+    data: AnalysisData = timed("load", lambda: load_data(storage, settings, encoder_version))
+    clusters = timed("clustering", lambda: cluster_step(data, settings, report))
+    drawn = timed("maps", lambda: maps_step(data, clusters, settings, report, step_progress))
+    fitted = timed("classifiers", lambda: classifier_step(data, settings, report, step_progress))
+    if fitted is not None:
+        timed("classify_model", lambda: publish_classifier(data, fitted, report))
+    else:
+        report.skip("classify_model", "no classifier was trained")
+    anomalies = timed("anomalies", lambda: anomaly_step(data, clusters, settings, report))
+    mislabels = timed("mislabels", lambda: mislabel_step(data, settings, report))
+
+    version = claim_next(storage, REPORTS)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    report.metrics.update(
+        {
+            "version": version,
+            "created_at": created,
+            "encoder_version": encoder_version,
+            "head_version": data.head_version,
+            "images": len(data.ids),
+            "labelled": int(len(data.labelled)),
+            "classes": data.classes,
+            "feature_dim": int(data.features.shape[1]),
+        }
+    )
+    timed("figures", lambda: render_figures(storage, data, clusters, drawn, fitted, anomalies, mislabels, report))
+    report.steps["total"] = {"status": "done", "seconds": round(time.perf_counter() - t_all, 3)}
+    report.metrics["steps"] = report.steps
+    report.json("metrics.json", report.metrics)
+    report.files["report.html"] = render_html(report, anomalies, mislabels)
+    step_progress("publish", 0, 1)
+    for name, blob in sorted(report.files.items()):
+        storage.put(REPORTS, f"{version}/{name}", blob)
+    storage.put_json(
+        REPORTS,
+        f"{version}/manifest.json",
+        {"version": version, "created_at": created, "files": sorted(report.files), "steps": report.steps},
+    )
+    swap_pointer(storage, REPORTS, version)
+    prune(storage, REPORTS, settings.analysis_keep_versions, version)
+    log.info("analysis report %s: %d images, %d files", version, len(data.ids), len(report.files))
+    return report.metrics
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a report (a job's result, the CLI's output)."""
+    clustering = metrics.get("clustering", {})
+    classifiers = metrics.get("classifiers")
+    best = classifiers["best"] if classifiers else None
+    return {
+        "report_version": metrics["version"],
+        "images": metrics["images"],
+        "labelled": metrics["labelled"],
+        "k": clustering.get("k"),
+        "silhouette": clustering.get("silhouette"),
+        "agreement": clustering.get("agreement"),
+        "maps": {m: v.get("seconds") for m, v in metrics.get("maps", {}).items()},
+        "accuracy": {m: v["accuracy"] for m, v in classifiers["models"].items()} if classifiers else None,
+        "best_model": best,
+        "anomalies": metrics.get("anomalies", {}).get("flagged"),
+        "mislabels": metrics.get("mislabels", {}).get("flagged"),
+        "skipped": {k: v["reason"] for k, v in metrics["steps"].items() if v["status"] == "skipped"},
+        "seconds": {k: v["seconds"] for k, v in metrics["steps"].items()},
+        "html": f"/api/reports/{metrics['version']}/report.html",
+    }
+
+
+def current_report(storage: Storage) -> str | None:
+    """The published report version, or None before the first analysis."""
+    return read_pointer(storage, REPORTS)
