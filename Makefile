@@ -13,7 +13,7 @@ AZURITE := .azurite/node_modules/.bin/azurite
 PORT   ?= 7071
 LIMIT  ?= 10000
 
-.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al
+.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -63,7 +63,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed bench-search bench-http bench-al
+bench: bench-embed bench-search bench-http bench-al bench-cluster
 
 bench-embed: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.embed
@@ -79,6 +79,10 @@ bench-http: $(STAMP) $(MODELS) data
 ## bench-al: active learning on the real 70k embeddings: uncertainty strategies vs random, LightGBM, 3 seeds
 bench-al: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.active_learning
+
+## bench-cluster: FAISS k-means vs MiniBatchKMeans (1M x 64, k=1024), and classifiers on backbone vs head embeddings
+bench-cluster: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.cluster
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)
