@@ -43,6 +43,7 @@ FILTERS_SCHEMA = {
     "description": "only results meeting every condition",
     "properties": {
         "label": {"type": "string", "description": "the image's label"},
+        "labelled": {"type": "boolean", "description": "true: labelled images only; false: unlabelled only"},
         "predicted": {"type": "string", "description": "the label classifier's predicted class"},
         "cluster": {"type": "integer", "minimum": 0, "description": "the image's cluster"},
         "imagenet_class": {"type": "integer", "minimum": 0, "maximum": 999, "description": "predicted top-1 class"},
@@ -80,36 +81,31 @@ SEARCH_BODY = {
 }
 
 
-UPLOAD_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["image"],
-                "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "the image file"},
-                    "label": {"type": "string", "maxLength": 100, "description": "its label (optional)"},
-                    "caption": {"type": "string", "maxLength": 2000, "description": "a caption (optional)"},
-                },
-            }
+def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI request body: a multipart form with an ``image`` file and ``fields``, or raw image bytes."""
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "the image"},
+                        **fields,
+                    },
+                }
+            },
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
         },
-        **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
-    },
-}
-CLASSIFY_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary", "description": "the image to classify"}},
-            }
-        },
-        **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(CONTENT_TYPES.values()))},
-    },
-}
+    }
+
+
+UPLOAD_BODY = _image_body(
+    label={"type": "string", "maxLength": 100, "description": "its label (optional)"},
+    caption={"type": "string", "maxLength": 2000, "description": "a caption (optional)"},
+)
+CLASSIFY_BODY = _image_body()
 # Parameters each job kind takes over HTTP: name -> (type, min, max).
 API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
     "reindex": {"force": (bool, 0, 1)},

@@ -83,6 +83,7 @@ class Report:
     metrics: dict[str, Any] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nearest: dict[int, list[str]] = field(default_factory=dict)  # cluster -> image ids nearest its centroid
 
     def skip(self, step: str, reason: str) -> None:
         self.steps[step] = {"status": "skipped", "reason": reason, "seconds": 0.0}
@@ -241,7 +242,7 @@ def cluster_step(data: AnalysisData, settings: Settings, report: Report) -> np.n
     sil, k, centroids, assign, inertia = best
     sizes = np.bincount(assign, minlength=k)
     per = settings.analysis_contact_per_cluster
-    nearest = {}
+    nearest = report.nearest
     for c in range(k):
         members = np.flatnonzero(assign == c)
         order = np.argsort(-(x[members] @ centroids[c]))[:per]

@@ -128,7 +128,7 @@ def render_figures(
         ax.set(title="Silhouette by k (sample)", xlabel="k", ylabel="silhouette", xscale="log")
         report.files["silhouette_sweep.png"] = _png(fig)
 
-    nearest = {int(c): ids for c, ids in _clusters_json(report)["nearest"].items()}
+    nearest = report.nearest
     rows = [(f"cluster {c} ({sizes[c]})", nearest[c]) for c in order[:48]]
     report.files["contact_sheet.png"] = contact_sheet(thumbs, rows, per_row=max(len(v) for v in nearest.values()))
 
@@ -192,13 +192,6 @@ def render_figures(
     if mislabels:
         rows = [(f"{m['label']} -> {m['suggested']}", [m["id"], *m["neighbours"][:5]]) for m in mislabels[:24]]
         report.files["mislabels.png"] = contact_sheet(thumbs, rows, per_row=6)
-
-
-def _clusters_json(report: Report) -> dict[str, Any]:
-    import json
-
-    value: dict[str, Any] = json.loads(report.files["clusters.json"])
-    return value
 
 
 # -- HTML ----------------------------------------------------------------------------------------

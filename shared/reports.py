@@ -173,16 +173,17 @@ class Classifier:
         Raises:
             NoReport: no report yet. NotReady: the report has no classifier (no labels then).
         """
-        version, manifest = resolve(self.storage, "latest")
-        metrics = json.loads(self.storage.get(REPORTS, f"{version}/metrics.json"))
-        entry = metrics.get("classify")
-        if entry is None:
-            reason = manifest["steps"].get("classifiers", {}).get("reason", "")
-            raise NotReady(
-                f"report {version} has no classifier ({reason}): label images, then analyse", code="no_classifier"
-            )
+        version = latest_version(self.storage)  # one small read per call; the rest once per version
         with self._lock:
             if self._model is None or self._model.version != version:
+                version, manifest = resolve(self.storage, version)
+                entry = json.loads(self.storage.get(REPORTS, f"{version}/metrics.json")).get("classify")
+                if entry is None:
+                    reason = manifest["steps"].get("classifiers", {}).get("reason", "")
+                    raise NotReady(
+                        f"report {version} has no classifier ({reason}): label images, then analyse",
+                        code="no_classifier",
+                    )
                 self._model = ClassifyModel(self.storage, version, entry)
             return self._model
 
