@@ -51,34 +51,6 @@ FILTERS_SCHEMA = {
         "ingested_before": {"type": "string", "format": "date-time"},
     },
 }
-SEARCH_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["image"],
-                "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "the query image"},
-                    "k": {"type": "integer", "minimum": 1, "description": "number of results"},
-                    **{name: {"type": "string", "description": f"filter: {name}"} for name in FIELDS},
-                },
-            }
-        },
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "description": "exactly one of `id` (similar images) or `text` (text-to-image)",
-                "properties": {
-                    "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
-                    "text": {"type": "string", "maxLength": 500, "description": "a text query"},
-                    "k": {"type": "integer", "minimum": 1},
-                    "filters": FILTERS_SCHEMA,
-                },
-            }
-        },
-    },
-}
 
 
 def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +78,22 @@ UPLOAD_BODY = _image_body(
     caption={"type": "string", "maxLength": 2000, "description": "a caption (optional)"},
 )
 CLASSIFY_BODY = _image_body()
+SEARCH_BODY = _image_body(
+    k={"type": "integer", "minimum": 1, "description": "number of results"},
+    **{name: {"type": "string", "description": f"filter: {name}"} for name in FIELDS},
+)
+SEARCH_BODY["content"]["application/json"] = {
+    "schema": {
+        "type": "object",
+        "description": "exactly one of `id` (similar images) or `text` (text-to-image)",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
+            "text": {"type": "string", "maxLength": 500, "description": "a text query"},
+            "k": {"type": "integer", "minimum": 1},
+            "filters": FILTERS_SCHEMA,
+        },
+    }
+}
 # Parameters each job kind takes over HTTP: name -> (type, min, max).
 API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
     "reindex": {"force": (bool, 0, 1)},
