@@ -11,16 +11,17 @@ MODELS := $(IMAGE_MODEL) $(INT8_MODEL) $(FP16_MODEL) $(TEXT_MODEL)
 AZURITE_VERSION := 3.35.0
 AZURITE := .azurite/node_modules/.bin/azurite
 PORT   ?= 7071
+CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install azurite worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
+.PHONY: demo test install azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
 	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
 
 ## test: install what the tests need (Azurite included) and run the suite
-test: $(STAMP) $(MODELS) data $(AZURITE)
+test: $(STAMP) $(MODELS) data $(AZURITE) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -42,6 +43,10 @@ azurite: $(AZURITE)
 $(AZURITE):
 	@mkdir -p .azurite
 	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+
+## browser: Debian's chromium for the page tests (Playwright drives it; `playwright install` cannot download here)
+browser:
+	@test -x $(CHROMIUM) || ./scripts/ensure-chromium.sh
 
 ## models: export the ONNX image encoder (fp32, int8, fp16) and text encoder (torch is used here only)
 models: $(MODELS)
