@@ -175,7 +175,7 @@ def create_app(
 
     @lru_cache(maxsize=1)
     def get_classifier() -> Classifier:
-        return Classifier(get_service().storage)
+        return Classifier(get_service().storage, get_service().settings)
 
     @lru_cache(maxsize=1)
     def get_queue() -> JobQueue:

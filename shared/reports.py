@@ -23,7 +23,9 @@ from shared.storage import REPORTS, Storage
 from shared.versions import read_pointer
 
 if TYPE_CHECKING:
+    from shared.head import ProjectionHead
     from shared.search import SearchService
+    from shared.settings import Settings
 
 _VERSION_RE = re.compile(r"^v\d{6}$")
 CONTENT_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8", ".png": "image/png"}
@@ -118,11 +120,12 @@ def review_list(
 class ClassifyModel:
     """The best classifier of one report: its feature space and, unless it is the 10-NN vote, an ONNX model."""
 
-    def __init__(self, storage: Storage, version: str, manifest: dict[str, Any]):
+    def __init__(self, storage: Storage, version: str, manifest: dict[str, Any], head: ProjectionHead | None = None):
         import onnxruntime as ort
 
         self.version = version
         self.entry: dict[str, Any] = manifest
+        self.head = head  # the projection head the features were made in, if any
         with np.load(io.BytesIO(storage.get(REPORTS, f"{version}/classify/features.npz")), allow_pickle=False) as f:
             self.mean = f["mean"].astype(np.float32)
             self.components = f["components"].astype(np.float32)
@@ -162,8 +165,9 @@ class ClassifyModel:
 class Classifier:
     """``POST /api/classify``: the latest report's best model, loaded once per report version."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, settings: Settings):
         self.storage = storage
+        self.settings = settings
         self._model: ClassifyModel | None = None
         self._lock = threading.Lock()
 
@@ -184,8 +188,26 @@ class Classifier:
                         f"report {version} has no classifier ({reason}): label images, then analyse",
                         code="no_classifier",
                     )
-                self._model = ClassifyModel(self.storage, version, entry)
+                self._model = ClassifyModel(self.storage, version, entry, self._head(version, entry))
             return self._model
+
+    def _head(self, version: str, entry: dict[str, Any]) -> ProjectionHead | None:
+        """The projection head a report's features were made in (loaded once per report version).
+
+        Raises:
+            VersionMismatch: the current head is another one than the report's.
+        """
+        if not entry.get("head_version"):
+            return None
+        from shared.head import load_head
+
+        s = self.settings
+        head = load_head(self.storage, s.data_dir / "cache", providers=s.ort_providers)
+        if head.version != entry["head_version"]:
+            raise VersionMismatch(
+                f"report {version} was made in head space {entry['head_version']}: run the analysis again"
+            )
+        return head
 
     def classify(self, service: SearchService, data: bytes, top: int = 5) -> dict[str, Any]:
         """Top classes with probabilities for an image, and its 10 nearest labelled neighbours.
@@ -210,19 +232,7 @@ class Classifier:
                 f"embedded with {encoder.version}: run the analysis again"
             )
         raw = encoder.encode([decoded.rgb]).vectors
-        vector = raw
-        if model.entry.get("head_version"):
-            from shared.head import load_head
-
-            head = load_head(
-                service.storage, service.settings.data_dir / "cache", providers=service.settings.ort_providers
-            )
-            if head.version != model.entry["head_version"]:
-                raise VersionMismatch(
-                    f"report {model.version} was made in head space {model.entry['head_version']}: "
-                    "run the analysis again"
-                )
-            vector = head.apply(vector).embedding
+        vector = model.head.apply(raw).embedding if model.head is not None else raw
         t1 = time.perf_counter()
         index = service.index()
         neighbours = index.search(raw, int(model.entry.get("knn_k", 10)), filters=SearchFilters(labelled=True))
