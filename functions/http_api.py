@@ -8,48 +8,71 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from shared import __version__
+from shared.access import API_KEY_HEADER, Level, check_access
 from shared.catalog import Catalog, check_image_id
-from shared.errors import BadRequest, ClusterlensError, NotReady, PayloadTooLarge, UnsupportedMediaType
+from shared.errors import BadRequest, ClusterlensError, Conflict, NotReady, PayloadTooLarge, UnsupportedMediaType
 from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
-from shared.jobs import JobRecord, JobStore, api_job, check_job_id, enqueue
-from shared.labelling import classifier_summary, label_queue, label_summary, submit_labels
+from shared.index import INDEX, current_version, list_versions
+from shared.jobs import JOB_ID_PATTERN, JobKind, JobRecord, JobStore, api_job, check_job_id, enqueue
+from shared.labelling import MAX_QUEUE_N, classifier_summary, label_queue, label_summary, submit_labels
 from shared.labels import check_user
 from shared.queues import JobQueue, open_queue
+from shared.reindex import rollback
 from shared.reports import CONTENT_TYPES as REPORT_TYPES
 from shared.reports import Classifier, report_file, report_summary, review_list
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
 from shared.storage import UPLOADS
 from shared.uploads import accept_upload, clean_label
+from shared.web import SecurityHeaders, page_csp
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
-FILTERS_SCHEMA = {
+ANY = {"type": "string", "maxLength": 0}  # an empty value (as HTML forms send) means no condition
+FILTER_FIELDS: dict[str, dict[str, Any]] = {
+    "label": {"type": "string", "maxLength": 200, "description": "the image's label"},
+    "labelled": {"type": "boolean", "description": "true: labelled images only; false: unlabelled only"},
+    "predicted": {"type": "string", "maxLength": 200, "description": "the label classifier's predicted class"},
+    "cluster": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "description": "the image's cluster"},
+    "imagenet_class": {"type": "integer", "minimum": 0, "maximum": 999, "description": "predicted top-1 class"},
+    "ingested_after": {"type": "string", "format": "date-time"},
+    "ingested_before": {"type": "string", "format": "date-time"},
+}
+# The same filters as form fields (text, as forms send them; empty means any).
+FORM_FILTERS: dict[str, dict[str, Any]] = {
+    "label": FILTER_FIELDS["label"],
+    "predicted": FILTER_FIELDS["predicted"],
+    "labelled": {"type": "string", "enum": ["", "true", "false"]},
+    "cluster": {"type": "string", "pattern": "^([0-9]{1,6}|1000000)?$"},
+    "imagenet_class": {"type": "string", "pattern": "^[0-9]{0,3}$"},
+    "ingested_after": {"anyOf": [FILTER_FIELDS["ingested_after"], ANY]},
+    "ingested_before": {"anyOf": [FILTER_FIELDS["ingested_before"], ANY]},
+}
+FILTERS_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "only results meeting every condition",
-    "properties": {
-        "label": {"type": "string", "description": "the image's label"},
-        "labelled": {"type": "boolean", "description": "true: labelled images only; false: unlabelled only"},
-        "predicted": {"type": "string", "description": "the label classifier's predicted class"},
-        "cluster": {"type": "integer", "minimum": 0, "description": "the image's cluster"},
-        "imagenet_class": {"type": "integer", "minimum": 0, "maximum": 999, "description": "predicted top-1 class"},
-        "ingested_after": {"type": "string", "format": "date-time"},
-        "ingested_before": {"type": "string", "format": "date-time"},
-    },
+    "description": "only results meeting every condition; an empty value means any",
+    "additionalProperties": False,
+    "properties": {name: {"anyOf": [spec, ANY]} for name, spec in FILTER_FIELDS.items()},
 }
 
 
@@ -73,27 +96,38 @@ def _image_body(**fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-UPLOAD_BODY = _image_body(
-    label={"type": "string", "maxLength": 100, "description": "its label (optional)"},
-    caption={"type": "string", "maxLength": 2000, "description": "a caption (optional)"},
-)
+def upload_body(max_caption: int) -> dict[str, Any]:
+    return _image_body(
+        label={"type": "string", "maxLength": 100, "description": "its label (optional)"},
+        caption={"type": "string", "maxLength": max_caption, "description": "a caption (optional)"},
+    )
+
+
 CLASSIFY_BODY = _image_body()
-SEARCH_BODY = _image_body(
-    k={"type": "integer", "minimum": 1, "description": "number of results"},
-    **{name: {"type": "string", "description": f"filter: {name}"} for name in FIELDS},
-)
-SEARCH_BODY["content"]["application/json"] = {
-    "schema": {
-        "type": "object",
-        "description": "exactly one of `id` (similar images) or `text` (text-to-image)",
-        "properties": {
-            "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
-            "text": {"type": "string", "maxLength": 500, "description": "a text query"},
-            "k": {"type": "integer", "minimum": 1},
-            "filters": FILTERS_SCHEMA,
-        },
+
+
+def search_body(max_k: int, max_text: int) -> dict[str, Any]:
+    """The search request body: an image (multipart with k and filters, or raw bytes), or JSON with an id or text."""
+    k = {"type": "integer", "minimum": 1, "maximum": max_k, "description": "number of results"}
+    body = _image_body(
+        k={"type": "string", "pattern": "^[0-9]{1,4}$", "description": "number of results"}, **FORM_FILTERS
+    )
+    body["content"]["application/json"] = {
+        "schema": {
+            "type": "object",
+            "description": "exactly one of `id` (similar images) or `text` (text-to-image)",
+            "oneOf": [{"required": ["id"]}, {"required": ["text"]}],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a stored image id"},
+                "text": {"type": "string", "minLength": 1, "maxLength": max_text, "description": "a text query"},
+                "k": k,
+                "filters": FILTERS_SCHEMA,
+            },
+        }
     }
-}
+    return body
+
+
 # Parameters each job kind takes over HTTP: name -> (type, min, max).
 API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
     "reindex": {"force": (bool, 0, 1)},
@@ -109,6 +143,43 @@ API_JOB_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
 }
 
 
+def _param_schema(typ: type, lo: float, hi: float) -> dict[str, Any]:
+    if typ is bool:
+        return {"type": "boolean"}
+    return {"type": "integer" if typ is int else "number", "minimum": lo, "maximum": hi}
+
+
+USER_SCHEMA = {
+    "type": ["string", "null"],
+    "pattern": "^[A-Za-z0-9@._ +-]{0,64}$",
+    "description": "who labels: letters, digits, @._ +- (default anonymous)",
+}
+JOB_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "required": ["kind"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "kind": {"type": "string", "enum": [kind]},
+                            "params": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {name: _param_schema(*spec) for name, spec in params.items()},
+                            },
+                            "idempotency_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
+                        },
+                    }
+                    for kind, params in API_JOB_PARAMS.items()
+                ]
+            }
+        }
+    },
+}
 LABELS_BODY = {
     "required": True,
     "content": {
@@ -129,12 +200,62 @@ LABELS_BODY = {
                             },
                         },
                     },
-                    "user": {"type": "string", "maxLength": 64, "description": "who labels (default anonymous)"},
+                    "user": USER_SCHEMA,
                 },
             }
         }
     },
 }
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error's body: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "bad input (the message says which)",
+        401: "no valid key for this endpoint",
+        403: "the key cannot do this, or write endpoints are closed",
+        404: "no such image, job, report or version",
+        405: "method not allowed",
+        409: "the state does not allow it (no label set, nothing to roll back to, ...)",
+        413: "over the upload or body size limit",
+        415: "not a supported image or body type",
+        503: "not built yet (model, index, classifier)",
+    }.items()
+}
+ROLLBACK_BODY = {
+    "required": False,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"to": {"type": "string", "pattern": "^v[0-9]{6}$", "description": "default: previous"}},
+            }
+        }
+    },
+}
+ImageId = Annotated[str, PathParam(pattern="^[0-9a-f]{64}$", description="an image id (sha256 of its bytes)")]
+ReportVersion = Annotated[str, PathParam(pattern="^(latest|v[0-9]{6})$")]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=10_000_000)]
+KEY_COOKIE = "clusterlens-key"  # the page's key for <img> requests; read level only
+VERSION = re.compile(r"^v[0-9]{6}$")
+WRITE_KEY = APIKeyHeader(
+    name=API_KEY_HEADER,
+    scheme_name="writeKey",
+    auto_error=False,
+    description="The write/admin key (CLUSTERLENS_API_KEY); in Azure also an Entra ID app role",
+)
 LABEL_SET_BODY = {
     "required": True,
     "content": {
@@ -143,8 +264,12 @@ LABEL_SET_BODY = {
                 "type": "object",
                 "required": ["classes"],
                 "properties": {
-                    "classes": {"type": "array", "items": {"type": "string", "maxLength": 100}, "minItems": 1},
-                    "user": {"type": "string", "maxLength": 64},
+                    "classes": {
+                        "type": "array",
+                        "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": "\\S"},
+                        "minItems": 1,
+                    },
+                    "user": USER_SCHEMA,
                 },
             }
         }
@@ -166,8 +291,20 @@ def create_app(
         openapi_url="/api/openapi.json",
         docs_url="/api/docs",
         redoc_url=None,
-        description="Search, map and label a large image collection.",
+        description="Search, map and label a large image collection. Write endpoints need the write key in the "
+        f"`{API_KEY_HEADER}` header; read endpoints need the read key only where one is configured.",
+        responses=ERROR_RESPONSES,
     )
+    configured = settings or (service.settings if service else get_settings())
+    if configured.cors_origins:  # off unless configured: browsers then refuse other origins' calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=configured.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Content-Type", API_KEY_HEADER, "Idempotency-Key"],
+            max_age=600,
+        )
+    app.add_middleware(SecurityHeaders, docs_paths=("/api/docs",))
 
     @lru_cache(maxsize=1)
     def get_service() -> SearchService:
@@ -182,6 +319,22 @@ def create_app(
         svc = get_service()
         return queue or open_queue(svc.settings, svc.settings.queue_name)
 
+    def guard(level: Level) -> Any:
+        """A route dependency that lets a request in at ``level`` or refuses it (401 / 403)."""
+        if level == "write":  # documented in the schema: write endpoints take the key
+
+            async def write(request: Request, _key: str | None = Security(WRITE_KEY)) -> None:
+                check_access(settings or get_service().settings, request.headers, "write")
+
+            return Depends(write)
+
+        async def read(request: Request) -> None:
+            check_access(settings or get_service().settings, request.headers, "read", request.cookies.get(KEY_COOKIE))
+
+        return Depends(read)
+
+    READ, WRITE = [guard("read")], [guard("write")]
+
     @app.exception_handler(ClusterlensError)
     async def _clusterlens_error(request: Request, exc: ClusterlensError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message)
@@ -190,13 +343,19 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), message)
+        response = error_response(exc.status_code, codes.get(exc.status_code, "http_error"), message)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method the path takes, not only the first matching route's
+            methods = {m for r in app.routes if r.matches(request.scope)[0] != Match.NONE for m in _methods(r)}
+            response.headers["Allow"] = ", ".join(sorted(methods))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(400, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+        loc = [str(p) for p in first.get("loc", ())]
+        code = f"invalid_{loc[-1]}" if len(loc) == 2 and loc[0] in ("query", "path") else "invalid_request"
+        return error_response(400, code, f"{'.'.join(loc)}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -210,7 +369,8 @@ def create_app(
     @app.post(
         "/api/search",
         summary="Similar images by uploaded image or stored id",
-        openapi_extra={"requestBody": SEARCH_BODY},
+        openapi_extra={"requestBody": search_body(configured.max_k, configured.max_text_chars)},
+        dependencies=READ,
     )
     async def search(request: Request) -> dict[str, Any]:
         svc = get_service()
@@ -242,8 +402,9 @@ def create_app(
         "/api/images/{image_id}",
         summary="The stored image bytes",
         responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}},
+        dependencies=READ,
     )
-    async def image(image_id: str) -> Response:
+    async def image(image_id: ImageId) -> Response:
         check_image_id(image_id)
         svc = get_service()
         record = await run_in_threadpool(Catalog(svc.storage).get, image_id)
@@ -254,8 +415,10 @@ def create_app(
             headers={"Cache-Control": "public, max-age=31536000, immutable", "ETag": f'"{image_id}"'},
         )
 
-    @app.delete("/api/images/{image_id}", summary="Delete an image from storage and search, for good")
-    async def delete_image(image_id: str) -> dict[str, Any]:
+    @app.delete(
+        "/api/images/{image_id}", summary="Delete an image from storage and search, for good", dependencies=WRITE
+    )
+    async def delete_image(image_id: ImageId) -> dict[str, Any]:
         check_image_id(image_id)
         record = await run_in_threadpool(get_service().delete, image_id)
         return {"deleted": record.id, "source": record.source}
@@ -264,14 +427,17 @@ def create_app(
         "/api/images",
         status_code=201,
         summary="Add an image (the blob trigger's path): stored, deduplicated, queued for embedding",
-        openapi_extra={"requestBody": UPLOAD_BODY},
+        openapi_extra={"requestBody": upload_body(configured.max_text_chars)},
         responses={200: {"description": "already known (same bytes)"}, 201: {"description": "added"}},
+        dependencies=WRITE,
     )
     async def upload_image(request: Request) -> Response:
         svc = get_service()
         data, fields = await _read_image_upload(request, svc.settings.max_upload_bytes, max_fields=8)
         label = clean_label(_text_field(fields, "label"))
         caption = _text_field(fields, "caption")
+        if caption is not None and len(caption) > svc.settings.max_text_chars:
+            raise BadRequest(f"a caption is at most {svc.settings.max_text_chars} characters", code="invalid_caption")
         accepted = await run_in_threadpool(
             accept_upload, svc.storage, get_queue(), svc.settings, data, source="api", label=label, caption=caption
         )
@@ -288,18 +454,29 @@ def create_app(
             body["job"] = {"id": accepted.job.job_id, "url": f"/api/jobs/{accepted.job.job_id}"}
         return JSONResponse(body, status_code=201 if result.status == "added" else 200)
 
-    @app.post("/api/jobs", status_code=202, summary="Start a job: reindex, retrain, train_head, analyse or embed")
+    @app.post(
+        "/api/jobs",
+        status_code=202,
+        summary="Start a job: reindex, retrain, train_head, analyse or embed",
+        openapi_extra={"requestBody": JOB_BODY},
+        dependencies=WRITE,
+    )
     async def start_job(request: Request) -> JSONResponse:
         payload = _json_object(await _read_body(request, 16 * 1024))
         kind = payload.get("kind")
-        if kind not in API_JOB_PARAMS:
+        unknown = sorted(set(payload) - {"kind", "params", "idempotency_key"})
+        if unknown:
+            raise BadRequest(
+                f"unknown field {unknown[0]!r}: a job is kind, params, idempotency_key", code="invalid_body"
+            )
+        if not isinstance(kind, str) or kind not in API_JOB_PARAMS:
             raise BadRequest(f'"kind" must be one of {", ".join(API_JOB_PARAMS)}', code="invalid_kind")
         params = _job_params(kind, payload.get("params", {}))
         key = request.headers.get("idempotency-key") or payload.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
             raise BadRequest("an idempotency key is a string of 1 to 200 characters", code="invalid_idempotency_key")
         svc = get_service()
-        message = api_job(kind, params, key)
+        message = api_job(cast(JobKind, kind), params, key)
         record, queued = await run_in_threadpool(enqueue, svc.storage, get_queue(), message)
         return JSONResponse(
             {"job": _job_json(record), "queued": queued},
@@ -307,40 +484,44 @@ def create_app(
             headers={"Location": f"/api/jobs/{record.job_id}"},
         )
 
-    @app.get("/api/jobs/{job_id}", summary="A job's status, progress, timings and errors")
-    async def job_status(job_id: str) -> dict[str, Any]:
+    @app.get("/api/jobs/{job_id}", summary="A job's status, progress, timings and errors", dependencies=READ)
+    async def job_status(job_id: Annotated[str, PathParam(pattern=JOB_ID_PATTERN, max_length=120)]) -> dict[str, Any]:
         check_job_id(job_id)
         record = await run_in_threadpool(JobStore(get_service().storage).get, job_id)
         return _job_json(record)
 
-    @app.get("/api/jobs", summary="Recent jobs, newest first")
-    async def jobs(limit: int = 20) -> dict[str, Any]:
-        if not 1 <= limit <= 100:
-            raise BadRequest("limit must be between 1 and 100", code="invalid_limit")
+    @app.get("/api/jobs", summary="Recent jobs, newest first", dependencies=READ)
+    async def jobs(limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
         records = await run_in_threadpool(JobStore(get_service().storage).recent, limit)
         return {"jobs": [_job_json(r) for r in records]}
 
-    @app.get("/api/label-queue", summary="The next images to label: least certain first, spread over clusters")
-    async def get_label_queue(n: int = 20, strategy: str | None = None) -> dict[str, Any]:
+    @app.get(
+        "/api/label-queue",
+        summary="The next images to label: least certain first, spread over clusters",
+        dependencies=READ,
+    )
+    async def get_label_queue(
+        n: Annotated[int, Query(ge=1, le=MAX_QUEUE_N)] = 20,
+        strategy: Literal["random", "least_confidence", "margin", "entropy"] | None = None,
+    ) -> dict[str, Any]:
         return await run_in_threadpool(label_queue, get_service(), n, strategy)
 
     @app.post(
         "/api/labels",
         summary="Label a batch of images; bad items are reported, the valid ones kept",
         openapi_extra={"requestBody": LABELS_BODY},
+        dependencies=WRITE,
     )
     async def post_labels(request: Request) -> JSONResponse:
         body = _json_object(await _read_body(request, 1024 * 1024))
         status, out = await run_in_threadpool(submit_labels, get_service(), get_queue(), body)
         return JSONResponse(out, status_code=status)
 
-    @app.get("/api/labels", summary="Label counts per class and the latest labels given")
-    async def get_labels(limit: int = 20) -> dict[str, Any]:
-        if not 0 <= limit <= 1000:
-            raise BadRequest("limit must be between 0 and 1000", code="invalid_limit")
+    @app.get("/api/labels", summary="Label counts per class and the latest labels given", dependencies=READ)
+    async def get_labels(limit: Annotated[int, Query(ge=0, le=1000)] = 20) -> dict[str, Any]:
         return await run_in_threadpool(label_summary, get_service(), limit)
 
-    @app.get("/api/label-set", summary="The classes images may be labelled with")
+    @app.get("/api/label-set", summary="The classes images may be labelled with", dependencies=READ)
     async def get_label_set() -> dict[str, Any]:
         current = await run_in_threadpool(get_service().labels.label_set)
         return {"label_set": current.to_json() if current else None}
@@ -349,6 +530,7 @@ def create_app(
         "/api/label-set",
         summary="Define the classes (labels of classes left out stay stored but are not trained on)",
         openapi_extra={"requestBody": LABEL_SET_BODY},
+        dependencies=WRITE,
     )
     async def put_label_set(request: Request) -> dict[str, Any]:
         payload = _json_object(await _read_body(request, 256 * 1024))
@@ -359,7 +541,9 @@ def create_app(
         made = await run_in_threadpool(svc.labels.define, classes, user=check_user(payload.get("user")), source="user")
         return {"label_set": made.to_json()}
 
-    @app.get("/api/classifier", summary="The current label classifier's metrics, and every retrain's")
+    @app.get(
+        "/api/classifier", summary="The current label classifier's metrics, and every retrain's", dependencies=READ
+    )
     async def classifier() -> dict[str, Any]:
         return await run_in_threadpool(classifier_summary, get_service())
 
@@ -367,38 +551,70 @@ def create_app(
         "/api/classify",
         summary="Classify an image: top classes from the latest report's best model, its 10 nearest labelled images",
         openapi_extra={"requestBody": CLASSIFY_BODY},
+        dependencies=READ,
     )
-    async def classify(request: Request, top: int = 5) -> dict[str, Any]:
+    async def classify(request: Request, top: Annotated[int, Query(ge=1, le=100)] = 5) -> dict[str, Any]:
         svc = get_service()
         data, _ = await _read_image_upload(request, svc.settings.max_upload_bytes, max_fields=4)
         return await run_in_threadpool(get_classifier().classify, svc, data, top)
 
     @app.get(
-        "/api/reports/{version}", summary="An analysis report's metrics and links to its files (`latest` or vNNNNNN)"
+        "/api/reports/{version}",
+        summary="An analysis report's metrics and links to its files (`latest` or vNNNNNN)",
+        dependencies=READ,
     )
-    async def report(version: str) -> dict[str, Any]:
+    async def report(version: ReportVersion) -> dict[str, Any]:
         return await run_in_threadpool(report_summary, get_service().storage, version)
 
     @app.get(
         "/api/reports/{version}/{name:path}",
         summary="A file of an analysis report: report.html, metrics.json, maps/<pca|umap|tsne>.json, figures",
         responses={200: {"content": {t: {} for t in sorted(set(REPORT_TYPES.values()))}}},
+        dependencies=READ,
     )
-    async def report_file_(version: str, name: str) -> Response:
+    async def report_file_(version: ReportVersion, name: Annotated[str, PathParam(max_length=200)]) -> Response:
         data, media_type = await run_in_threadpool(report_file, get_service().storage, version, name)
         return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/api/anomalies", summary="The latest report's most isolated images, most isolated first")
-    async def anomalies(limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    @app.get(
+        "/api/anomalies", summary="The latest report's most isolated images, most isolated first", dependencies=READ
+    )
+    async def anomalies(limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
         return await run_in_threadpool(_review, get_service(), "anomalies", limit, offset)
 
-    @app.get("/api/mislabels", summary="Labels the 10 nearest labelled neighbours confidently disagree with")
-    async def mislabels(limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    @app.get(
+        "/api/mislabels",
+        summary="Labels the 10 nearest labelled neighbours confidently disagree with",
+        dependencies=READ,
+    )
+    async def mislabels(limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
         return await run_in_threadpool(_review, get_service(), "mislabels", limit, offset)
+
+    @app.get("/api/index", summary="Published index versions, newest last, and the one queries use", dependencies=READ)
+    async def index_versions() -> dict[str, Any]:
+        return await run_in_threadpool(_index_versions, get_service().storage)
+
+    @app.post(
+        "/api/index/rollback",
+        summary="Point queries back at an earlier published index version (the one before the current by default)",
+        openapi_extra={"requestBody": ROLLBACK_BODY},
+        dependencies=WRITE,
+    )
+    async def index_rollback(request: Request) -> dict[str, Any]:
+        body = await _read_body(request, 4096)
+        to = _json_object(body).get("to") if body else None
+        if to is not None and (not isinstance(to, str) or not VERSION.match(to)):
+            raise BadRequest('"to" must be a version name like v000003', code="invalid_version")
+        try:
+            before, after = await run_in_threadpool(rollback, get_service().storage, to)
+        except NotReady as exc:  # nothing published, or nothing older: the state, not the server
+            raise Conflict(exc.message, code=exc.code) from None
+        return {"previous": before, "current": after}
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(_page_html())
+        html = _page_html()
+        return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html), "Cache-Control": "no-cache"})
 
     return app
 
@@ -406,6 +622,19 @@ def create_app(
 @lru_cache(maxsize=1)
 def _page_html() -> str:
     return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+def _methods(route: BaseRoute) -> set[str]:
+    return set(getattr(route, "methods", None) or ())
+
+
+def _index_versions(storage: Any) -> dict[str, Any]:
+    versions = []
+    for version in list_versions(storage):
+        m = storage.get_json(INDEX, f"{version}/manifest.json")
+        keep = ("count", "kind", "nlist", "nprobe", "space", "built_at", "encoder_version")
+        versions.append({"version": version, **{k: m[k] for k in keep if k in m}})
+    return {"current": current_version(storage), "versions": versions}
 
 
 def _review(svc: SearchService, kind: str, limit: int, offset: int) -> dict[str, Any]:

@@ -40,6 +40,20 @@ class PayloadTooLarge(ClusterlensError):
     status = 413
 
 
+class Unauthorized(ClusterlensError):
+    """No valid credential for the level the endpoint needs."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ClusterlensError):
+    """A valid credential, but not for this level (or the level is closed)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(ClusterlensError):
     code = "not_found"
     status = 404

@@ -6,11 +6,12 @@ Every setting can be given as an environment variable with the ``CLUSTERLENS_`` 
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +154,21 @@ class Settings(BaseSettings):
     analysis_contact_per_cluster: int = Field(default=8, ge=1, le=32)
     analysis_keep_versions: int = Field(default=5, ge=1)
 
+    # Access: read endpoints are open unless a read key is set; write/admin endpoints are closed
+    # until a write key is set (or the platform's sign-in is trusted). See shared/access.py.
+    api_key: SecretStr | None = Field(
+        default=None, description="Write/admin key (X-API-Key header); unset: write endpoints are closed."
+    )
+    read_key: SecretStr | None = Field(default=None, description="Read key; unset: read endpoints are open.")
+    auth_platform: bool = Field(
+        default=False,
+        description="Trust App Service authentication (Entra ID): its principal header's app roles grant access. "
+        "Only with the platform's authentication on (it strips the header from incoming requests).",
+    )
+    cors_origins: list[str] = Field(
+        default=[], description="Origins allowed to call the API from a browser (CORS); empty: CORS off."
+    )
+
     # Limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
@@ -171,8 +187,28 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an NCRONTAB schedule (six fields, seconds first: '0 0 * * * *')")
         return value
 
+    @field_validator("api_key", "read_key", mode="before")
+    @classmethod
+    def _check_key(cls, value: object) -> object:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or raw == "":
+            return None
+        if not isinstance(raw, str) or not 16 <= len(raw) <= 256 or not raw.isascii() or not raw.isprintable():
+            raise ValueError("an access key is 16 to 256 printable ASCII characters")
+        return raw
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.api_key and self.read_key and self.api_key == self.read_key:
+            raise ValueError("the read key must differ from the write key")
         if self.default_k > self.max_k:
             raise ValueError("default_k must not exceed max_k")
         if self.analysis_k_min > self.analysis_k_max:

@@ -24,11 +24,16 @@ from shared.settings import Settings, get_settings
 from shared.storage import LocalStorage
 from tests.azurite import Azurite
 from tests.azurite import start as start_azurite
+from tests.keys import API_KEY, AUTH
+
+__all__ = ["API_KEY", "AUTH"]  # tests import them from here
 
 COLLECTION_SIZE = 1000
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings over ``data_dir`` with the tests' write key (``api_key=None`` for a closed app)."""
+    overrides.setdefault("api_key", API_KEY)
     return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg]
 
 
@@ -102,3 +107,13 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "Azurite", "Collection", "make_settings", "png"]
+
+
+@pytest.fixture(scope="session")
+def full_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data dir of a small complete collection (index, classifier, report); copy it before changing it."""
+    from tests import full_collection as full
+
+    data_dir = tmp_path_factory.mktemp("full") / "data"
+    full.build(full.settings_for(data_dir))
+    return data_dir

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.keys import API_KEY
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,7 +28,8 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(env: dict[str, str], *args: str) -> Iterator[str]:
-    """Start `clusterlens serve` with ``env`` added to this environment; yields its base URL.
+    """Start `clusterlens serve` with ``env`` added to this environment (and the tests' write key,
+    unless ``env`` sets ``CLUSTERLENS_API_KEY`` itself); yields its base URL.
 
     Output goes to a file (a pipe nobody reads can fill up and stall the server).
     """
@@ -35,7 +38,7 @@ def running_server(env: dict[str, str], *args: str) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "serve", "--port", str(port), *args],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env={**os.environ, "CLUSTERLENS_API_KEY": API_KEY, **env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

@@ -38,7 +38,7 @@ from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import REPORTS, LocalStorage
 from shared.worker import Worker
-from tests.conftest import make_settings, png
+from tests.conftest import AUTH, make_settings, png
 from tests.test_layout import HEAVY, ROOT
 
 SIZE = 2000
@@ -70,7 +70,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Analysed]:
     """2,000 labelled images, analysed by a job started over HTTP and run by the worker."""
     settings, storage, encoder = _collection(tmp_path_factory.mktemp("analysis"), SIZE, labelled=True)
     service = SearchService(settings, storage, encoder=encoder)
-    with TestClient(create_app(service, settings)) as client:
+    with TestClient(create_app(service, settings), headers=AUTH) as client:
         started = client.post("/api/jobs", json={"kind": "analyse"})
         assert started.status_code == 202, started.text
         queues = (open_queue(settings, settings.queue_name), open_queue(settings, settings.poison_queue_name))
@@ -186,7 +186,7 @@ def test_report_is_self_contained_and_served(analysed: Analysed) -> None:
         ("/api/reports/v999999", 404, "no_report"),
         ("/api/reports/evil", 400, "invalid_version"),
         ("/api/anomalies?limit=0", 400, "invalid_limit"),
-        ("/api/mislabels?offset=-1", 400, "invalid_limit"),
+        ("/api/mislabels?offset=-1", 400, "invalid_offset"),
     ],
 )
 def test_bad_report_requests_are_clear_4xx(analysed: Analysed, path: str, status: int, code: str) -> None:
@@ -291,7 +291,7 @@ def test_without_labels_classifiers_skip_with_a_reason(tmp_path: Path) -> None:
     assert "classifiers" not in first and first["clustering"]["agreement"] is None
     assert first["anomalies"]["flagged"] == 15 and first["maps"]["pca"]["points"] == 300
     service = SearchService(settings, storage, encoder=encoder)
-    client = TestClient(create_app(service, settings))
+    client = TestClient(create_app(service, settings), headers=AUTH)
     resp = client.post(
         "/api/classify", content=png(np.zeros((28, 28), np.uint8)), headers={"content-type": "image/png"}
     )
@@ -311,7 +311,7 @@ def test_without_labels_classifiers_skip_with_a_reason(tmp_path: Path) -> None:
 def test_no_report_yet_and_nothing_embedded(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, **SMALL)
     storage = LocalStorage(settings.data_dir)
-    client = TestClient(create_app(SearchService(settings, storage), settings))
+    client = TestClient(create_app(SearchService(settings, storage), settings), headers=AUTH)
     for path in ("/api/reports/latest", "/api/anomalies", "/api/mislabels"):
         resp = client.get(path)
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_report", path

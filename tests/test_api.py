@@ -11,14 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
-from tests.conftest import FASHION_MNIST_CLASSES, Collection, png
+from tests.conftest import AUTH, FASHION_MNIST_CLASSES, Collection, png
 
 N_QUERIES = 500
 
 
 @pytest.fixture(scope="module")
 def client(collection: Collection) -> TestClient:
-    return TestClient(create_app(service=collection.service), raise_server_exceptions=False)
+    return TestClient(create_app(service=collection.service), raise_server_exceptions=False, headers=AUTH)
 
 
 def test_held_out_images_find_their_class(client: TestClient, fashion_test) -> None:  # type: ignore[no-untyped-def]
@@ -157,7 +157,7 @@ def test_no_index_yet_is_a_clear_503(tmp_path, encoder) -> None:  # type: ignore
     from tests.conftest import make_settings
 
     service = SearchService(make_settings(tmp_path), encoder=encoder)
-    client = TestClient(create_app(service=service), raise_server_exceptions=False)
+    client = TestClient(create_app(service=service), raise_server_exceptions=False, headers=AUTH)
     resp = client.post("/api/search", json={"id": "a" * 64})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_missing"
     assert "reindex" in resp.json()["error"]["message"]

@@ -16,7 +16,7 @@ from shared.ingest import IngestItem, ingest_bytes
 from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import LocalStorage
-from tests.conftest import Collection, make_settings
+from tests.conftest import AUTH, Collection, make_settings
 
 
 def test_delete_removes_an_image_for_good(tmp_path: Path, collection: Collection) -> None:
@@ -24,7 +24,7 @@ def test_delete_removes_an_image_for_good(tmp_path: Path, collection: Collection
     storage = LocalStorage(tmp_path / "data")
     settings = make_settings(tmp_path / "data", index_refresh_seconds=0)
     service = SearchService(settings, storage, encoder=collection.encoder)
-    client = TestClient(create_app(service=service), raise_server_exceptions=False)
+    client = TestClient(create_app(service=service), raise_server_exceptions=False, headers=AUTH)
     index = service.index()
     victim = str(index.ids[3])
     data = storage.get("uploads", Catalog(storage).get(victim).blob)

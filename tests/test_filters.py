@@ -9,12 +9,12 @@ from fastapi.testclient import TestClient
 from functions.http_api import create_app
 from shared.embeddings import EmbeddingStore
 from shared.index import _transform, power_normalize
-from tests.conftest import Collection, png
+from tests.conftest import AUTH, Collection, png
 
 
 @pytest.fixture(scope="module")
 def client(collection: Collection) -> TestClient:
-    return TestClient(create_app(service=collection.service), raise_server_exceptions=False)
+    return TestClient(create_app(service=collection.service), raise_server_exceptions=False, headers=AUTH)
 
 
 def _search(client: TestClient, **body: object) -> dict:  # type: ignore[type-arg]

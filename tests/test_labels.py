@@ -28,7 +28,7 @@ from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import LocalStorage
 from shared.worker import Worker
-from tests.conftest import make_settings
+from tests.conftest import AUTH, make_settings
 
 POOL = 400
 SEEDED = 40  # images that keep their Fashion-MNIST label at ingest; the rest come in unlabelled
@@ -147,7 +147,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory, encoder: ImageEncoder) -> Poo
 
 def _client(service: SearchService, settings: Settings) -> TestClient:
     queue = open_queue(settings, settings.queue_name)
-    return TestClient(create_app(service=service, queue=queue), raise_server_exceptions=False)
+    return TestClient(create_app(service=service, queue=queue), raise_server_exceptions=False, headers=AUTH)
 
 
 def test_labelling_loop_through_the_api_and_the_retrain_job(pool: Pool) -> None:

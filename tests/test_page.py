@@ -7,7 +7,7 @@ Screenshots of each view go to tests/artifacts/ (ignored by git) for a person to
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,39 +17,23 @@ import numpy as np
 import pytest
 from playwright.sync_api import sync_playwright
 
-from shared.analysis import run_analysis
-from shared.classifier import train_and_publish
-from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
-from shared.embeddings import embed_pending
-from shared.encoder import ImageEncoder
-from shared.ingest import ingest_bytes
-from shared.reindex import reindex
-from shared.storage import LocalStorage
-from tests.conftest import make_settings, png
+from shared.datasets import FASHION_MNIST_CLASSES
+from tests.conftest import API_KEY, png
+from tests.full_collection import ENV, SIZE
 from tests.servers import running_server
 
 pytestmark = pytest.mark.integration
 
-SIZE = 600
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync",
          "--disable-component-update", "--no-first-run"]  # fmt: skip
-ENV = {"CLUSTERLENS_IMAGE_SIZE": "64", "CLUSTERLENS_EMBED_BATCH_SECONDS": "1", "CLUSTERLENS_JOB_POLL_SECONDS": "0.2"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data_dir = tmp_path_factory.mktemp("page")
-    settings = make_settings(data_dir, image_size=64, analysis_maps=["pca"])
-    storage = LocalStorage(settings.data_dir)
-    for i, item in enumerate(fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=SIZE)):
-        ingest_bytes(storage, settings, item if i % 2 == 0 else dataclasses.replace(item, label=None))
-    encoder = ImageEncoder(settings.encoder_dir, size=64)
-    embed_pending(storage, settings, encoder)
-    reindex(storage, settings, encoder.version)
-    assert train_and_publish(storage, settings, encoder.version).version is not None
-    run_analysis(storage, settings, encoder.version)
+def server(full_collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("page") / "data"
+    shutil.copytree(full_collection, data_dir)  # the page changes it (labels, uploads)
     with running_server({"CLUSTERLENS_DATA_DIR": str(data_dir), **ENV}, "--worker") as url:
         yield url
 
@@ -64,14 +48,25 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: Any, server: str) -> Iterator[Any]:
-    """A fresh page; any JavaScript error on it fails the test."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    pg = context.new_page()
+def watch(pg: Any) -> list[str]:
+    """Collects JavaScript errors and Content-Security-Policy violations on ``pg``."""
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(server + "/")
+    pg.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+    return errors
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    """A fresh page opened with the write key in the link, as `clusterlens demo` prints it; any
+    JavaScript error on it fails the test. Playwright's `wait_for_function` evaluates strings, which
+    the page's Content-Security-Policy forbids, so these tests bypass it; the policy itself is tested
+    on its own (`test_the_page_runs_under_its_own_content_security_policy`)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    pg = context.new_page()
+    errors = watch(pg)
+    pg.goto(f"{server}/#key={API_KEY}")
+    assert "key=" not in pg.url  # taken out of the address bar (and history) at once
     yield pg
     context.close()
     assert not errors, errors
@@ -140,6 +135,31 @@ def test_label_five_with_the_keyboard(page: Any, server: str) -> None:
     assert {(e["id"], e["label"]) for e in stored["recent"]} >= {(i, second) for i in ids}
 
 
+def test_without_the_key_changes_are_refused_until_it_is_given(browser: Any, server: str) -> None:
+    """A reader without the key: labels are refused with the server's message and a hint, nothing is
+    stored and nothing given is lost; the Key button stores the key and the same labels go in."""
+    context = browser.new_context(bypass_csp=True)
+    pg = context.new_page()
+    errors = watch(pg)
+    pg.goto(f"{server}/#label")
+    pg.wait_for_selector("#queue .queue-item")
+    before = httpx.get(server + "/api/labels?limit=0").json()["labelled"]
+    pg.focus("#queue")
+    pg.keyboard.press("1")
+    pg.click("#submit-labels")
+    pg.wait_for_function("document.querySelector('#label-error').textContent.includes('Key button')")
+    assert "write key" in pg.inner_text("#label-error")
+    assert httpx.get(server + "/api/labels?limit=0").json()["labelled"] == before
+    pg.once("dialog", lambda dialog: dialog.accept(API_KEY))
+    pg.click("#key")
+    assert pg.inner_text("#key") == "Key ✓"
+    pg.click("#submit-labels")
+    pg.wait_for_function("document.querySelector('#label-meta').textContent.includes('1 labels saved')")
+    assert httpx.get(server + "/api/labels?limit=0").json()["labelled"] == before + 1
+    context.close()
+    assert not errors, errors
+
+
 def test_the_map_draws_every_point(page: Any, server: str) -> None:
     page.click("nav a[data-view=map]")
     page.wait_for_function(f"document.querySelector('#map-canvas').dataset.points === '{SIZE}'")
@@ -188,11 +208,29 @@ def test_api_errors_are_shown(page: Any, tmp_path: Path) -> None:
     shot(page, "error")
 
 
+def test_the_page_runs_under_its_own_content_security_policy(browser: Any, server: str) -> None:
+    """With the policy enforced (no bypass): the page searches, draws the map and shows the labelling
+    queue, and the browser reports no violation (waits use selectors only: no evaluated strings)."""
+    context = browser.new_context()
+    pg = context.new_page()
+    errors = watch(pg)
+    pg.goto(f"{server}/#key={API_KEY}")
+    pg.fill("#q", "trousers")
+    pg.press("#q", "Enter")
+    pg.wait_for_selector("#grid .result img")
+    pg.click("nav a[data-view=map]")
+    pg.wait_for_selector(f"#map-canvas[data-points='{SIZE}']")
+    pg.click("nav a[data-view=label]")
+    pg.wait_for_selector("#queue .queue-item img")
+    assert pg.inner_text("#key") == "Key ✓"
+    context.close()
+    assert not errors, errors
+
+
 def test_an_empty_collection_says_so(browser: Any, tmp_path: Path) -> None:
     with running_server({"CLUSTERLENS_DATA_DIR": str(tmp_path / "empty")}) as url:
-        pg = browser.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg = browser.new_page(bypass_csp=True)
+        errors = watch(pg)
         pg.goto(url + "/")
         pg.wait_for_function("document.querySelector('#status').textContent.includes('empty')")
         assert "No images are indexed yet" in pg.inner_text("#grid")

@@ -20,12 +20,12 @@ from shared.ingest import IngestItem, ingest_bytes
 from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import LocalStorage
-from tests.conftest import Collection, make_settings
+from tests.conftest import AUTH, Collection, make_settings
 
 
 @pytest.fixture(scope="module")
 def client(collection: Collection) -> TestClient:
-    return TestClient(create_app(service=collection.service), raise_server_exceptions=False)
+    return TestClient(create_app(service=collection.service), raise_server_exceptions=False, headers=AUTH)
 
 
 @pytest.mark.parametrize(("text", "label"), [("ankle boot", "Ankle boot"), ("a bag", "Bag"), ("trousers", "Trouser")])
@@ -101,7 +101,7 @@ def test_index_without_class_predictions_asks_for_a_reindex(tmp_path: Path, coll
             vectors, [f"{i:064x}" for i in range(50)], [None] * 50, encoder_version=collection.encoder.version
         ),
     )
-    client = TestClient(create_app(service=SearchService(make_settings(tmp_path), storage)))
+    client = TestClient(create_app(service=SearchService(make_settings(tmp_path), storage)), headers=AUTH)
     resp = client.post("/api/search", json={"text": "a bag"})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
 
@@ -137,7 +137,7 @@ def test_an_index_from_before_class_predictions_still_serves_images(tmp_path: Pa
         storage.delete(INDEX, f"{version}/{name}")
     service = SearchService(make_settings(tmp_path), storage)
     assert service.search_id(f"{7:064x}", k=3)["results"][0]["id"] == f"{7:064x}"
-    client = TestClient(create_app(service=service))
+    client = TestClient(create_app(service=service), headers=AUTH)
     resp = client.post("/api/search", json={"text": "a bag"})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "index_outdated"
 

@@ -22,7 +22,7 @@ from shared.search import SearchService
 from shared.storage import QUARANTINE, LocalStorage
 from shared.uploads import accept_upload
 from shared.worker import HANDLERS, JobContext, Worker, run_embed
-from tests.conftest import make_settings
+from tests.conftest import AUTH, make_settings
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def app(tmp_path: Path, encoder: ImageEncoder) -> tuple[TestClient, Worker]:
     queue = open_queue(settings, settings.queue_name)
     service = SearchService(settings, storage, encoder=encoder)
     worker = Worker(storage, settings, queue, open_queue(settings, settings.poison_queue_name), encoder=encoder)
-    return TestClient(create_app(service, settings, queue)), worker
+    return TestClient(create_app(service, settings, queue), headers=AUTH), worker
 
 
 def test_uploaded_images_are_embedded_by_the_worker_and_found(app: tuple[TestClient, Worker]) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from shared.errors import ClusterlensError
 from shared.settings import Settings, get_settings
@@ -385,9 +387,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
 
     url = f"http://localhost:{args.port}"
     print(f"\nclusterlens is serving the search page at {url}")
+    if settings.api_key is not None:
+        key = settings.api_key.get_secret_value()
+        print(f"  to label, upload and start jobs from the page, open {url}/#key={key}")
+        print(f"  upload:  curl -H 'X-API-Key: {key}' -F image=@some-image.png {url}/api/images")
+    else:
+        print("  write endpoints (upload, labels, jobs, delete) are closed: set CLUSTERLENS_API_KEY to open them")
     print(f"  health:  curl {url}/api/health")
     print(f"  search:  curl -F image=@some-image.png -F k=5 {url}/api/search")
-    print(f"  upload:  curl -F image=@some-image.png {url}/api/images")
     print(f"  API docs: {url}/api/docs   (Ctrl-C stops)\n")
     worker = None
     if args.worker:  # the same loop as the container job, on the local queue
@@ -465,7 +472,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
         cmd_analyse(argparse.Namespace(k=None, map_sample=None, maps=None), settings, storage)
     if args.no_serve:
         return 0
+    if settings.api_key is None:  # the demo's page may write: a key of its own, kept with its data
+        settings = settings.model_copy(update={"api_key": SecretStr(demo_key(settings.data_dir))})
     return cmd_serve(args, settings, storage)
+
+
+def demo_key(data_dir: Path) -> str:
+    """The demo's write key: made once (random, readable by its owner only) and kept in ``data_dir``."""
+    path = Path(data_dir) / "demo-api-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
 
 
 def _share(text: str) -> float:
