@@ -29,7 +29,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 Level = Literal["read", "write"]
-API_KEY_HEADER = "X-API-Key"
+API_KEY_HEADER = "X-API-Key"  # a header name  # pragma: allowlist secret
 PRINCIPAL_HEADER = "X-MS-CLIENT-PRINCIPAL"
 WRITE_ROLE = "clusterlens.write"
 READ_ROLE = "clusterlens.read"

@@ -1020,7 +1020,7 @@ def load_version(
 
     def load(name: str) -> np.ndarray | None:
         # Memory-mapped like the lists: a cold worker reads only the pages a query touches.
-        return np.load(paths[name], mmap_mode="r") if name in paths else None
+        return np.load(paths[name], mmap_mode="r", allow_pickle=False) if name in paths else None
 
     ids, clusters, labels = load("ids.npy"), load("clusters.npy"), load("labels.npy")
     assert ids is not None and clusters is not None and labels is not None  # required files
@@ -1033,7 +1033,9 @@ def load_version(
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
-            np.load(paths["caption_rows.npy"]), np.load(paths["caption_vectors.npy"]), np.load(paths["captions.npy"])
+            np.load(paths["caption_rows.npy"], allow_pickle=False),
+            np.load(paths["caption_vectors.npy"], allow_pickle=False),
+            np.load(paths["captions.npy"], allow_pickle=False),
         )
     head = None
     if manifest.get("space") == "head":

@@ -81,4 +81,4 @@ class TextEncoder:
 
     def imagenet_classes(self) -> np.ndarray:
         """The 1000 ImageNet class descriptions embedded at export time, float32 (1000, 384)."""
-        return np.load(self.folder / self.manifest["imagenet_classes"]["file"])
+        return np.load(self.folder / self.manifest["imagenet_classes"]["file"], allow_pickle=False)

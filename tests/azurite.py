@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / ".azurite" / "node_modules" / ".bin" / "azurite"
 ACCOUNT = "devstoreaccount1"
 # Azurite's documented development key (public, the same in every installation): not a secret.
-KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # noqa: E501  # pragma: allowlist secret
 
 
 def _listening(port: int) -> bool:

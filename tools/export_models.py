@@ -343,7 +343,8 @@ def export_text(out_dir: Path) -> dict[str, Any]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    bert = AutoModel.from_pretrained(str(get_model_path()), attn_implementation="eager").eval()
+    # a local folder inside the installed wheel, offline: nothing is downloaded, so no revision to pin
+    bert = AutoModel.from_pretrained(str(get_model_path()), attn_implementation="eager").eval()  # nosec B615
 
     class MeanPooledNormalised(torch.nn.Module):
         def __init__(self, net: Any):
