@@ -9,12 +9,18 @@ one, never half of one.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from shared.storage import Storage
 
 POINTER = "CURRENT.json"
+MANIFEST = "manifest.json"
+CLAIM = "claim.json"
+# A version claimed this long ago and still without a manifest was left by a builder that died: no
+# job runs this long (the Container Apps job's replica timeout is 2 hours).
+ABANDONED_AFTER = timedelta(hours=6)
 _VERSION_RE = re.compile(r"^v(\d{6})/manifest\.json$")
+_FOLDER_RE = re.compile(r"^(v\d{6})/(.+)$")
 
 
 def list_versions(storage: Storage, container: str, prefix: str = "") -> list[str]:
@@ -51,10 +57,52 @@ def swap_pointer(storage: Storage, container: str, version: str, prefix: str = "
     )
 
 
-def prune(storage: Storage, container: str, keep: int, current: str, prefix: str = "") -> None:
-    """Delete the oldest complete versions beyond ``keep``, never the current one."""
+def prune(
+    storage: Storage, container: str, keep: int, current: str, prefix: str = "", *, now: datetime | None = None
+) -> None:
+    """Delete the oldest complete versions beyond ``keep``, never the current one, and what a builder
+    that died left: a version without a manifest whose claim is ``ABANDONED_AFTER`` old, or that has
+    no claim (a prune cut short).
+
+    A version's manifest is deleted first, so a prune cut short (the worker killed) leaves files
+    that are no longer listed as a complete version, never a listed version that lacks files; its
+    claim goes next, so the next prune clears what is left.
+    """
     versions = list_versions(storage, container, prefix)
     for old in versions[: max(0, len(versions) - keep)]:
         if old != current:
-            for name in list(storage.list(container, f"{prefix}{old}/")):
-                storage.delete(container, name)
+            _delete_version(storage, container, f"{prefix}{old}/")
+    pointed = read_pointer(storage, container, prefix)
+    for old in _abandoned(storage, container, prefix, (now or datetime.now(UTC)) - ABANDONED_AFTER):
+        if old not in (current, pointed):
+            _delete_version(storage, container, f"{prefix}{old}/")
+
+
+def _delete_version(storage: Storage, container: str, folder: str) -> None:
+    storage.delete(container, folder + MANIFEST)  # first: from here on the version is not complete
+    storage.delete(container, folder + CLAIM)  # then: what is left is swept by the next prune
+    for name in list(storage.list(container, folder)):
+        storage.delete(container, name)
+
+
+def _abandoned(storage: Storage, container: str, prefix: str, claimed_before: datetime) -> list[str]:
+    """Version folders without a manifest that no live builder can be writing: claimed before
+    ``claimed_before``, or without a claim (a builder claims before writing anything else)."""
+    files: dict[str, set[str]] = {}
+    for name in storage.list(container, prefix + "v"):
+        match = _FOLDER_RE.match(name[len(prefix) :])
+        if match:
+            files.setdefault(match.group(1), set()).add(match.group(2))
+    out = []
+    for version, names in sorted(files.items()):
+        if MANIFEST in names:
+            continue
+        if CLAIM in names:
+            try:
+                at = datetime.fromisoformat(str(storage.get_json(container, f"{prefix}{version}/{CLAIM}")["at"]))
+            except Exception:  # noqa: BLE001 - an unreadable claim tells nothing: keep the folder
+                continue
+            if (at if at.tzinfo else at.replace(tzinfo=UTC)) >= claimed_before:
+                continue
+        out.append(version)
+    return out

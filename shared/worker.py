@@ -85,12 +85,31 @@ def run_embed(ctx: JobContext) -> dict[str, Any]:
         "shards": stats.shards,
         "seconds": stats.seconds,
     }
-    if stats.embedded:
-        # Embedding jobs finishing within two seconds of each other share one reindex.
-        follow, delay = follow_up_reindex(datetime.now(UTC), 2, ctx.message.job_id)
+    # A retry queues the reindex too: an earlier try may have embedded every image and died before
+    # (or while) queuing it, and then this try embeds nothing.
+    if stats.embedded or ctx.record.attempts > 1:
+        follow, delay = _follow_up(ctx)
         enqueue(ctx.storage, ctx.queue, follow, delay=delay)
         out["reindex_job"] = follow.job_id
     return out
+
+
+def _follow_up(ctx: JobContext) -> tuple[JobMessage, float]:
+    """The reindex that publishes an embedding job's images, and how long to hide its message.
+
+    Embedding jobs finishing within two seconds of each other share one reindex. The id is saved
+    in the job's record before it is queued, and a retry queues that same id again, so an enqueue
+    cut short between its record and its message is completed (:func:`shared.jobs.enqueue`)
+    instead of leaving a job that stays queued forever.
+    """
+    chosen = ctx.record.progress.get("reindex_job")
+    if isinstance(chosen, str):
+        origin = f"job:{ctx.message.job_id}"
+        return JobMessage(job_id=chosen, kind="reindex", origin=origin, created_at=datetime.now(UTC)), 0.0
+    follow, delay = follow_up_reindex(datetime.now(UTC), 2, ctx.message.job_id)
+    ctx.record.progress["reindex_job"] = follow.job_id
+    ctx.store.save(ctx.record)
+    return follow, delay
 
 
 def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
