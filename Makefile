@@ -16,7 +16,7 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -79,7 +79,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed bench-search bench-http bench-al bench-cluster
+bench: bench-embed bench-search bench-http bench-al bench-cluster bench-reliability
 
 bench-embed: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.embed
@@ -99,6 +99,10 @@ bench-al: $(STAMP) $(MODELS) data
 ## bench-cluster: FAISS k-means vs MiniBatchKMeans (1M x 64, k=1024), and classifiers on backbone vs head embeddings
 bench-cluster: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.cluster
+
+## bench-reliability: fuzzing (>= 2,000 requests), 84 hostile files, load at c=32 for 60 s, 30 SIGKILL crash trials
+bench-reliability: $(STAMP) $(MODELS) data
+	$(BIN)/python -m bench.reliability
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)

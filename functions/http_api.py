@@ -355,6 +355,7 @@ def create_app(
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ())]
         code = f"invalid_{loc[-1]}" if len(loc) == 2 and loc[0] in ("query", "path") else "invalid_request"
+        code = {"invalid_image_id": "invalid_id"}.get(code, code)  # the code the id checks have always used
         return error_response(400, code, f"{'.'.join(loc)}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(Exception)

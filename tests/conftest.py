@@ -34,7 +34,7 @@ COLLECTION_SIZE = 1000
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings over ``data_dir`` with the tests' write key (``api_key=None`` for a closed app)."""
     overrides.setdefault("api_key", API_KEY)
-    return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg]
+    return Settings(data_dir=data_dir, _env_file=None, **overrides)  # type: ignore[call-arg,arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,14 @@ def free_port() -> int:
 def running_server(env: dict[str, str], *args: str) -> Iterator[str]:
     """Start `clusterlens serve` with ``env`` added to this environment (and the tests' write key,
     unless ``env`` sets ``CLUSTERLENS_API_KEY`` itself); yields its base URL.
+    """
+    with server_process(env, *args) as (url, _pid):
+        yield url
+
+
+@contextmanager
+def server_process(env: dict[str, str], *args: str) -> Iterator[tuple[str, int]]:
+    """Like :func:`running_server`, yielding the base URL and the server's process id.
 
     Output goes to a file (a pipe nobody reads can fill up and stall the server).
     """
@@ -56,7 +64,7 @@ def running_server(env: dict[str, str], *args: str) -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail("the server did not come up in 60 s")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -1,0 +1,149 @@
+"""`make bench-reliability`: fuzzing, hostile files, load and crash trials; writes bench/results/reliability.json.
+
+1. Fuzz: Schemathesis from the app's own OpenAPI schema against the real server (>= 2,000 requests).
+2. Load: mixed search / image / label traffic at concurrency 32 for 60 s against the same server,
+   its memory sampled once a second.
+3. Hostile files: the corpus of tests/hostile.py through HTTP upload and the blob trigger.
+4. Crash: the worker SIGKILLed at random points during embed, reindex and retrain, 10 trials each.
+5. Static: bandit (high / medium findings) and detect-secrets over the tracked files.
+
+Every figure that should be zero is checked at the end; the exit status is 1 if one is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from bench.crash import run_crash
+from bench.fuzz import run_fuzz
+from bench.load import run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "reliability.json"
+MEMORY_BOUND_MB = 50.0  # the server's resident memory may not grow more than this across the load run
+PARTS = ("server", "hostile", "crash", "static")  # server: fuzzing, then load, on one served collection
+MUST_BE_ZERO = ("fuzz_5xx", "hostile_crashes", "load_errors", "crash_lost", "crash_duplicated")
+
+
+def static_checks() -> dict[str, Any]:
+    """bandit's high and medium findings and detect-secrets' findings (the same runs as the tests)."""
+    bin_dir = Path(sys.executable).parent
+    bandit = subprocess.run(  # noqa: S603
+        [str(bin_dir / "bandit"), "-r", "shared", "functions", "tools", "bench", "function_app.py", "-f", "json", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    results = json.loads(bandit.stdout)["results"]
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()  # noqa: S607
+    secrets = subprocess.run(  # noqa: S603
+        [str(bin_dir / "detect-secrets"), "scan", "--exclude-lines", '"CLUSTERLENS_(API|READ)_KEY": "a secret']
+        + [f for f in files if not f.endswith((".png", ".tsv"))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {
+        "bandit_high": sum(r["issue_severity"] == "HIGH" for r in results),
+        "bandit_medium": sum(r["issue_severity"] == "MEDIUM" for r in results),
+        "bandit_low": sum(r["issue_severity"] == "LOW" for r in results),
+        "secrets_found": sum(len(v) for v in json.loads(secrets.stdout)["results"].values()),
+    }
+
+
+def server_parts(workdir: Path, examples: int, seconds: float, concurrency: int) -> dict[str, Any]:
+    """Build a small complete collection, serve it, fuzz it, then load it."""
+    from tests import full_collection
+    from tests.keys import API_KEY
+    from tests.servers import server_process
+
+    data_dir = workdir / "served"
+    full_collection.build(full_collection.settings_for(data_dir))
+    out: dict[str, Any] = {}
+    with server_process({"CLUSTERLENS_DATA_DIR": str(data_dir), **full_collection.ENV}) as (url, pid):
+        out.update(run_fuzz(url, API_KEY, examples=examples, seed=0))
+        if out["fuzz_exit_code"] == 0:
+            out.pop("fuzz_output_tail", None)
+        queue = httpx.get(f"{url}/api/label-queue", params={"n": 200}).json()["items"]
+        ids = [item["id"] for item in queue]
+        images = [httpx.get(f"{url}/api/images/{i}").content for i in ids[:20]]
+        out.update(run_load(url, API_KEY, seconds=seconds, concurrency=concurrency, pid=pid, ids=ids, images=images))
+    out["load_memory_bound_mb"] = MEMORY_BOUND_MB
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=80, help="Schemathesis examples per operation and phase")
+    parser.add_argument("--seconds", type=float, default=60, help="load duration")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--trials", type=int, default=10, help="crash trials per job kind")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {', '.join(PARTS)}; others are kept from --out",
+    )
+    args = parser.parse_args(argv)
+    parts = [p for p in PARTS if p in args.parts.split(",")]
+
+    from tests.hostile import run_corpus
+
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() and len(parts) < len(PARTS) else {}
+    result.pop("problems", None)
+    timings: dict[str, float] = result.pop("seconds", {})
+    with tempfile.TemporaryDirectory(prefix="clusterlens-reliability-") as tmp, tqdm(parts, unit="part") as bar:
+        work = Path(tmp)
+        for step in bar:
+            bar.set_description(step)
+            t0 = time.perf_counter()
+            if step == "server":
+                result.update(server_parts(work, args.examples, args.seconds, args.concurrency))
+            elif step == "hostile":
+                hostile = run_corpus(work / "hostile")
+                result["hostile_files"] = hostile["hostile_files"]
+                result["hostile_crashes"] = hostile["hostile_crashes"]
+                result["hostile_detail"] = {
+                    k: hostile[k] for k in ("crashes", "http", "blob", "mismatches", "not_found", "decode_mismatches")
+                }
+            elif step == "crash":
+                crash = run_crash(work / "crash", trials_per_kind=args.trials, seed=0)
+                result.update(crash)
+            else:
+                result.update(static_checks())
+            timings[step] = round(time.perf_counter() - t0, 1)
+    result["seconds"] = timings
+    problems = [k for k in MUST_BE_ZERO if result.get(k) != 0]
+    problems += [k for k in ("bandit_high", "secrets_found", "query_failures") if result.get(k)]
+    if result.get("fuzz_requests", 0) < 2000:
+        problems.append("fuzz_requests < 2000")
+    if result.get("fuzz_failures"):
+        problems.append("fuzz_failures")
+    if (result.get("load_rss_growth_mb") or 0) > MEMORY_BOUND_MB:
+        problems.append("load_rss_growth_mb")
+    result["problems"] = problems
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    head = {k: result.get(k) for k in (
+        "fuzz_requests", "fuzz_5xx", "hostile_files", "hostile_crashes", "load_requests", "load_errors",
+        "load_p50_ms", "load_p99_ms", "crash_trials", "crash_lost", "crash_duplicated",
+    )}  # fmt: skip
+    print(json.dumps(head, indent=2))
+    print(f"written to {args.out}" + (f"; NOT MET: {', '.join(problems)}" if problems else "; every zero is zero"))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
