@@ -396,6 +396,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     print(f"  health:  curl {url}/api/health")
     print(f"  search:  curl -F image=@some-image.png -F k=5 {url}/api/search")
     print(f"  API docs: {url}/api/docs   (Ctrl-C stops)\n")
+    import signal
+
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
+    # ends the process before `finally` could stop the worker, which then outlived the server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     worker = None
     if args.worker:  # the same loop as the container job, on the local queue
         worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker"])
