@@ -11,10 +11,7 @@
 from __future__ import annotations
 
 import ast
-import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 
 from bench.fuzz import run_fuzz
 from bench.load import run_load
+from bench.reliability import bandit_report, secret_scan
 from tests.conftest import API_KEY, AUTH
 from tests.full_collection import ENV
 from tests.servers import ROOT, running_server
@@ -101,15 +99,7 @@ def test_paths_and_ids_never_reach_a_file(server: str, path: str) -> None:
 
 
 def test_bandit_finds_nothing_high_or_medium() -> None:
-    targets = ["shared", "functions", "tools", "bench", "function_app.py"]
-    done = subprocess.run(  # noqa: S603 - our own tool on our own code
-        [str(Path(sys.executable).with_name("bandit")), "-r", *targets, "-f", "json", "-q"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    report = json.loads(done.stdout)
+    report = bandit_report()
     found = [
         f"{r['filename']}:{r['line_number']} {r['test_id']} {r['issue_text']}"
         for r in report["results"]
@@ -120,23 +110,9 @@ def test_bandit_finds_nothing_high_or_medium() -> None:
 
 
 def test_no_secrets_in_the_repository() -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    text_files = [f for f in files if not f.endswith((".png", ".tsv"))]
-    done = subprocess.run(  # noqa: S603
-        [
-            str(Path(sys.executable).with_name("detect-secrets")),
-            "scan",
-            "--exclude-lines",
-            '"CLUSTERLENS_(API|READ)_KEY": "a secret',  # the infra file's reasons for leaving the keys out
-            *text_files,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert len(text_files) > 100
-    assert json.loads(done.stdout)["results"] == {}
+    scanned, findings = secret_scan()
+    assert scanned > 100
+    assert findings == {}
 
 
 DANGEROUS_MODULES = {"pickle", "marshal", "shelve", "dill", "joblib", "cloudpickle"}
