@@ -4,7 +4,7 @@ Run by ``make bench-al``; writes ``bench/results/active_learning.json`` and
 ``bench/results/active_learning.png``. The images are the benchmark collection's stored
 embeddings (all 70,000 Fashion-MNIST images through the product's pipeline, see
 :mod:`bench.collection`): the 60,000 train images are the pool, the 10,000 test images measure
-accuracy. :func:`shared.simulation.run_simulation` replays the labelling loop with the true labels
+accuracy. :func:`job.simulation.run_simulation` replays the labelling loop with the true labels
 as the oracle: LightGBM on PCA-128 features, 3 seeds, a random 5% seed set, then 5% batches up to
 20% for random, least confidence, margin and entropy (batches diversified by k-means over 3x their
 size); then 1% batches up to 10% for the best uncertainty strategy and random; then one model on all
@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from bench.collection import real_embeddings
 from bench.embed import device
-from shared.active_learning import STRATEGIES
+from job.active_learning import STRATEGIES
+from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from job.embeddings import EmbeddingSet
+from job.simulation import SimulationData, planned_rounds, plot_learning_curves, run_simulation
 from shared.catalog import Catalog
-from shared.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from shared.embeddings import EmbeddingSet
 from shared.settings import Settings
-from shared.simulation import SimulationData, planned_rounds, plot_learning_curves, run_simulation
 from shared.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ Run by ``make bench-cluster``; writes two files to ``bench/results/`` (``--only`
   regression, LightGBM (the labelling loop's settings, :func:`make_classifier`) and a 10-NN
   majority vote (uniform, cosine, exact FAISS search) on (a) the backbone embeddings, power 0.5 +
   L2 + PCA 128 fitted on the train split, and (b) the 64-d projection head
-  (:func:`tools.train_head.train_head`, trained on the train split only, 10% of it held out for its
+  (:func:`job.train_head.train_head`, trained on the train split only, 10% of it held out for its
   own validation), run through its ONNX export as the product runs it.
 
 This is a benchmark, not a test: about 7 minutes on 2 CPU cores once the collection is embedded
@@ -45,10 +45,10 @@ from bench.active_learning import split_data
 from bench.collection import real_embeddings
 from bench.embed import device
 from bench.search import fit_mixture, nn_cosine, sample_mixture
-from shared.active_learning import FeatureSpace, make_classifier
-from shared.datasets import FASHION_MNIST_CLASSES
-from shared.embeddings import EmbeddingSet
-from shared.index import normalize
+from job.active_learning import FeatureSpace, make_classifier
+from job.datasets import FASHION_MNIST_CLASSES
+from job.embeddings import EmbeddingSet
+from shared.features import normalize
 from shared.settings import Settings
 from shared.storage import LocalStorage
 
@@ -270,8 +270,8 @@ def bench_quality(
     import lightgbm
     import sklearn
 
+    from job.train_head import train_head
     from shared.head import ProjectionHead
-    from tools.train_head import train_head
 
     data = split_data(settings, storage, emb, encoder_version)
     y_train, y_test = data.y_pool, data.y_test

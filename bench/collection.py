@@ -17,8 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shared.datasets import fashion_mnist_items
-from shared.embeddings import EmbeddingSet, EmbeddingStore, embed_pending
+from job.datasets import fashion_mnist_items
+from job.embeddings import EmbeddingSet, EmbeddingStore, embed_pending
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.settings import Settings

@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
+from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
+from job.embeddings import EmbeddingStore
 from shared.catalog import Catalog
-from shared.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
-from shared.embeddings import EmbeddingStore
 from shared.index import FILES, current_version, list_versions, load_current
 from shared.jobs import FINISHED, JobMessage, JobStore, api_job, enqueue
 from shared.queues import JobQueue, open_queue

@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from shared.datasets import load_fashion_mnist, png_bytes
-from shared.embeddings import embed_pending
+from job.datasets import load_fashion_mnist, png_bytes
+from job.embeddings import embed_pending
 from shared.encoder import ImageEncoder
-from shared.index import power_normalize
+from shared.features import power_normalize
 from shared.ingest import IngestItem, ingest_bytes
 from shared.settings import Settings
 from shared.storage import LocalStorage
@@ -83,9 +83,9 @@ def _head64(
     enc: ImageEncoder, train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, epochs: int
 ) -> dict[str, Any]:
     """Train the projection head on the train split's fp32 features (10% held out), export it, run it with ORT."""
-    from shared.datasets import FASHION_MNIST_CLASSES
+    from job.datasets import FASHION_MNIST_CLASSES
+    from job.train_head import train_head
     from shared.head import ProjectionHead
-    from tools.train_head import train_head
 
     names = [FASHION_MNIST_CLASSES[int(y)] for y in y_train]
     with tempfile.TemporaryDirectory(prefix="clusterlens-bench-head-") as tmp:

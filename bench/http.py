@@ -35,8 +35,8 @@ import numpy as np
 
 from bench.collection import DATA_DIR, ensure_collection
 from bench.embed import device
-from shared.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
-from shared.reindex import reindex
+from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
+from job.reindex import reindex
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 10

@@ -11,7 +11,7 @@ Run by ``make bench-search``; writes ``bench/results/search.json``. Two collecti
   covariance), L2-normalised; queries are 1,000 more draws that are not indexed. Not uniform random
   data: its neighbour structure is checked against the real set (``nn_cosine`` in the JSON).
 
-Each index is built with the product's code (:meth:`ClusterIndex.build`: training, recall gate on
+Each index is built with the product's code (:func:`job.index_build.build_index`: training, recall gate on
 its own 1,000-vector sample, nprobe chosen for recall@10 >= 0.95), published to a local store and
 measured on queries it has not tuned on:
 
@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ import numpy as np
 
 from bench.collection import real_embeddings
 from bench.embed import device
-from shared.index import ClusterIndex, load_current, normalize, publish
+from job.index_build import IndexParams, build_index, publish
+from shared.features import normalize
+from shared.index import load_current
 from shared.storage import INDEX, LocalStorage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +182,7 @@ def measure(
     *,
     kind: str,
     self_rows: np.ndarray | None,
-    build: dict[str, Any],
+    build: IndexParams,
 ) -> dict[str, Any]:
     """Build, publish and measure one index of ``vectors``; queries are raw (the index transforms them)."""
     n = len(vectors)
@@ -188,7 +191,7 @@ def measure(
     print(f"\n== {name}: {n} vectors, kind {kind}")
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
-    built = ClusterIndex.build(vectors, ids, [None] * n, encoder_version="bench", kind=kind, **build)
+    built = build_index(vectors, ids, [None] * n, encoder_version="bench", params=replace(build, kind=kind))
     build_s = time.perf_counter() - t0
     m = built.manifest
     print(f"built {m['factory']} in {build_s:.1f} s; gate: nprobe {built.nprobe}, recall {m['recall']['at_10']}")
@@ -273,14 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     n_real = len(emb.ids)
     rng = np.random.default_rng(7)  # not the recall gate's seed: queries the gate has not tuned on
     self_rows = np.sort(rng.choice(n_real, QUERIES, replace=False))
-    defaults: dict[str, Any] = {
-        "pca_dim": settings.index_pca_dim,
-        "power": settings.index_power,
-        "recall_target": settings.index_recall_target,
-        "recall_sample": settings.index_recall_sample,
-        "rerank": settings.index_rerank,
-        "memory_mb": settings.index_memory_mb,
-    }
+    defaults = IndexParams.from_settings(settings)
     rows = []
     for kind in args.kinds if "real" in args.collections else []:
         rows.append(
@@ -289,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Grow 1M in the real index's space (power-normalised, PCA 256, L2), and index it there.
     print("\n== growing the large collection from the real embeddings")
-    real_index = ClusterIndex.build(
-        emb.vectors, emb.ids, [None] * n_real, encoder_version="bench", kind="flat", **defaults
+    real_index = build_index(
+        emb.vectors, emb.ids, [None] * n_real, encoder_version="bench", params=replace(defaults, kind="flat")
     )
     real_space = real_index.all_vectors()
     del real_index
@@ -305,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         f"grown_{args.grown}": nn_cosine(grown_queries, grown, leave_one_out=False),
     }
     print(f"grown {len(grown)} vectors from a {len(mixture)}-component mixture in {grow_s:.1f} s; {realism}")
-    grown_build = dict(defaults, pca_dim=0, power=1.0)  # already in the index's space
+    grown_build = replace(defaults, pca_dim=0, power=1.0)  # already in the index's space
     name = f"grown-{args.grown // 1000}k" if args.grown < 1_000_000 else f"grown-{args.grown // 1_000_000}M"
     for kind in args.kinds if "grown" in args.collections else []:
         rows.append(measure(name, grown, grown_queries, kind=kind, self_rows=None, build=grown_build))

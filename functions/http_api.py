@@ -31,12 +31,11 @@ from shared.catalog import Catalog, check_image_id
 from shared.errors import BadRequest, ClusterlensError, Conflict, NotReady, PayloadTooLarge, UnsupportedMediaType
 from shared.filters import FIELDS, SearchFilters, parse_filters
 from shared.imaging import CONTENT_TYPES
-from shared.index import INDEX, current_version, list_versions
+from shared.index import index_versions, rollback
 from shared.jobs import JOB_ID_PATTERN, JobKind, JobRecord, JobStore, api_job, check_job_id, enqueue
 from shared.labelling import MAX_QUEUE_N, classifier_summary, label_queue, label_summary, submit_labels
 from shared.labels import check_user
 from shared.queues import JobQueue, open_queue
-from shared.reindex import rollback
 from shared.reports import CONTENT_TYPES as REPORT_TYPES
 from shared.reports import Classifier, report_file, report_summary, review_list
 from shared.search import SearchService
@@ -592,8 +591,8 @@ def create_app(
         return await run_in_threadpool(_review, get_service(), "mislabels", limit, offset)
 
     @app.get("/api/index", summary="Published index versions, newest last, and the one queries use", dependencies=READ)
-    async def index_versions() -> dict[str, Any]:
-        return await run_in_threadpool(_index_versions, get_service().storage)
+    async def get_index() -> dict[str, Any]:
+        return await run_in_threadpool(index_versions, get_service().storage)
 
     @app.post(
         "/api/index/rollback",
@@ -627,15 +626,6 @@ def _page_html() -> str:
 
 def _methods(route: BaseRoute) -> set[str]:
     return set(getattr(route, "methods", None) or ())
-
-
-def _index_versions(storage: Any) -> dict[str, Any]:
-    versions = []
-    for version in list_versions(storage):
-        m = storage.get_json(INDEX, f"{version}/manifest.json")
-        keep = ("count", "kind", "nlist", "nprobe", "space", "built_at", "encoder_version")
-        versions.append({"version": version, **{k: m[k] for k in keep if k in m}})
-    return {"current": current_version(storage), "versions": versions}
 
 
 def _review(svc: SearchService, kind: str, limit: int, offset: int) -> dict[str, Any]:

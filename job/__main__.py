@@ -2,7 +2,7 @@
 
 KEDA starts an execution while the jobs queue holds messages; each execution works through the
 queue and exits when it is empty (or idle for ``--idle-timeout`` seconds). The loop is
-``shared.worker.Worker``, the same one ``clusterlens worker`` runs locally.
+``job.worker.Worker``, the same one ``clusterlens worker`` runs locally.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
+    from job.worker import install_signal_handlers, open_worker
     from shared.settings import get_settings
-    from shared.worker import install_signal_handlers, open_worker
 
     worker = open_worker(get_settings())
     install_signal_handlers(worker)

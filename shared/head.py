@@ -2,7 +2,7 @@
 
 The head is the design of the original pipeline, 1280 -> BN -> Dropout(0.5) -> 512 -> ReLU -> BN ->
 Dropout -> 64 (the embedding) -> class logits, trained on stored backbone embeddings of labelled
-images by ``tools/train_head.py`` (torch, job side) and exported to ONNX. This module runs the
+images by ``job/train_head.py`` (torch, job side) and exported to ONNX. This module runs the
 export with onnxruntime only: the graph takes raw backbone embeddings, applies the same power
 normalisation as the index, and returns the L2-normalised 64-d embedding and softmax probabilities.
 
@@ -28,7 +28,7 @@ import numpy as np
 from shared.encoder import file_sha256, pick_providers
 from shared.errors import NotReady
 from shared.storage import MODELS, Storage
-from shared.versions import claim_next, prune, read_pointer, swap_pointer
+from shared.versions import read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +124,6 @@ class ProjectionHead:
             emb.append(np.asarray(e, dtype=np.float32))
             probs.append(np.asarray(p, dtype=np.float32))
         return HeadOutput(np.concatenate(emb), np.concatenate(probs))
-
-
-def publish_head(storage: Storage, onnx_path: Path, manifest: dict[str, Any], keep: int = 5) -> str:
-    """Store a trained head as a new version and point ``CURRENT`` at it.
-
-    Returns:
-        the version name (``v000003``).
-    """
-    version = claim_next(storage, MODELS, HEADS)
-    storage.upload_file(MODELS, f"{HEADS}{version}/{HEAD_FILE}", Path(onnx_path))
-    storage.put_json(MODELS, f"{HEADS}{version}/manifest.json", dict(manifest, version=version))
-    swap_pointer(storage, MODELS, version, HEADS)
-    prune(storage, MODELS, keep, version, HEADS)
-    log.info("published projection head %s", version)
-    return version
 
 
 def current_head_version(storage: Storage) -> str | None:

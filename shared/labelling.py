@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from shared.active_learning import STRATEGIES
 from shared.catalog import Catalog, check_image_id
 from shared.errors import BadRequest, ClusterlensError
 from shared.index import ClusterIndex
 from shared.jobs import JobMessage, enqueue
-from shared.labels import LabelSet, check_class_name, check_user
+from shared.labels import STRATEGIES, LabelSet, check_class_name, check_user
 from shared.queues import JobQueue
 from shared.search import SearchService
 

@@ -37,6 +37,8 @@ SETS_PREFIX = "sets/"
 _SET_RE = re.compile(r"^sets/v(\d{6})\.json$")
 _USER_RE = re.compile(r"^[A-Za-z0-9@._ +-]{1,64}$")
 MAX_CLASSES = 1000
+# How the labelling queue can be ordered: random, or most uncertain first (see job.active_learning).
+STRATEGIES = ("random", "least_confidence", "margin", "entropy")
 
 
 def check_user(user: str | None) -> str:

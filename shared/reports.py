@@ -1,6 +1,6 @@
 """Reading published analysis reports, and classifying an uploaded image with the report's best model.
 
-The API side of :mod:`shared.analysis`: numpy, onnxruntime and FAISS only. A report version is
+The API side of :mod:`job.analysis`: numpy, onnxruntime and FAISS only. A report version is
 served only once its manifest exists, and only the files its manifest lists (a client names a
 file, never a path).
 """
@@ -267,3 +267,8 @@ class Classifier:
             "index_version": index.manifest.get("version"),
             "timing_ms": {"embed_and_model": round((t1 - t0) * 1000, 2), "neighbours": round((t2 - t1) * 1000, 2)},
         }
+
+
+def current_report(storage: Storage) -> str | None:
+    """The published report version, or None before the first analysis."""
+    return read_pointer(storage, REPORTS)

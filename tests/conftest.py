@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
-from shared.embeddings import embed_pending
+from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
+from job.embeddings import embed_pending
+from job.reindex import reindex
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
-from shared.reindex import reindex
 from shared.runtime import get_runtime
 from shared.search import SearchService
 from shared.settings import Settings, get_settings

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from shared.analysis import run_analysis
-from shared.classifier import train_and_publish
-from shared.datasets import fashion_mnist_items
-from shared.embeddings import embed_pending
+from job.datasets import fashion_mnist_items
+from job.embeddings import embed_pending
+from job.reindex import reindex
+from job.retrain import train_and_publish
+from job.run_analysis import run_analysis
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
-from shared.reindex import reindex
 from shared.settings import Settings
 from shared.storage import LocalStorage
 

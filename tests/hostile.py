@@ -745,7 +745,7 @@ class _Path:
 
 def good_images(folder: Path, n: int, offset: int = 7000) -> list[CorpusFile]:
     """``n`` labelled Fashion-MNIST training images (28 x 28 grey PNGs) as ``ok`` files."""
-    from shared.datasets import fashion_mnist_items
+    from job.datasets import fashion_mnist_items
 
     items = fashion_mnist_items(folder, "train", limit=n, offset=offset)
     return [
@@ -1054,8 +1054,8 @@ def _send_blobs(path: _Path, batch: list[CorpusFile], detail: dict[str, dict[str
 
 def _work(path: _Path, encoder: ImageEncoder) -> dict[str, int]:
     """One worker pass over a path's queue (embedding jobs, then the reindex): its job outcomes."""
+    from job.worker import Worker
     from shared.queues import open_queue
-    from shared.worker import Worker
 
     s = path.settings
     worker = Worker(path.storage, s, path.queue, open_queue(s, s.poison_queue_name), encoder=encoder)

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from functions.http_api import create_app
+from job.datasets import fashion_mnist_items
 from shared.catalog import Catalog
-from shared.datasets import fashion_mnist_items
 from shared.ingest import ingest_bytes
 from shared.search import SearchService
 from shared.storage import LocalStorage

@@ -24,20 +24,21 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from functions.http_api import create_app
-from shared.active_learning import FeatureSpace, make_classifier
-from shared.analysis import MODELS, run_analysis, to_onnx
-from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
-from shared.embeddings import EmbeddingStore, embed_pending
+from job.active_learning import FeatureSpace, make_classifier
+from job.analysis import MODELS, to_onnx
+from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
+from job.embeddings import EmbeddingStore, embed_pending
+from job.reindex import reindex
+from job.run_analysis import run_analysis
+from job.worker import Worker
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
 from shared.queues import open_queue
-from shared.reindex import reindex
 from shared.reports import ClassifyModel
 from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import REPORTS, LocalStorage
-from shared.worker import Worker
 from tests.conftest import AUTH, make_settings, png
 from tests.test_layout import HEAVY, ROOT
 

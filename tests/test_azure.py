@@ -24,9 +24,9 @@ from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
 from functions import blob_ingest
+from job.datasets import fashion_mnist_items
+from job.embeddings import EmbeddingStore
 from shared.catalog import Catalog
-from shared.datasets import fashion_mnist_items
-from shared.embeddings import EmbeddingStore
 from shared.encoder import ImageEncoder
 from shared.ingest import IngestItem
 from shared.jobs import JobStore

@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
+from job.datasets import png_bytes
+from job.embeddings import embed_pending
+from job.reindex import reindex
 from shared.catalog import Catalog
-from shared.datasets import png_bytes
-from shared.embeddings import embed_pending
 from shared.ingest import IngestItem, ingest_bytes
-from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import LocalStorage
 from tests.conftest import AUTH, Collection, make_settings

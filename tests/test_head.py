@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.embeddings import EmbeddingStore
+from job.embeddings import EmbeddingStore
+from job.reindex import reindex
+from job.train_head import train_head, train_on_collection
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotReady, VersionMismatch
 from shared.head import ProjectionHead, current_head_version, load_head
 from shared.index import current_version, load_version
-from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
 from tests.conftest import FASHION_MNIST_CLASSES, Collection, make_settings
-from tools.train_head import train_head, train_on_collection
 
 QUERIES = 500
 
@@ -150,7 +150,7 @@ def test_head_errors_are_clear(own_collection: Collection, tmp_path: Path) -> No
     trained = train_head(
         emb.vectors, labels, tmp_path / "h", encoder_version="another-encoder@224px", epochs=1, progress=False
     )
-    from shared.head import publish_head
+    from job.train_head import publish_head
 
     publish_head(other_storage, trained.onnx_path, trained.manifest)
     with pytest.raises(VersionMismatch, match="another-encoder"):

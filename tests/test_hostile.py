@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.datasets import fashion_mnist_items
+from job.datasets import fashion_mnist_items
 from shared.encoder import ImageEncoder
 from shared.errors import ClusterlensError
 from shared.imaging import decode_image

@@ -7,18 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.embeddings import EmbeddingStore
+from job.embeddings import EmbeddingStore
+from job.index_build import IndexParams, build_index, extend_index, publish
+from job.reindex import reindex
 from shared.errors import VersionMismatch
-from shared.index import (
-    ClusterIndex,
-    _transform,
-    current_version,
-    list_versions,
-    load_current,
-    power_normalize,
-    publish,
-)
-from shared.reindex import reindex
+from shared.features import power_normalize
+from shared.index import ClusterIndex, current_version, list_versions, load_current, pretransform
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
 from tests.conftest import Collection, make_settings
@@ -32,17 +26,17 @@ def real(collection: Collection) -> tuple[np.ndarray, list[str], list[str | None
     return emb.vectors, emb.ids, labels
 
 
-def _build(real, **kw) -> ClusterIndex:  # type: ignore[no-untyped-def]
+def _build(real, **params) -> ClusterIndex:  # type: ignore[no-untyped-def]
     vectors, ids, labels = real
-    return ClusterIndex.build(vectors, ids, labels, encoder_version="test", **kw)
+    return build_index(vectors, ids, labels, encoder_version="test", params=IndexParams(kind="ivf_flat", **params))
 
 
 def test_probing_every_cluster_equals_brute_force(real) -> None:  # type: ignore[no-untyped-def]
     index = _build(real)
     vectors = real[0]
     queries = vectors[::50]
-    xt_db = _transform(index.index, power_normalize(vectors, 0.5))
-    xt_q = _transform(index.index, power_normalize(queries, 0.5))
+    xt_db = pretransform(index.index, power_normalize(vectors, 0.5))
+    xt_q = pretransform(index.index, power_normalize(queries, 0.5))
     exact = np.argsort(-(xt_q @ xt_db.T), axis=1)[:, :10]
     hits = index.search(queries, 10, nprobe=index.ivf.nlist)
     for got, want in zip(hits.rows, exact, strict=True):
@@ -73,16 +67,16 @@ def test_results_come_only_from_probed_clusters(real) -> None:  # type: ignore[n
 
 def test_without_pca_and_tiny_collections(real) -> None:  # type: ignore[no-untyped-def]
     vectors, ids, labels = real
-    flat = ClusterIndex.build(vectors, ids, labels, encoder_version="t", pca_dim=0)
+    flat = build_index(vectors, ids, labels, encoder_version="t", params=IndexParams(kind="ivf_flat", pca_dim=0))
     assert flat.manifest["factory"].startswith("IVF") and flat.manifest["dim"] == 1280
-    tiny = ClusterIndex.build(vectors[:3], ids[:3], labels[:3], encoder_version="t")
+    tiny = build_index(vectors[:3], ids[:3], labels[:3], encoder_version="t", params=IndexParams(kind="ivf_flat"))
     assert tiny.manifest["nlist"] == 1 and tiny.manifest["pca_dim"] == 0
     rows = tiny.search(vectors[:1], 3).rows[0]
     assert rows[0] == 0 and set(rows) == {0, 1, 2}
     with pytest.raises(ValueError):
-        ClusterIndex.build(vectors[:0], [], [], encoder_version="t")
+        build_index(vectors[:0], [], [], encoder_version="t", params=IndexParams(kind="ivf_flat"))
     with pytest.raises(ValueError):
-        ClusterIndex.build(vectors[:3], ids[:2], labels[:3], encoder_version="t")
+        build_index(vectors[:3], ids[:2], labels[:3], encoder_version="t", params=IndexParams(kind="ivf_flat"))
 
 
 def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
@@ -92,15 +86,28 @@ def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collecti
     service = SearchService(settings, storage, encoder=collection.encoder)
     assert service.index().manifest["version"] == v1 == "v000001"
     vectors, ids, labels = real
-    v2 = publish(storage, ClusterIndex.build(vectors[:500], ids[:500], labels[:500], encoder_version="test"))
+    v2 = publish(
+        storage,
+        build_index(
+            vectors[:500], ids[:500], labels[:500], encoder_version="test", params=IndexParams(kind="ivf_flat")
+        ),
+    )
     assert current_version(storage) == v2 == "v000002"
     assert service.index().count == 500  # the reader noticed without a restart
     for _ in range(3):
-        publish(storage, ClusterIndex.build(vectors[:100], ids[:100], labels[:100], encoder_version="test"), keep=3)
+        publish(
+            storage,
+            build_index(
+                vectors[:100], ids[:100], labels[:100], encoder_version="test", params=IndexParams(kind="ivf_flat")
+            ),
+            keep=3,
+        )
     assert list_versions(storage) == ["v000003", "v000004", "v000005"]
     loaded = load_current(storage, tmp_path / "cache")
     assert loaded.manifest["version"] == "v000005" and loaded.mapped is not None  # lists memory-mapped from the file
-    small = ClusterIndex.build(vectors[:100], ids[:100], labels[:100], encoder_version="test")
+    small = build_index(
+        vectors[:100], ids[:100], labels[:100], encoder_version="test", params=IndexParams(kind="ivf_flat")
+    )
     np.testing.assert_array_equal(loaded.search(vectors[:20], 5).rows, small.search(vectors[:20], 5).rows)
     np.testing.assert_allclose(loaded.ivf.reconstruct(7), small.ivf.reconstruct(7), atol=1e-6)
 
@@ -178,7 +185,7 @@ def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, colle
 
 def test_rollback_moves_the_pointer_and_readers_follow(tmp_path: Path, real, collection: Collection) -> None:  # type: ignore[no-untyped-def]
     from shared.errors import NotFound, NotReady
-    from shared.reindex import rollback
+    from shared.index import rollback
 
     storage = LocalStorage(tmp_path)
     with pytest.raises(NotReady):
@@ -187,7 +194,12 @@ def test_rollback_moves_the_pointer_and_readers_follow(tmp_path: Path, real, col
     v1 = publish(storage, _build(real))
     with pytest.raises(NotReady, match="nothing to roll back to"):
         rollback(storage)
-    v2 = publish(storage, ClusterIndex.build(vectors[:300], ids[:300], labels[:300], encoder_version="test"))
+    v2 = publish(
+        storage,
+        build_index(
+            vectors[:300], ids[:300], labels[:300], encoder_version="test", params=IndexParams(kind="ivf_flat")
+        ),
+    )
     service = SearchService(make_settings(tmp_path, index_refresh_seconds=0), storage, encoder=collection.encoder)
     assert service.index().count == 300
     assert rollback(storage) == (v2, v1)
@@ -201,8 +213,8 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     """Incremental reindex: new images join the existing clusters, are found at once, and a big growth retrains."""
     import shutil
 
-    from shared.datasets import png_bytes
-    from shared.embeddings import embed_pending
+    from job.datasets import png_bytes
+    from job.embeddings import embed_pending
     from shared.ingest import IngestItem, ingest_bytes
 
     shutil.copytree(collection.settings.data_dir, tmp_path / "data")
@@ -234,9 +246,9 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     assert out["results"][0]["id"] == new_ids[7] and out["results"][0]["score"] > 0.999
     assert service.search_id(new_ids[0], 1, None)["results"][0]["label"] == "New"
     assert reindex(storage, settings, collection.encoder.version).mode == "unchanged"
-    assert grown.extended(np.zeros((0, 1280), np.float32), [], []).count == 1030  # a retried shard: nothing new
+    assert extend_index(grown, np.zeros((0, 1280), np.float32), [], []).count == 1030  # a retried shard: nothing new
     with pytest.raises(ValueError, match="already"):
-        grown.extended(np.zeros((1, 1280), np.float32), [new_ids[0]], [None])
+        extend_index(grown, np.zeros((1, 1280), np.float32), [new_ids[0]], [None])
 
     # Growth past the retrain share (here 1%) trains the clusters again.
     for i in range(30, 50):

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.datasets import png_bytes
-from shared.embeddings import EmbeddingStore, embed_pending
-from shared.index import ClusterIndex, load_current, plan_index, publish
+from job.datasets import png_bytes
+from job.embeddings import EmbeddingStore, embed_pending
+from job.index_build import IndexParams, build_index, plan_index, publish
+from job.reindex import reindex
+from shared.index import ClusterIndex, load_current
 from shared.ingest import IngestItem, ingest_bytes
-from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
 from tests.conftest import Collection, make_settings
@@ -60,7 +61,7 @@ def test_plan_follows_size_and_memory_budget() -> None:
 
 def test_flat_kind_is_exact(real) -> None:  # type: ignore[no-untyped-def]
     vectors, ids = real
-    index = ClusterIndex.build(vectors, ids, [None] * len(ids), encoder_version="t", kind="auto")
+    index = build_index(vectors, ids, [None] * len(ids), encoder_version="t", params=IndexParams(kind="auto"))
     assert index.manifest["kind"] == "flat" and index.nprobe == index.ivf.nlist  # 1,000 vectors: exact
     assert index.manifest["recall"]["at_10"] == 1.0
     queries = vectors[::25]
@@ -73,7 +74,7 @@ def test_flat_kind_is_exact(real) -> None:  # type: ignore[no-untyped-def]
 def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vectors, ids = real
     labels: list[str | None] = [None] * len(ids)
-    pq = ClusterIndex.build(vectors, ids, labels, encoder_version="t", kind="ivf_pq", pq_m=16, rerank=4)
+    pq = build_index(vectors, ids, labels, encoder_version="t", params=IndexParams(kind="ivf_pq", pq_m=16, rerank=4))
     m = pq.manifest
     assert m["kind"] == "ivf_pq" and m["factory"].endswith("PQ16x8") and m["bytes_per_vector"] == 24
     assert m["recall"]["meets_target"] and m["recall"]["at_10"] >= 0.95

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
 from shared.catalog import Catalog
-from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
 from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_bytes, scan_folder
 from shared.storage import QUARANTINE, UPLOADS, LocalStorage
 from tests.conftest import make_settings, png
@@ -120,7 +120,7 @@ def test_fashion_mnist_items_are_labelled_pngs(tmp_path: Path) -> None:
 
 def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
     """A stored image that no longer decodes is quarantined with its reason; the rest of the batch embeds."""
-    from shared.embeddings import embed_pending
+    from job.embeddings import embed_pending
 
     settings = make_settings(tmp_path, embed_batch_size=4)
     storage = LocalStorage(tmp_path)
@@ -148,8 +148,8 @@ def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, 
 
 
 def test_a_record_removed_during_embedding_does_not_stop_the_run(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    from job.embeddings import embed_pending
     from shared import embeddings
-    from shared.embeddings import embed_pending
 
     settings = make_settings(tmp_path, embed_batch_size=2)
     storage = LocalStorage(tmp_path)

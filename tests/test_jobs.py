@@ -12,11 +12,11 @@ import azure.functions as func
 import pytest
 
 from functions import blob_ingest, timers
+from job.datasets import fashion_mnist_items
+from job.worker import JobContext, Worker
 from shared.catalog import Catalog
-from shared.datasets import fashion_mnist_items
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, schedule_job, timer_slot
 from shared.queues import LostMessage
-from shared.worker import JobContext, Worker
 from tests.jobs_support import Backend, make_backend
 
 BACKENDS = ["local", pytest.param("azure", marks=pytest.mark.integration)]

@@ -14,20 +14,20 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
-from shared.active_learning import diverse_order, entropy, least_confidence, margin, select_batch
+from job.active_learning import diverse_order, entropy, least_confidence, margin, select_batch
+from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
+from job.embeddings import embed_pending
+from job.reindex import reindex
+from job.worker import Worker
 from shared.classifier import ClassifierView, current_classifier_version, history
-from shared.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
-from shared.embeddings import embed_pending
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
 from shared.labels import LabelLog
 from shared.queues import open_queue
-from shared.reindex import reindex
 from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import LocalStorage
-from shared.worker import Worker
 from tests.conftest import AUTH, make_settings
 
 POOL = 400
@@ -274,7 +274,7 @@ def test_bad_queue_requests_are_4xx_json(pool: Pool, params: dict, code: str | N
 
 
 def test_retrain_with_one_class_is_skipped_not_failed(tmp_path: Path, encoder: ImageEncoder) -> None:
-    from shared.classifier import train_and_publish
+    from job.retrain import train_and_publish
 
     settings = make_settings(tmp_path)
     storage = LocalStorage(tmp_path)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import sync_playwright
 
-from shared.datasets import FASHION_MNIST_CLASSES
+from job.datasets import FASHION_MNIST_CLASSES
 from tests.conftest import API_KEY, png
 from tests.full_collection import ENV, SIZE
 from tests.servers import running_server

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from job.simulation import SimulationData, dataset_features, plot_learning_curves, run_simulation
 from shared.encoder import ImageEncoder
 from shared.settings import Settings
-from shared.simulation import SimulationData, dataset_features, plot_learning_curves, run_simulation
 from tests.conftest import make_settings
 
 POOL = 1200

@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
-from shared.datasets import skimage_photo_items
-from shared.embeddings import embed_pending
+from job.datasets import skimage_photo_items
+from job.embeddings import embed_pending
+from job.index_build import IndexParams, build_index, publish
+from job.reindex import reindex
 from shared.encoder import ImageEncoder
-from shared.index import ClusterIndex, publish
 from shared.ingest import IngestItem, ingest_bytes
-from shared.reindex import reindex
 from shared.search import SearchService
 from shared.storage import LocalStorage
 from tests.conftest import AUTH, Collection, make_settings
@@ -97,8 +97,12 @@ def test_index_without_class_predictions_asks_for_a_reindex(tmp_path: Path, coll
     vectors = np.random.default_rng(0).normal(size=(50, 1280)).astype(np.float32)
     publish(
         storage,
-        ClusterIndex.build(
-            vectors, [f"{i:064x}" for i in range(50)], [None] * 50, encoder_version=collection.encoder.version
+        build_index(
+            vectors,
+            [f"{i:064x}" for i in range(50)],
+            [None] * 50,
+            encoder_version=collection.encoder.version,
+            params=IndexParams(kind="ivf_flat"),
         ),
     )
     client = TestClient(create_app(service=SearchService(make_settings(tmp_path), storage)), headers=AUTH)
@@ -129,8 +133,12 @@ def test_an_index_from_before_class_predictions_still_serves_images(tmp_path: Pa
     vectors = np.random.default_rng(1).normal(size=(50, 1280)).astype(np.float32)
     version = publish(
         storage,
-        ClusterIndex.build(
-            vectors, [f"{i:064x}" for i in range(50)], [None] * 50, encoder_version=collection.encoder.version
+        build_index(
+            vectors,
+            [f"{i:064x}" for i in range(50)],
+            [None] * 50,
+            encoder_version=collection.encoder.version,
+            params=IndexParams(kind="ivf_flat"),
         ),
     )
     for name in ("class_top.npy", "class_prob.npy"):

@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
-from shared.datasets import fashion_mnist_items
-from shared.embeddings import EmbeddingStore
+from job.datasets import fashion_mnist_items
+from job.embeddings import EmbeddingStore
+from job.worker import HANDLERS, JobContext, Worker, run_embed
 from shared.encoder import ImageEncoder
 from shared.index import current_version, load_version
 from shared.jobs import JobStore
@@ -21,7 +22,6 @@ from shared.queues import open_queue
 from shared.search import SearchService
 from shared.storage import QUARANTINE, LocalStorage
 from shared.uploads import accept_upload
-from shared.worker import HANDLERS, JobContext, Worker, run_embed
 from tests.conftest import AUTH, make_settings
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from job.index_build import IndexParams, build_index
 from shared.encoder import ImageEncoder
 from shared.errors import VersionMismatch
-from shared.index import ClusterIndex
 from shared.search import SearchService
 from tests.conftest import FASHION_MNIST_CLASSES, Collection, make_settings, png
 
@@ -67,7 +67,7 @@ def test_int8_agrees_with_fp32_on_held_out_photos(int8: ImageEncoder, encoder: I
 
 def test_int8_keeps_retrieval_quality(int8: ImageEncoder, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
     """Precision@10 of held-out Fashion-MNIST queries against the same 1,000 images, int8 vs fp32."""
-    from shared.datasets import load_fashion_mnist
+    from job.datasets import load_fashion_mnist
 
     train, train_labels = load_fashion_mnist(collection.settings.fashion_mnist_dir, "train")
     test, test_labels = fashion_test
@@ -78,7 +78,13 @@ def test_int8_keeps_retrieval_quality(int8: ImageEncoder, collection: Collection
 
     def precision(enc: ImageEncoder) -> float:
         vectors = np.concatenate([enc.encode(db_images[i : i + 64]).vectors for i in range(0, 1000, 64)])
-        index = ClusterIndex.build(vectors, [f"{i:064x}" for i in range(1000)], names, encoder_version=enc.version)
+        index = build_index(
+            vectors,
+            [f"{i:064x}" for i in range(1000)],
+            names,
+            encoder_version=enc.version,
+            params=IndexParams(kind="ivf_flat"),
+        )
         q = np.concatenate([enc.encode(queries[i : i + 64]).vectors for i in range(0, 300, 64)])
         rows = index.search(q, 10).rows
         return float((np.array(names)[rows] == want[:, None]).mean())

@@ -44,7 +44,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
 
     items: Iterable[IngestItem]
     if args.dataset == "fashion-mnist":
-        from shared.datasets import fashion_mnist_items
+        from job.datasets import fashion_mnist_items
 
         total = args.limit or (60000 if args.split == "train" else 10000)
         items = fashion_mnist_items(settings.fashion_mnist_dir, args.split, args.limit, args.offset)
@@ -52,7 +52,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
         if args.label_share is not None:
             items = _keep_labels(items, args.label_share)
     elif args.dataset == "skimage-photos":
-        from shared.datasets import SKIMAGE_PHOTOS, skimage_photo_items
+        from job.datasets import SKIMAGE_PHOTOS, skimage_photo_items
 
         total, items, desc = len(SKIMAGE_PHOTOS), skimage_photo_items(), "ingest skimage photos"
     else:
@@ -86,7 +86,7 @@ def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.embeddings import embed_pending
+    from job.embeddings import embed_pending
 
     encoder = _encoder(settings)
     bar = _progress(None, f"embed ({encoder.version}, {encoder.providers[0]})")
@@ -113,7 +113,7 @@ def _set_total(bar: Any, total: int) -> None:
 
 
 def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.reindex import reindex
+    from job.reindex import reindex
 
     encoder = _encoder(settings)
     t0 = time.perf_counter()
@@ -132,8 +132,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.index import INDEX, current_version, list_versions
-    from shared.reindex import rollback
+    from shared.index import INDEX, current_version, list_versions, rollback
 
     if args.action == "rollback":
         before, after = rollback(storage, args.to)
@@ -158,7 +157,7 @@ def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) ->
 
 
 def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from tools.train_head import train_on_collection
+    from job.train_head import train_on_collection
 
     encoder = _encoder(settings)
     trained, version = train_on_collection(
@@ -254,7 +253,7 @@ def _login() -> str:
 
 
 def cmd_retrain(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.classifier import train_and_publish
+    from job.retrain import train_and_publish
 
     if args.kind:
         settings = settings.model_copy(update={"classifier_kind": args.kind})
@@ -282,7 +281,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings, storage: Storage) 
 
 
 def cmd_analyse(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.analysis import run_analysis, summary
+    from job.run_analysis import run_analysis, summary
     from shared.storage import REPORTS
 
     updates: dict[str, Any] = {}
@@ -320,7 +319,7 @@ def cmd_analyse(args: argparse.Namespace, settings: Settings, storage: Storage) 
 
 
 def cmd_simulate_al(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.simulation import dataset_features, plot_learning_curves, run_simulation
+    from job.simulation import dataset_features, plot_learning_curves, run_simulation
 
     encoder = _encoder(settings)
     bar = _progress(args.limit or 60_000, f"embed {args.dataset}")
@@ -415,7 +414,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.worker import install_signal_handlers, open_worker
+    from job.worker import install_signal_handlers, open_worker
 
     if not args.verbose:
         logging.getLogger("shared").setLevel(logging.INFO)
@@ -471,7 +470,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
     if current_classifier_version(storage) is None:  # predictions and a labelling queue from the start
         cmd_retrain(argparse.Namespace(kind=None), settings, storage)
-    from shared.analysis import current_report
+    from shared.reports import current_report
 
     if current_report(storage) is None:  # clusters, maps and the review lists from the start
         cmd_analyse(argparse.Namespace(k=None, map_sample=None, maps=None), settings, storage)

@@ -169,7 +169,7 @@ def calibration_images() -> list[Any]:
     from PIL import Image, ImageOps
     from skimage import data as skdata
 
-    from shared.datasets import load_fashion_mnist
+    from job.datasets import load_fashion_mnist
     from shared.settings import Settings
 
     images, _ = load_fashion_mnist(Settings(_env_file=None).fashion_mnist_dir, "train")  # type: ignore[call-arg]

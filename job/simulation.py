@@ -3,11 +3,11 @@
 :func:`dataset_features` embeds a labelled dataset (Fashion-MNIST: the train split is the pool that
 is "labelled" round by round, the test split measures accuracy) with the product's encoder and
 caches the arrays; :func:`run_simulation` replays the labelling loop of
-:func:`shared.active_learning.simulate` for every strategy, a smaller-batch variant for the best
+:func:`job.active_learning.simulate` for every strategy, a smaller-batch variant for the best
 uncertainty strategy and random, and the accuracy of a model trained on every pool label, and
 returns one JSON-able summary; :func:`plot_learning_curves` draws it.
 
-Imports numpy and pillow at the top; scikit-learn, LightGBM (through :mod:`shared.active_learning`)
+Imports numpy and pillow at the top; scikit-learn, LightGBM (through :mod:`job.active_learning`)
 and matplotlib load inside the functions that use them.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared.active_learning import (
+from job.active_learning import (
     STRATEGIES,
     UNCERTAINTY_STRATEGIES,
     FeatureSpace,
@@ -35,7 +35,7 @@ from shared.active_learning import (
     labels_to_reach,
     simulate,
 )
-from shared.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from shared.encoder import ImageEncoder
 from shared.settings import Settings
 
@@ -224,7 +224,7 @@ def run_simulation(
 
     Args:
         data: the pool and test embeddings.
-        strategies: from :data:`shared.active_learning.STRATEGIES`.
+        strategies: from :data:`job.active_learning.STRATEGIES`.
         seeds: one random seed set per seed, shared by the strategies.
         on_round: called with (strategy, seed, labelled fraction, accuracy) after each round; the
             small-batch variant's rounds come as ``"small_batch/<strategy>"``.

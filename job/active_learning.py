@@ -27,9 +27,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shared.labels import STRATEGIES
+
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("random", "least_confidence", "margin", "entropy")
 UNCERTAINTY_STRATEGIES = STRATEGIES[1:]
 CLASSIFIERS = ("lightgbm", "logistic", "knn")
 

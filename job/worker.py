@@ -34,7 +34,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 
 if TYPE_CHECKING:
-    from shared.embeddings import EmbedStats
+    from job.embeddings import EmbedStats
     from shared.encoder import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _follow_up(ctx: JobContext) -> tuple[JobMessage, float]:
 
 def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
     """Embed ``ids`` (None: every pending image), reporting progress into the job record."""
-    from shared.embeddings import embed_pending
+    from job.embeddings import embed_pending
 
     done = [0]
     total: list[int | None] = [None]
@@ -133,8 +133,8 @@ def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
 
 def stragglers(storage: Storage, encoder_version: str) -> list[str]:
     """Images not embedded yet whose embedding job is not going to do it (finished, lost, or none)."""
+    from job.embeddings import EmbeddingStore
     from shared.catalog import Catalog
-    from shared.embeddings import EmbeddingStore
 
     catalog, store = Catalog(storage), JobStore(storage)
     pending = sorted(set(catalog.ids()) - EmbeddingStore(storage, encoder_version).embedded_ids())
@@ -152,7 +152,7 @@ def stragglers(storage: Storage, encoder_version: str) -> list[str]:
 
 def run_reindex(ctx: JobContext) -> dict[str, Any]:
     """Embed stragglers, then build and publish the index (skipped when nothing changed)."""
-    from shared.reindex import reindex
+    from job.reindex import reindex
 
     encoder = ctx.encoder_factory()
     missing = stragglers(ctx.storage, encoder.version)
@@ -174,7 +174,7 @@ def run_reindex(ctx: JobContext) -> dict[str, Any]:
 
 def run_train_head(ctx: JobContext) -> dict[str, Any]:
     """Train the projection head on the labelled images (torch: job side only)."""
-    from tools.train_head import train_on_collection
+    from job.train_head import train_on_collection
 
     params = ctx.message.params
     options = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed") if k in params}
@@ -186,7 +186,7 @@ def run_train_head(ctx: JobContext) -> dict[str, Any]:
 def run_retrain(ctx: JobContext) -> dict[str, Any]:
     """Retrain what learns from labels: the label classifier (publishing predictions and labelling
     queues for every image); also the projection head, and a reindex, when searching in its space."""
-    from shared.classifier import train_and_publish
+    from job.retrain import train_and_publish
 
     out: dict[str, Any] = {}
     if ctx.settings.index_space == "head":
@@ -202,8 +202,8 @@ def run_retrain(ctx: JobContext) -> dict[str, Any]:
 
 
 def run_analyse(ctx: JobContext) -> dict[str, Any]:
-    """Cluster, map, classify and review the collection; publish the report (see :mod:`shared.analysis`)."""
-    from shared.analysis import run_analysis, summary
+    """Cluster, map, classify and review the collection; publish the report (see :mod:`job.analysis`)."""
+    from job.run_analysis import run_analysis, summary
     from shared.errors import NotReady
 
     params = ctx.message.params

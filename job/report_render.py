@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from shared.storage import UPLOADS, Storage
 
 if TYPE_CHECKING:
-    from shared.analysis import AnalysisData, Report
+    from job.analysis import AnalysisData, Report
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,10 @@ from torch.nn import functional as F
 
 from shared.encoder import file_sha256
 from shared.errors import BadRequest, NotReady
+from shared.head import HEAD_FILE, HEADS
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import MODELS, Storage
+from shared.versions import claim_next, prune, swap_pointer
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +288,8 @@ def train_on_collection(
     """
     import tempfile
 
+    from job.embeddings import EmbeddingStore
     from shared.catalog import Catalog
-    from shared.embeddings import EmbeddingStore
-    from shared.head import publish_head
 
     store = EmbeddingStore(storage, encoder_version)
     if not store.shards():
@@ -311,3 +312,18 @@ def train_on_collection(
         version = publish_head(storage, trained.onnx_path, trained.manifest)
     trained.manifest["version"] = version
     return trained, version
+
+
+def publish_head(storage: Storage, onnx_path: Path, manifest: dict[str, Any], keep: int = 5) -> str:
+    """Store a trained head as a new version and point ``CURRENT`` at it.
+
+    Returns:
+        the version name (``v000003``).
+    """
+    version = claim_next(storage, MODELS, HEADS)
+    storage.upload_file(MODELS, f"{HEADS}{version}/{HEAD_FILE}", Path(onnx_path))
+    storage.put_json(MODELS, f"{HEADS}{version}/manifest.json", dict(manifest, version=version))
+    swap_pointer(storage, MODELS, version, HEADS)
+    prune(storage, MODELS, keep, version, HEADS)
+    log.info("published projection head %s", version)
+    return version

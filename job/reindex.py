@@ -9,22 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from job.embeddings import EmbeddingStore
+from job.index_build import IndexParams, build_index, extend_index, fingerprint, publish
 from shared.catalog import Catalog
-from shared.embeddings import EmbeddingStore
-from shared.errors import NotFound, NotReady, QualityGate, VersionMismatch
+from shared.errors import NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import (
-    Captions,
-    ClusterIndex,
-    current_version,
-    fingerprint,
-    list_versions,
-    load_version,
-    publish,
-)
+from shared.index import Captions, ClusterIndex, current_version, load_version
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
-from shared.versions import swap_pointer
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +91,12 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
                 f"the projection head was trained on {head.encoder_version} embeddings, not {encoder_version}: "
                 "run `clusterlens train-head` again"
             )
-    params = {
+    index_params = IndexParams.from_settings(settings)
+    params = {  # what the build depends on: the fingerprint and the incremental check compare it
         "space": settings.index_space,
         "head": head.version if head else None,
         "text_encoder": settings.text_encoder,
-        "kind": settings.index_kind,
-        "memory_mb": settings.index_memory_mb,
-        "flat_max": settings.index_flat_max,
-        "pq_m": settings.index_pq_m,
-        "pq_nbits": settings.index_pq_nbits,
-        "rerank": settings.index_rerank,
-        "pca_dim": settings.index_pca_dim,
-        "nlist": settings.index_nlist,
-        "nprobe": settings.index_nprobe,
-        "recall_target": settings.index_recall_target,
-        "power": settings.index_power,
-        "min_points_per_list": settings.index_min_points_per_list,
+        **index_params.to_json(),
     }
     shards = store.shards()
     if not shards:
@@ -137,31 +119,21 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         if manifest.get("source", {}).get("fingerprint") == fp:
             log.info("index %s is up to date", current)
             return _result(current, False, manifest, mode="unchanged")
-        grown = _try_incremental(storage, settings, store, catalog, manifest, current, shards, params, source, deleted)
+        grown = _try_incremental(
+            storage, settings, index_params, store, catalog, manifest, current, shards, params, source, deleted
+        )
         if grown is not None:
             return _publish(storage, settings, grown, force, mode="incremental")
     emb = store.load(skip=deleted)
     records = [catalog.get(image_id) for image_id in emb.ids]
     labels = [r.label for r in records]
     captions = embed_captions(settings, [r.caption for r in records])
-    built = ClusterIndex.build(
+    built = build_index(
         emb.vectors,
         emb.ids,
         labels,
         encoder_version=encoder_version,
-        kind=settings.index_kind,
-        memory_mb=settings.index_memory_mb,
-        flat_max=settings.index_flat_max,
-        pq_m=settings.index_pq_m,
-        pq_nbits=settings.index_pq_nbits,
-        rerank=settings.index_rerank,
-        pca_dim=settings.index_pca_dim,
-        nlist=settings.index_nlist,
-        nprobe=settings.index_nprobe,
-        min_points_per_list=settings.index_min_points_per_list,
-        power=settings.index_power,
-        recall_target=settings.index_recall_target,
-        recall_sample=settings.index_recall_sample,
+        params=index_params,
         class_top=emb.top_class,
         class_prob=emb.top_prob,
         head=head,
@@ -175,6 +147,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
 def _try_incremental(
     storage: Storage,
     settings: Settings,
+    index_params: IndexParams,
     store: EmbeddingStore,
     catalog: Catalog,
     manifest: dict[str, Any],
@@ -209,15 +182,15 @@ def _try_incremental(
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
         return None
     if not new.ids:  # new shards held only images already indexed (a retried embed)
-        return cur.extended(np.zeros((0, cur.manifest["input_dim"]), np.float32), [], [], source=source)
+        empty = np.zeros((0, cur.manifest["input_dim"]), np.float32)
+        return extend_index(cur, empty, [], [], params=index_params, source=source)
     records = [catalog.get(image_id) for image_id in new.ids]
-    return cur.extended(
+    return extend_index(
+        cur,
         new.vectors,
         new.ids,
         [r.label for r in records],
-        nprobe=settings.index_nprobe,
-        recall_target=settings.index_recall_target,
-        recall_sample=settings.index_recall_sample,
+        params=index_params,
         class_top=new.top_class,
         class_prob=new.top_prob,
         captions=embed_captions(settings, [r.caption for r in records]),
@@ -279,29 +252,3 @@ def _result(version: str, built: bool, manifest: dict[str, Any], mode: str) -> R
         int(manifest.get("incremental", {}).get("added", 0)) if mode == "incremental" else 0,
         str(manifest.get("kind", "ivf_flat")),
     )
-
-
-def rollback(storage: Storage, to: str | None = None) -> tuple[str, str]:
-    """Point readers back at an earlier published version (the one before the current by default).
-
-    Returns:
-        (previous current version, new current version).
-
-    Raises:
-        NotReady: if nothing is published or there is no earlier version.
-        NotFound: if ``to`` is not a complete published version.
-    """
-    current = current_version(storage)
-    versions = list_versions(storage)
-    if current is None or not versions:
-        raise NotReady("no index has been published yet", code="index_missing")
-    if to is None:
-        earlier = [v for v in versions if v < current]
-        if not earlier:
-            raise NotReady(f"{current} is the oldest version kept: nothing to roll back to", code="no_earlier_version")
-        to = earlier[-1]
-    elif to not in versions:
-        raise NotFound(f"index version {to} is not available (kept: {', '.join(versions)})", code="version_not_found")
-    swap_pointer(storage, INDEX, to)
-    log.info("index rolled back from %s to %s", current, to)
-    return current, to

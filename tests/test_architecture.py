@@ -1,0 +1,64 @@
+"""Two deployables, one rule: the function app (``function_app.py``, ``functions/``, ``shared/``) never
+imports the container job (``job/``), the tools or the benchmarks, and nothing imports in a loop."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pathspec
+
+from tests.import_graph import cycles, import_graph, project_modules, upward_imports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_no_import_loops_and_no_upward_imports() -> None:
+    graph = import_graph(ROOT)
+    assert {"shared.index", "job.index_build", "functions.http_api", "tools.cli"} <= set(graph)
+    assert cycles(graph) == []
+    assert upward_imports(graph) == []
+
+
+def test_the_rules_catch_a_loop_and_an_upward_import(tmp_path: Path) -> None:
+    """The checker itself, on a tree that breaks both rules."""
+    for name, text in {
+        "shared/__init__.py": "",
+        "shared/a.py": "from shared import b\n",
+        "shared/b.py": "def f():\n    from shared.a import x\n",  # a loop, even through a lazy import
+        "shared/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from job.w import W\n",
+        "job/__init__.py": "",
+        "job/w.py": "import shared.c\n",
+    }.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    graph = import_graph(tmp_path, ("shared", "job"))
+    assert cycles(graph) == [["job.w", "shared.c"], ["shared.a", "shared.b"]]
+    assert upward_imports(graph) == [("shared.c", "job.w")]
+
+
+def function_app_files() -> list[str]:
+    """The tracked files the function app's package holds: what `.funcignore` leaves."""
+    spec = pathspec.PathSpec.from_lines("gitignore", (ROOT / ".funcignore").read_text().splitlines())
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return sorted(f for f in tracked.splitlines() if not spec.match_file(f))
+
+
+def test_function_app_package_holds_no_job_code_and_is_self_contained() -> None:
+    files = function_app_files()
+    assert "function_app.py" in files and "host.json" in files and "requirements.txt" in files
+    tops = {f.split("/")[0] for f in files}
+    assert not tops & {"job", "tools", "bench", "tests", "infra", "docs"}, tops
+    packaged = {m for m, p in project_modules(ROOT).items() if str(p.relative_to(ROOT)) in files}
+    assert {"function_app", "functions.http_api", "shared.search"} <= packaged
+    graph = import_graph(ROOT)
+    missing = {(m, t) for m in packaged for t in graph[m] if t not in packaged}
+    assert not missing, f"the function app imports modules it does not ship: {sorted(missing)}"
+
+
+def test_job_image_copies_shared_and_job_only() -> None:
+    """The runtime stage of the job image (after the last FROM) holds the library and the job, no tools."""
+    dockerfile = (ROOT / "job" / "Dockerfile").read_text()
+    runtime = dockerfile.split("\nFROM ")[-1]
+    copied = [line.split()[1] for line in runtime.splitlines() if line.startswith("COPY ") and "--from" not in line]
+    assert set(copied) == {"job/requirements.txt", "shared", "job"}, copied
