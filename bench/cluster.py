@@ -45,7 +45,7 @@ from bench.active_learning import split_data
 from bench.collection import real_embeddings
 from bench.embed import device
 from bench.search import fit_mixture, nn_cosine, sample_mixture
-from job.active_learning import FeatureSpace, make_classifier
+from job.classifier import FeatureSpace, make_classifier
 from job.datasets import FASHION_MNIST_CLASSES
 from job.embeddings import EmbeddingSet
 from shared.features import normalize
@@ -296,9 +296,9 @@ def bench_quality(
         )
         projection = ProjectionHead(trained.onnx_path, trained.manifest)
         head_train, head_test = projection.apply(data.x_pool), projection.apply(data.x_test)
-    t = trained.manifest["train"]
+    t = trained.manifest.train
     # The head's own softmax, mapped from its sorted class names back to dataset class indices.
-    order = np.array([FASHION_MNIST_CLASSES.index(c) for c in trained.manifest["classes"]])
+    order = np.array([FASHION_MNIST_CLASSES.index(c) for c in trained.manifest.classes])
     softmax_acc = float((order[head_test.probs.argmax(axis=1)] == y_test).mean())
     print(f"head: trained in {t['seconds']} s on {t['device']}, held-out accuracy {t['val_accuracy']}")
     head = evaluate(head_train.embedding, y_train, head_test.embedding, y_test)

@@ -40,7 +40,7 @@ def ensure_collection(data_dir: Path = DATA_DIR) -> tuple[Settings, LocalStorage
     """Ingest and embed the 70,000 Fashion-MNIST images into ``data_dir`` (skipped when done)."""
     s = settings(data_dir)
     storage = LocalStorage(s.data_dir)
-    encoder = ImageEncoder(s.encoder_dir, size=s.image_size, providers=s.ort_providers)
+    encoder = ImageEncoder.from_settings(s)
     if not (data_dir / STAMP).is_file():
         for split, n in (("train", 60_000), ("test", 10_000)):
             items = fashion_mnist_items(s.fashion_mnist_dir, split)

@@ -336,7 +336,7 @@ class CrashLab:
             raise CrashTrialError(f"only {len(pool)} unlabelled images left to label: upload more")
         batch = [(i, self.truth[i]) for i in self.rng.sample(pool, n)]
         service = SearchService(self.settings, self.storage)
-        status, body = submit_labels(service, None, {"labels": [{"id": i, "label": lab} for i, lab in batch]})
+        status, body = submit_labels(service.live, None, {"labels": [{"id": i, "label": lab} for i, lab in batch]})
         if status != 200 or body["accepted"] != len(batch):
             raise CrashTrialError(f"labels not taken: {status} {body.get('errors')}")
         self.submitted.update(batch)
@@ -516,7 +516,7 @@ class CrashLab:
             "poisoned": self.poison.approximate_count(),
             "lost_labels": len(lost_labels),
             "index_problems": index_problems(self.storage),
-            "index_version": index.manifest["version"],
+            "index_version": index.manifest.version,
             "index_missing": len((set(rows) - deleted) - set(index.ids.tolist())),
             "classifier": classifier,
             "embedded": len(rows),
@@ -527,7 +527,7 @@ class CrashLab:
 def _encoder_version(settings: Settings) -> str:
     from shared.encoder import ImageEncoder
 
-    return ImageEncoder(settings.encoder_dir, size=settings.image_size).version
+    return ImageEncoder.from_settings(settings).version
 
 
 def _classifier_pointer(storage: Storage) -> str | None:

@@ -55,7 +55,7 @@ def _features(enc: ImageEncoder, images: np.ndarray, name: str, batch: int) -> n
         return np.load(path)
     out = []
     for i in tqdm(
-        range(0, len(images), batch), desc=f"features {name} ({enc.manifest.raw['precision']})", unit="batch"
+        range(0, len(images), batch), desc=f"features {name} ({enc.manifest.to_json()['precision']})", unit="batch"
     ):
         out.append(enc.encode(_rgb(images[i : i + batch])).vectors)
     feats = np.concatenate(out)
@@ -93,7 +93,7 @@ def _head64(
         head = ProjectionHead(trained.onnx_path, trained.manifest)
         db, queries = head.apply(train).embedding, head.apply(test).embedding
     acc = knn_accuracy(db, y_train, queries, y_test, power=1.0)
-    t = trained.manifest["train"]
+    t = trained.manifest.train
     print(f"10-NN accuracy head64: {acc:.4f} (trained {t['seconds']} s on {t['device']})")
     return {
         "knn_acc_head64": round(acc, 4),

@@ -194,7 +194,8 @@ def measure(
     built = build_index(vectors, ids, [None] * n, encoder_version="bench", params=replace(build, kind=kind))
     build_s = time.perf_counter() - t0
     m = built.manifest
-    print(f"built {m['factory']} in {build_s:.1f} s; gate: nprobe {built.nprobe}, recall {m['recall']['at_10']}")
+    assert m.recall is not None  # every build runs the recall gate
+    print(f"built {m.factory} in {build_s:.1f} s; gate: nprobe {built.nprobe}, recall {m.recall.at_10}")
     store = WORK / f"{name}-{kind}"
     shutil.rmtree(store, ignore_errors=True)
     version = publish(LocalStorage(store), built)
@@ -232,16 +233,16 @@ def measure(
     row = {
         "collection": name,
         "n": n,
-        "dim": int(m["dim"]),
-        "input_dim": int(m["input_dim"]),
-        "kind": m["kind"],
-        "factory": m["factory"],
-        "nlist": int(m["nlist"]),
+        "dim": m.dim,
+        "input_dim": m.input_dim,
+        "kind": m.kind,
+        "factory": m.factory,
+        "nlist": m.nlist,
         "nprobe": index.nprobe,
         "rerank_shortlist": K * index.rerank if index.rerank else None,
-        "gate_curve": m["recall"]["curve"],
+        "gate_curve": m.recall.curve,
         "recall_at_10": round(recall, 4),
-        "gate_recall_at_10": m["recall"]["at_10"],
+        "gate_recall_at_10": m.recall.at_10,
         "p50_ms": round(p50, 3),
         "p99_ms": round(float(np.percentile(singles, 99)), 3),
         "qps_batch": round(qps, 1),
@@ -249,11 +250,11 @@ def measure(
         "flat_qps_batch": round(flat_qps, 1),
         "speedup_vs_flat": round(flat_p50 / p50, 1),
         "bytes_per_vector": round(index_bytes / n, 1),
-        "memory_bytes_per_vector": m["bytes_per_vector"],
+        "memory_bytes_per_vector": m.bytes_per_vector,
         "rerank_bytes_per_vector": round(rerank_file.stat().st_size / n, 1) if rerank_file.is_file() else None,
         "build_s": round(build_s, 1),
-        "train_s": m["train_seconds"],
-        "gate_s": m["recall"]["seconds"],
+        "train_s": m.train_seconds,
+        "gate_s": m.recall.seconds,
         "load_s": round(warm[1], 3),
         "load_cold_s": round(cold[1], 3),
         "threads": threads,

@@ -8,9 +8,8 @@ the ``pool_factor`` x n most uncertain, clusters them with k-means on their feat
 round-robin across the clusters, most uncertain first in each (Zhdanov 2019, "Diverse mini-batch
 active learning"). An optional class-balance guard caps any one predicted class's share of a batch.
 
-Classifiers for the loop (:func:`make_classifier`): LightGBM (default), logistic regression and
-kNN, all with the scikit-learn API, trained on :class:`FeatureSpace` features (the embeddings power-
-and L2-normalised, then PCA fitted on every image, labelled or not: unlabelled data is there to use).
+The classifiers the loop trains are the product's (:mod:`job.classifier`: LightGBM by default,
+logistic regression, kNN, on :class:`job.classifier.FeatureSpace` features).
 
 Imports numpy and faiss at the top; scikit-learn and LightGBM load inside the functions that use
 them (job side only).
@@ -27,6 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from job.classifier import fit_classifier, full_proba
 from shared.labels import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -227,129 +227,6 @@ def select_batch(
     return diverse_order(
         scores, features, n, pool_factor=pool_factor, seed=seed, groups=groups, max_group_share=class_balance
     )
-
-
-# -- features and classifiers -------------------------------------------------------------------
-
-
-class FeatureSpace:
-    """Embeddings -> classifier features: power normalisation, L2, PCA fitted on all images.
-
-    Args:
-        dim: PCA output dimension (0: no PCA).
-        power: power normalisation exponent (0.5, as the index uses; 1: none).
-        sample: at most this many rows to fit the PCA on.
-    """
-
-    def __init__(self, dim: int = 128, power: float = 0.5, sample: int = 50_000, seed: int = 0):
-        self.dim = dim
-        self.power = power
-        self.sample = sample
-        self.seed = seed
-
-    def _normalise(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if self.power != 1:
-            x = np.sign(x) * np.abs(x) ** self.power
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    def fit(self, x: np.ndarray) -> FeatureSpace:
-        """Fit on (n, d) embeddings; sets ``mean_`` (d,) and ``components_`` (d, dim)."""
-        if x.ndim != 2 or len(x) < 2:
-            raise ValueError(f"need (n >= 2, d) embeddings, got {x.shape}")
-        xn = self._normalise(x)
-        if len(xn) > self.sample:
-            xn = xn[np.random.default_rng(self.seed).choice(len(xn), self.sample, replace=False)]
-        self.mean_ = xn.mean(axis=0)
-        if self.dim and self.dim < x.shape[1]:
-            centred = (xn - self.mean_).astype(np.float64)
-            cov = centred.T @ centred / max(len(centred) - 1, 1)
-            vals, vecs = np.linalg.eigh(cov)
-            self.components_ = vecs[:, np.argsort(-vals)[: min(self.dim, len(xn))]].astype(np.float32)
-        else:
-            self.components_ = np.eye(x.shape[1], dtype=np.float32)
-        return self
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """(n, d) embeddings -> (n, dim) float32 features.
-
-        Raises:
-            RuntimeError: if not fitted. ValueError: on a wrong dimension.
-        """
-        if not hasattr(self, "components_"):
-            raise RuntimeError("FeatureSpace is not fitted")
-        if x.ndim != 2 or x.shape[1] != len(self.mean_):
-            raise ValueError(f"expected (n, {len(self.mean_)}) embeddings, got {x.shape}")
-        return np.ascontiguousarray((self._normalise(x) - self.mean_) @ self.components_, dtype=np.float32)
-
-
-def make_classifier(kind: str = "lightgbm", seed: int = 0, n_labels: int | None = None) -> Any:
-    """A scikit-learn style classifier for the labelling loop.
-
-    LightGBM is set for small label sets: shallow trees (15 leaves), at least 5 images per leaf (2
-    below 200 labels), column and row subsampling, 300 rounds at learning rate 0.08 (150 below 1,000
-    labels). kNN is
-    10 neighbours weighted by distance on the L2-normalised features (cosine order).
-
-    Raises:
-        ValueError: for an unknown kind.
-    """
-    if kind == "lightgbm":
-        import lightgbm as lgb
-
-        small = n_labels is not None and n_labels < 1000
-        tiny = n_labels is not None and n_labels < 200  # a few per class: let leaves be small
-        return lgb.LGBMClassifier(
-            n_estimators=150 if small else 300,
-            learning_rate=0.08,
-            num_leaves=15,
-            min_child_samples=2 if tiny else 5,
-            min_data_in_bin=1 if tiny else 3,
-            colsample_bytree=0.5,
-            subsample=0.8,
-            subsample_freq=1,
-            reg_lambda=1.0,
-            random_state=seed,
-            verbose=-1,
-        )
-    if kind == "logistic":
-        from sklearn.linear_model import LogisticRegression
-
-        return LogisticRegression(C=1.0, max_iter=1000)
-    if kind == "knn":
-        from sklearn.neighbors import KNeighborsClassifier
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import Normalizer
-
-        k = 10 if n_labels is None else max(1, min(10, n_labels))
-        return make_pipeline(Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance"))
-    raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}")
-
-
-def full_proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """``predict_proba`` widened to all ``n_classes`` (a class absent from training gets 0).
-
-    Returns:
-        float64 (n, n_classes).
-    """
-    out = np.zeros((len(x), n_classes))
-    if len(x) == 0:
-        return out
-    out[:, np.asarray(model.classes_, dtype=np.int64)] = model.predict_proba(x)
-    return out
-
-
-def fit_classifier(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
-    """Fit a classifier on features ``x`` (n, d) and integer classes ``y`` (n,).
-
-    Raises:
-        ValueError: fewer than two classes among the labels.
-    """
-    if len(np.unique(y)) < 2:
-        raise ValueError("need labels of at least two classes to train a classifier")
-    model = make_classifier(kind, seed, n_labels=len(y))
-    model.fit(x, y)
-    return model
 
 
 # -- simulation -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ publishes a numbered report in the reports container::
     reports/v000003/mislabels.json    labels their neighbours disagree with, most confident first
     reports/v000003/clusters.json     sizes and the images nearest each centroid
     reports/v000003/*.png             the figures
-    reports/v000003/classify/         the best classifier (ONNX) and its feature space, for /api/classify
+    reports/v000003/classify/         the best classifier in its served form (shared.classifier), for /api/classify
     reports/v000003/manifest.json     written last: the version is complete
     reports/CURRENT.json              the pointer, swapped after the manifest
 
@@ -30,8 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from job.active_learning import FeatureSpace, make_classifier
+from job.classifier import ONNX_KINDS, FeatureSpace, evaluate, export, fit_classifier, full_proba, holdout_split
 from shared.errors import NotReady
+from shared.features import normalize
+from shared.manifests import ClassifierManifest
+from shared.reports import CLASSIFY
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -91,10 +94,6 @@ class Report:
         self.files[name] = json.dumps(value, separators=(",", ":")).encode()
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
-
-
 def load_data(storage: Storage, settings: Settings, encoder_version: str) -> AnalysisData:
     """Every embedded image (deleted ones left out), its current label and its features.
 
@@ -114,7 +113,7 @@ def load_data(storage: Storage, settings: Settings, encoder_version: str) -> Ana
     if settings.classifier_space == "head":
         from shared.head import load_head
 
-        head = load_head(storage, settings.data_dir / "cache", providers=settings.ort_providers)
+        head = load_head(storage, settings)
         vectors, head_version = head.apply(vectors).embedding, head.version
     space = FeatureSpace(dim=settings.classifier_pca_dim if head_version is None else 0).fit(vectors)
     features = space.transform(vectors)
@@ -130,7 +129,7 @@ def load_data(storage: Storage, settings: Settings, encoder_version: str) -> Ana
     labels = np.array([code.get(current.get(i, ""), -1) for i in emb.ids], dtype=np.int64)
 
     knn_space, source = _index_space(storage, settings, encoder_version, emb.ids)
-    unit = _unit(features)
+    unit = normalize(features)
     if knn_space is None:
         knn_space, source = unit, "analysis features (no published index for this encoder)"
     return AnalysisData(
@@ -156,19 +155,17 @@ def _index_space(
     if current_version(storage) is None:
         return None, ""
     index = load_current(storage, settings.data_dir / "cache")
-    if index.manifest.get("encoder_version") != encoder_version:
+    if index.manifest.encoder_version != encoder_version:
         return None, ""
     rows = index.rows_of(ids)
     if (rows < 0).any():
         log.info(
             "index %s lacks %d embedded images: kNN uses analysis features",
-            index.manifest.get("version"),
+            index.manifest.version,
             int((rows < 0).sum()),
         )
         return None, ""
-    return _unit(
-        index.all_vectors()[rows]
-    ), f"index {index.manifest.get('version')} ({index.manifest.get('kind', 'ivf')})"
+    return normalize(index.all_vectors()[rows]), f"index {index.manifest.version} ({index.manifest.kind})"
 
 
 # -- clustering --------------------------------------------------------------------------------
@@ -364,19 +361,6 @@ def knn_neighbours(
     return scores, rows
 
 
-def _split(y: np.ndarray, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """Stratified train / test positions into ``y``, or None when there are too few labels."""
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(y)
-    used = int((counts > 0).sum())
-    n_test = max(int(round(holdout * len(y))), used)
-    if counts[counts > 0].min() < 2 or len(y) - n_test < used:
-        return None
-    tr, te = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y, random_state=seed)
-    return np.sort(tr), np.sort(te)
-
-
 def classifier_step(
     data: AnalysisData, settings: Settings, report: Report, progress: Progress
 ) -> dict[str, Any] | None:
@@ -385,7 +369,7 @@ def classifier_step(
     Returns:
         what the figures need (confusion matrices, classes) or None when skipped.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support
+    from sklearn.metrics import confusion_matrix
 
     lab = data.labelled
     counts = np.bincount(data.labels[lab], minlength=len(data.classes)) if len(lab) else np.zeros(0, np.int64)
@@ -398,9 +382,10 @@ def classifier_step(
     rows = lab[remap[data.labels[lab]] >= 0]
     y = remap[data.labels[rows]]
     classes = [data.classes[c] for c in keep]
-    split = _split(y, settings.classifier_holdout)
+    split = holdout_split(y, settings.classifier_holdout)
     if split is None:
-        report.skip("classifiers", "too few labels to hold 20% out (each class needs one on each side)")
+        share = f"{settings.classifier_holdout:.0%}"
+        report.skip("classifiers", f"too few labels to hold {share} out (each class needs one on each side)")
         return None
     tr, te = split
     c = len(classes)
@@ -413,28 +398,11 @@ def classifier_step(
             _, nn = knn_neighbours(data.knn_space[rows[tr]], data.knn_space[rows[te]], KNN_K)
             proba = knn_vote(np.where(nn >= 0, y[tr][np.maximum(nn, 0)], -1), c)
         else:
-            model = make_classifier("logistic" if name == "logistic" else "lightgbm", seed=0, n_labels=len(tr))
-            model.fit(data.features[rows[tr]], y[tr])
-            proba = np.zeros((len(te), c))
-            proba[:, model.classes_] = model.predict_proba(data.features[rows[te]])
+            model = fit_classifier(name, data.features[rows[tr]], y[tr], seed=0)
+            proba = full_proba(model, data.features[rows[te]], c)
         seconds = time.perf_counter() - t0
+        results[name] = {**evaluate(proba, y[te], classes), "seconds": round(seconds, 3)}
         pred = proba.argmax(axis=1)
-        p, r, f1, support = precision_recall_fscore_support(y[te], pred, labels=range(c), zero_division=0)
-        results[name] = {
-            "accuracy": round(float(accuracy_score(y[te], pred)), 4),
-            "macro_f1": round(float(f1_score(y[te], pred, labels=range(c), average="macro", zero_division=0)), 4),
-            "log_loss": round(float(log_loss(y[te], _clip(proba), labels=range(c))), 4),
-            "seconds": round(seconds, 3),
-            "per_class": {
-                classes[j]: {
-                    "precision": round(float(p[j]), 4),
-                    "recall": round(float(r[j]), 4),
-                    "f1": round(float(f1[j]), 4),
-                    "support": int(support[j]),
-                }
-                for j in range(c)
-            },
-        }
         figures["confusion"][name] = confusion_matrix(y[te], pred, labels=range(c))
     best = max(MODELS, key=lambda m: (results[m]["accuracy"], results[m]["macro_f1"]))
     report.metrics["classifiers"] = {
@@ -453,58 +421,29 @@ def classifier_step(
     return figures
 
 
-def _clip(proba: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    clipped = np.clip(proba, eps, 1)
-    return np.asarray(clipped / clipped.sum(axis=1, keepdims=True))
-
-
-def publish_classifier(data: AnalysisData, fitted: dict[str, Any], report: Report) -> dict[str, Any]:
-    """Refit the best model on every label and add it to the report for ``POST /api/classify``:
-    ONNX for logistic regression and LightGBM (onnxruntime runs it, no scikit-learn in the API),
-    nothing for 10-NN (the API votes over the live index's labelled images)."""
+def publish_classifier(data: AnalysisData, fitted: dict[str, Any], report: Report) -> ClassifierManifest:
+    """Refit the best model on every label and add it to the report for ``POST /api/classify`` in the
+    classifier's served form (:func:`job.classifier.export` under ``classify/``): ONNX for logistic
+    regression and LightGBM (onnxruntime runs it, no scikit-learn in the API), no model for 10-NN
+    (the API votes over the live index's labelled images)."""
     best, rows, y, classes = fitted["best"], fitted["rows"], fitted["y"], fitted["classes"]
-    entry: dict[str, Any] = {
-        "kind": best,
-        "classes": classes,
-        "encoder_version": data.encoder_version,
-        "head_version": data.head_version,
-        "feature_dim": int(data.features.shape[1]),
-        "power": data.space.power,
-        "accuracy": report.metrics["classifiers"]["models"][best]["accuracy"],
-        "labelled": int(len(rows)),
-        "knn_k": KNN_K,
-        "knn_alpha": KNN_ALPHA,
-    }
-    buf = io.BytesIO()
-    np.savez(buf, mean=data.space.mean_, components=data.space.components_)
-    report.files["classify/features.npz"] = buf.getvalue()
-    if best != "knn10":
-        model = make_classifier("logistic" if best == "logistic" else "lightgbm", seed=0, n_labels=len(y))
-        model.fit(data.features[rows], y)
-        report.files["classify/model.onnx"] = to_onnx(best, model, data.features.shape[1])
-        entry["model_file"] = "classify/model.onnx"
-    report.metrics["classify"] = entry
-    return entry
-
-
-def to_onnx(kind: str, model: Any, dim: int) -> bytes:
-    """A fitted logistic regression or LightGBM classifier as ONNX: input ``x`` float (n, dim),
-    outputs ``label`` (n,) and ``probabilities`` (n, classes)."""
-    if kind == "lightgbm":
-        from onnxmltools import convert_lightgbm
-        from onnxmltools.convert.common.data_types import FloatTensorType
-
-        onx = convert_lightgbm(
-            model, initial_types=[("x", FloatTensorType([None, dim]))], zipmap=False, target_opset=15
-        )
-    else:
-        from skl2onnx import convert_sklearn
-        from skl2onnx.common.data_types import FloatTensorType as SklFloat
-
-        onx = convert_sklearn(
-            model, initial_types=[("x", SklFloat([None, dim]))], options={id(model): {"zipmap": False}}, target_opset=15
-        )
-    return bytes(onx.SerializeToString())
+    model = fit_classifier(best, data.features[rows], y, seed=0) if best in ONNX_KINDS else None
+    exported = export(
+        best,
+        model,
+        data.space,
+        classes,
+        encoder_version=data.encoder_version,
+        head_version=data.head_version,
+        labelled=int(len(rows)),
+        metrics=report.metrics["classifiers"]["models"][best],
+        knn_k=KNN_K,
+        knn_alpha=KNN_ALPHA,
+    )
+    for name, blob in exported.files.items():
+        report.files[CLASSIFY + name] = blob
+    report.metrics["classify"] = exported.manifest.to_json()
+    return exported.manifest
 
 
 # -- anomalies and mislabels ---------------------------------------------------------------------

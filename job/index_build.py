@@ -25,6 +25,7 @@ import numpy as np
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
 from shared.index import FILES, Captions, ClusterIndex, SearchHits, pretransform
+from shared.manifests import IndexManifest, RecallReport
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
 from shared.versions import claim_next, prune, swap_pointer
@@ -287,40 +288,40 @@ def build_index(
     code = {name: i for i, name in enumerate(names)}
     label_codes = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
     sizes = np.bincount(clusters, minlength=nlist)
-    manifest = {
-        "encoder_version": encoder_version,
-        "space": "head" if head is not None else "backbone",
-        "head": _head_summary(head),
-        "factory": desc,
-        "kind": plan.kind,
-        "plan": plan.to_json(),
-        "rerank": plan.rerank,
-        "bytes_per_vector": plan.bytes_per_vector,
-        "count": n,
-        "input_dim": d,
-        "dim": int(ivf.d),
-        "pca_dim": plan.pca_dim,
-        "nlist": nlist,
-        "metric": "cosine",
-        "power": power,
-        "label_names": names,
-        "captions": len(captions.rows) if captions else 0,
-        "cluster_sizes": _sizes(sizes),
-        "trained_count": n,
-        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "train_seconds": round(t_train, 3),
-        "train": {
+    manifest = IndexManifest(
+        format=FORMAT,
+        encoder_version=encoder_version,
+        space="head" if head is not None else "backbone",
+        head=_head_summary(head),
+        factory=desc,
+        kind=plan.kind,
+        plan=plan.to_json(),
+        rerank=plan.rerank,
+        bytes_per_vector=plan.bytes_per_vector,
+        count=n,
+        input_dim=d,
+        dim=int(ivf.d),
+        pca_dim=plan.pca_dim,
+        nlist=nlist,
+        metric="cosine",
+        power=power,
+        label_names=names,
+        captions=len(captions.rows) if captions else 0,
+        cluster_sizes=_sizes(sizes),
+        trained_count=n,
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        train_seconds=round(t_train, 3),
+        train={
             "points": min(n, int(ivf.cp.max_points_per_centroid) * nlist),
             "iterations": int(ivf.cp.niter),
         },
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "source": source or {},
-    }
+        build_seconds=round(time.perf_counter() - t0, 3),
+        source=source or {},
+    )
     if class_top is None or class_prob is None:
         class_top, class_prob = np.zeros((n, 0), np.int16), np.zeros((n, 0), np.float32)
     if class_top.shape != class_prob.shape or len(class_top) != n:
         raise ValueError("class_top and class_prob must be (n, t) arrays of the same shape")
-    manifest["format"] = FORMAT
     built = ClusterIndex(
         index,
         np.array(ids),
@@ -337,9 +338,9 @@ def build_index(
     t1 = time.perf_counter()
     nprobe = nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
     recall = tune_nprobe(built, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=seed)
-    manifest.update(nprobe=built.nprobe, rerank=built.rerank, recall=recall)
-    manifest["recall"]["seconds"] = round(time.perf_counter() - t1, 3)
-    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    recall.seconds = round(time.perf_counter() - t1, 3)
+    manifest.nprobe, manifest.rerank, manifest.recall = built.nprobe, built.rerank, recall
+    manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return built
 
 
@@ -372,14 +373,14 @@ def extend_index(
         ValueError: on mismatched lengths, an id already indexed, or a different dimension.
     """
     m = len(ids)
-    if vectors.ndim != 2 or len(vectors) != m or len(labels) != m or vectors.shape[1] != base.manifest["input_dim"]:
+    if vectors.ndim != 2 or len(vectors) != m or len(labels) != m or vectors.shape[1] != base.manifest.input_dim:
         raise ValueError(f"vectors {vectors.shape}, {m} ids and {len(labels)} labels do not fit this index")
     if any(base.row_of(i) is not None for i in ids):
         raise ValueError("some ids are already in the index")
     p = params or IndexParams()
     t0 = time.perf_counter()
     n = base.count
-    x = base.head.apply(vectors).embedding if base.head else power_normalize(vectors, base.manifest["power"])
+    x = base.head.apply(vectors).embedding if base.head else power_normalize(vectors, base.manifest.power)
     if base.mapped is not None:  # a mapped copy would write back into the published file: read it whole
         index = faiss.read_index(str(base.mapped))
     else:
@@ -409,16 +410,22 @@ def extend_index(
     times = None
     if base.ingested is not None and ingested is not None:
         times = np.concatenate([base.ingested, np.asarray(ingested, dtype=np.int64)])
-    manifest = {k: v for k, v in base.manifest.items() if k not in ("version", "recall", "nprobe", "incremental")}
-    manifest.update(
-        count=n + m,
-        label_names=names,
-        captions=len(captions.rows),
-        cluster_sizes=_sizes(np.bincount(clusters, minlength=int(ivf.nlist))),
-        trained_count=int(base.manifest.get("trained_count", n)),
-        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        source=source or {},
-        incremental={"from": base.manifest.get("version"), "added": m},
+    manifest = base.manifest.model_copy(
+        deep=True,
+        update=dict(
+            version=None,
+            recall=None,
+            nprobe=0,
+            published=None,
+            count=n + m,
+            label_names=names,
+            captions=len(captions.rows),
+            cluster_sizes=_sizes(np.bincount(clusters, minlength=int(ivf.nlist))),
+            trained_count=base.manifest.trained_count or n,
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=source or {},
+            incremental={"from": base.manifest.version, "added": m},
+        ),
     )
     grown = ClusterIndex(
         index,
@@ -434,17 +441,16 @@ def extend_index(
         None if base.vectors is None else np.concatenate([base.vectors, xt_new]),
     )
     xt = grown.all_vectors()
-    nprobe = int(ivf.nlist) if base.manifest.get("kind") == "flat" else p.nprobe
+    nprobe = int(ivf.nlist) if base.manifest.kind == "flat" else p.nprobe
     recall = tune_nprobe(grown, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=p.seed)
-    manifest.update(
-        nprobe=grown.nprobe, rerank=grown.rerank, recall=recall, build_seconds=round(time.perf_counter() - t0, 3)
-    )
+    manifest.nprobe, manifest.rerank, manifest.recall = grown.nprobe, grown.rerank, recall
+    manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return grown
 
 
 def tune_nprobe(
     index: ClusterIndex, xt: np.ndarray, *, target: float = 0.95, sample: int = 1000, nprobe: int = 0, seed: int = 1234
-) -> dict[str, Any]:
+) -> RecallReport:
     """Measure recall@10 against exact search and set the smallest ``nprobe`` that reaches ``target``.
 
     Leave-one-out on ``sample`` stored vectors: each is a query against all the others, and its
@@ -462,15 +468,15 @@ def tune_nprobe(
         xt: float32 (n, dim) every indexed vector, already transformed (row i is row i of the index).
 
     Returns:
-        ``{"target", "at_10", "sample", "curve": [{"nprobe", "recall_at_10", "ms_per_query"}]}``
-        (IVF-PQ entries also carry ``rerank``); ``at_10`` is the recall at the chosen setting,
-        below ``target`` only when nothing tried reaches it.
+        the target, ``at_10``, the sample size and the curve (``{"nprobe", "recall_at_10",
+        "ms_per_query"}`` per setting tried; IVF-PQ entries also carry ``rerank``); ``at_10`` is the
+        recall at the chosen setting, below ``target`` only when nothing tried reaches it.
     """
     n, nlist = len(xt), int(index.ivf.nlist)
     k = min(10, n - 1)
     if k < 1:
         index.ivf.nprobe = 1
-        return {"target": target, "at_10": 1.0, "meets_target": True, "sample": 0, "curve": []}
+        return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     queries = np.ascontiguousarray(xt[rows])
     _, exact = faiss.knn(queries, xt, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
@@ -479,7 +485,7 @@ def tune_nprobe(
         candidates = [min(nprobe, nlist)]
     else:
         candidates = sorted({min(2**i, nlist) for i in range(int(np.ceil(np.log2(max(nlist, 1)))) + 1)})
-    base = int(index.manifest.get("plan", {}).get("rerank", index.rerank)) if index.vectors is not None else 0
+    base = int(index.manifest.plan.get("rerank", index.rerank)) if index.vectors is not None else 0
     factors = [base, 2 * base, 4 * base] if base else [0]
 
     def recall_of(got: np.ndarray) -> float:
@@ -516,16 +522,9 @@ def tune_nprobe(
     index.ivf.nprobe = int(curve[-1]["nprobe"])
     if base:
         index.rerank = int(curve[-1]["rerank"])
-    return {
-        "target": target,
-        "at_10": curve[-1]["recall_at_10"],
-        "meets_target": recall >= target,
-        "sample": len(rows),
-        "curve": curve,
-    }
-
-
-# -- queries ------------------------------------------------------------------------------
+    return RecallReport(
+        target=target, at_10=curve[-1]["recall_at_10"], meets_target=recall >= target, sample=len(rows), curve=curve
+    )
 
 
 def _sizes(sizes: np.ndarray) -> dict[str, int]:
@@ -540,9 +539,9 @@ def _head_summary(head: ProjectionHead | None) -> dict[str, Any] | None:
         "version": head.version,
         "dim": head.dim,
         "classes": head.classes,
-        "sha256": m["sha256"],
-        "val_accuracy": m.get("train", {}).get("val_accuracy"),
-        "val_knn10_accuracy": m.get("train", {}).get("val_knn10_accuracy"),
+        "sha256": m.sha256,
+        "val_accuracy": m.train.get("val_accuracy"),
+        "val_knn10_accuracy": m.train.get("val_knn10_accuracy"),
     }
 
 
@@ -578,7 +577,7 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         the new version name.
     """
     version = claim_next(storage, INDEX)
-    manifest = dict(built.manifest, version=version)
+    manifest = built.manifest.model_copy(update={"version": version})
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
         np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
@@ -599,14 +598,14 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
                 storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
     if built.head is not None:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
-        storage.put_json(INDEX, f"{version}/head.json", built.head.manifest)
-    storage.put_json(INDEX, f"{version}/manifest.json", manifest)  # marks the version complete
+        storage.put_json(INDEX, f"{version}/head.json", built.head.manifest.to_json())
+    storage.put_json(INDEX, f"{version}/manifest.json", manifest.to_json())  # marks the version complete
     built.manifest = manifest
     if swap_if is not None and not swap_if():
-        built.manifest = dict(manifest, published=False)
+        built.manifest = manifest.model_copy(update={"published": False})
         log.warning("index %s written but not published: a newer build is current", version)
         return version
     swap_pointer(storage, INDEX, version)
     prune(storage, INDEX, keep, current=version)
-    log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest["nlist"])
+    log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest.nlist)
     return version

@@ -14,9 +14,10 @@ from job.index_build import IndexParams, build_index, extend_index, fingerprint,
 from shared.catalog import Catalog
 from shared.errors import NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import Captions, ClusterIndex, current_version, load_version
+from shared.index import Captions, ClusterIndex, current_version, load_version, read_manifest
+from shared.manifests import IndexManifest
 from shared.settings import Settings
-from shared.storage import INDEX, Storage
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def embed_captions(settings: Settings, captions: list[str | None]) -> Captions |
     from shared.text_encoder import TextEncoder
 
     try:
-        encoder = TextEncoder(
-            settings.text_encoder_dir, providers=settings.ort_providers, intra_op_threads=settings.ort_intra_op_threads
-        )
+        encoder = TextEncoder.from_settings(settings)
     except NotReady as exc:
         log.warning("captions left out of the index: %s", exc.message)
         return None
@@ -80,12 +79,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
     store = EmbeddingStore(storage, encoder_version)
     head: ProjectionHead | None = None
     if settings.index_space == "head":
-        head = load_head(
-            storage,
-            settings.data_dir / "cache",
-            providers=settings.ort_providers,
-            intra_op_threads=settings.ort_intra_op_threads,
-        )
+        head = load_head(storage, settings)
         if head.encoder_version != encoder_version:
             raise VersionMismatch(
                 f"the projection head was trained on {head.encoder_version} embeddings, not {encoder_version}: "
@@ -115,8 +109,8 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
     }
     current = current_version(storage)
     if current and not force:
-        manifest = storage.get_json(INDEX, f"{current}/manifest.json")
-        if manifest.get("source", {}).get("fingerprint") == fp:
+        manifest = read_manifest(storage, current)
+        if manifest.fingerprint == fp:
             log.info("index %s is up to date", current)
             return _result(current, False, manifest, mode="unchanged")
         grown = _try_incremental(
@@ -150,7 +144,7 @@ def _try_incremental(
     index_params: IndexParams,
     store: EmbeddingStore,
     catalog: Catalog,
-    manifest: dict[str, Any],
+    manifest: IndexManifest,
     current: str,
     shards: list[str],
     params: dict[str, Any],
@@ -164,25 +158,25 @@ def _try_incremental(
     ``settings.index_retrain_fraction`` since its clusters were trained, with no image deleted or
     added back since.
     """
-    src = manifest.get("source", {})
-    old_shards = set(src.get("shard_names", []))
+    src = manifest.source
+    old_shards = manifest.shard_names
     if (
         src.get("deleted") != source["deleted"]  # deletes (or re-adds) since: rows change, build again
         or settings.index_retrain_fraction <= 0
         or src.get("params") != params
-        or manifest.get("encoder_version") != store.encoder_version
+        or manifest.encoder_version != store.encoder_version
         or not old_shards
         or not old_shards <= set(shards)
     ):
         return None
     cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
     new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()) | deleted)
-    trained = int(manifest.get("trained_count", manifest["count"]))
+    trained = manifest.trained_count or manifest.count
     if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
         return None
     if not new.ids:  # new shards held only images already indexed (a retried embed)
-        empty = np.zeros((0, cur.manifest["input_dim"]), np.float32)
+        empty = np.zeros((0, cur.manifest.input_dim), np.float32)
         return extend_index(cur, empty, [], [], params=index_params, source=source)
     records = [catalog.get(image_id) for image_id in new.ids]
     return extend_index(
@@ -200,18 +194,18 @@ def _try_incremental(
 
 
 def _publish(storage: Storage, settings: Settings, built: ClusterIndex, force: bool, mode: str) -> ReindexResult:
-    recall = built.manifest["recall"]
-    if not recall["meets_target"]:
+    recall = built.manifest.recall
+    if recall is not None and not recall.meets_target:
         if not force:
             raise QualityGate(
-                f"recall@10 is {recall['at_10']} at nprobe {built.nprobe}, below the target "
-                f"{recall['target']}: not published (raise CLUSTERLENS_INDEX_NPROBE, set it to 0 to tune, "
+                f"recall@10 is {recall.at_10} at nprobe {built.nprobe}, below the target "
+                f"{recall.target}: not published (raise CLUSTERLENS_INDEX_NPROBE, set it to 0 to tune, "
                 "or reindex --force to publish anyway)",
                 code="recall_below_target",
             )
-        log.warning("publishing an index below its recall target (forced): %s", recall["at_10"])
+        log.warning("publishing an index below its recall target (forced): %s", recall.at_10)
     version = publish(storage, built, keep=settings.index_keep_versions, swap_if=lambda: _still_newest(storage, built))
-    if built.manifest.get("published") is False:
+    if built.manifest.published is False:
         return _result(version, True, built.manifest, mode="superseded")
     return _result(version, True, built.manifest, mode=mode)
 
@@ -226,12 +220,10 @@ def _still_newest(storage: Storage, built: ClusterIndex) -> bool:
     current = current_version(storage)
     if current is None:
         return True
-    manifest = storage.get_json(INDEX, f"{current}/manifest.json")
-    if manifest.get("encoder_version") != built.manifest.get("encoder_version"):
+    manifest = read_manifest(storage, current)
+    if manifest.encoder_version != built.manifest.encoder_version:
         return True
-    theirs = set(manifest.get("source", {}).get("shard_names", []))
-    ours = set(built.manifest.get("source", {}).get("shard_names", []))
-    return theirs <= ours
+    return manifest.shard_names <= built.manifest.shard_names
 
 
 def _epoch(iso: str) -> int:
@@ -239,16 +231,16 @@ def _epoch(iso: str) -> int:
     return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
-def _result(version: str, built: bool, manifest: dict[str, Any], mode: str) -> ReindexResult:
+def _result(version: str, built: bool, manifest: IndexManifest, mode: str) -> ReindexResult:
     return ReindexResult(
         version,
         built,
-        int(manifest["count"]),
-        int(manifest["nlist"]),
-        float(manifest["build_seconds"]),
-        int(manifest.get("nprobe", 0)),
-        manifest.get("recall", {}).get("at_10"),
+        manifest.count,
+        manifest.nlist,
+        manifest.build_seconds,
+        manifest.nprobe,
+        manifest.recall.at_10 if manifest.recall else None,
         mode,
-        int(manifest.get("incremental", {}).get("added", 0)) if mode == "incremental" else 0,
-        str(manifest.get("kind", "ivf_flat")),
+        int((manifest.incremental or {}).get("added", 0)) if mode == "incremental" else 0,
+        manifest.kind,
     )

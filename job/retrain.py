@@ -9,20 +9,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from job.active_learning import FeatureSpace, diverse_order, fit_classifier, full_proba, uncertainty
+from job.active_learning import diverse_order, uncertainty
+from job.classifier import FeatureSpace, evaluate, export, fit_classifier, full_proba, holdout_split
 from shared.classifier import CLASSIFIERS, HISTORY
 from shared.errors import NotReady
 from shared.labels import STRATEGIES, LabelLog, ingest_labels
+from shared.manifests import RetrainManifest
 from shared.settings import Settings
 from shared.storage import MODELS, Storage
 from shared.versions import claim_next, prune, swap_pointer
@@ -63,52 +63,15 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 
 def _evaluate(kind: str, x: np.ndarray, y: np.ndarray, classes: list[str], holdout: float, seed: int) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class scores on a stratified held-out share of the labels."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(y, minlength=len(classes))
-    used = counts[counts > 0]
-    n_test = max(int(round(holdout * len(y))), len(used))  # stratified: at least one per class
-    if holdout <= 0 or used.min() < 2 or n_test < len(used) or len(y) - n_test < len(used):
+    """The metrics block (:func:`job.classifier.evaluate`) on a stratified held-out share of the labels."""
+    split = holdout_split(y, holdout, seed)
+    if split is None:
         why = "too few labels to hold some out (two per class, one per class on each side)"
         return {"evaluated": False, "reason": why}
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=n_test, stratify=y, random_state=seed)
-    model = fit_classifier(kind, x_tr, y_tr, seed)
-    pred = full_proba(model, x_te, len(classes)).argmax(axis=1)
-    labels = list(range(len(classes)))
-    p, r, f1, support = precision_recall_fscore_support(y_te, pred, labels=labels, zero_division=0)
-    return {
-        "evaluated": True,
-        "holdout": int(len(y_te)),
-        "train": int(len(y_tr)),
-        "accuracy": round(float(accuracy_score(y_te, pred)), 4),
-        "macro_f1": round(float(f1_score(y_te, pred, labels=np.unique(y), average="macro", zero_division=0)), 4),
-        "per_class": {
-            classes[c]: {
-                "precision": round(float(p[c]), 4),
-                "recall": round(float(r[c]), 4),
-                "f1": round(float(f1[c]), 4),
-                "support": int(support[c]),
-            }
-            for c in labels
-            if counts[c]
-        },
-    }
-
-
-def _save_model(kind: str, model: Any, folder: Path, x: np.ndarray, y: np.ndarray) -> str:
-    """Write the fitted model without pickle; returns the file name."""
-    if kind == "lightgbm":
-        model.booster_.save_model(str(folder / "model.txt"))
-        return "model.txt"
-    if kind == "logistic":
-        (folder / "model.npz").write_bytes(
-            _npz(coef=model.coef_, intercept=model.intercept_, classes=np.asarray(model.classes_))
-        )
-        return "model.npz"
-    (folder / "model.npz").write_bytes(_npz(features=x.astype(np.float32), classes=y))  # kNN: its training set
-    return "model.npz"
+    tr, te = split
+    model = fit_classifier(kind, x[tr], y[tr], seed)
+    metrics = evaluate(full_proba(model, x[te], len(classes)), y[te], classes)
+    return {"evaluated": True, "holdout": int(len(te)), "train": int(len(tr)), **metrics}
 
 
 def train_and_publish(
@@ -144,7 +107,7 @@ def train_and_publish(
     if settings.classifier_space == "head":
         from shared.head import load_head
 
-        head = load_head(storage, settings.data_dir / "cache", providers=settings.ort_providers)
+        head = load_head(storage, settings)
         vectors, head_version = head.apply(vectors).embedding, head.version
     timings["read"] = time.perf_counter() - t0
 
@@ -172,8 +135,8 @@ def train_and_publish(
 
     step("features")
     t1 = time.perf_counter()
-    space = FeatureSpace(dim=settings.classifier_pca_dim if settings.classifier_space == "backbone" else 0)
-    feats = space.fit(vectors).transform(vectors)
+    feature_space = FeatureSpace(dim=settings.classifier_pca_dim if settings.classifier_space == "backbone" else 0)
+    feats = feature_space.fit(vectors).transform(vectors)
     timings["features"] = time.perf_counter() - t1
 
     step("evaluate")
@@ -204,10 +167,6 @@ def train_and_publish(
     t1 = time.perf_counter()
     version = claim_next(storage, MODELS, CLASSIFIERS)
     prefix = f"{CLASSIFIERS}{version}/"
-    with tempfile.TemporaryDirectory() as tmp:
-        model_file = _save_model(settings.classifier_kind, model, Path(tmp), feats[lab_rows], y)
-        storage.upload_file(MODELS, prefix + model_file, Path(tmp) / model_file)
-    storage.put(MODELS, prefix + "features.npz", _npz(mean=space.mean_, components=space.components_))
     storage.put(
         MODELS,
         prefix + "predictions.npz",
@@ -221,26 +180,30 @@ def train_and_publish(
     )
     storage.put(MODELS, prefix + "queue.json", json.dumps(queue).encode())
     trained_at = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest = {
-        "version": version,
-        "kind": settings.classifier_kind,
-        "space": settings.classifier_space,
-        "head": head_version,
-        "encoder_version": encoder_version,
-        "feature_dim": int(feats.shape[1]),
-        "classes": classes,
-        "label_set": label_set.version,
-        "labels_used": len(y),
-        "label_counts": {classes[c]: int(n) for c, n in enumerate(np.bincount(y, minlength=len(classes)))},
-        "log_entries": len(labels.entries()),
-        "left_out": left_out,
-        "metrics": metrics,
-        "model_file": model_file,
-        "images": len(emb.ids),
-        "trained_at": trained_at,
-        "default_strategy": settings.al_strategy,
-    }
-    storage.put_json(MODELS, prefix + "manifest.json", manifest)
+    exported = export(
+        settings.classifier_kind,
+        model,
+        feature_space,
+        classes,
+        encoder_version=encoder_version,
+        head_version=head_version,
+        labelled=len(y),
+        metrics=metrics,
+        manifest_type=RetrainManifest,
+        version=version,
+        space=settings.classifier_space,
+        label_set=label_set.version,
+        labels_used=len(y),
+        label_counts={classes[c]: int(n) for c, n in enumerate(np.bincount(y, minlength=len(classes)))},
+        log_entries=len(labels.entries()),
+        left_out=left_out,
+        images=len(emb.ids),
+        trained_at=trained_at,
+        default_strategy=settings.al_strategy,
+    )
+    for name, data in exported.files.items():
+        storage.put(MODELS, prefix + name, data)
+    storage.put_json(MODELS, prefix + "manifest.json", exported.manifest.to_json())  # marks it complete
     swap_pointer(storage, MODELS, version, CLASSIFIERS)
     prune(storage, MODELS, settings.classifier_keep_versions, version, CLASSIFIERS)
     history = {

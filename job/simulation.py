@@ -29,12 +29,10 @@ from PIL import Image
 from job.active_learning import (
     STRATEGIES,
     UNCERTAINTY_STRATEGIES,
-    FeatureSpace,
-    fit_classifier,
-    full_proba,
     labels_to_reach,
     simulate,
 )
+from job.classifier import FeatureSpace, fit_classifier, full_proba
 from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from shared.encoder import ImageEncoder
 from shared.settings import Settings

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.encoder import file_sha256
 from shared.errors import BadRequest, NotReady
 from shared.head import HEAD_FILE, HEADS
+from shared.manifests import HeadManifest
+from shared.sessions import file_sha256
 from shared.settings import Settings
 from shared.storage import MODELS, Storage
 from shared.versions import claim_next, prune, swap_pointer
@@ -88,7 +89,7 @@ class TrainedHead:
     """A trained and exported head: ``onnx_path`` and the ``manifest`` to publish with it."""
 
     onnx_path: Path
-    manifest: dict[str, Any]
+    manifest: HeadManifest
     net: HeadNet
 
 
@@ -226,7 +227,7 @@ def train_head(
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("trained head in %.1f s: %s", seconds, metrics)
-    return TrainedHead(onnx_path, manifest, net)
+    return TrainedHead(onnx_path, HeadManifest.parse(manifest, str(out_dir)), net)
 
 
 @torch.no_grad()
@@ -310,11 +311,11 @@ def train_on_collection(
             **options,
         )
         version = publish_head(storage, trained.onnx_path, trained.manifest)
-    trained.manifest["version"] = version
+    trained.manifest = trained.manifest.model_copy(update={"version": version})
     return trained, version
 
 
-def publish_head(storage: Storage, onnx_path: Path, manifest: dict[str, Any], keep: int = 5) -> str:
+def publish_head(storage: Storage, onnx_path: Path, manifest: HeadManifest, keep: int = 5) -> str:
     """Store a trained head as a new version and point ``CURRENT`` at it.
 
     Returns:
@@ -322,7 +323,9 @@ def publish_head(storage: Storage, onnx_path: Path, manifest: dict[str, Any], ke
     """
     version = claim_next(storage, MODELS, HEADS)
     storage.upload_file(MODELS, f"{HEADS}{version}/{HEAD_FILE}", Path(onnx_path))
-    storage.put_json(MODELS, f"{HEADS}{version}/manifest.json", dict(manifest, version=version))
+    storage.put_json(
+        MODELS, f"{HEADS}{version}/manifest.json", manifest.model_copy(update={"version": version}).to_json()
+    )
     swap_pointer(storage, MODELS, version, HEADS)
     prune(storage, MODELS, keep, version, HEADS)
     log.info("published projection head %s", version)

@@ -180,7 +180,7 @@ def run_train_head(ctx: JobContext) -> dict[str, Any]:
     options = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed") if k in params}
     ctx.progress(0, None, "train")
     trained, version = train_on_collection(ctx.storage, ctx.settings, ctx.encoder_factory().version, **options)
-    return {"head_version": version, "train": trained.manifest["train"]}
+    return {"head_version": version, "train": trained.manifest.train}
 
 
 def run_retrain(ctx: JobContext) -> dict[str, Any]:
@@ -306,10 +306,7 @@ class Worker:
         if self._encoder is None:
             from shared.encoder import ImageEncoder
 
-            s = self.settings
-            self._encoder = ImageEncoder(
-                s.encoder_dir, size=s.image_size, providers=s.ort_providers, intra_op_threads=s.ort_intra_op_threads
-            )
+            self._encoder = ImageEncoder.from_settings(self.settings)
             log.info("image encoder %s on %s", self._encoder.version, self._encoder.providers[0])
         return self._encoder
 

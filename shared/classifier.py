@@ -1,12 +1,18 @@
-"""The label classifier's published versions, read with numpy only (the query side).
+"""Trained label classifiers, read with numpy and onnxruntime only (the query side).
 
-The retrain job (:mod:`job.retrain`) trains on every current label and publishes a version with the
-model, its metrics on a held-out labelled split, a prediction for every image, and the labelling
+A classifier is published in one served form (:func:`job.classifier.export`) wherever it lives:
+``features.npz`` (the feature transform), ``model.onnx`` (logistic regression or LightGBM; none for
+kNN, which votes over the live index's labelled images) and a :class:`ClassifierManifest`.
+:class:`ClassifierModel` reads that form, for the analysis report's best model (``POST
+/api/classify``) and for the retrain job's versions.
+
+The retrain job (:mod:`job.retrain`) trains on every current label and publishes a version with
+the model, its metrics on a held-out labelled split, a prediction for every image and the labelling
 queue for each strategy, so the API only reads::
 
     models/classifiers/v000004/manifest.json     kind, classes, metrics, label and encoder versions
-    models/classifiers/v000004/features.npz      the feature space (mean, PCA components)
-    models/classifiers/v000004/model.txt|.npz    LightGBM text model, or logistic / kNN arrays
+    models/classifiers/v000004/features.npz      the feature transform (mean, PCA components, power)
+    models/classifiers/v000004/model.onnx        the model (absent for kNN)
     models/classifiers/v000004/predictions.npz   ids, predicted class, its probability, runner-up
     models/classifiers/v000004/queue.json        strategy -> unlabelled ids to ask about, in order
     models/classifiers/CURRENT.json              the pointer, swapped last
@@ -19,13 +25,19 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.errors import NotReady
+from shared.features import FeatureTransform
+from shared.manifests import ClassifierManifest, RetrainManifest
+from shared.sessions import open_session
 from shared.storage import MODELS, Storage
 from shared.versions import read_pointer
+
+if TYPE_CHECKING:
+    from shared.head import ProjectionHead
 
 CLASSIFIERS = "classifiers/"
 HISTORY = CLASSIFIERS + "history/"
@@ -34,6 +46,68 @@ HISTORY = CLASSIFIERS + "history/"
 def _load_npz(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+class ClassifierModel:
+    """A published classifier: its feature transform (after the projection head, if it was trained in
+    the head's space) and its ONNX model (None for kNN kinds).
+
+    Args:
+        manifest: what it is (kind, classes, spaces, dims, metrics).
+        transform: embeddings -> the features the model was trained on.
+        model: the ONNX model's bytes, or None.
+        head: the projection head the features were made in, if any.
+    """
+
+    def __init__(
+        self,
+        manifest: ClassifierManifest,
+        transform: FeatureTransform,
+        model: bytes | None = None,
+        head: ProjectionHead | None = None,
+    ):
+        self.manifest = manifest
+        self.transform = transform
+        self.head = head
+        self.session = open_session(model) if model is not None else None
+
+    @classmethod
+    def load(
+        cls,
+        storage: Storage,
+        container: str,
+        prefix: str,
+        manifest: ClassifierManifest,
+        head: ProjectionHead | None = None,
+    ) -> ClassifierModel:
+        """Read the served form stored under ``prefix`` (``<prefix>features.npz``, ``<prefix>model.onnx``)."""
+        transform = FeatureTransform.from_bytes(storage.get(container, prefix + manifest.features_file), manifest.power)
+        model = storage.get(container, prefix + manifest.model_file) if manifest.model_file else None
+        return cls(manifest, transform, model, head)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.classes)
+
+    def features(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw embeddings (n, d) -> the model's input features, float32 (n, feature_dim)."""
+        x = self.head.apply(vectors).embedding if self.head is not None else np.asarray(vectors, np.float32)
+        return self.transform.apply(x)
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, classes) of raw embeddings.
+
+        Raises:
+            RuntimeError: for a kNN model (it votes over the index; it has no ONNX model).
+        """
+        if self.session is None:
+            raise RuntimeError(f"a {self.kind} model votes over the index; it has no ONNX model")
+        out = self.session.run(["probabilities"], {"x": self.features(vectors)})[0]
+        return np.asarray(out, dtype=np.float64)
 
 
 def current_classifier_version(storage: Storage) -> str | None:
@@ -47,7 +121,7 @@ def history(storage: Storage) -> list[dict[str, Any]]:
 
 
 class ClassifierView:
-    """A published classifier's manifest, predictions and queues, read with numpy only.
+    """A published retrain version's manifest, predictions and queues.
 
     Attributes:
         manifest: the version's manifest.
@@ -56,26 +130,31 @@ class ClassifierView:
     """
 
     def __init__(self, storage: Storage, version: str):
-        prefix = f"{CLASSIFIERS}{version}/"
-        if not storage.exists(MODELS, prefix + "manifest.json"):
+        self.storage = storage
+        self.prefix = f"{CLASSIFIERS}{version}/"
+        if not storage.exists(MODELS, self.prefix + "manifest.json"):
             raise NotReady(f"classifier {version} is incomplete", code="classifier_missing")
-        self.manifest: dict[str, Any] = storage.get_json(MODELS, prefix + "manifest.json")
-        arrays = _load_npz(storage.get(MODELS, prefix + "predictions.npz"))
+        self.manifest = RetrainManifest.parse(storage.get_json(MODELS, self.prefix + "manifest.json"), version)
+        arrays = _load_npz(storage.get(MODELS, self.prefix + "predictions.npz"))
         order = np.argsort(arrays["ids"])
         self.ids = arrays["ids"][order]
         self.pred = arrays["pred"][order]
         self.prob = arrays["prob"][order]
         self.second = arrays["second"][order]
         self.second_prob = arrays["second_prob"][order]
-        self.queue: dict[str, list[dict[str, Any]]] = json.loads(storage.get(MODELS, prefix + "queue.json"))
+        self.queue: dict[str, list[dict[str, Any]]] = json.loads(storage.get(MODELS, self.prefix + "queue.json"))
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return str(self.manifest.version)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
+
+    def model(self, head: ProjectionHead | None = None) -> ClassifierModel:
+        """The version's model in its served form (``head``: the one it was trained in, if any)."""
+        return ClassifierModel.load(self.storage, MODELS, self.prefix, self.manifest, head)
 
     def lookup(self, image_ids: np.ndarray) -> np.ndarray:
         """Position of each id (bytes S64 or str) in this view, -1 if it has no prediction."""

@@ -7,84 +7,22 @@ opset, sha256).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from shared.errors import NotReady
 from shared.imaging import preprocess
+from shared.manifests import EncoderManifest
+from shared.sessions import open_session, session_options, verify_file
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderManifest:
-    """What an exported encoder is; written by the export tool, checked on load."""
-
-    name: str
-    version: str
-    file: str
-    sha256: str
-    opset: int
-    input_name: str
-    input_layout: str
-    default_size: int
-    dynamic_size: bool
-    mean: float
-    std: float
-    outputs: dict[str, int]
-    raw: dict[str, Any]
-
-    @classmethod
-    def load(cls, folder: Path) -> EncoderManifest:
-        """Read ``manifest.json`` from a model folder.
-
-        Raises:
-            NotReady: if the folder or manifest is missing (run ``make models``).
-        """
-        path = Path(folder) / "manifest.json"
-        if not path.is_file():
-            raise NotReady(f"no encoder manifest at {path}; run `make models` first", code="model_missing")
-        raw = json.loads(path.read_text())
-        return cls(
-            name=raw["name"],
-            version=raw["version"],
-            file=raw["file"],
-            sha256=raw["sha256"],
-            opset=int(raw["opset"]),
-            input_name=raw["input"]["name"],
-            input_layout=raw["input"]["layout"],
-            default_size=int(raw["input"]["size"]),
-            dynamic_size=bool(raw["input"].get("dynamic_size", False)),
-            mean=float(raw["normalisation"]["mean"]),
-            std=float(raw["normalisation"]["std"]),
-            outputs={k: int(v) for k, v in raw["outputs"].items()},
-            raw=raw,
-        )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def pick_providers(preferred: list[str]) -> list[str]:
-    """The preferred ONNX Runtime providers that this installation actually has, in order."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    chosen = [p for p in preferred if p in available]
-    return chosen or ["CPUExecutionProvider"]
 
 
 @dataclass
@@ -115,26 +53,24 @@ class ImageEncoder:
         intra_op_threads: int = 0,
         verify: bool = True,
     ):
-        import onnxruntime as ort
-
         self.folder = Path(folder)
-        self.manifest = EncoderManifest.load(self.folder)
-        path = Path(folder) / self.manifest.file
-        if not path.is_file():
-            raise NotReady(f"encoder file {path} is missing; run `make models`", code="model_missing")
-        if verify and file_sha256(path) != self.manifest.sha256:
-            raise NotReady(
-                f"{path} does not match its manifest's sha256; rebuild with `make models`", code="model_corrupt"
-            )
-        self.size = size or self.manifest.default_size
-        if self.size != self.manifest.default_size and not self.manifest.dynamic_size:
-            raise ValueError(f"this encoder takes {self.manifest.default_size} px input only")
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        self.providers = pick_providers(providers or ["CPUExecutionProvider"])
-        self._session = ort.InferenceSession(str(path), options, providers=self.providers)
+        self.manifest = EncoderManifest.read(self.folder / "manifest.json")
+        path = verify_file(self.folder / self.manifest.file, self.manifest.sha256 if verify else None)
+        self.size = size or self.manifest.input.size
+        if self.size != self.manifest.input.size and not self.manifest.input.dynamic_size:
+            raise ValueError(f"this encoder takes {self.manifest.input.size} px input only")
+        self._session = open_session(path, providers=providers, intra_op_threads=intra_op_threads)
+        self.providers: list[str] = self._session.get_providers()
         log.info("loaded encoder %s at %d px on %s", self.manifest.version, self.size, self.providers)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, size: int | None = None) -> ImageEncoder:
+        """The encoder the settings name, at their image size (or ``size``), on their providers.
+
+        Raises:
+            NotReady: the model has not been exported (``make models``) or does not match its manifest.
+        """
+        return cls(settings.encoder_dir, size=size or settings.image_size, **session_options(settings))
 
     @property
     def version(self) -> str:
@@ -153,12 +89,12 @@ class ImageEncoder:
         """
         if batch.ndim != 4 or batch.shape[1:] != (3, self.size, self.size):
             raise ValueError(f"expected (n, 3, {self.size}, {self.size}), got {batch.shape}")
-        vectors, logits = self._session.run(["embedding", "logits"], {self.manifest.input_name: batch})
+        vectors, logits = self._session.run(["embedding", "logits"], {self.manifest.input.name: batch})
         return Embeddings(vectors=np.asarray(vectors, dtype=np.float32), logits=np.asarray(logits, dtype=np.float32))
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         """RGB images to normalised input, shape (n, 3, size, size)."""
-        return preprocess(images, self.size, self.manifest.mean, self.manifest.std)
+        return preprocess(images, self.size, self.manifest.normalisation.mean, self.manifest.normalisation.std)
 
     def encode(self, images: list[Image.Image]) -> Embeddings:
         """Embed RGB images."""

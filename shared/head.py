@@ -21,14 +21,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.encoder import file_sha256, pick_providers
 from shared.errors import NotReady
+from shared.manifests import HeadManifest
+from shared.sessions import open_session, session_options, verify_file
 from shared.storage import MODELS, Storage
 from shared.versions import read_pointer
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,47 +65,39 @@ class ProjectionHead:
     def __init__(
         self,
         path: Path,
-        manifest: dict[str, Any],
+        manifest: HeadManifest | dict[str, Any],
         *,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         verify: bool = True,
     ):
-        import onnxruntime as ort
-
         self.path = Path(path)
-        self.manifest = manifest
-        if not self.path.is_file():
-            raise NotReady(f"projection head {self.path} is missing", code="model_missing")
-        if verify and file_sha256(self.path) != manifest["sha256"]:
-            raise NotReady(f"{self.path} does not match its manifest's sha256", code="model_corrupt")
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        self.providers = pick_providers(providers or ["CPUExecutionProvider"])
-        self._session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.manifest = manifest if isinstance(manifest, HeadManifest) else HeadManifest.parse(manifest, str(path))
+        verify_file(self.path, self.manifest.sha256 if verify else None, fix="train the head again")
+        self._session = open_session(self.path, providers=providers, intra_op_threads=intra_op_threads)
+        self.providers: list[str] = self._session.get_providers()
 
     @property
     def version(self) -> str:
         """Identifies the head's embedding space: its publish version and file hash."""
-        return f"head-{self.manifest.get('version', 'unpublished')}-{self.manifest['sha256'][:8]}"
+        return f"head-{self.manifest.version or 'unpublished'}-{self.manifest.sha256[:8]}"
 
     @property
     def input_dim(self) -> int:
-        return int(self.manifest["input_dim"])
+        return self.manifest.input_dim
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
 
     @property
     def encoder_version(self) -> str:
         """The backbone embedding space the head was trained on."""
-        return str(self.manifest["encoder_version"])
+        return self.manifest.encoder_version
 
     def apply(self, vectors: np.ndarray) -> HeadOutput:
         """Project backbone embeddings.
@@ -131,15 +127,9 @@ def current_head_version(storage: Storage) -> str | None:
     return read_pointer(storage, MODELS, HEADS)
 
 
-def load_head(
-    storage: Storage,
-    cache_dir: Path,
-    version: str | None = None,
-    *,
-    providers: list[str] | None = None,
-    intra_op_threads: int = 0,
-) -> ProjectionHead:
-    """Load a published head (the current one by default).
+def load_head(storage: Storage, settings: Settings, version: str | None = None) -> ProjectionHead:
+    """Load a published head (the current one by default), on the settings' providers; a remote file is
+    cached under ``settings.data_dir``.
 
     Raises:
         NotReady: if no head has been trained, or the version is incomplete.
@@ -150,8 +140,8 @@ def load_head(
     prefix = f"{HEADS}{version}/"
     if not storage.exists(MODELS, prefix + "manifest.json"):
         raise NotReady(f"projection head {version} is incomplete", code="head_missing")
-    manifest = storage.get_json(MODELS, prefix + "manifest.json")
+    manifest = HeadManifest.parse(storage.get_json(MODELS, prefix + "manifest.json"), f"head {version}")
     path = storage.local_path(MODELS, prefix + HEAD_FILE) or storage.download_file(
-        MODELS, prefix + HEAD_FILE, Path(cache_dir) / "heads" / version / HEAD_FILE
+        MODELS, prefix + HEAD_FILE, settings.data_dir / "cache" / "heads" / version / HEAD_FILE
     )
-    return ProjectionHead(path, manifest, providers=providers, intra_op_threads=intra_op_threads)
+    return ProjectionHead(path, manifest, **session_options(settings))

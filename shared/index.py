@@ -52,6 +52,7 @@ from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
+from shared.manifests import HeadManifest, IndexManifest
 from shared.storage import INDEX, Storage
 from shared.versions import list_versions as _list_versions
 from shared.versions import read_pointer, swap_pointer
@@ -121,7 +122,7 @@ class ClusterIndex:
         ids: np.ndarray,
         clusters: np.ndarray,
         labels: np.ndarray,
-        manifest: dict[str, Any],
+        manifest: IndexManifest,
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
@@ -133,7 +134,7 @@ class ClusterIndex:
         self.index = index
         # IVF-PQ: exact vectors (n, dim) in the index's space for re-ranking; None for other kinds
         self.vectors = vectors
-        self.rerank = int(manifest.get("rerank", 0)) if vectors is not None else 0
+        self.rerank = manifest.rerank if vectors is not None else 0
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
@@ -150,7 +151,7 @@ class ClusterIndex:
         self.class_top = class_top if class_top is not None else np.zeros((n, 0), np.int16)
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
-        self.label_names: list[str] = list(manifest.get("label_names", []))
+        self.label_names: list[str] = list(manifest.label_names)
         # As built; the search service lays the label log and the classifier's predictions over them.
         self.built_labels = labels
         self.built_label_names = list(self.label_names)
@@ -242,12 +243,12 @@ class ClusterIndex:
         Raises:
             ValueError: for a wrong shape.
         """
-        if queries.ndim != 2 or queries.shape[1] != self.manifest["input_dim"]:
-            raise ValueError(f"queries must be (nq, {self.manifest['input_dim']}), got {queries.shape}")
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.input_dim:
+            raise ValueError(f"queries must be (nq, {self.manifest.input_dim}), got {queries.shape}")
         if self.head is not None:
             xq = self.head.apply(queries).embedding
         else:
-            xq = power_normalize(queries, float(self.manifest.get("power", 1.0)))
+            xq = power_normalize(queries, self.manifest.power)
         return pretransform(self.index, xq)
 
     def search_row(
@@ -439,11 +440,7 @@ def list_versions(storage: Storage) -> list[str]:
 
 def index_versions(storage: Storage) -> dict[str, Any]:
     """The published versions, oldest first, each with its headline parameters, and the current one."""
-    versions = []
-    for version in list_versions(storage):
-        m = storage.get_json(INDEX, f"{version}/manifest.json")
-        keep = ("count", "kind", "nlist", "nprobe", "space", "built_at", "encoder_version")
-        versions.append({"version": version, **{k: m[k] for k in keep if k in m}})
+    versions = [{"version": v, **read_manifest(storage, v).summary()} for v in list_versions(storage)]
     return {"current": current_version(storage), "versions": versions}
 
 
@@ -473,6 +470,17 @@ def rollback(storage: Storage, to: str | None = None) -> tuple[str, str]:
     return current, to
 
 
+def read_manifest(storage: Storage, version: str) -> IndexManifest:
+    """A published version's manifest.
+
+    Raises:
+        NotReady: the version is incomplete or missing, or its manifest is not valid.
+    """
+    if not storage.exists(INDEX, f"{version}/manifest.json"):
+        raise NotReady(f"index version {version} is incomplete", code="index_missing")
+    return IndexManifest.parse(storage.get_json(INDEX, f"{version}/manifest.json"), f"index {version}")
+
+
 def load_version(
     storage: Storage, version: str, cache_dir: Path, *, providers: list[str] | None = None
 ) -> ClusterIndex:
@@ -481,9 +489,7 @@ def load_version(
     Raises:
         NotReady: if the version is incomplete or missing.
     """
-    if not storage.exists(INDEX, f"{version}/manifest.json"):
-        raise NotReady(f"index version {version} is incomplete", code="index_missing")
-    manifest = storage.get_json(INDEX, f"{version}/manifest.json")
+    manifest = read_manifest(storage, version)
     paths = {}
     for name in FILES:
         blob = f"{version}/{name}"
@@ -503,8 +509,8 @@ def load_version(
     class_top, class_prob, ingested = load("class_top.npy"), load("class_prob.npy"), load("ingested.npy")
     if ingested is not None and len(ingested) != len(ids):
         ingested = None  # written empty by a build that had no times
-    vectors = load("vectors.npy") if manifest.get("kind") == "ivf_pq" else None
-    if manifest.get("kind") == "ivf_pq" and vectors is None:
+    vectors = load("vectors.npy") if manifest.kind == "ivf_pq" else None
+    if manifest.kind == "ivf_pq" and vectors is None:
         raise NotReady(f"index version {version} has no re-ranking vectors", code="index_missing")
     captions = None
     if all(name in paths for name in CAPTION_FILES):
@@ -514,10 +520,11 @@ def load_version(
             np.load(paths["captions.npy"], allow_pickle=False),
         )
     head = None
-    if manifest.get("space") == "head":
+    if manifest.space == "head":
         blob = f"{version}/{HEAD_FILE}"
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
-        head = ProjectionHead(path, storage.get_json(INDEX, f"{version}/head.json"), providers=providers)
+        head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
+        head = ProjectionHead(path, head_manifest, providers=providers)
     order = load("order.npy")
     loaded = ClusterIndex(
         index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested, vectors, order

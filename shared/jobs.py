@@ -23,10 +23,11 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
+from shared.api_models import Body, Unset
 from shared.errors import BadRequest, NotFound
 from shared.queues import JobQueue
 from shared.storage import JOBS, Storage
@@ -274,3 +275,91 @@ def schedule_job(
 ) -> tuple[JobRecord, bool]:
     """What a timer firing does: queue the job of the schedule slot it belongs to, once per slot."""
     return enqueue(storage, queue, timer_job(kind, schedule, now or datetime.now(UTC)))
+
+
+# -- jobs asked for over HTTP ----------------------------------------------------------------------
+
+
+class ReindexParams(Body):
+    force: Annotated[bool, Field(strict=True)] | Unset = Field(
+        default=None, description="publish even below the recall target"
+    )
+
+
+class TrainParams(Body):
+    epochs: Annotated[int, Field(strict=True, ge=1, le=200)] | Unset = Field(default=None)
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] | Unset = Field(default=None)
+
+
+class TrainHeadParams(TrainParams):
+    batch_size: Annotated[int, Field(strict=True, ge=8, le=8192)] | Unset = Field(default=None)
+    lr: Annotated[float, Field(ge=1e-6, le=1.0, strict=True)] | Unset = Field(default=None)
+
+
+class AnalyseParams(Body):
+    k: Annotated[int, Field(strict=True, ge=0, le=4096)] | Unset = Field(
+        default=None, description="k-means clusters; 0: silhouette sweep"
+    )
+    map_sample: Annotated[int, Field(strict=True, ge=100, le=200_000)] | Unset = Field(default=None)
+
+
+class EmbedParams(Body):
+    all: Annotated[bool, Field(strict=True)] | Unset = Field(
+        default=None, description="every image not embedded yet, not only this job's"
+    )
+
+
+class _Job(Body):
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | Unset = Field(default=None)
+
+
+class ReindexJob(_Job):
+    kind: Literal["reindex"]
+    params: ReindexParams = Field(default_factory=ReindexParams)
+
+
+class RetrainJob(_Job):
+    kind: Literal["retrain"]
+    params: TrainParams = Field(default_factory=TrainParams)
+
+
+class TrainHeadJob(_Job):
+    kind: Literal["train_head"]
+    params: TrainHeadParams = Field(default_factory=TrainHeadParams)
+
+
+class AnalyseJob(_Job):
+    kind: Literal["analyse"]
+    params: AnalyseParams = Field(default_factory=AnalyseParams)
+
+
+class EmbedJob(_Job):
+    kind: Literal["embed"]
+    params: EmbedParams = Field(default_factory=EmbedParams)
+
+
+class JobRequest(
+    RootModel[Annotated[ReindexJob | RetrainJob | TrainHeadJob | AnalyseJob | EmbedJob, Field(discriminator="kind")]]
+):
+    """``POST /api/jobs``: a job kind, its parameters (each kind takes its own), an idempotency key."""
+
+    codes: ClassVar[dict[str, str]] = {
+        "kind": "invalid_kind",
+        "params": "invalid_params",
+        "idempotency_key": "invalid_idempotency_key",
+    }
+    invalid: ClassVar[str] = "invalid_body"
+    not_object: ClassVar[str] = "invalid_json"
+    tags: ClassVar[tuple[str, ...]] = ("reindex", "retrain", "train_head", "analyse", "embed")
+
+    def message(self, idempotency_key: str | None = None) -> JobMessage:
+        """The job's message (the header's idempotency key wins over the body's).
+
+        Raises:
+            BadRequest: an idempotency key that is not 1 to 200 characters.
+        """
+        job = self.root
+        key = idempotency_key if idempotency_key is not None else job.idempotency_key
+        if key is not None and not 0 < len(key) <= 200:
+            raise BadRequest("an idempotency key is a string of 1 to 200 characters", code="invalid_idempotency_key")
+        return api_job(job.kind, job.params.model_dump(exclude_unset=True), key)

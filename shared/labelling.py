@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 
 from shared.catalog import Catalog, check_image_id
+from shared.classifier import ClassifierView
 from shared.errors import BadRequest, ClusterlensError
 from shared.index import ClusterIndex
 from shared.jobs import JobMessage, enqueue
 from shared.labels import STRATEGIES, LabelSet, check_class_name, check_user
+from shared.live_index import LiveIndex
 from shared.queues import JobQueue
-from shared.search import SearchService
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _cold_order(index: ClusterIndex) -> np.ndarray:
     return np.asarray(by_cluster[np.lexsort((clusters, rank))], dtype=np.int64)
 
 
-def label_queue(service: SearchService, n: int = 20, strategy: str | None = None) -> dict[str, Any]:
+def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> dict[str, Any]:
     """The next ``n`` unlabelled images to label, with the current prediction and uncertainty.
 
     Raises:
@@ -44,12 +45,12 @@ def label_queue(service: SearchService, n: int = 20, strategy: str | None = None
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUEUE_N:
         raise BadRequest(f"n must be an integer from 1 to {MAX_QUEUE_N}", code="invalid_n")
-    strategy = strategy or service.settings.al_strategy
+    strategy = strategy or live.settings.al_strategy
     if strategy not in STRATEGIES:
         raise BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}", code="invalid_strategy")
-    index = service.index()
-    service.refresh_labels()
-    view = service.classifier()
+    index = live.get()
+    live.refresh_labels()
+    view = live.overlay.classifier()
     labelled = index.labels >= 0
     skip = labelled.copy()
     skip[index.hidden] = True
@@ -75,15 +76,14 @@ def label_queue(service: SearchService, n: int = 20, strategy: str | None = None
         items.append(
             {
                 "id": image_id,
-                "url": f"/api/images/{image_id}",
                 "cluster": int(index.clusters[row]),
                 "prediction": view.prediction(image_id) if view else None,
                 "uncertainty": score,
                 "picked_by": source,
             }
         )
-    label_set = service.labels.label_set()
-    entries = len(service.labels.entries())
+    label_set = live.overlay.labels.label_set()
+    entries = len(live.overlay.labels.entries())
     return {
         "items": items,
         "strategy": strategy,
@@ -94,22 +94,22 @@ def label_queue(service: SearchService, n: int = 20, strategy: str | None = None
     }
 
 
-def _classifier_summary(view: Any, entries: int) -> dict[str, Any] | None:
+def _classifier_summary(view: ClassifierView | None, entries: int) -> dict[str, Any] | None:
     if view is None:
         return None
     m = view.manifest
     return {
-        "version": m["version"],
-        "kind": m["kind"],
-        "trained_at": m["trained_at"],
-        "labels_used": m["labels_used"],
-        "accuracy": m["metrics"].get("accuracy"),
-        "macro_f1": m["metrics"].get("macro_f1"),
-        "labels_since": max(0, entries - int(m.get("log_entries", 0))),
+        "version": m.version,
+        "kind": m.kind,
+        "trained_at": m.trained_at,
+        "labels_used": m.labels_used,
+        "accuracy": m.metrics.get("accuracy"),
+        "macro_f1": m.metrics.get("macro_f1"),
+        "labels_since": max(0, entries - m.log_entries),
     }
 
 
-def submit_labels(service: SearchService, queue: JobQueue | None, body: Any) -> tuple[int, dict[str, Any]]:
+def submit_labels(live: LiveIndex, queue: JobQueue | None, body: Any) -> tuple[int, dict[str, Any]]:
     """Take a batch ``{"labels": [{"id", "label"}, ...], "user": optional}``.
 
     Valid entries are stored even when others in the batch are not; each bad one is reported with
@@ -121,18 +121,18 @@ def submit_labels(service: SearchService, queue: JobQueue | None, body: Any) -> 
     Raises:
         BadRequest: the body is not such an object, or holds too many labels.
     """
-    settings = service.settings
+    settings = live.settings
     if not isinstance(body, dict) or not isinstance(body.get("labels"), list):
         raise BadRequest('send {"labels": [{"id": ..., "label": ...}, ...]}', code="invalid_body")
     items = body["labels"]
     if not 1 <= len(items) <= settings.max_label_batch:
         raise BadRequest(f"send 1 to {settings.max_label_batch} labels at a time", code="invalid_body")
     user = check_user(body.get("user"))
-    label_set = _label_set_for(service, items, user)
+    label_set = _label_set_for(live, items, user)
     allowed = set(label_set.classes)
-    catalog = Catalog(service.storage)
+    catalog = Catalog(live.storage)
     try:
-        index: ClusterIndex | None = service.index()
+        index: ClusterIndex | None = live.get()
     except ClusterlensError:
         index = None
     accepted: list[tuple[str, str]] = []
@@ -168,21 +168,21 @@ def submit_labels(service: SearchService, queue: JobQueue | None, body: Any) -> 
     if not accepted:
         out["error"] = {"code": "invalid_labels", "message": f"none of the {len(items)} labels could be taken"}
         return 400, out
-    out["batch"] = service.labels.append(accepted, user=user, label_set=label_set.version)
-    service.refresh_labels()
-    out["retrain_job"] = _maybe_retrain(service, queue)
+    out["batch"] = live.overlay.labels.append(accepted, user=user, label_set=label_set.version)
+    live.refresh_labels()
+    out["retrain_job"] = _maybe_retrain(live, queue)
     return 200, out
 
 
-def _label_set_for(service: SearchService, items: list[Any], user: str) -> LabelSet:
+def _label_set_for(live: LiveIndex, items: list[Any], user: str) -> LabelSet:
     """The current label set. When none is defined or configured, the labels given at ingest create
     it; with none of those, the first submitted batch does."""
-    current = service.labels.label_set()
+    current = live.overlay.labels.label_set()
     if current is not None:
         return current
     first: list[str] = []
     try:
-        first += service.index().built_label_names  # the labels given at ingest
+        first += live.get().built_label_names  # the labels given at ingest
     except ClusterlensError:
         pass
     if not first:
@@ -192,16 +192,16 @@ def _label_set_for(service: SearchService, items: list[Any], user: str) -> Label
                     first.append(check_class_name(item.get("label")))
                 except ClusterlensError:
                     continue
-    return service.labels.ensure_label_set(service.settings.label_classes, first, user=user)
+    return live.overlay.labels.ensure_label_set(live.settings.label_classes, first, user=user)
 
 
-def _maybe_retrain(service: SearchService, queue: JobQueue | None) -> str | None:
+def _maybe_retrain(live: LiveIndex, queue: JobQueue | None) -> str | None:
     """Queue one retrain per classifier version once enough new labels have come in."""
-    threshold = service.settings.retrain_after_labels
+    threshold = live.settings.retrain_after_labels
     if not threshold or queue is None:
         return None
-    view = service.classifier()
-    since = len(service.labels.entries()) - (int(view.manifest.get("log_entries", 0)) if view else 0)
+    view = live.overlay.classifier()
+    since = len(live.overlay.labels.entries()) - (view.manifest.log_entries if view else 0)
     if since < threshold:
         return None
     basis = view.version if view else "v000000"
@@ -212,30 +212,30 @@ def _maybe_retrain(service: SearchService, queue: JobQueue | None) -> str | None
         created_at=datetime.now(UTC),
     )
     try:
-        record, _ = enqueue(service.storage, queue, message)
+        record, _ = enqueue(live.storage, queue, message)
     except Exception:  # noqa: BLE001 - the labels are stored; a retrain can be started later
         log.exception("could not queue a retrain after labels")
         return None
     return record.job_id
 
 
-def label_summary(service: SearchService, limit: int = 20) -> dict[str, Any]:
+def label_summary(live: LiveIndex, limit: int = 20) -> dict[str, Any]:
     """Current label counts per class (ingest labels included) and the latest ``limit`` entries."""
     counts: dict[str, int] = {}
     try:
-        index = service.index()
-        service.refresh_labels()  # reads the log's new batches and lays them over the index
+        index = live.get()
+        live.refresh_labels()  # reads the log's new batches and lays them over the index
         codes, n = np.unique(index.labels[index.labels >= 0], return_counts=True)
         counts = {index.label_names[int(c)]: int(k) for c, k in zip(codes, n, strict=True)}
         labelled = int(n.sum())
     except ClusterlensError:  # no index yet: the log alone
-        service.labels.refresh()
-        current = service.labels.current()
+        live.overlay.labels.refresh()
+        current = live.overlay.labels.current()
         for entry in current.values():
             counts[entry.label] = counts.get(entry.label, 0) + 1
         labelled = len(current)
-    entries = service.labels.entries()
-    label_set = service.labels.label_set()
+    entries = live.overlay.labels.entries()
+    label_set = live.overlay.labels.label_set()
     return {
         "labelled": labelled,
         "counts": counts,
@@ -248,20 +248,20 @@ def label_summary(service: SearchService, limit: int = 20) -> dict[str, Any]:
     }
 
 
-def classifier_summary(service: SearchService) -> dict[str, Any]:
+def classifier_summary(live: LiveIndex) -> dict[str, Any]:
     """The current classifier (metrics per class) and the metrics of every retrain, oldest first."""
     from shared.classifier import history
 
-    view = service.classifier()
-    service.labels.refresh()
+    view = live.overlay.classifier()
+    live.overlay.labels.refresh()
     current = None
     if view is not None:
         current = {
-            **(_classifier_summary(view, len(service.labels.entries())) or {}),
+            **(_classifier_summary(view, len(live.overlay.labels.entries())) or {}),
             "classes": view.classes,
-            "label_counts": view.manifest.get("label_counts"),
-            "metrics": view.manifest.get("metrics"),
-            "left_out": view.manifest.get("left_out"),
-            "images": view.manifest.get("images"),
+            "label_counts": view.manifest.label_counts,
+            "metrics": view.manifest.metrics,
+            "left_out": view.manifest.left_out,
+            "images": view.manifest.images,
         }
-    return {"current": current, "history": history(service.storage)}
+    return {"current": current, "history": history(live.storage)}

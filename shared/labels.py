@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from shared.errors import BadRequest, Conflict
 from shared.storage import LABELS, Storage
@@ -38,7 +38,8 @@ _SET_RE = re.compile(r"^sets/v(\d{6})\.json$")
 _USER_RE = re.compile(r"^[A-Za-z0-9@._ +-]{1,64}$")
 MAX_CLASSES = 1000
 # How the labelling queue can be ordered: random, or most uncertain first (see job.active_learning).
-STRATEGIES = ("random", "least_confidence", "margin", "entropy")
+Strategy = Literal["random", "least_confidence", "margin", "entropy"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def check_user(user: str | None) -> str:
@@ -52,6 +53,20 @@ def check_user(user: str | None) -> str:
     if not isinstance(user, str) or not _USER_RE.match(user):
         raise BadRequest("user is 1-64 letters, digits or @._ +-", code="invalid_user")
     return user
+
+
+def clean_label(label: str | None) -> str | None:
+    """A label as stored: trimmed, printable, at most 100 characters; empty means none.
+
+    Raises:
+        BadRequest: if it is longer or holds control characters.
+    """
+    if label is None:
+        return None
+    text = label.strip()
+    if len(text) > 100 or not text.isprintable():
+        raise BadRequest("a label is at most 100 printable characters", code="invalid_label")
+    return text or None
 
 
 def check_class_name(name: Any) -> str:

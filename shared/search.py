@@ -1,27 +1,30 @@
-"""The query path: lazily loaded encoder and index, search by image bytes or by stored id.
+"""The query path: search by image bytes, by stored id, or by text.
 
-Imports numpy, Pillow, onnxruntime and faiss only. One ``SearchService`` per worker; the encoder
-loads on first use and the index reloads when the published pointer moves.
+Imports numpy, Pillow, onnxruntime and faiss only. One ``SearchService`` per worker: the encoders
+come from :class:`shared.models.Models` (loaded on first use), the index from
+:class:`shared.live_index.LiveIndex` (reloaded when the published pointer moves, label overlay
+applied). Results are plain data; the HTTP layer adds links.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
 import faiss
 import numpy as np
 
-from shared.catalog import Catalog, ImageRecord, check_image_id
-from shared.classifier import ClassifierView, current_classifier_version
+from shared.catalog import check_image_id
+from shared.classifier import ClassifierView
 from shared.encoder import ImageEncoder
-from shared.errors import BadRequest, NotFound, NotReady, VersionMismatch
+from shared.errors import BadRequest, NotFound, NotReady
 from shared.filters import SearchFilters
 from shared.imaging import decode_image
-from shared.index import ClusterIndex, SearchHits, current_version, load_version
+from shared.index import ClusterIndex, SearchHits
 from shared.labels import LabelLog
+from shared.live_index import LiveIndex
+from shared.models import Models
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from shared.text_encoder import TextEncoder
@@ -31,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class SearchService:
-    """Answers similarity queries. Thread-safe; the encoder and index are injectable for tests."""
+    """Answers similarity and text queries. Thread-safe; encoders and the first index are injectable.
+
+    Attributes:
+        models: the lazily loaded encoders.
+        live: the served index with its label overlay.
+    """
 
     def __init__(
         self,
@@ -43,177 +51,33 @@ class SearchService:
     ):
         self.settings = settings
         self.storage = storage or open_storage(settings)
-        self._encoder = encoder
-        self._index = index
-        self._index_version: str | None = index.manifest.get("version") if index else None
-        self._checked_at = time.monotonic() if index else 0.0
-        self._text_encoder = text_encoder
+        self.models = Models(settings, encoder, text_encoder)
+        self.live = LiveIndex(settings, self.storage, index)
         self._label_vectors: tuple[str | None, np.ndarray] = (None, np.zeros((0, 0), np.float32))
-        self._encoder_lock = threading.Lock()
-        self.labels = LabelLog(self.storage)
-        self._classifier: ClassifierView | None = None
-        self._overlay_state: tuple[Any, ...] = ()
-        self._index_lock = threading.Lock()
 
-    # -- lazy resources -----------------------------------------------------------------------
-
-    def encoder(self) -> ImageEncoder:
-        """The image encoder, loaded on first use.
-
-        Raises:
-            NotReady: if the model has not been built.
-        """
-        if self._encoder is None:
-            with self._encoder_lock:
-                if self._encoder is None:
-                    s = self.settings
-                    self._encoder = ImageEncoder(
-                        s.encoder_dir,
-                        size=s.image_size,
-                        providers=s.ort_providers,
-                        intra_op_threads=s.ort_intra_op_threads,
-                    )
-        return self._encoder
-
-    def text_encoder(self) -> TextEncoder:
-        """The text encoder, loaded on first use.
-
-        Raises:
-            NotReady: if the model has not been built.
-        """
-        if self._text_encoder is None:
-            with self._encoder_lock:
-                if self._text_encoder is None:
-                    s = self.settings
-                    self._text_encoder = TextEncoder(
-                        s.text_encoder_dir, providers=s.ort_providers, intra_op_threads=s.ort_intra_op_threads
-                    )
-        return self._text_encoder
+    @property
+    def labels(self) -> LabelLog:
+        return self.live.overlay.labels
 
     def index(self) -> ClusterIndex:
-        """The published index, reloaded when the pointer has moved (checked every few seconds).
-
-        One thread checks and loads; the others keep answering from the index already in memory,
-        and a failed refresh is logged while the current index goes on serving.
+        """The served index (see :meth:`LiveIndex.get`).
 
         Raises:
             NotReady: if no index has been published.
         """
-        current = self._index
-        if current is not None and time.monotonic() - self._checked_at < self.settings.index_refresh_seconds:
-            return current
-        if current is None:
-            self._index_lock.acquire()
-        elif not self._index_lock.acquire(blocking=False):
-            return current  # another thread is refreshing: serve what we have
-        try:
-            if self._index is not None and time.monotonic() - self._checked_at < self.settings.index_refresh_seconds:
-                return self._index
-            try:
-                version = current_version(self.storage)
-                if version is None:
-                    raise NotReady(
-                        "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`",
-                        code="index_missing",
-                    )
-                if version != self._index_version:
-                    self._index = load_version(
-                        self.storage,
-                        version,
-                        self.settings.data_dir / "cache" / "index",
-                        providers=self.settings.ort_providers,
-                    )
-                    self._index_version = version
-                    log.info("serving index %s", version)
-            except Exception:
-                if self._index is None:
-                    raise
-                log.exception("index refresh failed; still serving %s", self._index_version)
-            for apply, what in ((self._hide_deleted, "deletions"), (self._overlay, "labels or predictions")):
-                try:
-                    apply(self._index)
-                except Exception:
-                    if self._index is None:
-                        raise
-                    log.exception("reading %s failed; still serving %s", what, self._index_version)
-            self._checked_at = time.monotonic()
-            assert self._index is not None  # a first load that failed has raised above
-            return self._index
-        finally:
-            self._index_lock.release()
+        return self.live.get()
 
-    def _hide_deleted(self, index: ClusterIndex | None) -> None:
-        """Leave deleted images (tombstones in storage) out of this index's answers."""
-        if index is None:
-            return
-        rows = [index.row_of(i) for i in Catalog(self.storage).deleted_ids()]
-        index.hidden = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+    def encoder(self) -> ImageEncoder:
+        """The image encoder (see :meth:`Models.image`)."""
+        return self.models.image()
 
     def classifier(self) -> ClassifierView | None:
-        """The published label classifier (predictions and labelling queues), or None before one."""
-        version = current_classifier_version(self.storage)
-        current = self._classifier
-        if version is None:
-            self._classifier = None
-        elif current is None or current.version != version:
-            self._classifier = ClassifierView(self.storage, version)
-        return self._classifier
-
-    def _overlay(self, index: ClusterIndex | None) -> None:
-        """Lay the label log's current labels and the classifier's predictions over the index, so
-        new labels and a retrain show in filters and text search without a reindex."""
-        if index is None:
-            return
-        self.labels.refresh()
-        view = self.classifier()
-        label_set = self.labels.label_set()
-        state = (
-            id(index),
-            index.manifest.get("version"),
-            self.labels.batches(),
-            view.version if view else None,
-            label_set.version if label_set else None,
-        )
-        if state == self._overlay_state:
-            return
-        current = {image_id: e.label for image_id, e in self.labels.current().items()}
-        classes = view.classes if view else []
-        index.overlay_labels(current, [*(label_set.classes if label_set else []), *classes])
-        if view is not None:
-            pos = view.lookup(index.ids)
-            codes = np.where(pos >= 0, view.pred[pos].astype(np.int32), -1)
-            probs = np.where(pos >= 0, view.prob[pos], 0.0)
-            index.set_predictions(classes, codes, probs)
-        else:
-            index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
-        self._overlay_state = state
-
-    def current_label(self, image_id: str) -> str | None:
-        """An indexed image's label now (the label log over the index), None if unlabelled or not indexed."""
-        index = self.index()
-        row = index.row_of(image_id)
-        return index.label_of(row) if row is not None else None
+        """The published label classifier, or None before the first retrain."""
+        return self.live.overlay.classifier()
 
     def refresh_labels(self) -> None:
-        """Apply labels written since the last look now (the API calls this after taking labels)."""
-        index = self._index
-        if index is not None:
-            self._overlay(index)
-
-    def delete(self, image_id: str) -> ImageRecord:
-        """Delete an image from storage; this worker stops returning it at once, others within
-        ``index_refresh_seconds``, and the next reindex leaves it out for good.
-
-        Raises:
-            BadRequest: malformed id. NotFound: no such image.
-        """
-        record = Catalog(self.storage).delete(image_id)
-        index = self._index
-        if index is not None:
-            row = index.row_of(image_id)
-            if row is not None:
-                index.hidden = np.union1d(index.hidden, np.array([row], np.int64))
-        return record
+        """Apply labels written since the last look now."""
+        self.live.refresh_labels()
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -253,9 +117,8 @@ class SearchService:
             data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_image_pixels
         )
         t1 = time.perf_counter()
-        encoder = self.encoder()
         index = self.index()
-        self._check_versions(encoder, index)
+        encoder = self.models.check_index(index.manifest)
         vector = encoder.encode([decoded.rgb]).vectors
         t2 = time.perf_counter()
         self._pin_threads()
@@ -300,7 +163,7 @@ class SearchService:
         if len(text) > self.settings.max_text_chars:
             raise BadRequest(f"text is limited to {self.settings.max_text_chars} characters", code="invalid_text")
         t0 = time.perf_counter()
-        encoder = self.text_encoder()
+        encoder = self.models.text()
         index = self.index()
         if index.class_top.shape[1] == 0:
             raise NotReady("this index has no class predictions: run `clusterlens reindex`", code="index_outdated")
@@ -359,51 +222,10 @@ class SearchService:
     def _label_vectors_for(self, index: ClusterIndex, encoder: TextEncoder) -> np.ndarray:
         """The index's label names embedded, cached per index version."""
         version, vectors = self._label_vectors
-        if version != index.manifest.get("version") or len(vectors) != len(index.label_names):
+        if version != index.manifest.version or len(vectors) != len(index.label_names):
             vectors = encoder.encode(index.label_names) if index.label_names else np.zeros((0, 384), np.float32)
-            self._label_vectors = (index.manifest.get("version"), vectors)
+            self._label_vectors = (index.manifest.version, vectors)
         return vectors
-
-    def health(self) -> dict[str, Any]:
-        """Model and index versions and counts; never raises for a missing model or index."""
-        out: dict[str, Any] = {"status": "ok", "encoder": None, "index": None}
-        try:
-            enc = self.encoder()
-            out["encoder"] = {"version": enc.version, "providers": enc.providers, "dim": enc.dim}
-        except Exception as exc:  # noqa: BLE001 - health reports, it does not fail
-            out["status"] = "degraded"
-            out["encoder_error"] = getattr(exc, "message", type(exc).__name__)
-        try:
-            idx = self.index()
-            m = idx.manifest
-            out["index"] = {
-                "version": m.get("version"),
-                "encoder_version": m["encoder_version"],
-                "count": idx.count,
-                "clusters": m["nlist"],
-                "nprobe": idx.nprobe,
-                "factory": m["factory"],
-                "kind": m.get("kind", "ivf_flat"),
-                "bytes_per_vector": m.get("bytes_per_vector"),
-                "space": m.get("space", "backbone"),
-                "memory_mapped": idx.mapped is not None,
-                "recall_at_10": m.get("recall", {}).get("at_10"),
-                "dim": m["dim"],
-                "built_at": m["built_at"],
-                "labels": len(idx.label_names),
-            }
-        except Exception as exc:  # noqa: BLE001
-            out["status"] = "degraded"
-            out["index_error"] = getattr(exc, "message", type(exc).__name__)
-        return out
-
-    @staticmethod
-    def _check_versions(encoder: ImageEncoder, index: ClusterIndex) -> None:
-        if index.manifest["encoder_version"] != encoder.version:
-            raise VersionMismatch(
-                f"the index was built with encoder {index.manifest['encoder_version']} but queries are "
-                f"embedded with {encoder.version}; run `clusterlens embed` and `clusterlens reindex`"
-            )
 
     @staticmethod
     def _response(
@@ -422,7 +244,6 @@ class SearchService:
                     "label": index.label_of(int(row)),
                     "predicted": index.prediction_of(int(row)),
                     "caption": index.caption_of(int(row)),
-                    "url": f"/api/images/{image_id}",
                 }
             )
         probe = [
@@ -434,6 +255,6 @@ class SearchService:
             "results": results,
             "cluster_probe": probe,
             "filters": filters.to_json() if filters else {},
-            "index_version": index.manifest.get("version"),
+            "index_version": index.manifest.version,
             "timing_ms": {k: round(v * 1000, 2) for k, v in timing.items()},
         }

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.encoder import file_sha256, pick_providers
-from shared.errors import NotReady
+from shared.manifests import TextEncoderManifest
+from shared.sessions import open_session, session_options, verify_file
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +35,30 @@ class TextEncoder:
     def __init__(
         self, folder: Path, *, providers: list[str] | None = None, intra_op_threads: int = 0, verify: bool = True
     ):
-        import json
-
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
-        path = self.folder / "manifest.json"
-        if not path.is_file():
-            raise NotReady(f"no text encoder at {self.folder}; run `make models`", code="model_missing")
-        self.manifest = json.loads(path.read_text())
-        onnx_path = self.folder / self.manifest["file"]
-        if verify and (not onnx_path.is_file() or file_sha256(onnx_path) != self.manifest["sha256"]):
-            raise NotReady(
-                f"{onnx_path} is missing or does not match its manifest; run `make models`", code="model_corrupt"
-            )
-        self.max_tokens = int(self.manifest["tokenizer"]["max_tokens"])
-        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest["tokenizer"]["file"]))
+        self.manifest = TextEncoderManifest.read(self.folder / "manifest.json")
+        path = verify_file(self.folder / self.manifest.file, self.manifest.sha256 if verify else None)
+        self.max_tokens = self.manifest.tokenizer.max_tokens
+        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer.file))
         self.tokenizer.enable_truncation(max_length=self.max_tokens)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        self.providers = pick_providers(providers or ["CPUExecutionProvider"])
-        self._session = ort.InferenceSession(str(onnx_path), options, providers=self.providers)
+        self._session = open_session(path, providers=providers, intra_op_threads=intra_op_threads)
+        self.providers: list[str] = self._session.get_providers()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TextEncoder:
+        """The text encoder the settings name, on their providers.
+
+        Raises:
+            NotReady: the model has not been exported (``make models``) or does not match its manifest.
+        """
+        return cls(settings.text_encoder_dir, **session_options(settings))
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embed sentences.
@@ -76,9 +76,9 @@ class TextEncoder:
             }
             out.append(self._session.run(["embedding"], feeds)[0])
         if not out:
-            return np.zeros((0, int(self.manifest["outputs"]["embedding"])), dtype=np.float32)
+            return np.zeros((0, self.manifest.outputs["embedding"]), dtype=np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def imagenet_classes(self) -> np.ndarray:
         """The 1000 ImageNet class descriptions embedded at export time, float32 (1000, 384)."""
-        return np.load(self.folder / self.manifest["imagenet_classes"]["file"], allow_pickle=False)
+        return np.load(self.folder / self.manifest.imagenet_classes.file, allow_pickle=False)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from shared.catalog import Catalog
-from shared.errors import BadRequest, ClusterlensError
+from shared.errors import ClusterlensError
 from shared.imaging import EXTENSION_FOR_FORMAT
 from shared.ingest import IngestItem, IngestResult, content_id, ingest_bytes, quarantine
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, upload_job
+from shared.labels import clean_label
 from shared.queues import JobQueue
 from shared.settings import Settings
 from shared.storage import Storage
@@ -73,6 +74,22 @@ def accept_upload(
     return Accepted(result, job, queued)
 
 
+def refuse_quarantined(result: IngestResult) -> IngestResult:
+    """An upload's result, unless it was quarantined: that is refused with its reason.
+
+    Raises:
+        ClusterlensError: the quarantine's code and status (``invalid_image`` 400 and the like).
+    """
+    if result.status != "quarantined":
+        return result
+    err = result.error
+    raise ClusterlensError(
+        f"{err.message if err else result.reason} (kept in quarantine for review)",
+        code=err.code if err else "invalid_image",
+        status=err.status if err else 400,
+    )
+
+
 def too_large(storage: Storage, settings: Settings, *, source: str, size: int) -> IngestResult:
     """Record an upload over the size limit without reading it (its bytes stay where they are)."""
     reason = f"{size} bytes is over the {settings.max_upload_bytes}-byte limit (the blob is left in place)"
@@ -117,17 +134,3 @@ def handle_blob(
         log.warning("ignoring the label of %s: %s", source, exc.message)
         label = None
     return accept_upload(storage, queue, settings, data, source=source, label=label, caption=meta.get("caption"))
-
-
-def clean_label(label: str | None) -> str | None:
-    """A label as stored: trimmed, printable, at most 100 characters; empty means none.
-
-    Raises:
-        BadRequest: if it is longer or holds control characters.
-    """
-    if label is None:
-        return None
-    text = label.strip()
-    if len(text) > 100 or not text.isprintable():
-        raise BadRequest("a label is at most 100 printable characters", code="invalid_label")
-    return text or None

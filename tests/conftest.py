@@ -43,7 +43,7 @@ def encoder() -> ImageEncoder:
     settings = make_settings(Path("/nonexistent"))
     if not (settings.encoder_dir / "manifest.json").is_file():
         pytest.fail("models/efficientnet_lite0 is missing: run `make models` (make test does)")
-    return ImageEncoder(settings.encoder_dir, size=settings.image_size)
+    return ImageEncoder.from_settings(settings)
 
 
 @pytest.fixture(scope="session")

@@ -24,18 +24,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from functions.http_api import create_app
-from job.active_learning import FeatureSpace, make_classifier
-from job.analysis import MODELS, to_onnx
+from job.analysis import MODELS
+from job.classifier import FeatureSpace, make_classifier, to_onnx
 from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
 from job.embeddings import EmbeddingStore, embed_pending
 from job.reindex import reindex
 from job.run_analysis import run_analysis
 from job.worker import Worker
+from shared.classify import Classifier
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
 from shared.queues import open_queue
-from shared.reports import ClassifyModel
 from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import REPORTS, LocalStorage
@@ -241,12 +241,15 @@ def test_onnx_export_matches_the_fitted_models(analysed: Analysed) -> None:
         session = ort.InferenceSession(to_onnx(kind, model, feats.shape[1]), providers=["CPUExecutionProvider"])
         got = session.run(["probabilities"], {"x": feats[300:400]})[0]
         np.testing.assert_allclose(got, model.predict_proba(feats[300:400]), atol=1e-4)
-    # and the published model reproduces its own feature space from raw embeddings
-    version = analysed.metrics["version"]
-    published = ClassifyModel(analysed.storage, version, analysed.metrics["classify"])
-    if published.session is not None:
+    # and the published model, read back as /api/classify reads it, reproduces its own feature space
+    published = Classifier(analysed.storage, settings).model()
+    assert published.manifest.version == analysed.metrics["version"]
+    if published.kind == "knn10":  # the 10-NN vote has no model: it votes over the live index
+        assert published.session is None and published.manifest.model_file is None
+    else:
         probs = published.predict_proba(emb.vectors[:50])
         assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and probs.shape == (50, 10)
+    np.testing.assert_allclose(published.features(emb.vectors[:50]), feats[:50], atol=1e-4)
 
 
 def test_query_path_stays_light(analysed: Analysed, fashion_test) -> None:  # type: ignore[no-untyped-def]

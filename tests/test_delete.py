@@ -68,7 +68,7 @@ def test_incremental_add_after_a_delete_retrains(tmp_path: Path, collection: Col
     settings = make_settings(tmp_path / "data")
     service = SearchService(settings, storage, encoder=collection.encoder)
     gone = str(service.index().ids[0])
-    service.delete(gone)
+    service.live.delete(gone)
     ingest_bytes(storage, settings, IngestItem(data=png_bytes(fashion_test[0][0]), source="new"))
     embed_pending(storage, settings, collection.encoder)
     result = reindex(storage, settings, collection.encoder.version)

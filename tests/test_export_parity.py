@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from shared.encoder import ImageEncoder, file_sha256
+from shared.encoder import ImageEncoder
+from shared.sessions import file_sha256
 from tools.export_models import load_torch_model
 
 # foolbox is installed (--no-deps) only for its 20 labelled ImageNet photos; locate it without importing it.

@@ -27,7 +27,7 @@ def _search(client: TestClient, **body: object) -> dict:  # type: ignore[type-ar
 def test_label_filter_matches_exact_filtered_search(client: TestClient, collection: Collection) -> None:
     index = collection.service.index()
     emb = EmbeddingStore(collection.storage, collection.encoder.version).load()
-    xt = pretransform(index.index, power_normalize(emb.vectors, index.manifest["power"]))
+    xt = pretransform(index.index, power_normalize(emb.vectors, index.manifest.power))
     rows_of = {image_id: index.row_of(image_id) for image_id in emb.ids}
     bag = np.array([rows_of[i] for i in emb.ids if index.label_of(rows_of[i]) == "Bag"])
     recalls = []

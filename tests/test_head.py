@@ -16,6 +16,7 @@ from job.train_head import train_head, train_on_collection
 from shared.encoder import ImageEncoder
 from shared.errors import BadRequest, NotReady, VersionMismatch
 from shared.head import ProjectionHead, current_head_version, load_head
+from shared.health import health as shared_health
 from shared.index import current_version, load_version
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
@@ -81,22 +82,22 @@ def test_head_space_beats_backbone_on_held_out_queries(
 
     trained, head_version = train_on_collection(c.storage, c.settings, c.encoder.version, progress=False)
     assert current_head_version(c.storage) == head_version
-    assert trained.manifest["classes"] == sorted(FASHION_MNIST_CLASSES)
-    assert trained.manifest["train"]["held_out"] == 100 and trained.manifest["train"]["val_knn10_accuracy"] > 0.75
+    assert trained.manifest.classes == sorted(FASHION_MNIST_CLASSES)
+    assert trained.manifest.train["held_out"] == 100 and trained.manifest.train["val_knn10_accuracy"] > 0.75
 
     settings = make_settings(c.settings.data_dir, index_space="head")
     result = reindex(c.storage, settings, c.encoder.version)
     assert result.built
     manifest = c.storage.get_json(INDEX, f"{result.version}/manifest.json")
     assert manifest["space"] == "head" and manifest["dim"] == 64 and manifest["input_dim"] == 1280
-    assert manifest["head"]["classes"] == trained.manifest["classes"]
+    assert manifest["head"]["classes"] == trained.manifest.classes
     assert reindex(c.storage, settings, c.encoder.version).built is False  # same head, same shards: up to date
 
     service = SearchService(settings, c.storage, encoder=c.encoder)
     head = _precision_at_10(service, queries, truth)
     # Measured: backbone 0.760, head 0.855 on these 500 queries (1,000 labelled training images).
     assert head >= 0.80 and head > backbone + 0.03, (head, backbone)
-    health = service.health()["index"]
+    health = shared_health(service.models, service.live)["index"]
     assert health["space"] == "head" and health["dim"] == 64
 
     # A search by stored id works in the head's space too: the image finds itself first.
@@ -118,7 +119,7 @@ def test_index_keeps_the_head_it_was_built_with(own_collection: Collection, tmp_
     hits_before = before.search(probe, 5)
 
     train_on_collection(c.storage, c.settings, c.encoder.version, epochs=3, seed=9, progress=False)
-    assert load_head(c.storage, tmp_path).version != before.head.version  # type: ignore[union-attr]
+    assert load_head(c.storage, make_settings(tmp_path)).version != before.head.version  # type: ignore[union-attr]
     again = load_version(c.storage, version, tmp_path)
     np.testing.assert_array_equal(again.search(probe, 5).rows, hits_before.rows)
 
@@ -133,7 +134,7 @@ def test_head_errors_are_clear(own_collection: Collection, tmp_path: Path) -> No
     lone = train_head(
         emb.vectors[:41], ["a"] * 20 + ["b"] * 20 + ["c"], tmp_path, encoder_version="e", epochs=1, progress=False
     )
-    assert lone.manifest["classes"] == ["a", "b"] and lone.manifest["dropped_classes"] == ["c"]
+    assert lone.manifest.classes == ["a", "b"] and lone.manifest.dropped_classes == ["c"]
 
     fresh = make_settings(tmp_path / "empty", index_space="head")
     fresh_storage = LocalStorage(fresh.data_dir)

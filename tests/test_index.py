@@ -68,9 +68,9 @@ def test_results_come_only_from_probed_clusters(real) -> None:  # type: ignore[n
 def test_without_pca_and_tiny_collections(real) -> None:  # type: ignore[no-untyped-def]
     vectors, ids, labels = real
     flat = build_index(vectors, ids, labels, encoder_version="t", params=IndexParams(kind="ivf_flat", pca_dim=0))
-    assert flat.manifest["factory"].startswith("IVF") and flat.manifest["dim"] == 1280
+    assert flat.manifest.factory.startswith("IVF") and flat.manifest.dim == 1280
     tiny = build_index(vectors[:3], ids[:3], labels[:3], encoder_version="t", params=IndexParams(kind="ivf_flat"))
-    assert tiny.manifest["nlist"] == 1 and tiny.manifest["pca_dim"] == 0
+    assert tiny.manifest.nlist == 1 and tiny.manifest.pca_dim == 0
     rows = tiny.search(vectors[:1], 3).rows[0]
     assert rows[0] == 0 and set(rows) == {0, 1, 2}
     with pytest.raises(ValueError):
@@ -84,7 +84,7 @@ def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collecti
     settings = make_settings(tmp_path, index_refresh_seconds=0)
     v1 = publish(storage, _build(real))
     service = SearchService(settings, storage, encoder=collection.encoder)
-    assert service.index().manifest["version"] == v1 == "v000001"
+    assert service.index().manifest.version == v1 == "v000001"
     vectors, ids, labels = real
     v2 = publish(
         storage,
@@ -104,7 +104,7 @@ def test_publish_swaps_pointer_and_readers_follow(tmp_path: Path, real, collecti
         )
     assert list_versions(storage) == ["v000003", "v000004", "v000005"]
     loaded = load_current(storage, tmp_path / "cache")
-    assert loaded.manifest["version"] == "v000005" and loaded.mapped is not None  # lists memory-mapped from the file
+    assert loaded.manifest.version == "v000005" and loaded.mapped is not None  # lists memory-mapped from the file
     small = build_index(
         vectors[:100], ids[:100], labels[:100], encoder_version="test", params=IndexParams(kind="ivf_flat")
     )
@@ -133,9 +133,9 @@ def test_a_broken_pointer_does_not_break_live_queries(tmp_path: Path, real, coll
     storage = LocalStorage(tmp_path)
     publish(storage, _build(real))
     service = SearchService(make_settings(tmp_path, index_refresh_seconds=0), storage, encoder=collection.encoder)
-    assert service.index().manifest["version"] == "v000001"
+    assert service.index().manifest.version == "v000001"
     storage.put_json("index", "CURRENT.json", {"version": "v000042"})  # points at nothing
-    assert service.index().manifest["version"] == "v000001"  # still serving
+    assert service.index().manifest.version == "v000001"  # still serving
     storage.put(INDEX, "CURRENT.json", b"{not json")
     assert service.index().count == len(real[1])
     fresh = SearchService(make_settings(tmp_path), storage, encoder=collection.encoder)
@@ -147,10 +147,10 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     from PIL import Image
 
     index = _build(real)
-    recall = index.manifest["recall"]
-    assert recall["meets_target"] and recall["at_10"] >= 0.95 and recall["sample"] == 1000
-    curve = recall["curve"]
-    assert curve[-1]["nprobe"] == index.nprobe == index.manifest["nprobe"]
+    recall = index.manifest.recall
+    assert recall is not None and recall.meets_target and recall.at_10 >= 0.95 and recall.sample == 1000
+    curve = recall.curve
+    assert curve[-1]["nprobe"] == index.nprobe == index.manifest.nprobe
     assert all(c["recall_at_10"] < 0.95 for c in curve[:-1])  # the smallest nprobe that reaches it
     assert [c["nprobe"] for c in curve] == sorted(c["nprobe"] for c in curve)
 
@@ -163,8 +163,8 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     assert held_out >= 0.93, held_out
 
     fixed = _build(real, nprobe=1, recall_target=0.99)
-    assert fixed.nprobe == 1 and not fixed.manifest["recall"]["meets_target"]
-    assert len(fixed.manifest["recall"]["curve"]) == 1
+    assert fixed.nprobe == 1 and fixed.manifest.recall is not None and not fixed.manifest.recall.meets_target
+    assert len(fixed.manifest.recall.curve) == 1
 
 
 def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, collection: Collection) -> None:
@@ -233,9 +233,9 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     result = reindex(storage, settings, collection.encoder.version)
     assert result.mode == "incremental" and result.added == 30 and result.count == 1030
     grown = load_current(storage, tmp_path / "cache")
-    assert grown.manifest["incremental"] == {"from": before.manifest["version"], "added": 30}
-    assert grown.manifest["trained_count"] == 1000 and grown.manifest["nlist"] == before.manifest["nlist"]
-    assert grown.manifest["recall"]["meets_target"]
+    assert grown.manifest.incremental == {"from": before.manifest.version, "added": 30}
+    assert grown.manifest.trained_count == 1000 and grown.manifest.nlist == before.manifest.nlist
+    assert grown.manifest.recall is not None and grown.manifest.recall.meets_target
     centroids = before.ivf.quantizer.reconstruct_n(0, before.ivf.nlist)
     np.testing.assert_array_equal(grown.ivf.quantizer.reconstruct_n(0, grown.ivf.nlist), centroids)
     assert grown.label_of(int(grown.row_of(new_ids[0]))) == "New"  # type: ignore[arg-type]

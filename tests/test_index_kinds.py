@@ -12,6 +12,7 @@ from job.datasets import png_bytes
 from job.embeddings import EmbeddingStore, embed_pending
 from job.index_build import IndexParams, build_index, plan_index, publish
 from job.reindex import reindex
+from shared.health import health
 from shared.index import ClusterIndex, load_current
 from shared.ingest import IngestItem, ingest_bytes
 from shared.search import SearchService
@@ -62,8 +63,8 @@ def test_plan_follows_size_and_memory_budget() -> None:
 def test_flat_kind_is_exact(real) -> None:  # type: ignore[no-untyped-def]
     vectors, ids = real
     index = build_index(vectors, ids, [None] * len(ids), encoder_version="t", params=IndexParams(kind="auto"))
-    assert index.manifest["kind"] == "flat" and index.nprobe == index.ivf.nlist  # 1,000 vectors: exact
-    assert index.manifest["recall"]["at_10"] == 1.0
+    assert index.manifest.kind == "flat" and index.nprobe == index.ivf.nlist  # 1,000 vectors: exact
+    assert index.manifest.recall is not None and index.manifest.recall.at_10 == 1.0
     queries = vectors[::25]
     scores, rows = _exact(index, queries, 10)
     hits = index.search(queries, 10)
@@ -76,10 +77,10 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     labels: list[str | None] = [None] * len(ids)
     pq = build_index(vectors, ids, labels, encoder_version="t", params=IndexParams(kind="ivf_pq", pq_m=16, rerank=4))
     m = pq.manifest
-    assert m["kind"] == "ivf_pq" and m["factory"].endswith("PQ16x8") and m["bytes_per_vector"] == 24
-    assert m["recall"]["meets_target"] and m["recall"]["at_10"] >= 0.95
+    assert m.kind == "ivf_pq" and m.factory.endswith("PQ16x8") and m.bytes_per_vector == 24
+    assert m.recall is not None and m.recall.meets_target and m.recall.at_10 >= 0.95
     tuned = pq.rerank  # the gate may widen the shortlist to 2 or 4 times the plan's
-    assert tuned in (4, 8, 16) and m["rerank"] == tuned and m["recall"]["curve"][-1]["rerank"] == tuned
+    assert tuned in (4, 8, 16) and m.rerank == tuned and m.recall.curve[-1]["rerank"] == tuned
     queries = vectors[1::20]
     _, truth = _exact(pq, queries, 10)
     hits = pq.search(queries, 10)
@@ -114,7 +115,7 @@ def test_ivf_pq_collection_adds_finds_and_deletes(tmp_path: Path, collection: Co
     first = reindex(storage, settings, collection.encoder.version)
     assert first.mode == "full" and first.kind == "ivf_pq" and first.recall_at_10 >= 0.95  # type: ignore[operator]
     service = SearchService(settings, storage, encoder=collection.encoder)
-    assert service.health()["index"]["kind"] == "ivf_pq"
+    assert health(service.models, service.live)["index"]["kind"] == "ivf_pq"
 
     x, _ = fashion_test
     new_ids = [
@@ -126,7 +127,7 @@ def test_ivf_pq_collection_adds_finds_and_deletes(tmp_path: Path, collection: Co
     out = service.search_image(png_bytes(x[5]), 3)
     assert out["results"][0]["id"] == new_ids[5] and out["results"][0]["score"] > 0.999  # exact re-ranking
 
-    service.delete(new_ids[5])
+    service.live.delete(new_ids[5])
     assert new_ids[5] not in {r["id"] for r in service.search_image(png_bytes(x[5]), 10)["results"]}
     rebuilt = reindex(storage, settings, collection.encoder.version)
     assert rebuilt.mode == "full" and rebuilt.count == 1019

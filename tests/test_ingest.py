@@ -148,8 +148,8 @@ def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, 
 
 
 def test_a_record_removed_during_embedding_does_not_stop_the_run(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+    from job import embeddings
     from job.embeddings import embed_pending
-    from shared import embeddings
 
     settings = make_settings(tmp_path, embed_batch_size=2)
     storage = LocalStorage(tmp_path)

@@ -162,7 +162,7 @@ def test_labelling_loop_through_the_api_and_the_retrain_job(pool: Pool) -> None:
     items = body["items"]
     assert len(items) == 8 and not {i["id"] for i in items} & pool.seeded
     clusters = [i["cluster"] for i in items]
-    assert len(set(clusters)) == min(8, int(service.index().manifest["nlist"]))
+    assert len(set(clusters)) == min(8, int(service.index().manifest.nlist))
     assert all(i["picked_by"] == "cluster_round_robin" and i["url"] == f"/api/images/{i['id']}" for i in items)
 
     # Label 60 more images (the oracle answers), in one batch with some bad items in it.
@@ -327,6 +327,6 @@ def test_cli_label_queue_label_and_retrain(pool: Pool) -> None:
     assert trained.returncode == 0, trained.stderr
     assert "trained on" in trained.stdout and "held-out accuracy" in trained.stdout
     version = current_classifier_version(pool.storage)
-    assert version is not None and ClassifierView(pool.storage, version).manifest["kind"] == "logistic"
+    assert version is not None and ClassifierView(pool.storage, version).manifest.kind == "logistic"
     table = cli("label-queue", "--n", "2")
     assert table.returncode == 0 and f"classifier {version}" in table.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.encoder import file_sha256
+from shared.sessions import file_sha256
 from shared.settings import Settings
 from shared.text_encoder import TextEncoder
 
@@ -48,7 +48,7 @@ def test_class_embeddings_match_the_names(text_encoder: TextEncoder) -> None:
     classes = text_encoder.imagenet_classes()
     assert classes.shape == (1000, 384)
     manifest = text_encoder.manifest
-    assert manifest["imagenet_classes"]["sha256"] == file_sha256(text_encoder.folder / "imagenet_classes.npy")
+    assert manifest.imagenet_classes.sha256 == file_sha256(text_encoder.folder / "imagenet_classes.npy")
     top = np.argsort(-(classes @ text_encoder.encode(["a cat"])[0]))[:3]
     assert set(top.tolist()) <= {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
     assert 967 in np.argsort(-(classes @ text_encoder.encode(["espresso"])[0]))[:3]  # espresso (550: its maker)

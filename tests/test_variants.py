@@ -48,7 +48,7 @@ def test_fp16_agrees_with_fp32_on_held_out_photos(fp16: ImageEncoder, encoder: I
     assert cosine.min() >= 0.999, cosine
     assert (a.logits.argmax(1) == b.logits.argmax(1)).all()
     assert a.vectors.dtype == np.float32  # fp16 inside, fp32 at the edges
-    m = fp16.manifest.raw
+    m = fp16.manifest.to_json()
     assert m["precision"] == "fp16" and fp16.version != encoder.version
     assert m["conversion"]["from"]["sha256"] == encoder.manifest.sha256
 
@@ -62,7 +62,7 @@ def test_int8_agrees_with_fp32_on_held_out_photos(int8: ImageEncoder, encoder: I
     assert cosine.mean() >= 0.95 and cosine.min() >= 0.9, cosine
     assert (a.logits.argmax(1) == b.logits.argmax(1)).sum() >= 17
     assert (a.logits.argmax(1) == truth).sum() >= 15
-    assert int8.manifest.raw["precision"] == "int8" and int8.version != encoder.version
+    assert int8.manifest.to_json()["precision"] == "int8" and int8.version != encoder.version
 
 
 def test_int8_keeps_retrieval_quality(int8: ImageEncoder, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]

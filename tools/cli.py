@@ -77,12 +77,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
 def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
     from shared.encoder import ImageEncoder
 
-    return ImageEncoder(
-        settings.encoder_dir,
-        size=settings.image_size,
-        providers=settings.ort_providers,
-        intra_op_threads=settings.ort_intra_op_threads,
-    )
+    return ImageEncoder.from_settings(settings)
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
@@ -132,7 +127,7 @@ def cmd_reindex(args: argparse.Namespace, settings: Settings, storage: Storage) 
 
 
 def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.index import INDEX, current_version, list_versions, rollback
+    from shared.index import current_version, list_versions, read_manifest, rollback
 
     if args.action == "rollback":
         before, after = rollback(storage, args.to)
@@ -145,13 +140,12 @@ def cmd_index(args: argparse.Namespace, settings: Settings, storage: Storage) ->
         return 0
     print("   version   images  kind      clusters  nprobe  recall@10  space     built")
     for version in versions:
-        m = storage.get_json(INDEX, f"{version}/manifest.json")
-        recall = m.get("recall", {}).get("at_10", "-")
+        m = read_manifest(storage, version)
+        recall = m.recall.at_10 if m.recall else "-"
         mark = "*" if version == current else " "
         print(
-            f"{mark}  {version}  {m['count']:>7}  {m.get('kind', 'ivf_flat'):<8}  {m['nlist']:>8}  "
-            f"{m.get('nprobe', '-'):>6}  {recall!s:>9}  "
-            f"{m.get('space', 'backbone'):<8}  {m['built_at']}"
+            f"{mark}  {version}  {m.count:>7}  {m.kind:<8}  {m.nlist:>8}  {m.nprobe:>6}  {recall!s:>9}  "
+            f"{m.space:<8}  {m.built_at}"
         )
     return 0
 
@@ -170,14 +164,14 @@ def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storag
         seed=args.seed,
         device=args.device,
     )
-    t = trained.manifest["train"]
+    t = trained.manifest.train
     print(
-        f"projection head {version} trained on {t['train']} labelled images ({len(trained.manifest['classes'])} "
+        f"projection head {version} trained on {t['train']} labelled images ({len(trained.manifest.classes)} "
         f"classes, {t['device']}{', mixed precision' if t['mixed_precision'] else ''}, {t['seconds']:.1f} s); "
         f"held out {t['held_out']}: accuracy {t['val_accuracy']}, 10-NN accuracy {t['val_knn10_accuracy']}"
     )
-    if trained.manifest["dropped_classes"]:
-        dropped = trained.manifest["dropped_classes"]
+    if trained.manifest.dropped_classes:
+        dropped = trained.manifest.dropped_classes
         print(f"  left out {len(dropped)} labels with a single image: {', '.join(dropped[:10])}")
     if settings.index_space != "head":
         print("  to search in its 64-d space: CLUSTERLENS_INDEX_SPACE=head clusterlens reindex")
@@ -188,9 +182,9 @@ def cmd_train_head(args: argparse.Namespace, settings: Settings, storage: Storag
 
 def cmd_label_queue(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.labelling import label_queue
-    from shared.search import SearchService
+    from shared.live_index import LiveIndex
 
-    out = label_queue(SearchService(settings, storage), args.n, args.strategy)
+    out = label_queue(LiveIndex(settings, storage), args.n, args.strategy)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -231,7 +225,7 @@ def cmd_label(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     for start in range(0, len(pairs), settings.max_label_batch):
         chunk = pairs[start : start + settings.max_label_batch]
         body = {"labels": [{"id": i, "label": lab} for i, lab in chunk], "user": args.user or _login()}
-        _, out = submit_labels(service, queue, body)
+        _, out = submit_labels(service.live, queue, body)
         total_ok += out["accepted"]
         for err in out["errors"]:
             print(f"  line {start + err['index'] + 1}: {err['id']}: {err['error']['message']}", file=sys.stderr)

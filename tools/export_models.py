@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.encoder import file_sha256
+from shared.sessions import file_sha256
 
 NAME = "efficientnet_lite0"
 EXPORT_REVISION = 1  # bump when the export itself changes what the model computes
@@ -233,7 +233,7 @@ def export_int8(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
             weight_type=QuantType.QInt8,
         )
         (Path(tmp) / "q.onnx").replace(onnx_path)
-    manifest = dict(fp32.manifest.raw)
+    manifest = fp32.manifest.to_json()
     manifest.update(
         {
             "name": INT8_NAME,
@@ -271,10 +271,10 @@ def export_fp16(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from shared.encoder import EncoderManifest
+    from shared.manifests import EncoderManifest
 
     fp32_dir = fp32_dir or out_dir.parent / NAME
-    fp32 = EncoderManifest.load(fp32_dir)
+    fp32 = EncoderManifest.read(fp32_dir / "manifest.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     onnx_path = out_dir / "model.onnx"
@@ -282,7 +282,7 @@ def export_fp16(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
     model = convert_float_to_float16(onnx.load(str(fp32_dir / fp32.file)), keep_io_types=True)
     onnx.save(model, str(tmp_path))
     tmp_path.replace(onnx_path)
-    manifest = dict(fp32.raw)
+    manifest = fp32.to_json()
     manifest.update(
         {
             "name": FP16_NAME,
