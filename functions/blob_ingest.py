@@ -16,28 +16,14 @@ bp = func.Blueprint()
 def ingest_blob(blob: func.InputStream) -> None:
     """Validate, dedupe and store the image, then queue its embedding; bad input is quarantined."""
     rt = get_runtime()
+    metadata = dict(getattr(blob, "metadata", None) or {})  # the concrete func.blob.InputStream has it
+    name = blob.name or ""
     outcome = handle_blob(
-        rt.storage,
-        rt.queue,
-        rt.settings,
-        name=blob.name or "",
-        length=blob.length,
-        metadata=dict(getattr(blob, "metadata", None) or {}),  # the concrete func.blob.InputStream has it
-        read=blob.read,
+        rt.storage, rt.queue, rt.settings, name=name, length=blob.length, metadata=metadata, read=blob.read
     )
-    result = outcome.result
-    log.info(
-        "%s: %s %s%s",
-        blob.name,
-        result.status,
-        result.id[:12],
-        f" (job {outcome.job.job_id}{', queued' if outcome.queued else ''})" if outcome.job else "",
-    )
+    log.info("%s: %s", name, outcome.describe())
 
 
 # Registered without rebinding the name, so tests call ``ingest_blob`` as the host would.
-bp.function_name("ingest_blob")(
-    bp.blob_trigger(
-        arg_name="blob", path="uploads/{name}", connection="AzureWebJobsStorage", source=func.BlobSource.EVENT_GRID
-    )(ingest_blob)
-)
+trigger = bp.blob_trigger("blob", "uploads/{name}", connection="AzureWebJobsStorage", source=func.BlobSource.EVENT_GRID)
+bp.function_name("ingest_blob")(trigger(ingest_blob))

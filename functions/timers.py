@@ -13,35 +13,25 @@ log = logging.getLogger(__name__)
 bp = func.Blueprint()
 
 
-def _fire(kind: JobKind, schedule: str, timer: func.TimerRequest) -> None:
+def _fire(kind: JobKind, timer: func.TimerRequest) -> None:
     rt = get_runtime()
+    schedule = rt.settings.reindex_schedule if kind == "reindex" else rt.settings.retrain_schedule
     record, queued = schedule_job(rt.storage, rt.queue, kind, schedule)
-    log.info(
-        "%s timer%s: job %s %s",
-        kind,
-        " (past due)" if timer.past_due else "",
-        record.job_id,
-        "queued" if queued else "was already queued for this slot",
-    )
+    what = "queued" if queued else "was already queued for this slot"  # a late or repeated firing finds it
+    log.info("%s timer%s: job %s %s", kind, " (past due)" if timer.past_due else "", record.job_id, what)
 
 
 def reindex_timer(timer: func.TimerRequest) -> None:
-    """Queue the reindex of this schedule slot (a late or repeated firing finds it queued)."""
-    _fire("reindex", get_runtime().settings.reindex_schedule, timer)
+    """Queue the reindex of this schedule slot."""
+    _fire("reindex", timer)
 
 
 def retrain_timer(timer: func.TimerRequest) -> None:
     """Queue the retrain of this schedule slot."""
-    _fire("retrain", get_runtime().settings.retrain_schedule, timer)
+    _fire("retrain", timer)
 
 
-bp.function_name("reindex_timer")(
-    bp.timer_trigger(arg_name="timer", schedule="%REINDEX_SCHEDULE%", run_on_startup=False, use_monitor=True)(
-        reindex_timer
-    )
-)
-bp.function_name("retrain_timer")(
-    bp.timer_trigger(arg_name="timer", schedule="%RETRAIN_SCHEDULE%", run_on_startup=False, use_monitor=True)(
-        retrain_timer
-    )
-)
+# Registered without rebinding the names, so tests call the functions as the host would.
+for handler, schedule in ((reindex_timer, "%REINDEX_SCHEDULE%"), (retrain_timer, "%RETRAIN_SCHEDULE%")):
+    fire = bp.timer_trigger(arg_name="timer", schedule=schedule, run_on_startup=False, use_monitor=True)
+    bp.function_name(handler.__name__)(fire(handler))

@@ -159,16 +159,23 @@ def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any
     return {"required": required, "content": {"application/json": {"schema": schema_of(model)}}}
 
 
-def form_body(model: type[BaseModel], image_types: list[str]) -> dict[str, Any]:
+def form_body(
+    model: type[BaseModel],
+    image_types: list[str],
+    *,
+    form: dict[str, Any] | None = None,
+    json: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """An OpenAPI ``requestBody`` of an image: a multipart form (``model``: the ``image`` file and text
-    fields) or the raw image bytes in one of ``image_types``."""
-    return {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": schema_of(model)},
-            **{t: {"schema": {"type": "string", "format": "binary"}} for t in image_types},
-        },
+    fields; or its ``form`` schema), the raw image bytes in one of ``image_types``, and optionally a
+    JSON alternative (a :func:`json_body`)."""
+    content: dict[str, Any] = {
+        "multipart/form-data": {"schema": form or schema_of(model)},
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in image_types},
     }
+    if json is not None:
+        content["application/json"] = json["content"]["application/json"]
+    return {"required": True, "content": content}
 
 
 class ImageForm(BaseModel):

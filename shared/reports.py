@@ -12,7 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, NotReady
+from shared.live_index import LiveIndex
 from shared.manifests import ReportManifest
 from shared.storage import REPORTS, Storage
 from shared.versions import read_pointer
@@ -115,3 +116,14 @@ def review_list(
 def current_report(storage: Storage) -> str | None:
     """The published report version, or None before the first analysis."""
     return read_pointer(storage, REPORTS)
+
+
+def review(live: LiveIndex, kind: str, limit: int, offset: int) -> dict[str, Any]:
+    """A page of the latest report's anomalies or mislabels with each image's label now (where an
+    index is served; see :func:`review_list`)."""
+    try:
+        live.get()
+        label_of: Callable[[str], str | None] | None = live.label_of
+    except NotReady:
+        label_of = None
+    return review_list(live.storage, kind, limit, offset, label_of)

@@ -1,28 +1,54 @@
-"""What the function app's triggers share per worker process: settings, storage, the job queue.
+"""What the function app's functions share per worker process: settings, storage, the job queue, and
+the query side (search, classify), each made on first use.
 
-Created on first use (no work at import time), cached, and cleared by tests with
-``get_runtime.cache_clear()``.
+Nothing is built at import time. The triggers take the process's runtime (:func:`get_runtime`, cleared
+by tests with ``get_runtime.cache_clear()``); the HTTP app holds one made with whatever a test injects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
+from shared.classify import Classifier
 from shared.queues import JobQueue, open_queue
+from shared.search import SearchService
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
 
 
-@dataclass(frozen=True)
 class Runtime:
-    settings: Settings
-    storage: Storage
-    queue: JobQueue
+    """Settings and the parts made from them, built on first use; any of them may be given ready."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage | None = None,
+        queue: JobQueue | None = None,
+        service: SearchService | None = None,
+    ):
+        self.settings = settings
+        self._storage, self._queue, self._service = storage, queue, service
+
+    @cached_property
+    def storage(self) -> Storage:
+        if self._service is not None:
+            return self._service.storage
+        return self._storage or open_storage(self.settings)
+
+    @cached_property
+    def service(self) -> SearchService:
+        return self._service or SearchService(self.settings, self.storage)
+
+    @cached_property
+    def queue(self) -> JobQueue:
+        return self._queue or open_queue(self.settings, self.settings.queue_name)
+
+    @cached_property
+    def classifier(self) -> Classifier:
+        return Classifier(self.storage, self.settings)
 
 
 @lru_cache(maxsize=1)
 def get_runtime() -> Runtime:
-    """The process's runtime, built from the settings on first call."""
-    settings = get_settings()
-    return Runtime(settings, open_storage(settings), open_queue(settings, settings.queue_name))
+    """The process's runtime, made from the settings on first call."""
+    return Runtime(get_settings())

@@ -39,6 +39,11 @@ class Accepted:
     job: JobRecord | None = None
     queued: bool = False  # whether this call queued the job (False: it was queued before)
 
+    def describe(self) -> str:
+        """One line for the log: ``added 3f9c2a1b0d4e (job embed-batch-..., queued)``."""
+        job = f" (job {self.job.job_id}{', queued' if self.queued else ''})" if self.job else ""
+        return f"{self.result.status} {self.result.id[:12]}{job}"
+
 
 def accept_upload(
     storage: Storage,

@@ -3,6 +3,7 @@ imports the container job (``job/``), the tools or the benchmarks, and nothing i
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -62,3 +63,35 @@ def test_job_image_copies_shared_and_job_only() -> None:
     runtime = dockerfile.split("\nFROM ")[-1]
     copied = [line.split()[1] for line in runtime.splitlines() if line.startswith("COPY ") and "--from" not in line]
     assert set(copied) == {"job/requirements.txt", "shared", "job"}, copied
+
+
+WEB = ("fastapi", "starlette", "uvicorn", "multipart", "azure.functions")  # not in the job image
+
+
+def test_job_side_never_imports_the_web_stack() -> None:
+    """The job image has no FastAPI or Functions host: nothing the job reaches may import them."""
+    graph = import_graph(ROOT)
+    reach, todo = set(), [m for m in graph if m.split(".")[0] == "job"]
+    while todo:
+        module = todo.pop()
+        if module not in reach:
+            reach.add(module)
+            todo.extend(graph[module])
+    modules = project_modules(ROOT)
+    for module in sorted(reach):
+        tree = ast.parse(modules[module].read_text(encoding="utf-8"))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level]
+        assert not [n for n in names if n.startswith(WEB)], (module, [n for n in names if n.startswith(WEB)])
+
+
+def test_the_http_layer_stays_thin() -> None:
+    """functions/ parses, calls one core function and answers: small in total, every route short."""
+    files = sorted((ROOT / "functions").rglob("*.py"))
+    total = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
+    assert total <= 480, f"functions/ is {total} lines: move logic into shared/"
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                assert length <= 20, f"{path.name}:{node.name} is {length} lines"

@@ -197,3 +197,50 @@ def test_corpus_files_are_what_they_say() -> None:
         Image.open(io.BytesIO(BY_NAME["png_bomb_100000x100000"].data))
     assert len(BY_NAME["oversized_png"].data) > CORPUS_LIMITS["max_upload_bytes"]
     assert isinstance(BY_NAME["zero_bytes"], CorpusFile) and BY_NAME["zero_bytes"].quarantine_code == "empty_image"
+
+
+def _hostile_json() -> dict[str, bytes]:
+    """JSON bodies built to hurt a parser: nested thousands deep (once a 500: RecursionError in the
+    decoder), deep inside an otherwise well-formed body, and brackets hidden in strings (no harm)."""
+    deep = 1500  # past Python's recursion limit (1000), small enough for every endpoint's body bound
+    return {
+        "deep_array": b"[" * deep + b"]" * deep,
+        "deep_object": b'{"a":' * deep + b"1" + b"}" * deep,
+        "deep_in_a_field": b'{"kind": "reindex", "labels": ' + b"[" * deep + b"]" * deep + b', "id": "x"}',
+        "unterminated_deep": b"[" * deep,
+    }
+
+
+def test_deep_json_is_a_400_on_every_json_endpoint(full_collection: Path) -> None:
+    """Every operation that takes JSON (found from the app's own schema) answers 400 invalid_json."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from functions.http_api import create_app
+    from tests.conftest import AUTH
+    from tests.full_collection import settings_for
+
+    data_dir = full_collection.parent / "hostile-json"
+    shutil.copytree(full_collection, data_dir, dirs_exist_ok=True)
+    client = TestClient(create_app(settings=settings_for(data_dir)), raise_server_exceptions=False, headers=AUTH)
+    paths = client.get("/api/openapi.json").json()["paths"]
+    operations = [
+        (method, path)
+        for path, ops in paths.items()
+        for method, op in ops.items()
+        if "application/json" in op.get("requestBody", {}).get("content", {})
+    ]
+    assert {("post", "/api/search"), ("post", "/api/jobs"), ("post", "/api/labels")} <= set(operations)
+    assert {("put", "/api/label-set"), ("post", "/api/index/rollback")} <= set(operations)
+    for method, path in operations:
+        codes = set()
+        for name, body in _hostile_json().items():
+            resp = client.request(method.upper(), path, content=body, headers={"Content-Type": "application/json"})
+            code = resp.json()["error"]["code"]
+            assert (resp.status_code, code) in ((400, "invalid_json"), (413, "payload_too_large")), (path, name, code)
+            codes.add(code)
+        assert "invalid_json" in codes, path  # refused for its depth, not only for its size
+        quoted = b'{"text": "' + b"[" * 2000 + b'", "kind": "reindex", "classes": ["a"]}'  # brackets in a string
+        headers = {"Content-Type": "application/json"}
+        assert client.request(method.upper(), path, content=quoted, headers=headers).status_code < 500
