@@ -16,7 +16,7 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability figures
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) $(MODELS) data
@@ -103,6 +103,10 @@ bench-cluster: $(STAMP) $(MODELS) data
 ## bench-reliability: fuzzing (>= 2,000 requests), 84 hostile files, load at c=32 for 60 s, 30 SIGKILL crash trials
 bench-reliability: $(STAMP) $(MODELS) data
 	$(BIN)/python -m bench.reliability
+
+## figures: render docs/figures.md and the README's figures table from bench/results/*.json (standard library only)
+figures:
+	$(PYTHON) -m bench.figures
 
 serve: $(STAMP) $(MODELS)
 	$(BIN)/clusterlens serve --port $(PORT)

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.embed import device
 from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
 from job.embeddings import EmbeddingStore
 from shared.catalog import Catalog
@@ -831,6 +832,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="clusterlens-crash-") as tmp:
                 result = run(Path(tmp))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    result["device"] = device()
     text = json.dumps(result, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
