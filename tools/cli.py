@@ -402,14 +402,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     worker = None
     if args.worker:  # the same loop as the container job, on the local queue
-        worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker"])
-        print(f"  a worker (pid {worker.pid}) embeds and indexes uploads as they arrive\n")
+        # Stopping the page stops its worker at once: a running job goes back on the queue for next time.
+        # Ctrl-C reaches the worker too; it starts with SIGINT ignored (inherited) until it has set up its
+        # own handler, so a Ctrl-C while it is still importing is no traceback: the SIGTERM below ends it.
+        default_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker", "--requeue-on-stop"])
+        finally:
+            signal.signal(signal.SIGINT, default_sigint)
+        print(f"  a worker (pid {worker.pid}) runs queued jobs and embeds and indexes uploads as they arrive\n")
     try:
         uvicorn.run(create_app(settings=settings), host=args.host, port=args.port, log_level="warning")
     finally:
         if worker is not None:
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck in native code: its job's message comes back by itself
+                worker.kill()
+                worker.wait()
     return 0
 
 
@@ -419,7 +430,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -
     if not args.verbose:
         logging.getLogger("shared").setLevel(logging.INFO)
     worker = open_worker(settings, storage)
-    install_signal_handlers(worker)
+    install_signal_handlers(worker, requeue=args.requeue_on_stop)
     where = settings.data_dir if settings.storage_backend == "local" else "Azure Storage"
     print(f"clusterlens worker {worker.worker_id}: taking jobs from queue {worker.queue.name} ({where})", flush=True)
     stats = worker.run(until_idle=args.until_idle, idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
@@ -593,6 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
     p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
     p.add_argument("--max-jobs", type=int, help="exit after this many messages")
+    p.add_argument(
+        "--requeue-on-stop",
+        action="store_true",
+        help="on Ctrl-C or SIGTERM stop at once, putting the running job back on the queue (default: finish it)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("jobs", help="list recent jobs, show one, or start one")
