@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 
 from shared.errors import ClusterlensError
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from shared.jobs import JobRecord
 
 DATASETS = ("fashion-mnist", "skimage-photos")
 STRATEGY_CHOICES = ("random", "least_confidence", "margin", "entropy")
@@ -467,6 +470,12 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    """Ingest, embed and index (what search needs), then serve; what can wait runs as queued jobs on
+    the demo's worker: the first classifier and the first analysis (minutes: clusters, UMAP, t-SNE).
+
+    The jobs are queued durably before the server starts, so a demo stopped while they run runs them
+    the next time; a demo with its classifier and report already built queues nothing.
+    """
     steps = [
         argparse.Namespace(
             dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None, label_share=args.label_share
@@ -477,19 +486,61 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
         cmd_ingest(step, settings, storage)
     cmd_embed(args, settings, storage)
     cmd_reindex(argparse.Namespace(force=False), settings, storage)
-    from shared.classifier import current_classifier_version
+    queued = _queue_first_jobs(settings, storage)
+    if args.no_serve:  # build everything, then exit: run the jobs here
+        if queued:
+            from job.worker import open_worker
 
-    if current_classifier_version(storage) is None:  # predictions and a labelling queue from the start
-        cmd_retrain(argparse.Namespace(kind=None), settings, storage)
-    from shared.reports import current_report
-
-    if current_report(storage) is None:  # clusters, maps and the review lists from the start
-        cmd_analyse(argparse.Namespace(k=None, map_sample=None, maps=None), settings, storage)
-    if args.no_serve:
+            print(f"running {', '.join(r.job_id for r in queued)} ...")
+            stats = open_worker(settings, storage).run(until_idle=True)
+            print(f"jobs done: {json.dumps(stats.outcomes)}")
         return 0
+    if queued and not args.worker:
+        print("  no worker (--no-worker): start `clusterlens worker` to run them")
     if settings.api_key is None:  # the demo's page may write: a key of its own, kept with its data
         settings = settings.model_copy(update={"api_key": SecretStr(demo_key(settings.data_dir))})
     return cmd_serve(args, settings, storage)
+
+
+def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
+    """Queue the demo's first classifier and first analysis unless they exist or are on their way.
+
+    Job ids are made from the index version, so a second demo over the same index finds the job the
+    first one queued (:func:`shared.jobs.enqueue` queues an id once) instead of adding another.
+
+    Returns:
+        The records of the jobs not finished yet (queued now or earlier).
+    """
+    from datetime import UTC, datetime
+
+    from shared.classifier import current_classifier_version
+    from shared.index import current_version
+    from shared.jobs import FINISHED, JobKind, JobMessage, JobStore, enqueue
+    from shared.queues import open_queue
+    from shared.reports import current_report
+
+    wanted: list[tuple[JobKind, str, str]] = []
+    if current_classifier_version(storage) is None:  # predictions and a labelling queue
+        wanted.append(("retrain", "the label classifier", "the Label view shows its predictions once it has run"))
+    if current_report(storage) is None:  # clusters, maps and the review lists
+        what = "the first analysis (clusters, maps, review lists)"
+        wanted.append(("analyse", what, "the Map and Review views show it once it has run"))
+    queue = open_queue(settings, settings.queue_name)
+    out = []
+    for kind, what, after in wanted:
+        record = JobStore(storage).pending(kind)
+        if record is None:
+            job_id = f"{kind}-demo-{current_version(storage) or 'first'}"
+            message = JobMessage(job_id=job_id, kind=kind, origin="demo", created_at=datetime.now(UTC))
+            record, _ = enqueue(storage, queue, message)
+        if record.status in FINISHED:  # this index's job has run already: say how, rather than run it again
+            how = f": {record.error.message}" if record.error else ""
+            again = f"`clusterlens jobs start --kind {kind}` runs it again"
+            print(f"{what}: job {record.job_id} {record.status}{how} ({again})")
+            continue
+        print(f"{what}: job {record.job_id} ({record.status}); {after}")
+        out.append(record)
+    return out
 
 
 def demo_key(data_dir: Path) -> str:
