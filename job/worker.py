@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class JobInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not an error, not an Exception
+    """Raised in a running job to stop it now: the worker puts the job back on the queue and stops."""
+
+
 class PermanentJobError(ClusterlensError):
     """A job that cannot succeed however often it is tried: failed at once, not retried."""
 
@@ -301,6 +305,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._encoder = encoder
         self.stop = threading.Event()
+        self.in_job = False  # a handler is running: what a signal may interrupt
 
     def encoder(self) -> ImageEncoder:
         if self._encoder is None:
@@ -339,7 +344,12 @@ class Worker:
         return stats
 
     def process(self, message: QueueMessage) -> str:
-        """Run one message's job. Returns the outcome: succeeded, duplicate, retrying, failed or poisoned."""
+        """Run one message's job.
+
+        Returns:
+            The outcome: succeeded, duplicate, retrying, failed, poisoned, or handed_back (interrupted
+            by :class:`JobInterrupted`: the job is queued again, as new, for the next worker).
+        """
         try:
             job = JobMessage.from_text(message.content)
         except ClusterlensError as exc:
@@ -364,15 +374,24 @@ class Worker:
         t0 = time.perf_counter()
         result: dict[str, Any] = {}
         error: Exception | None = None
+        interrupted = False
         with Heartbeat(self.queue, message, self.settings.job_visibility_seconds) as beat:
             try:
                 if handler is None:
                     raise PermanentJobError(f"no handler for job kind {job.kind!r}")
-                result = handler(ctx)
+                self.in_job = True
+                try:
+                    result = handler(ctx)
+                finally:
+                    self.in_job = False
+            except JobInterrupted:
+                interrupted = True
             except Exception as exc:  # noqa: BLE001 - a job's failure is recorded, never kills the worker
                 error = exc
         held = beat.current()  # the heartbeat has stopped: this receipt is the last one
         record.seconds["total"] = round(time.perf_counter() - t0, 3)
+        if interrupted:
+            return self._hand_back(held, job, record)
         if error is not None:
             return self._failed(held, job, record, error, attempt)
         record.status, record.result, record.finished_at = "succeeded", result, datetime.now(UTC)
@@ -402,6 +421,23 @@ class Worker:
         except LostMessage:
             pass
         return "retrying"
+
+    def _hand_back(self, held: QueueMessage, job: JobMessage, record: JobRecord) -> str:
+        """Queue an interrupted job again at once, as a fresh message (its tries so far not counted:
+        stopping a worker is not the job's failure), then let go of the held one.
+
+        A copy goes first: if the worker dies in between, the job is delivered twice and the second
+        delivery finds it finished; never lost.
+        """
+        record.status, record.worker = "queued", None
+        for key in ("done", "total"):
+            record.progress.pop(key, None)
+        record.progress["stage"] = "interrupted, queued again"
+        self.store.save(record)
+        self.queue.send(held.content)
+        self._delete(held)
+        log.warning("job %s interrupted after %.1f s: queued again", job.job_id, record.seconds["total"])
+        return "handed_back"
 
     def _give_up(
         self,
@@ -451,12 +487,21 @@ class Worker:
             log.warning("message %s was taken again before it could be deleted", message.id)
 
 
-def install_signal_handlers(worker: Worker) -> None:
-    """SIGTERM/SIGINT stop the loop after the current job (a killed job's message comes back anyway)."""
+def install_signal_handlers(worker: Worker, *, requeue: bool = False) -> None:
+    """SIGTERM/SIGINT stop the loop after the current job (a killed job's message comes back anyway).
+
+    Args:
+        requeue: stop at once instead: the running job is interrupted and queued again, for the next
+            worker to run from the start. For a worker beside something interactive (``clusterlens
+            demo``'s), where Ctrl-C should neither wait minutes for an analysis nor lose it.
+    """
 
     def _stop(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping after the current job", signum)
         worker.stop.set()
+        if requeue and worker.in_job:
+            log.info("signal %d: interrupting the current job, it goes back on the queue", signum)
+            raise JobInterrupted
+        log.info("signal %d: stopping after the current job", signum)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

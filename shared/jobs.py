@@ -161,6 +161,10 @@ class JobStore:
         found = (self.find(name[len(CREATED) :].split("-", 1)[1]) for name in reversed(names))
         return [r for r in found if r is not None]
 
+    def pending(self, kind: JobKind, limit: int = 100) -> JobRecord | None:
+        """The newest of the ``limit`` most recent jobs that is of ``kind`` and not finished, if any."""
+        return next((r for r in self.recent(limit) if r.kind == kind and r.status not in FINISHED), None)
+
     def was_sent(self, job_id: str) -> bool:
         return self.storage.exists(JOBS, f"{SENT}{job_id}")
 

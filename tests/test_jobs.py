@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from functions import blob_ingest, timers
 from job.datasets import fashion_mnist_items
-from job.worker import JobContext, Worker
+from job.worker import JobContext, Worker, install_signal_handlers
 from shared.catalog import Catalog
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, schedule_job, timer_slot
 from shared.queues import LostMessage
@@ -180,3 +182,37 @@ def test_recent_jobs_are_the_newest_whatever_their_names(backend: Backend) -> No
     recent = JobStore(backend.storage).recent(3)
     assert [r.job_id for r in recent] == ["embed-batch-002", "embed-batch-001", "embed-batch-000"]
     assert len(JobStore(backend.storage).recent(200)) == 113
+
+
+def test_a_worker_stopped_mid_job_with_requeue_queues_the_job_again_at_once(backend: Backend) -> None:
+    """`clusterlens demo`'s worker (`--requeue-on-stop`): a stop signal interrupts the running job,
+    which is queued again as new (visible now, its try not counted); the next worker runs it."""
+    calls: list[int] = []
+
+    def analyse(ctx: JobContext) -> dict[str, Any]:
+        calls.append(ctx.record.attempts)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the user stops the demo
+            time.sleep(30)  # interrupted: the test would take 30 s more otherwise
+        return {"ran": len(calls)}
+
+    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"analyse": analyse})
+    message = JobMessage(job_id="analyse-api-stopped", kind="analyse", origin="api", created_at=datetime.now(UTC))
+    enqueue(backend.storage, backend.queue, message)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        install_signal_handlers(worker, requeue=True)
+        t0 = time.monotonic()
+        assert worker.run().outcomes == {"handed_back": 1}  # and the loop stopped
+        assert time.monotonic() - t0 < 10
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    record = JobStore(backend.storage).get("analyse-api-stopped")
+    assert record.status == "queued" and record.progress == {"stage": "interrupted, queued again"}
+    again = backend.queue.receive(visibility_timeout=30)
+    assert again is not None and again.dequeue_count == 1 and JobMessage.from_text(again.content) == message
+    following = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"analyse": analyse})
+    assert following.process(again) == "succeeded"
+    assert calls == [1, 1] and backend.queue.approximate_count() == 0
+    assert JobStore(backend.storage).get("analyse-api-stopped").result == {"ran": 2}

@@ -7,8 +7,12 @@ Screenshots of each view go to tests/artifacts/ (ignored by git) for a person to
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,9 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from job.datasets import FASHION_MNIST_CLASSES
-from tests.conftest import API_KEY, png
+from tests.conftest import API_KEY, AUTH, png
 from tests.full_collection import ENV, SIZE
-from tests.servers import running_server
+from tests.servers import ROOT, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +66,17 @@ def page(browser: Any, server: str) -> Iterator[Any]:
     JavaScript error on it fails the test. Playwright's `wait_for_function` evaluates strings, which
     the page's Content-Security-Policy forbids, so these tests bypass it; the policy itself is tested
     on its own (`test_the_page_runs_under_its_own_content_security_policy`)."""
+    with opened(browser, server) as pg:
+        yield pg
+
+
+@contextmanager
+def opened(browser: Any, url: str, view: str = "") -> Iterator[Any]:
+    """The page at ``url`` (on ``view``), as the `page` fixture opens it."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     pg = context.new_page()
     errors = watch(pg)
-    pg.goto(f"{server}/#key={API_KEY}")
+    pg.goto(f"{url}/#{view + '&' if view else ''}key={API_KEY}")
     assert "key=" not in pg.url  # taken out of the address bar (and history) at once
     yield pg
     context.close()
@@ -93,8 +104,8 @@ def test_upload_a_query_image_shows_its_class_then_click_to_search_by_a_result(
     page.set_input_files("#file", str(_query_file(tmp_path, fashion_test, "Trouser")))
     page.wait_for_selector("#grid .result")
     labels = page.locator("#grid .result").evaluate_all("cards => cards.map(c => c.dataset.label)")
-    top = [lab for lab in labels[:10] if lab]
-    assert len(labels) == 20 and top.count("Trouser") >= 0.8 * len(top), labels
+    top = [lab for lab in labels[:10] if lab]  # every other image is labelled: about five of ten
+    assert len(labels) == 20 and len(top) >= 4 and top.count("Trouser") >= 0.8 * len(top), labels
     assert "ms on the server" in page.inner_text("#search-meta")
     assert page.locator("#grid img").first.get_attribute("alt")
     shot(page, "search")
@@ -106,12 +117,15 @@ def test_upload_a_query_image_shows_its_class_then_click_to_search_by_a_result(
     assert page.locator("#grid .result").first.get_attribute("data-id") == clicked_id  # itself, score 1
 
 
-def test_text_query(page: Any) -> None:
+def test_text_query(page: Any, tmp_path: Path, fashion_test) -> None:  # type: ignore[no-untyped-def]
+    page.set_input_files("#file", str(_query_file(tmp_path, fashion_test, "Bag")))
+    page.wait_for_selector("#grid .result")
+    assert page.locator("#query img").count() == 1  # an image query shows its image ...
     page.fill("#q", "a bag")
     page.press("#q", "Enter")
     page.wait_for_function("document.querySelector('#search-meta').textContent.includes('a bag')")
     assert page.locator("#grid .result").count() > 0
-    assert page.locator("#query img").count() == 0  # no query image for a text query
+    assert page.locator("#query img").count() == 0  # ... a text query has none: the image query's is gone
 
 
 def test_label_five_with_the_keyboard(page: Any, server: str) -> None:
@@ -241,3 +255,53 @@ def test_an_empty_collection_says_so(browser: Any, tmp_path: Path) -> None:
         shot(pg, "empty")
         pg.close()
         assert not errors, errors
+
+
+@pytest.fixture
+def no_report_yet(full_collection: Path, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A server (no worker) over the collection as it is before its first analysis: no report.
+    Yields its URL and its environment."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(full_collection, data_dir)
+    shutil.rmtree(data_dir / "reports")
+    env = {"CLUSTERLENS_DATA_DIR": str(data_dir), **ENV}
+    with running_server(env) as url:
+        yield url, env
+
+
+def test_map_and_review_say_the_first_analysis_is_on_its_way_then_show_it(
+    browser: Any, no_report_yet: tuple[str, dict[str, str]]
+) -> None:
+    """While no report exists and an analyse job is queued, Map and Review say so (no error, no empty
+    view); once a worker has run the job, the open view shows the report without a reload."""
+    url, env = no_report_yet
+    assert httpx.get(url + "/api/reports/latest").json()["error"]["code"] == "no_report"
+    job = httpx.post(url + "/api/jobs", json={"kind": "analyse"}, headers=AUTH).json()["job"]
+    with opened(browser, url, "map") as pg:
+        pg.wait_for_selector("#map-pending:not([hidden])")
+        assert "first analysis is queued" in pg.inner_text("#map-pending")
+        assert "the map will appear here" in pg.inner_text("#map-pending")
+        assert pg.inner_text("#map-error") == "" and pg.locator("#map-canvas").get_attribute("data-points") == "0"
+        assert pg.locator("#map-analyse").is_disabled()  # no second analysis behind the first
+        shot(pg, "map-analysis-queued")
+        pg.click("nav a[data-view=review]")
+        pg.wait_for_selector("#review-pending:not([hidden])")
+        assert "mislabels and anomalies will appear here" in pg.inner_text("#review-pending")
+        assert pg.inner_text("#review-error") == "" and pg.locator(".review-item").count() == 0
+
+        worker = subprocess.run(  # the job lands: the PCA map only, as the collection was built
+            [sys.executable, "-m", "tools.cli", "worker", "--until-idle"],
+            cwd=ROOT,
+            env={**os.environ, "CLUSTERLENS_API_KEY": API_KEY, "CLUSTERLENS_ANALYSIS_MAPS": '["pca"]', **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert worker.returncode == 0 and '"succeeded": 1' in worker.stdout, worker.stdout + worker.stderr
+        assert httpx.get(f"{url}/api/jobs/{job['job_id']}").json()["status"] == "succeeded"
+        pg.wait_for_selector("#review-anomalies .review-item", timeout=30_000)  # the page polls: no reload
+        assert pg.locator("#review-pending").is_hidden() and pg.inner_text("#review-error") == ""
+        assert pg.locator("#review-anomalies .review-item").count() == 30
+        pg.click("nav a[data-view=map]")
+        pg.wait_for_selector(f"#map-canvas[data-points='{SIZE}']")
+        assert pg.locator("#map-pending").is_hidden() and pg.locator("#map-analyse").is_enabled()

@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 
 from shared.errors import ClusterlensError
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from shared.jobs import JobRecord
 
 DATASETS = ("fashion-mnist", "skimage-photos")
 STRATEGY_CHOICES = ("random", "least_confidence", "margin", "entropy")
@@ -396,14 +399,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     worker = None
     if args.worker:  # the same loop as the container job, on the local queue
-        worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker"])
-        print(f"  a worker (pid {worker.pid}) embeds and indexes uploads as they arrive\n")
+        # Stopping the page stops its worker at once: a running job goes back on the queue for next time.
+        # Ctrl-C reaches the worker too; it starts with SIGINT ignored (inherited) until it has set up its
+        # own handler, so a Ctrl-C while it is still importing is no traceback: the SIGTERM below ends it.
+        default_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            worker = subprocess.Popen([sys.executable, "-m", "tools.cli", "worker", "--requeue-on-stop"])
+        finally:
+            signal.signal(signal.SIGINT, default_sigint)
+        print(f"  a worker (pid {worker.pid}) runs queued jobs and embeds and indexes uploads as they arrive\n")
     try:
         uvicorn.run(create_app(settings=settings), host=args.host, port=args.port, log_level="warning")
     finally:
         if worker is not None:
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck in native code: its job's message comes back by itself
+                worker.kill()
+                worker.wait()
     return 0
 
 
@@ -413,7 +427,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -
     if not args.verbose:
         logging.getLogger("shared").setLevel(logging.INFO)
     worker = open_worker(settings, storage)
-    install_signal_handlers(worker)
+    install_signal_handlers(worker, requeue=args.requeue_on_stop)
     where = settings.data_dir if settings.storage_backend == "local" else "Azure Storage"
     print(f"clusterlens worker {worker.worker_id}: taking jobs from queue {worker.queue.name} ({where})", flush=True)
     stats = worker.run(until_idle=args.until_idle, idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
@@ -450,6 +464,12 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    """Ingest, embed and index (what search needs), then serve; what can wait runs as queued jobs on
+    the demo's worker: the first classifier and the first analysis (minutes: clusters, UMAP, t-SNE).
+
+    The jobs are queued durably before the server starts, so a demo stopped while they run runs them
+    the next time; a demo with its classifier and report already built queues nothing.
+    """
     steps = [
         argparse.Namespace(
             dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None, label_share=args.label_share
@@ -460,19 +480,61 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
         cmd_ingest(step, settings, storage)
     cmd_embed(args, settings, storage)
     cmd_reindex(argparse.Namespace(force=False), settings, storage)
-    from shared.classifier import current_classifier_version
+    queued = _queue_first_jobs(settings, storage)
+    if args.no_serve:  # build everything, then exit: run the jobs here
+        if queued:
+            from job.worker import open_worker
 
-    if current_classifier_version(storage) is None:  # predictions and a labelling queue from the start
-        cmd_retrain(argparse.Namespace(kind=None), settings, storage)
-    from shared.reports import current_report
-
-    if current_report(storage) is None:  # clusters, maps and the review lists from the start
-        cmd_analyse(argparse.Namespace(k=None, map_sample=None, maps=None), settings, storage)
-    if args.no_serve:
+            print(f"running {', '.join(r.job_id for r in queued)} ...")
+            stats = open_worker(settings, storage).run(until_idle=True)
+            print(f"jobs done: {json.dumps(stats.outcomes)}")
         return 0
+    if queued and not args.worker:
+        print("  no worker (--no-worker): start `clusterlens worker` to run them")
     if settings.api_key is None:  # the demo's page may write: a key of its own, kept with its data
         settings = settings.model_copy(update={"api_key": SecretStr(demo_key(settings.data_dir))})
     return cmd_serve(args, settings, storage)
+
+
+def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
+    """Queue the demo's first classifier and first analysis unless they exist or are on their way.
+
+    Job ids are made from the index version, so a second demo over the same index finds the job the
+    first one queued (:func:`shared.jobs.enqueue` queues an id once) instead of adding another.
+
+    Returns:
+        The records of the jobs not finished yet (queued now or earlier).
+    """
+    from datetime import UTC, datetime
+
+    from shared.classifier import current_classifier_version
+    from shared.index import current_version
+    from shared.jobs import FINISHED, JobKind, JobMessage, JobStore, enqueue
+    from shared.queues import open_queue
+    from shared.reports import current_report
+
+    wanted: list[tuple[JobKind, str, str]] = []
+    if current_classifier_version(storage) is None:  # predictions and a labelling queue
+        wanted.append(("retrain", "the label classifier", "the Label view shows its predictions once it has run"))
+    if current_report(storage) is None:  # clusters, maps and the review lists
+        what = "the first analysis (clusters, maps, review lists)"
+        wanted.append(("analyse", what, "the Map and Review views show it once it has run"))
+    queue = open_queue(settings, settings.queue_name)
+    out = []
+    for kind, what, after in wanted:
+        record = JobStore(storage).pending(kind)
+        if record is None:
+            job_id = f"{kind}-demo-{current_version(storage) or 'first'}"
+            message = JobMessage(job_id=job_id, kind=kind, origin="demo", created_at=datetime.now(UTC))
+            record, _ = enqueue(storage, queue, message)
+        if record.status in FINISHED:  # this index's job has run already: say how, rather than run it again
+            how = f": {record.error.message}" if record.error else ""
+            again = f"`clusterlens jobs start --kind {kind}` runs it again"
+            print(f"{what}: job {record.job_id} {record.status}{how} ({again})")
+            continue
+        print(f"{what}: job {record.job_id} ({record.status}); {after}")
+        out.append(record)
+    return out
 
 
 def demo_key(data_dir: Path) -> str:
@@ -587,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
     p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
     p.add_argument("--max-jobs", type=int, help="exit after this many messages")
+    p.add_argument(
+        "--requeue-on-stop",
+        action="store_true",
+        help="on Ctrl-C or SIGTERM stop at once, putting the running job back on the queue (default: finish it)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("jobs", help="list recent jobs, show one, or start one")
