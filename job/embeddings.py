@@ -216,6 +216,7 @@ def embed_pending(
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     only: Collection[str] | None = None,
+    limit: int | None = None,
 ) -> EmbedStats:
     """Embed every catalogued image that has no embedding for this encoder version yet.
 
@@ -226,6 +227,8 @@ def embed_pending(
         progress: called with the number of images finished after each batch.
         on_total: called once with the number of pending images.
         only: consider only these image ids (an embedding job's own images).
+        limit: embed at most this many of the pending images (in id order, which for content hashes is
+            a fixed random sample); ``stats.pending`` still counts them all.
     """
     stats = EmbedStats()
     t_start = time.perf_counter()
@@ -235,6 +238,7 @@ def embed_pending(
     known = set(catalog.ids()) if only is None else {i for i in only if catalog.exists(i)}
     pending = sorted(known - done)
     stats.pending = len(pending)
+    pending = pending[:limit] if limit is not None else pending
     stats.seconds["list"] = time.perf_counter() - t_start
     if on_total:
         on_total(len(pending))

@@ -1,6 +1,7 @@
 """`clusterlens demo` as a user runs it (a small --limit, 64 px): the page and search answer as soon as
-the index is published, the first analysis runs after that as a queued job on the demo's worker, and
-stopping the demo while it runs loses nothing: the next demo runs it.
+the first images are indexed, the rest of the images, the first classifier and the first analysis
+follow as queued jobs on the demo's worker, and stopping the demo while one runs loses nothing: the
+next demo runs it.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ from tests.servers import ROOT, free_port
 pytestmark = pytest.mark.integration
 
 LIMIT = 300
+FIRST = 100  # indexed before the page is served; the demo's worker embeds the rest
 
 
 @contextmanager
-def demo(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def demo(env: dict[str, str], log: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`clusterlens demo` in its own process group (as in a terminal, where Ctrl-C reaches the server
     and its worker alike); yields the process and its URL once the page answers."""
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "demo", "--port", str(port), "--limit", str(LIMIT)],
+            [sys.executable, "-m", "tools.cli", "demo", "--port", str(port), "--limit", str(LIMIT), *args],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -95,15 +97,18 @@ def test_the_demo_serves_before_its_first_analysis_and_a_stop_in_between_loses_n
     env["PYTHONUNBUFFERED"] = "1"  # its output in the log as it happens
     log = tmp_path / "demo.log"
 
-    with demo(env, log) as (proc, url):
-        # Serving, searching: and the analysis not done (it has not even published a report).
+    with demo(env, log, "--first", str(FIRST)) as (proc, url):
+        # Serving on the first images, searching: the analysis not done (it has not even published a report).
         assert httpx.get(url + "/api/reports/latest").json()["error"]["code"] == "no_report"
         [job] = analyse_jobs(url)
         assert job["status"] in ("queued", "running") and job["origin"] == "demo", job
         query = {"image": ("q.png", png(fashion_test[0][0]), "image/png")}  # a held-out image
         found = httpx.post(url + "/api/search", files=query, data={"k": "5"}, timeout=60)
         assert found.status_code == 200 and len(found.json()["results"]) == 5, found.text
-        assert httpx.get(url + "/api/health").json()["index"]["count"] == LIMIT + 5  # and the five photos
+        assert httpx.get(url + "/api/health").json()["index"]["count"] == FIRST
+        # The worker embeds the rest and indexes them all (and the five photos) while the page serves.
+        count = lambda: httpx.get(url + "/api/health").json()["index"]["count"] == LIMIT + 5  # noqa: E731
+        wait_for(count, 240, "the rest of the images indexed", proc)
 
         # Stopped while the analysis runs: at once, and the job goes back on the queue.
         job_url = f"{url}/api/jobs/{job['job_id']}"

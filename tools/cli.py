@@ -95,6 +95,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) ->
             encoder,
             progress=bar.update,
             on_total=lambda n: _set_total(bar, n),
+            limit=getattr(args, "first", None),
         )
     print(
         f"embedded {stats.embedded} of {stats.pending} pending images "
@@ -464,8 +465,9 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    """Ingest, embed and index (what search needs), then serve; what can wait runs as queued jobs on
-    the demo's worker: the first classifier and the first analysis (minutes: clusters, UMAP, t-SNE).
+    """Ingest, embed the first ``--first`` images and index them (what search needs), then serve; what
+    can wait runs as queued jobs on the demo's worker, in order: the rest of the embeddings and the
+    index over all of them, the first classifier and the first analysis (minutes: clusters, UMAP, t-SNE).
 
     The jobs are queued durably before the server starts, so a demo stopped while they run runs them
     the next time; a demo with its classifier and report already built queues nothing.
@@ -497,7 +499,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
 
 
 def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
-    """Queue the demo's first classifier and first analysis unless they exist or are on their way.
+    """Queue the rest of the demo's embeddings (and the index over them), its first classifier and its
+    first analysis, unless they are done or on their way.
 
     Job ids are made from the index version, so a second demo over the same index finds the job the
     first one queued (:func:`shared.jobs.enqueue` queues an id once) instead of adding another.
@@ -514,6 +517,9 @@ def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
     from shared.reports import current_report
 
     wanted: list[tuple[JobKind, str, str]] = []
+    if _unembedded(settings, storage):  # the page is served on the first images; the rest follow
+        wanted.append(("embed", "the rest of the images", "they become searchable when it has run"))
+        wanted.append(("reindex", "the index over all of them", "search covers them all once it has run"))
     if current_classifier_version(storage) is None:  # predictions and a labelling queue
         wanted.append(("retrain", "the label classifier", "the Label view shows its predictions once it has run"))
     if current_report(storage) is None:  # clusters, maps and the review lists
@@ -525,7 +531,8 @@ def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
         record = JobStore(storage).pending(kind)
         if record is None:
             job_id = f"{kind}-demo-{current_version(storage) or 'first'}"
-            message = JobMessage(job_id=job_id, kind=kind, origin="demo", created_at=datetime.now(UTC))
+            params = {"all": True} if kind == "embed" else {}
+            message = JobMessage(job_id=job_id, kind=kind, origin="demo", params=params, created_at=datetime.now(UTC))
             record, _ = enqueue(storage, queue, message)
         if record.status in FINISHED:  # this index's job has run already: say how, rather than run it again
             how = f": {record.error.message}" if record.error else ""
@@ -535,6 +542,15 @@ def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
         print(f"{what}: job {record.job_id} ({record.status}); {after}")
         out.append(record)
     return out
+
+
+def _unembedded(settings: Settings, storage: Storage) -> bool:
+    """Whether catalogued images are waiting for their embedding."""
+    from job.embeddings import EmbeddingStore
+    from shared.catalog import Catalog
+
+    encoder_version = _encoder(settings).version
+    return bool(set(Catalog(storage).ids()) - EmbeddingStore(storage, encoder_version).embedded_ids())
 
 
 def demo_key(data_dir: Path) -> str:
@@ -684,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_share,
                 default=0.05,
                 help="share of Fashion-MNIST images that keep their label; the rest are for labelling",
+            )
+            p.add_argument(
+                "--first",
+                type=int,
+                default=2000,
+                help="images embedded before the page is served; the demo's worker embeds the rest",
             )
             p.add_argument("--no-serve", action="store_true", help="build everything, then exit")
         p.set_defaults(func=cmd_serve if name == "serve" else cmd_demo)
