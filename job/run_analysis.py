@@ -115,5 +115,4 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "mislabels": metrics.get("mislabels", {}).get("flagged"),
         "skipped": {k: v["reason"] for k, v in metrics["steps"].items() if v["status"] == "skipped"},
         "seconds": {k: v["seconds"] for k, v in metrics["steps"].items()},
-        "html": f"/api/reports/{metrics['version']}/report.html",
     }

@@ -312,7 +312,8 @@ def cmd_analyse(args: argparse.Namespace, settings: Settings, storage: Storage) 
     print(f"  anomalies flagged: {out['anomalies']}; likely mislabels: {out['mislabels']}")
     for step, reason in out["skipped"].items():
         print(f"  skipped {step}: {reason}")
-    print(f"  {out['seconds']['total']:.1f} s; open {where or out['html']}")
+    page = where or f"/api/reports/{out['report_version']}/report.html on the server"
+    print(f"  {out['seconds']['total']:.1f} s; open {page}")
     return 0
 
 
