@@ -89,7 +89,7 @@ def test_the_http_layer_stays_thin() -> None:
     """functions/ parses, calls one core function and answers: small in total, every route short."""
     files = sorted((ROOT / "functions").rglob("*.py"))
     total = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
-    assert total <= 480, f"functions/ is {total} lines: move logic into shared/"
+    assert total <= 460, f"functions/ is {total} lines: move logic into shared/"
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:

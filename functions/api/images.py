@@ -26,7 +26,7 @@ FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
 def router(settings: Settings) -> APIRouter:
-    api = APIRouter()
+    api, writes = APIRouter(), APIRouter(dependencies=WRITE)
     form = upload_form(settings.max_text_chars)
     upload = {"requestBody": form_body(form, IMAGE_TYPES)}
 
@@ -42,14 +42,7 @@ def router(settings: Settings) -> APIRouter:
         record = await run_in_threadpool(ctx.service.live.delete, image_id)
         return {"deleted": record.id, "source": record.source}
 
-    @api.post(
-        "/api/images",
-        status_code=201,
-        summary="Add an image",
-        openapi_extra=upload,
-        responses=ADDED,
-        dependencies=WRITE,
-    )
+    @writes.post("/api/images", status_code=201, summary="Add an image", openapi_extra=upload, responses=ADDED)
     async def upload_image(request: Request, ctx: Ctx) -> JSONResponse:
         data, fields = await read_image(request, settings.max_upload_bytes, max_fields=8)
         meta = parse_fields(fields, form)
@@ -62,4 +55,5 @@ def router(settings: Settings) -> APIRouter:
             body["job"] = {"id": accepted.job.job_id, "url": job_url(accepted.job.job_id)}
         return JSONResponse(body, status_code=201 if result.status == "added" else 200)
 
+    api.include_router(writes)
     return api

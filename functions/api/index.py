@@ -28,9 +28,7 @@ async def get_index(ctx: Ctx) -> dict[str, Any]:
     return await run_in_threadpool(index_versions, ctx.storage)
 
 
-@router.post(
-    "/api/index/rollback", summary="Serve an earlier index version", openapi_extra=ROLLBACK, dependencies=WRITE
-)
+@router.post("/api/index/rollback", summary="Serve an earlier index", openapi_extra=ROLLBACK, dependencies=WRITE)
 async def index_rollback(request: Request, ctx: Ctx) -> dict[str, Any]:
     body = await read_body(request, 4096)
     to = parse_body(body, RollbackRequest).to if body else None  # default: the version before

@@ -15,13 +15,12 @@ from shared.labelling import MAX_QUEUE_N, classifier_summary, label_queue, label
 from shared.labels import Strategy, check_user
 
 router = APIRouter()
+QueueN = Annotated[int, Query(ge=1, le=MAX_QUEUE_N)]
 LABELS, LABEL_SET = {"requestBody": json_body(LabelsRequest)}, {"requestBody": json_body(LabelSetRequest)}
 
 
 @router.get("/api/label-queue", summary="The next images to label: least certain first", dependencies=READ)
-async def get_label_queue(
-    ctx: Ctx, n: Annotated[int, Query(ge=1, le=MAX_QUEUE_N)] = 20, strategy: Strategy | None = None
-) -> dict[str, Any]:
+async def get_label_queue(ctx: Ctx, n: QueueN = 20, strategy: Strategy | None = None) -> dict[str, Any]:
     out = await run_in_threadpool(label_queue, ctx.service.live, n, strategy)
     return {**out, "items": linked(out["items"])}
 

@@ -20,6 +20,7 @@ def router(settings: Settings) -> APIRouter:
     api = APIRouter(dependencies=READ)
     query = search_query(settings.max_k, settings.max_text_chars)
     body = form_body(SearchForm, IMAGE_TYPES, form=SearchForm.form_schema(), json=json_body(query))
+    classify_body = {"requestBody": form_body(ImageForm, IMAGE_TYPES)}
 
     @api.post("/api/search", summary="Similar images by image, stored id or text", openapi_extra={"requestBody": body})
     async def search(request: Request, ctx: Ctx) -> dict[str, Any]:
@@ -37,11 +38,7 @@ def router(settings: Settings) -> APIRouter:
             raise UnsupportedMediaType(NO_BODY)
         return {**out, "results": linked(out["results"])}
 
-    @api.post(
-        "/api/classify",
-        summary="Top classes of an image",
-        openapi_extra={"requestBody": form_body(ImageForm, IMAGE_TYPES)},
-    )
+    @api.post("/api/classify", summary="Top classes of an image", openapi_extra=classify_body)
     async def classify(request: Request, ctx: Ctx, top: Annotated[int, Query(ge=1, le=100)] = 5) -> dict[str, Any]:
         data, _ = await read_image(request, settings.max_upload_bytes, max_fields=4)
         out = await run_in_threadpool(ctx.classifier.classify, ctx.service.models, ctx.service.live, data, top)
