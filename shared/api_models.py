@@ -145,13 +145,20 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
         if isinstance(node, dict):
             if "$ref" in node:
                 return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            drop = ("title", "discriminator")
-            return {k: inline(v) for k, v in node.items() if k not in drop and not (k == "default" and v is None)}
+            return {k: inline(v) for k, v in node.items() if not _internal(k, v)}
         if isinstance(node, list):
             return [inline(v) for v in node]
         return node
 
     return dict(inline(schema))
+
+
+def _internal(key: str, value: Any) -> bool:
+    """What a generated schema holds for Python's sake only: titles, the discriminator's internal
+    mapping, null defaults, and class docstrings written for developers (with reST markup)."""
+    if key in ("title", "discriminator") or (key == "default" and value is None):
+        return True
+    return key == "description" and isinstance(value, str) and ("``" in value or ":func:" in value)
 
 
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
@@ -299,7 +306,7 @@ class SearchForm(BaseModel):
 class UploadForm(Body):
     """``POST /api/images`` as a multipart form: the image, an optional label and caption."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"required": ["image"]})
     image: bytes | Unset = Field(default=None, json_schema_extra={"format": "binary"}, description="the image")
     label: Annotated[str, Field(max_length=100)] | Unset = Field(default=None, description="its label (optional)")
     caption: str | Unset = Field(default=None, description="a caption (optional)")
