@@ -31,6 +31,7 @@ from job.embeddings import EmbeddingStore, embed_pending
 from job.reindex import reindex
 from job.run_analysis import run_analysis
 from job.worker import Worker
+from shared.catalog import Catalog
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
@@ -244,9 +245,14 @@ def test_onnx_export_matches_the_fitted_models(analysed: Analysed) -> None:
     # and the published model reproduces its own feature space from raw embeddings
     version = analysed.metrics["version"]
     published = ClassifyModel(analysed.storage, version, analysed.metrics["classify"])
-    if published.session is not None:
-        probs = published.predict_proba(emb.vectors[:50])
-        assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and probs.shape == (50, 10)
+    # Every image is labelled here, so the analysis must have published a model: no session is a failure.
+    assert published.session is not None, analysed.metrics["classify"]
+    probs = published.predict_proba(emb.vectors[:50])
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and probs.shape == (50, 10)
+    catalog = Catalog(analysed.storage)
+    truth = [catalog.get(image_id).label for image_id in emb.ids[:50]]
+    predicted = [published.classes[i] for i in probs.argmax(axis=1)]
+    assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) >= 0.7  # its own labelled images
 
 
 def test_query_path_stays_light(analysed: Analysed, fashion_test) -> None:  # type: ignore[no-untyped-def]
