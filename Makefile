@@ -44,8 +44,7 @@ $(INFRA_STAMP): requirements-infra.txt scripts/venv.sh | $(STAMP)
 azurite: $(AZURITE)
 
 $(AZURITE):
-	@mkdir -p .azurite
-	npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+	./scripts/azurite.sh $(AZURITE_VERSION) .azurite
 
 ## browser: Debian's chromium for the page tests (Playwright drives it; `playwright install` cannot download here)
 browser:
