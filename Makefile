@@ -7,6 +7,14 @@ INFRA_VENV  := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed
 # uv installs both venvs (scripts/venv.sh: pip's own sources, torch only as the +cpu build)
 export UV_VERSION := 0.13.8
+# pytest processes (pytest-xdist); whole files go to one process (their module fixtures build once),
+# the slowest files first (tests/conftest.py: SLOW_FIRST)
+TEST_WORKERS ?= 2
+# One thread per library in each test process and the servers it starts: the workers already use
+# every core, and thread pools that spin while they wait (OpenMP, ONNX Runtime) slow each other
+# down when there are more threads than cores.
+TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1 \
+	OMP_WAIT_POLICY=PASSIVE CLUSTERLENS_ORT_INTRA_OP_THREADS=1
 AZURITE_VERSION := 3.35.0
 AZURITE := .azurite/node_modules/.bin/azurite
 PORT   ?= 7071
@@ -19,12 +27,12 @@ LIMIT  ?= 10000
 demo: $(STAMP) models data
 	$(BIN)/clusterlens demo --port $(PORT) --limit $(LIMIT)
 
-## test: install what the tests need (Azurite included) and run the suite
+## test: install what the tests need (Azurite included) and run the suite: lint, then pytest on
+## TEST_WORKERS processes (mypy is one of the tests, so it runs beside the others)
 test: $(STAMP) models data $(AZURITE) browser $(INFRA_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/pytest
+	$(TEST_ENV) $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 install: $(STAMP)
 

@@ -34,7 +34,9 @@ def build(settings: Settings, size: int = SIZE) -> None:
     storage = LocalStorage(settings.data_dir)
     for i, item in enumerate(fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=size)):
         ingest_bytes(storage, settings, item if i % 2 == 0 else dataclasses.replace(item, label=None))
-    encoder = ImageEncoder(settings.encoder_dir, size=settings.image_size)
+    encoder = ImageEncoder(
+        settings.encoder_dir, size=settings.image_size, intra_op_threads=settings.ort_intra_op_threads
+    )
     embed_pending(storage, settings, encoder)
     reindex(storage, settings, encoder.version)
     assert train_and_publish(storage, settings, encoder.version).version is not None

@@ -61,7 +61,7 @@ def _collection(root: Path, n: int, labelled: bool, **overrides: Any) -> tuple[S
     storage = LocalStorage(settings.data_dir)
     for item in fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=n):
         ingest_bytes(storage, settings, item if labelled else dataclasses.replace(item, label=None))
-    encoder = ImageEncoder(settings.encoder_dir, size=64)
+    encoder = ImageEncoder(settings.encoder_dir, size=64, intra_op_threads=settings.ort_intra_op_threads)
     assert embed_pending(storage, settings, encoder).embedded == n
     reindex(storage, settings, encoder.version)
     return settings, storage, encoder
