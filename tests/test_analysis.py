@@ -31,6 +31,7 @@ from job.embeddings import EmbeddingStore, embed_pending
 from job.reindex import reindex
 from job.run_analysis import run_analysis
 from job.worker import Worker
+from shared.catalog import Catalog
 from shared.classify import Classifier
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
@@ -60,7 +61,7 @@ def _collection(root: Path, n: int, labelled: bool, **overrides: Any) -> tuple[S
     storage = LocalStorage(settings.data_dir)
     for item in fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=n):
         ingest_bytes(storage, settings, item if labelled else dataclasses.replace(item, label=None))
-    encoder = ImageEncoder(settings.encoder_dir, size=64)
+    encoder = ImageEncoder(settings.encoder_dir, size=64, intra_op_threads=settings.ort_intra_op_threads)
     assert embed_pending(storage, settings, encoder).embedded == n
     reindex(storage, settings, encoder.version)
     return settings, storage, encoder
@@ -243,13 +244,17 @@ def test_onnx_export_matches_the_fitted_models(analysed: Analysed) -> None:
         np.testing.assert_allclose(got, model.predict_proba(feats[300:400]), atol=1e-4)
     # and the published model, read back as /api/classify reads it, reproduces its own feature space
     published = Classifier(analysed.storage, settings).model()
-    assert published.manifest.version == analysed.metrics["version"]
+    assert published.manifest.version == analysed.metrics["version"] and published.kind in MODELS
+    np.testing.assert_allclose(published.features(emb.vectors[:50]), feats[:50], atol=1e-4)
     if published.kind == "knn10":  # the 10-NN vote has no model: it votes over the live index
         assert published.session is None and published.manifest.model_file is None
-    else:
-        probs = published.predict_proba(emb.vectors[:50])
-        assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and probs.shape == (50, 10)
-    np.testing.assert_allclose(published.features(emb.vectors[:50]), feats[:50], atol=1e-4)
+        return
+    probs = published.predict_proba(emb.vectors[:50])
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and probs.shape == (50, 10)
+    catalog = Catalog(analysed.storage)
+    truth = [catalog.get(image_id).label for image_id in emb.ids[:50]]
+    predicted = [published.classes[i] for i in probs.argmax(axis=1)]
+    assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) >= 0.7  # its own labelled images
 
 
 def test_query_path_stays_light(analysed: Analysed, fashion_test) -> None:  # type: ignore[no-untyped-def]

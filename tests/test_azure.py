@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from shared.encoder import ImageEncoder
 from shared.ingest import IngestItem
 from shared.jobs import JobStore
 from shared.storage import QUARANTINE
+from shared.uploads import accept_upload
 from tests.azurite import Azurite
 from tests.jobs_support import Backend, make_backend
 from tests.servers import running_server
@@ -178,12 +180,18 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_embeds_each_image_once(
     )
     use_env(backend)
     items = list(fashion_mnist_items(backend.settings.fashion_mnist_dir, "train", limit=120, offset=500))
-    # Start uploading as a batch window opens, so the first job holds a window's worth of images
-    # (many shards), not the few that a window about to close would catch: the kill below then
-    # lands inside a job, not between two.
-    window = backend.settings.embed_batch_seconds
-    time.sleep(window - time.time() % window + 0.05)
-    _upload_and_trigger(backend, items)
+    # All 120 uploads are stamped with one moment, so they land in one batch window and one job of
+    # 15 shards whatever the machine's speed (the blob trigger's own batching is the test above):
+    # the kill below, after the first shard, then lands inside that job, not between two.
+    now = datetime.now(UTC)
+    jobs = set()
+    for i, item in enumerate(items):
+        accepted = accept_upload(
+            backend.storage, backend.queue, backend.settings, item.data, source=f"kill/{i}", label=item.label, now=now
+        )
+        assert accepted.result.status == "added" and accepted.job is not None
+        jobs.add(accepted.job.job_id)
+    assert len(jobs) == 1
     store = EmbeddingStore(backend.storage, encoder.version)
     proc = _worker(backend, tmp_path / "killed-worker.log")
     deadline = time.monotonic() + 120

@@ -38,12 +38,17 @@ def test_delete_removes_an_image_for_good(tmp_path: Path, collection: Collection
     assert victim not in {r["id"] for r in after["results"]} and len(after["results"]) == 10
     assert client.post("/api/search", json={"id": victim}).json()["error"]["code"] == "image_not_found"
     label = index.label_of(3)
+    same_label = sum(index.label_of(row) == label for row in range(len(index.ids)))  # the victim included
+    assert same_label > 50  # about 100 of each class among the 1,000
     text = client.post("/api/search", json={"text": "x", "k": 100, "filters": {"label": label}}).json()
+    assert len(text["results"]) == min(100, same_label - 1)  # every other image of its label, not it
+    assert {r["label"] for r in text["results"]} == {label}
     assert victim not in {r["id"] for r in text["results"]}
 
     # Another worker (a fresh service on the same storage) does not return it either.
     other = SearchService(settings, storage, encoder=collection.encoder)
-    assert victim not in {r["id"] for r in other.search_image(data, 10)["results"]}
+    from_other = other.search_image(data, 10)["results"]
+    assert len(from_other) == 10 and victim not in {r["id"] for r in from_other}
 
     # Reindex leaves it out although its embedding is still in the shards; embedding again changes nothing.
     built = reindex(storage, settings, collection.encoder.version)

@@ -52,13 +52,23 @@ def test_cluster_class_and_time_filters(client: TestClient, collection: Collecti
     assert [p["cluster"] for p in body["cluster_probe"]] == [cluster]
 
     top1 = int(np.bincount(index.class_top[:, 0]).argmax())  # the most common predicted ImageNet class
+    with_top1 = int((index.class_top[:, 0] == top1).sum())
+    assert with_top1 >= 20  # the most common of 1,000 predictions: the filter has plenty to return
     body = _search(client, id=some_id, k=20, filters={"imagenet_class": top1})
-    assert body["results"] and all(int(index.class_top[index.row_of(r["id"]), 0]) == top1 for r in body["results"])
+    assert len(body["results"]) == 20
+    assert all(int(index.class_top[index.row_of(r["id"]), 0]) == top1 for r in body["results"])
 
     assert _search(client, id=some_id, k=5, filters={"ingested_after": "2999-01-01T00:00:00Z"})["results"] == []
     assert len(_search(client, id=some_id, k=5, filters={"ingested_before": "2999-01-01"})["results"]) == 5
-    both = _search(client, text="ankle boot", k=10, filters={"label": "Bag", "ingested_before": "2999-01-01"})
-    assert all(r["label"] == "Bag" for r in both["results"])
+    # Text with two filters. "footwear" alone finds ankle boots first; filtered, ten sneakers.
+    unfiltered = {r["id"] for r in _search(client, text="footwear", k=10)["results"]}
+    both = _search(client, text="footwear", k=10, filters={"label": "Sneaker", "ingested_before": "2999-01-01"})
+    assert len(both["results"]) == 10 and {r["label"] for r in both["results"]} == {"Sneaker"}
+    assert {r["id"] for r in both["results"]} != unfiltered
+    too_early = {"label": "Sneaker", "ingested_before": "2000-01-01"}
+    assert _search(client, text="footwear", k=10, filters=too_early)["results"] == []
+    # No filler: a text that no image of the label matches (score under text_min_score) finds nothing.
+    assert _search(client, text="ankle boot", k=10, filters={"label": "Bag"})["results"] == []
 
 
 def test_filters_on_uploads(client: TestClient, fashion_test) -> None:  # type: ignore[no-untyped-def]

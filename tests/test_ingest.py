@@ -11,6 +11,7 @@ from PIL import Image
 
 from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items, load_fashion_mnist
 from shared.catalog import Catalog
+from shared.encoder import ImageEncoder
 from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_bytes, scan_folder
 from shared.storage import QUARANTINE, UPLOADS, LocalStorage
 from tests.conftest import make_settings, png
@@ -147,7 +148,9 @@ def test_images_that_stop_decoding_are_quarantined_at_embedding(tmp_path: Path, 
     assert again.pending == 0  # not retried forever
 
 
-def test_a_record_removed_during_embedding_does_not_stop_the_run(tmp_path: Path, encoder) -> None:  # type: ignore[no-untyped-def]
+def test_a_record_removed_during_embedding_does_not_stop_the_run(
+    tmp_path: Path, encoder: ImageEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from job import embeddings
     from job.embeddings import embed_pending
 
@@ -162,14 +165,16 @@ def test_a_record_removed_during_embedding_does_not_stop_the_run(tmp_path: Path,
     ]
     listed = sorted(ids)
     real_prefetch = embeddings.prefetch_batches
+    removed: list[str] = []
 
     def prefetch_after_a_removal(items, *args, **kwargs):  # type: ignore[no-untyped-def]
         Catalog(storage).remove(listed[1])  # another worker withdrew it after the pending list was made
+        removed.append(listed[1])
         return real_prefetch(items, *args, **kwargs)
 
-    embeddings.prefetch_batches = prefetch_after_a_removal  # type: ignore[assignment]
-    try:
-        stats = embed_pending(storage, settings, encoder)
-    finally:
-        embeddings.prefetch_batches = real_prefetch  # type: ignore[assignment]
+    # raising=True (the default): if embed_pending stops looking the prefetcher up here, this fails
+    # loudly instead of silently patching nothing (as it did when the code moved to job/).
+    monkeypatch.setattr(embeddings, "prefetch_batches", prefetch_after_a_removal)
+    stats = embed_pending(storage, settings, encoder)
+    assert removed == [listed[1]]  # the removal really happened in the middle of the run
     assert stats.embedded == 3 and stats.failed == [listed[1]]

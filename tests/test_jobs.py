@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from job.datasets import fashion_mnist_items
 from job.worker import JobContext, Worker, install_signal_handlers
 from shared.catalog import Catalog
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, schedule_job, timer_slot
-from shared.queues import LostMessage
+from shared.queues import LostMessage, QueueMessage
 from tests.jobs_support import Backend, make_backend
 
 BACKENDS = ["local", pytest.param("azure", marks=pytest.mark.integration)]
@@ -30,15 +31,31 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return make_backend(request.param, tmp_path, azurite, job_retry_seconds=0, job_max_attempts=3)
 
 
+HOLD = 3  # s: visibility timeouts and delays below; Azure Storage counts them in whole seconds
+
+
+def _poll(receive: Callable[[], QueueMessage | None], what: str, timeout: float = 60) -> tuple[QueueMessage, float]:
+    """Receive until a message comes; returns it and how long that took. Fails after ``timeout`` s."""
+    started = time.monotonic()
+    while (got := receive()) is None:
+        assert time.monotonic() - started < timeout, f"{what}: nothing after {timeout} s"
+        time.sleep(0.05)
+    return got, time.monotonic() - started
+
+
 def test_queue_hides_taken_messages_and_honours_only_the_latest_receipt(backend: Backend) -> None:
+    """Claims and delays are checked by polling against deadlines, not by sleeping a fixed time: a slow
+    machine only makes the polls fewer, and a message handed out before its time is up always fails."""
     q = backend.queue
     q.send("a")
-    first = q.receive(visibility_timeout=1)
+    taken = time.monotonic()
+    first = q.receive(visibility_timeout=HOLD)
     assert first is not None and first.content == "a" and first.dequeue_count == 1
-    assert q.receive(visibility_timeout=1) is None  # hidden while held
-    time.sleep(1.6)
-    second = q.receive(visibility_timeout=30)  # the holder "died": it comes back
-    assert second is not None and second.content == "a" and second.dequeue_count == 2
+    # Hidden while held; once the holder "died" (never renewed) it comes back, and not sooner.
+    second, _ = _poll(lambda: q.receive(visibility_timeout=30), "a claim whose holder died")
+    held = time.monotonic() - taken
+    assert held >= HOLD - 1, f"handed out again after {held:.2f} s of a {HOLD} s claim"
+    assert second.content == "a" and second.dequeue_count == 2
     with pytest.raises(LostMessage):
         q.delete(first)  # the first claim is gone
     renewed = q.extend(second, 30)
@@ -46,11 +63,13 @@ def test_queue_hides_taken_messages_and_honours_only_the_latest_receipt(backend:
         q.extend(second, 30)  # a receipt works once
     q.delete(renewed)
     assert q.approximate_count() == 0
-    q.send("later", delay=1)
-    assert q.receive(visibility_timeout=5) is None and q.approximate_count() == 1
-    time.sleep(1.6)
-    late = q.receive(visibility_timeout=5)
-    assert late is not None and late.content == "later"
+    sent = time.monotonic()
+    q.send("later", delay=HOLD)
+    assert q.approximate_count() == 1  # counted while it waits
+    late, _ = _poll(lambda: q.receive(visibility_timeout=5), "a delayed message")
+    waited = time.monotonic() - sent
+    assert waited >= HOLD - 1, f"a message sent with a {HOLD} s delay came after {waited:.2f} s"
+    assert late.content == "later"
 
 
 def _blob_event(name: str, data: bytes, metadata: dict[str, str] | None = None) -> func.blob.InputStream:
@@ -144,28 +163,44 @@ def test_invalid_messages_and_finished_jobs_are_not_run(backend: Backend) -> Non
     assert all(json.loads(p)["error"]["code"] == "invalid_message" for p in backend.poison.peek())
 
 
-def test_a_long_job_keeps_its_message_hidden_until_it_is_done(backend: Backend) -> None:
+def test_a_long_job_keeps_its_message_hidden_until_it_is_done(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The heartbeat renews the claim: a job three times longer than the visibility timeout is never
-    handed to a second worker, and its message is gone once the result is written."""
-    backend.settings.job_visibility_seconds = 2
+    handed to a second worker, and its message is gone once the result is written.
+
+    The job runs until three visibility timeouts have passed by the clock (however slow the machine),
+    and the renewals are counted: it is the heartbeat that kept the message hidden.
+    """
+    backend.settings.job_visibility_seconds = HOLD  # renewed every second: 2 s of slack for each renewal
     seen: list[str] = []
+    renewals: list[float] = []
+    extend = backend.queue.extend
+
+    def counted_extend(message: QueueMessage, visibility: int) -> QueueMessage:
+        renewed = extend(message, visibility)
+        renewals.append(time.monotonic())
+        return renewed
+
+    monkeypatch.setattr(backend.queue, "extend", counted_extend)
 
     def slow(ctx: JobContext) -> dict[str, Any]:
-        deadline = time.monotonic() + 6
+        deadline = time.monotonic() + 3 * HOLD
         while time.monotonic() < deadline:
             stolen = backend.queue.receive(visibility_timeout=30)  # a second worker polling
             if stolen is not None:
                 seen.append(stolen.content)
             time.sleep(0.25)
-        return {"slept": 6}
+        return {"slept": 3 * HOLD}
 
     worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"reindex": slow})
     message = JobMessage(job_id="reindex-api-slow", kind="reindex", origin="api", created_at=datetime.now(UTC))
     enqueue(backend.storage, backend.queue, message)
     assert worker.run(max_jobs=1).outcomes == {"succeeded": 1}
     assert seen == []
+    assert len(renewals) >= 2, renewals  # 9 s on a 3 s claim: it could not have survived without them
     assert backend.queue.approximate_count() == 0
-    assert JobStore(backend.storage).get("reindex-api-slow").result == {"slept": 6}
+    assert JobStore(backend.storage).get("reindex-api-slow").result == {"slept": 3 * HOLD}
 
 
 def test_recent_jobs_are_the_newest_whatever_their_names(backend: Backend) -> None:
