@@ -118,7 +118,7 @@ class TextEncoderManifest(Manifest):
     opset: int
     tokenizer: TokenizerFile
     outputs: dict[str, int]
-    imagenet_classes: ClassTexts
+    imagenet_classes: ClassTexts | None = None  # written by the export once the model can embed them
 
 
 class HeadManifest(Manifest):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.errors import NotReady
 from shared.manifests import TextEncoderManifest
 from shared.sessions import open_session, session_options, verify_file
 
@@ -81,4 +82,7 @@ class TextEncoder:
 
     def imagenet_classes(self) -> np.ndarray:
         """The 1000 ImageNet class descriptions embedded at export time, float32 (1000, 384)."""
-        return np.load(self.folder / self.manifest.imagenet_classes.file, allow_pickle=False)
+        texts = self.manifest.imagenet_classes
+        if texts is None:
+            raise NotReady(f"{self.folder} has no ImageNet class texts; run `make models`", code="model_missing")
+        return np.load(self.folder / texts.file, allow_pickle=False)

@@ -48,6 +48,7 @@ def test_class_embeddings_match_the_names(text_encoder: TextEncoder) -> None:
     classes = text_encoder.imagenet_classes()
     assert classes.shape == (1000, 384)
     manifest = text_encoder.manifest
+    assert manifest.imagenet_classes is not None
     assert manifest.imagenet_classes.sha256 == file_sha256(text_encoder.folder / "imagenet_classes.npy")
     top = np.argsort(-(classes @ text_encoder.encode(["a cat"])[0]))[:3]
     assert set(top.tolist()) <= {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
