@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from shared.errors import BadRequest
-from shared.filters import Filters, SearchFilters, as_int, empty_as_none, form_fields
+from shared.filters import FIELDS, Filters, SearchFilters, as_int, empty_as_none, form_fields, parse_filters
 from shared.labels import clean_label
 
 JSON_MAX_DEPTH = 32  # no body of the API nests deeper than 4
@@ -124,7 +124,7 @@ def _bad_request(model: type[BaseModel], exc: ValidationError) -> BadRequest:
         return BadRequest("the body must be a JSON object", code=getattr(model, "not_object", "invalid_json"))
     if first["type"].startswith("union_tag"):
         return BadRequest(f'"kind" must be one of {", ".join(tags)}', code=codes.get("kind", "invalid_body"))
-    elif loc and first["type"] != "extra_forbidden" or len(loc) > 1:
+    elif len(loc) > 1 or (loc and first["type"] != "extra_forbidden"):  # a field's own error, or inside it
         code = codes.get(loc[0], getattr(model, "invalid", "invalid_body"))
     else:
         code = getattr(model, "invalid", "invalid_body")
@@ -282,8 +282,6 @@ class SearchForm(BaseModel):
         Raises:
             BadRequest: ``invalid_k`` or ``invalid_filter``.
         """
-        from shared.filters import FIELDS, parse_filters
-
         try:
             k = cls.model_validate({"k": fields.get("k")}).k
         except ValidationError as exc:
