@@ -95,3 +95,10 @@ def test_the_http_layer_stays_thin() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 assert length <= 20, f"{path.name}:{node.name} is {length} lines"
+
+
+def test_no_symbolic_links_are_tracked() -> None:
+    """A link to a local build folder (a venv, Azurite) breaks every other clone: none may be committed."""
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in staged.splitlines() if line.startswith("120000 ")]
+    assert links == [], links
