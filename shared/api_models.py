@@ -124,7 +124,7 @@ def _bad_request(model: type[BaseModel], exc: ValidationError) -> BadRequest:
         return BadRequest("the body must be a JSON object", code=getattr(model, "not_object", "invalid_json"))
     if first["type"].startswith("union_tag"):
         return BadRequest(f'"kind" must be one of {", ".join(tags)}', code=codes.get("kind", "invalid_body"))
-    elif len(loc) > 1 or (loc and first["type"] != "extra_forbidden"):  # a field's own error, or inside it
+    if len(loc) > 1 or (loc and first["type"] != "extra_forbidden"):  # a field's own error, or inside it
         code = codes.get(loc[0], getattr(model, "invalid", "invalid_body"))
     else:
         code = getattr(model, "invalid", "invalid_body")
@@ -282,10 +282,7 @@ class SearchForm(BaseModel):
         Raises:
             BadRequest: ``invalid_k`` or ``invalid_filter``.
         """
-        try:
-            k = cls.model_validate({"k": fields.get("k")}).k
-        except ValidationError as exc:
-            raise _bad_request(cls, exc) from None
+        k = parse_fields({"k": fields.get("k")}, cls).k
         return k, parse_filters({n: v for n, v in fields.items() if n in FIELDS})
 
     @classmethod

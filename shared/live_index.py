@@ -39,10 +39,6 @@ class LiveIndex:
         self._checked_at = time.monotonic() if index else 0.0
         self._lock = threading.Lock()
 
-    def loaded(self) -> ClusterIndex | None:
-        """The index in memory, without checking for a newer one (None before the first load)."""
-        return self._index
-
     def get(self) -> ClusterIndex:
         """The published index, reloaded when the pointer has moved (checked every few seconds).
 

@@ -71,7 +71,7 @@ def report_file(storage: Storage, version: str, name: str) -> tuple[bytes, str]:
 def report_summary(storage: Storage, version: str = "latest") -> dict[str, Any]:
     """A report's version, metrics and the names of the files it serves."""
     version, manifest = resolve(storage, version)
-    metrics = json.loads(storage.get(REPORTS, f"{version}/metrics.json"))
+    metrics = report_metrics(storage, version)
     files = [n for n in manifest.files if not n.startswith(CLASSIFY)]
     return {"version": version, "metrics": metrics, "files": files}
 
@@ -98,7 +98,7 @@ def review_list(
         raise BadRequest("limit must be 1 to 500 and offset at least 0", code="invalid_limit")
     version, manifest = resolve(storage, "latest")
     name = f"{kind}.json"
-    metrics = json.loads(storage.get(REPORTS, f"{version}/metrics.json"))
+    metrics = report_metrics(storage, version)
     if name not in manifest.files:
         reason = manifest.steps.get(kind, {}).get("reason", "the step did not run")
         return {"version": version, "total": 0, "items": [], "skipped": reason}

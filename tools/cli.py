@@ -20,6 +20,7 @@ from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
 
 if TYPE_CHECKING:
+    from job.embeddings import EmbedStats
     from shared.jobs import JobRecord
 
 DATASETS = ("fashion-mnist", "skimage-photos")
@@ -84,6 +85,12 @@ def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    _embed_with_progress(args, settings, storage)
+    return 0
+
+
+def _embed_with_progress(args: argparse.Namespace, settings: Settings, storage: Storage) -> EmbedStats:
+    """Embed pending images (at most ``args.first`` when given) with a progress bar; prints what it did."""
     from job.embeddings import embed_pending
 
     encoder = _encoder(settings)
@@ -103,7 +110,7 @@ def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     )
     if stats.failed:
         print(f"  {len(stats.failed)} images could not be decoded and were skipped")
-    return 0
+    return stats
 
 
 def _set_total(bar: Any, total: int) -> None:
@@ -481,9 +488,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
     ]
     for step in steps:
         cmd_ingest(step, settings, storage)
-    cmd_embed(args, settings, storage)
+    embedded = _embed_with_progress(args, settings, storage)
     cmd_reindex(argparse.Namespace(force=False), settings, storage)
-    queued = _queue_first_jobs(settings, storage)
+    queued = _queue_first_jobs(settings, storage, rest=embedded.pending > embedded.embedded + len(embedded.failed))
     if args.no_serve:  # build everything, then exit: run the jobs here
         if queued:
             from job.worker import open_worker
@@ -499,9 +506,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
     return cmd_serve(args, settings, storage)
 
 
-def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
-    """Queue the rest of the demo's embeddings (and the index over them), its first classifier and its
-    first analysis, unless they are done or on their way.
+def _queue_first_jobs(settings: Settings, storage: Storage, *, rest: bool) -> list[JobRecord]:
+    """Queue the rest of the demo's embeddings (``rest``: images are still waiting for theirs) and the
+    index over them, its first classifier and its first analysis, unless they are done or on their way.
 
     Job ids are made from the index version, so a second demo over the same index finds the job the
     first one queued (:func:`shared.jobs.enqueue` queues an id once) instead of adding another.
@@ -518,7 +525,7 @@ def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
     from shared.reports import current_report
 
     wanted: list[tuple[JobKind, str, str]] = []
-    if _unembedded(settings, storage):  # the page is served on the first images; the rest follow
+    if rest:  # the page is served on the first images; the rest follow
         wanted.append(("embed", "the rest of the images", "they become searchable when it has run"))
         wanted.append(("reindex", "the index over all of them", "search covers them all once it has run"))
     if current_classifier_version(storage) is None:  # predictions and a labelling queue
@@ -543,15 +550,6 @@ def _queue_first_jobs(settings: Settings, storage: Storage) -> list[JobRecord]:
         print(f"{what}: job {record.job_id} ({record.status}); {after}")
         out.append(record)
     return out
-
-
-def _unembedded(settings: Settings, storage: Storage) -> bool:
-    """Whether catalogued images are waiting for their embedding."""
-    from job.embeddings import EmbeddingStore
-    from shared.catalog import Catalog
-
-    encoder_version = _encoder(settings).version
-    return bool(set(Catalog(storage).ids()) - EmbeddingStore(storage, encoder_version).embedded_ids())
 
 
 def demo_key(data_dir: Path) -> str:
