@@ -28,6 +28,8 @@ resource "azurerm_container_app_environment" "main" {
     workload_profile_type = "Consumption"
   }
 
+  # A GPU profile can only be added when the environment is created: changing
+  # gpu_profile_type later replaces the environment (and both jobs).
   workload_profile {
     name                  = "gpu"
     workload_profile_type = var.gpu_profile_type
@@ -36,7 +38,7 @@ resource "azurerm_container_app_environment" "main" {
   tags = var.tags
 }
 
-# The models share, mounted read-only by the job. The account key goes only here.
+# The models share, mounted read-only by the jobs. The account key goes only here.
 resource "azurerm_container_app_environment_storage" "models" {
   name                         = "models"
   container_app_environment_id = azurerm_container_app_environment.main.id
@@ -46,14 +48,18 @@ resource "azurerm_container_app_environment_storage" "models" {
   access_mode                  = "ReadOnly"
 }
 
-# `python -m job` on the GPU profile, started by KEDA while the jobs queue has
-# messages (azure-queue scaler authenticated with the managed identity).
+# Two jobs running `python -m job`, each started by KEDA while its queue has messages
+# (azure-queue scaler authenticated with the managed identity): "gpu" on the GPU profile
+# takes jobs-gpu (embed, train_head), "cpu" on the Consumption profile takes jobs
+# (reindex, retrain, analyse), so no GPU is billed for work that cannot use one.
 resource "azurerm_container_app_job" "worker" {
-  name                         = "caj-${local.name}-worker"
+  for_each = local.jobs
+
+  name                         = "caj-${local.name}-${each.key}"
   resource_group_name          = var.resource_group_name
   location                     = var.location
   container_app_environment_id = azurerm_container_app_environment.main.id
-  workload_profile_name        = "gpu"
+  workload_profile_name        = each.value.profile
 
   replica_timeout_in_seconds = 7200
   replica_retry_limit        = 1
@@ -69,20 +75,23 @@ resource "azurerm_container_app_job" "worker" {
   }
 
   event_trigger_config {
-    parallelism              = var.job_parallelism
-    replica_completion_count = 1
+    parallelism = each.value.parallelism
+    # Every replica works the queue until it is empty, then exits; the execution is
+    # complete when all of them are (with 1, the first replica to exit would end the
+    # execution and stop the others in the middle of a message).
+    replica_completion_count = each.value.parallelism
 
     scale {
       min_executions              = 0
-      max_executions              = var.job_max_executions
+      max_executions              = each.value.max_executions
       polling_interval_in_seconds = 30
 
       rules {
-        name             = "jobs-queue"
+        name             = "queue"
         custom_rule_type = "azure-queue"
         metadata = {
           accountName = azurerm_storage_account.data.name
-          queueName   = "jobs"
+          queueName   = each.value.queue
           queueLength = "1"
         }
         identity_id = azurerm_user_assigned_identity.main.id
@@ -93,12 +102,13 @@ resource "azurerm_container_app_job" "worker" {
   template {
     container {
       name   = "worker"
-      image  = local.job_image
-      cpu    = local.gpu_resources[var.gpu_profile_type].cpu
-      memory = local.gpu_resources[var.gpu_profile_type].memory
+      image  = each.value.image
+      args   = ["--queues", each.key]
+      cpu    = each.value.cpu
+      memory = each.value.memory
 
       dynamic "env" {
-        for_each = local.job_env
+        for_each = each.value.env
         content {
           name  = env.key
           value = env.value

@@ -27,8 +27,7 @@ resource "azurerm_function_app_flex_consumption" "main" {
   storage_authentication_type       = "UserAssignedIdentity"
   storage_user_assigned_identity_id = azurerm_user_assigned_identity.main.id
 
-  https_only                      = true
-  key_vault_reference_identity_id = azurerm_user_assigned_identity.main.id
+  https_only = true
 
   identity {
     type         = "UserAssigned"
@@ -38,30 +37,26 @@ resource "azurerm_function_app_flex_consumption" "main" {
   # infra/app-settings.json plus the deployment-specific, identity-based settings.
   # No keys and no connection strings with keys.
   app_settings = merge(local.shared_settings, {
+    # Empty on purpose: with storage_authentication_type = "UserAssignedIdentity" the provider
+    # still writes an AzureWebJobsStorage connection string with an empty AccountKey, which wins
+    # over the AzureWebJobsStorage__* identity settings below; with shared keys off the host then
+    # cannot reach its storage (no keys, no timers, no blob trigger): hashicorp/terraform-provider-azurerm#29693.
+    AzureWebJobsStorage                       = ""
     AzureWebJobsStorage__accountName          = azurerm_storage_account.data.name
     AzureWebJobsStorage__credential           = "managedidentity"
     AzureWebJobsStorage__clientId             = azurerm_user_assigned_identity.main.client_id
     AzureWebJobsFeatureFlags                  = "EnableWorkerIndexing"
     AZURE_CLIENT_ID                           = azurerm_user_assigned_identity.main.client_id
     CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL     = local.storage_account_url
-    APPLICATIONINSIGHTS_CONNECTION_STRING     = azurerm_application_insights.main.connection_string
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING = local.app_insights_authentication_string
   })
 
   site_config {
     minimum_tls_version = "1.2"
     http2_enabled       = true
-  }
-
-  # The models share at /mounts/models (CLUSTERLENS_MODEL_DIR). The account key
-  # goes only to this mount configuration.
-  storage_account {
-    name         = "models"
-    type         = "AzureFiles"
-    account_name = azurerm_storage_account.files.name
-    share_name   = azurerm_storage_share.models.name
-    access_key   = azurerm_storage_account.files.primary_access_key
-    mount_path   = "/mounts/models"
+    # Here, not in app_settings: the provider moves it into APPLICATIONINSIGHTS_CONNECTION_STRING
+    # itself, and a copy in app_settings shows as a change in every plan.
+    application_insights_connection_string = azurerm_application_insights.main.connection_string
   }
 
   tags = var.tags
@@ -69,7 +64,52 @@ resource "azurerm_function_app_flex_consumption" "main" {
   depends_on = [azurerm_role_assignment.identity]
 }
 
-data "azurerm_function_app_host_keys" "main" {
-  name                = azurerm_function_app_flex_consumption.main.name
-  resource_group_name = var.resource_group_name
+# The Key Vault reference identity (for CLUSTERLENS_API_KEY as a Key Vault reference, docs/deploy.md):
+# azurerm_function_app_flex_consumption has no argument for it, so it is PATCHed onto the site.
+resource "azapi_resource_action" "key_vault_reference_identity" {
+  type        = "Microsoft.Web/sites@2024-04-01"
+  resource_id = azurerm_function_app_flex_consumption.main.id
+  method      = "PATCH"
+  body = {
+    properties = {
+      keyVaultReferenceIdentity = azurerm_user_assigned_identity.main.id
+    }
+  }
+}
+
+# The models share at /mounts/models (CLUSTERLENS_MODEL_DIR), as azapi's own example for
+# sites/config azurestorageaccounts does it (a PUT: this config has no GET). Azure Files mounts
+# authenticate with the files account key, which is passed write-only (not kept in state).
+data "azapi_resource_id" "storage_mounts" {
+  type      = "Microsoft.Web/sites/config@2024-04-01"
+  parent_id = azurerm_function_app_flex_consumption.main.id
+  name      = "azurestorageaccounts"
+}
+
+resource "azapi_resource_action" "models_mount" {
+  type        = "Microsoft.Web/sites/config@2024-04-01"
+  resource_id = data.azapi_resource_id.storage_mounts.id
+  method      = "PUT"
+  body = {
+    properties = {
+      models = {
+        type        = "AzureFiles"
+        accountName = azurerm_storage_account.files.name
+        shareName   = azurerm_storage_share.models.name
+        mountPath   = "/mounts/models"
+        protocol    = "Smb"
+      }
+    }
+  }
+  sensitive_body = {
+    properties = {
+      models = {
+        accessKey = azurerm_storage_account.files.primary_access_key
+      }
+    }
+  }
+  # Bump to send a rotated key.
+  sensitive_body_version = {
+    "properties.models.accessKey" = "1"
+  }
 }

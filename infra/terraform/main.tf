@@ -28,7 +28,8 @@ locals {
     "deployments",
   ])
 
-  queues = toset(["jobs", "jobs-poison"])
+  # jobs: reindex, retrain, analyse (the CPU job); jobs-gpu: embed, train_head (the GPU job).
+  queues = toset(["jobs", "jobs-gpu", "jobs-poison"])
 
   # Settings shared by the function app and the job (infra/app-settings.json).
   shared_settings = jsondecode(file("${path.module}/../app-settings.json")).settings
@@ -42,11 +43,42 @@ locals {
     CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL     = local.storage_account_url
     APPLICATIONINSIGHTS_CONNECTION_STRING     = azurerm_application_insights.main.connection_string
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING = local.app_insights_authentication_string
-    CLUSTERLENS_ORT_PROVIDERS                 = "[\"CUDAExecutionProvider\", \"CPUExecutionProvider\"]"
   })
 
-  # job_image, or <registry login server>/clusterlens-job:<job_image_tag> when empty.
-  job_image = coalesce(var.job_image, "${azurerm_container_registry.main.login_server}/clusterlens-job:${var.job_image_tag}")
+  # A Container Apps job cannot be created with an image that is not in the registry yet
+  # (MANIFEST_UNKNOWN), and a new registry is empty: until the images are built and pushed
+  # (docs/deploy.md), the jobs run Microsoft's public jobs quickstart image, which exits
+  # without touching the queues.
+  placeholder_image = "mcr.microsoft.com/k8se/quickstart-jobs:latest"
+
+  # What differs between the two jobs; the key is also the worker's --queues argument.
+  jobs = {
+    gpu = {
+      profile        = "gpu"
+      queue          = local.shared_settings.CLUSTERLENS_GPU_QUEUE_NAME
+      image          = coalesce(var.gpu_job_image, local.placeholder_image)
+      cpu            = local.gpu_resources[var.gpu_profile_type].cpu
+      memory         = local.gpu_resources[var.gpu_profile_type].memory
+      parallelism    = var.job_parallelism
+      max_executions = var.job_max_executions
+      env = merge(local.job_env, {
+        CLUSTERLENS_ORT_PROVIDERS        = "[\"CUDAExecutionProvider\", \"CPUExecutionProvider\"]"
+        CLUSTERLENS_EMBED_DECODE_WORKERS = tostring(local.gpu_resources[var.gpu_profile_type].cpu)
+      })
+    }
+    cpu = {
+      profile        = "Consumption"
+      queue          = local.shared_settings.CLUSTERLENS_QUEUE_NAME
+      image          = coalesce(var.cpu_job_image, local.placeholder_image)
+      cpu            = 4
+      memory         = "8Gi"
+      parallelism    = 1
+      max_executions = var.cpu_job_max_executions
+      env = merge(local.job_env, {
+        CLUSTERLENS_EMBED_DECODE_WORKERS = "4"
+      })
+    }
+  }
 
   # Container size for the whole GPU workload profile.
   gpu_resources = {

@@ -10,13 +10,13 @@ resource "azurerm_log_analytics_workspace" "main" {
 # Workspace-based; local (instrumentation-key) auth off: telemetry is ingested
 # with Entra ID (Monitoring Metrics Publisher for the identity, see roles.tf).
 resource "azurerm_application_insights" "main" {
-  name                          = "appi-${local.name}"
-  resource_group_name           = var.resource_group_name
-  location                      = var.location
-  application_type              = "web"
-  workspace_id                  = azurerm_log_analytics_workspace.main.id
-  local_authentication_disabled = true
-  tags                          = var.tags
+  name                         = "appi-${local.name}"
+  resource_group_name          = var.resource_group_name
+  location                     = var.location
+  application_type             = "web"
+  workspace_id                 = azurerm_log_analytics_workspace.main.id
+  local_authentication_enabled = false
+  tags                         = var.tags
 }
 
 # Blob and queue service logs and transaction metrics of the data account.

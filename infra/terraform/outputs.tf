@@ -18,9 +18,19 @@ output "container_registry_login_server" {
   value       = azurerm_container_registry.main.login_server
 }
 
-output "job_name" {
-  description = "The Container Apps job."
-  value       = azurerm_container_app_job.worker.name
+output "gpu_job_name" {
+  description = "The Container Apps job on the GPU profile (embed, train_head)."
+  value       = azurerm_container_app_job.worker["gpu"].name
+}
+
+output "cpu_job_name" {
+  description = "The Container Apps job on the Consumption profile (reindex, retrain, analyse)."
+  value       = azurerm_container_app_job.worker["cpu"].name
+}
+
+output "function_app_name" {
+  description = "The function app (for publishing its code)."
+  value       = azurerm_function_app_flex_consumption.main.name
 }
 
 output "identity_client_id" {

@@ -4,9 +4,16 @@ variable "resource_group_name" {
 }
 
 variable "location" {
-  description = "Azure region for every resource."
+  description = "Azure region for every resource: one with serverless GPU profiles (T4 and A100)."
   type        = string
-  default     = "westeurope"
+  default     = "swedencentral"
+
+  # https://learn.microsoft.com/azure/container-apps/workload-profiles-overview: scale-to-zero
+  # serverless GPUs are offered in these regions.
+  validation {
+    condition     = contains(["swedencentral", "westus3", "australiaeast"], var.location)
+    error_message = "location must be a region with serverless GPU profiles: swedencentral, westus3 or australiaeast."
+  }
 }
 
 variable "name_prefix" {
@@ -21,7 +28,7 @@ variable "name_prefix" {
 }
 
 variable "gpu_profile_type" {
-  description = "Workload profile type of the Container Apps GPU profile the job runs on."
+  description = "Serverless GPU profile of the GPU job; set when the environment is created (changing it replaces the environment)."
   type        = string
   default     = "Consumption-GPU-NC8as-T4"
 
@@ -32,27 +39,39 @@ variable "gpu_profile_type" {
 }
 
 variable "job_parallelism" {
-  description = "Replicas started per job execution."
+  description = "Replicas started per GPU job execution (each one a GPU, billed)."
   type        = number
   default     = 1
 }
 
 variable "job_max_executions" {
-  description = "Most job executions KEDA runs at once."
+  description = "Most GPU job executions KEDA runs at once."
   type        = number
   default     = 4
 }
 
-variable "job_image_tag" {
-  description = "Tag of the clusterlens-job image in the registry."
-  type        = string
-  default     = "latest"
+variable "cpu_job_max_executions" {
+  description = "Most CPU job executions KEDA runs at once."
+  type        = number
+  default     = 2
 }
 
-variable "job_image" {
-  description = "Full job image name; empty means <registry login server>/clusterlens-job:<job_image_tag>."
+variable "gpu_job_image" {
+  description = "GPU job image (job/Dockerfile, default target) once pushed, e.g. <registry>/clusterlens-job:<tag>; empty runs a placeholder."
   type        = string
   default     = ""
+}
+
+variable "cpu_job_image" {
+  description = "CPU job image (job/Dockerfile with VARIANT=cpu) once pushed, e.g. <registry>/clusterlens-job-cpu:<tag>; empty runs a placeholder."
+  type        = string
+  default     = ""
+}
+
+variable "blob_events_enabled" {
+  description = "Second phase: create the Event Grid subscription, once the function app's code is published and its host has a blobs_extension key."
+  type        = bool
+  default     = false
 }
 
 variable "storage_sku" {
@@ -67,4 +86,10 @@ variable "tags" {
   default = {
     app = "clusterlens"
   }
+}
+
+variable "grant_deployer_data_roles" {
+  description = "Give whoever runs terraform the data roles the checks in docs/deploy.md need (Storage Blob and Queue Data Contributor on the data account)."
+  type        = bool
+  default     = true
 }
