@@ -1,7 +1,15 @@
 // clusterlens on Azure (azd): Flex Consumption Function App (HTTP API, page, blob trigger via Event Grid,
-// timers) + Container Apps job on a serverless GPU (the heavy work, started by KEDA from the jobs queue).
+// timers) + two Container Apps jobs started by KEDA from their queues: embedding and head training on a
+// serverless GPU (`jobs-gpu`), reindex, retrain and analysis on the Consumption CPU profile (`jobs`).
 // Everything authenticates with one user-assigned identity; the data account has shared keys disabled.
 // infra/terraform/ describes the same system (infra/app-settings.json is shared by both).
+//
+// What `azd up` does, in order (azure.yaml): provision this file (the jobs start on a placeholder image,
+// since a Container Apps job cannot be created with an image that is not in the registry yet), then the
+// postprovision hook builds the two job images in the registry (az acr build) and points the jobs at them,
+// then the Function App's code is deployed, then the postdeploy hook waits for the host's blobs_extension
+// key and creates the Event Grid subscription (infra/blob-events.bicep): that key exists only once the
+// code runs, so the subscription cannot be part of this provisioning.
 targetScope = 'resourceGroup'
 
 @minLength(1)
@@ -9,8 +17,21 @@ targetScope = 'resourceGroup'
 @description('azd environment name (tag azd-env-name).')
 param environmentName string
 
-@description('Region of every resource.')
-param location string = resourceGroup().location
+// Serverless GPU workload profiles (T4 and A100) are offered in these regions only, and a GPU profile can
+// only be added to a Container Apps environment when it is created
+// (https://learn.microsoft.com/azure/container-apps/workload-profiles-overview).
+@allowed([
+  'swedencentral'
+  'westus3'
+  'australiaeast'
+])
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+@description('Region of every resource: one with serverless GPU profiles.')
+param location string = 'swedencentral'
 
 @minLength(3)
 @maxLength(11)
@@ -25,18 +46,33 @@ param namePrefix string = 'clens'
 param gpuProfileType string = 'Consumption-GPU-NC8as-T4'
 
 @minValue(1)
-@description('Replicas per job execution.')
+@description('Replicas per GPU job execution (each one a GPU, billed).')
 param jobParallelism int = 1
 
 @minValue(1)
-@description('Most concurrent job executions started by the queue scaler.')
+@description('Most concurrent GPU job executions started by the queue scaler.')
 param jobMaxExecutions int = 4
 
-@description('Tag of the job image in the registry (used when jobImage is empty).')
-param jobImageTag string = 'latest'
+@minValue(1)
+@description('Most concurrent CPU job executions started by the queue scaler.')
+param cpuJobMaxExecutions int = 2
 
-@description('Full job image name; empty means <registry login server>/clusterlens-job:<jobImageTag>.')
-param jobImage string = ''
+@description('GPU job image (job/Dockerfile, default target); empty: a placeholder until the postprovision hook has built it.')
+param gpuJobImage string = ''
+
+@description('CPU job image (job/Dockerfile, VARIANT=cpu); empty: a placeholder until the postprovision hook has built it.')
+param cpuJobImage string = ''
+
+@description('Object id of the person or service principal deploying (azd sets AZURE_PRINCIPAL_ID); empty grants nothing.')
+param principalId string = ''
+
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+@description('Kind of principalId.')
+param principalType string = 'User'
 
 @description('Replication SKU of the storage accounts.')
 param storageSku string = 'Standard_ZRS'
@@ -48,8 +84,9 @@ var tags = {
 }
 
 // Every module takes the identity it grants roles to; the role assignments (Storage Blob Data Owner, Storage
-// Queue Data Contributor, Storage File Data Privileged Reader, AcrPull, Monitoring Metrics Publisher) live
-// beside the resource they are scoped to. The app settings are loaded from infra/app-settings.json
+// Queue Data Contributor, AcrPull, Monitoring Metrics Publisher) live beside the resource they are scoped
+// to. The deploying principal gets the data roles the checks in docs/deploy.md need (upload a blob, read
+// the queues). The app settings are loaded from infra/app-settings.json
 // (shared with infra/terraform) by modules/functions.bicep and modules/containerapps.bicep.
 
 module identity 'modules/identity.bicep' = {
@@ -84,6 +121,8 @@ module storage 'modules/storage.bicep' = {
     workspaceId: monitoring.outputs.workspaceId
     identityId: identity.outputs.id
     identityPrincipalId: identity.outputs.principalId
+    deployerPrincipalId: principalId
+    deployerPrincipalType: principalType
   }
 }
 
@@ -115,6 +154,7 @@ module functions 'modules/functions.bicep' = {
   }
 }
 
+// The system topic only: its subscription is infra/blob-events.bicep, deployed by the postdeploy hook.
 module eventgrid 'modules/eventgrid.bicep' = {
   name: 'eventgrid'
   params: {
@@ -123,17 +163,15 @@ module eventgrid 'modules/eventgrid.bicep' = {
     tags: tags
     identityId: identity.outputs.id
     dataAccountId: storage.outputs.dataAccountId
-    functionAppId: functions.outputs.id
-    functionAppHostName: functions.outputs.defaultHostName
   }
 }
 
-// Depends on registry and storage (their outputs): AcrPull and the queue role exist before the job pulls or scales.
+// Depends on registry and storage (their outputs): AcrPull and the queue role exist before a job pulls or scales.
 module containerapps 'modules/containerapps.bicep' = {
   name: 'containerapps'
   params: {
     environmentName: 'cae-${name}'
-    jobName: 'caj-${name}-worker'
+    jobNamePrefix: 'caj-${name}'
     location: location
     tags: tags
     identityId: identity.outputs.id
@@ -144,10 +182,12 @@ module containerapps 'modules/containerapps.bicep' = {
     blobEndpoint: storage.outputs.blobEndpoint
     filesAccountName: storage.outputs.filesAccountName
     registryLoginServer: registry.outputs.loginServer
-    jobImage: empty(jobImage) ? '${registry.outputs.loginServer}/clusterlens-job:${jobImageTag}' : jobImage
+    gpuJobImage: gpuJobImage
+    cpuJobImage: cpuJobImage
     gpuProfileType: gpuProfileType
     jobParallelism: jobParallelism
     jobMaxExecutions: jobMaxExecutions
+    cpuJobMaxExecutions: cpuJobMaxExecutions
   }
 }
 
@@ -155,6 +195,15 @@ output functionAppUrl string = 'https://${functions.outputs.defaultHostName}'
 output searchPageUrl string = 'https://${functions.outputs.defaultHostName}/'
 output storageBlobEndpoint string = storage.outputs.blobEndpoint
 output containerRegistryLoginServer string = registry.outputs.loginServer
-output jobName string = containerapps.outputs.jobName
+output gpuJobName string = containerapps.outputs.gpuJobName
+output cpuJobName string = containerapps.outputs.cpuJobName
 output identityClientId string = identity.outputs.clientId
 output resourceGroup string = resourceGroup().name
+// Read by the hooks in infra/hooks/ (azd passes every output to them as an environment variable).
+output AZURE_FUNCTION_APP_NAME string = functions.outputs.name
+output CLUSTERLENS_REGISTRY_NAME string = registry.outputs.name
+output CLUSTERLENS_GPU_JOB_NAME string = containerapps.outputs.gpuJobName
+output CLUSTERLENS_CPU_JOB_NAME string = containerapps.outputs.cpuJobName
+output CLUSTERLENS_SYSTEM_TOPIC_NAME string = eventgrid.outputs.systemTopicName
+output CLUSTERLENS_IDENTITY_ID string = identity.outputs.id
+output CLUSTERLENS_DATA_ACCOUNT_NAME string = storage.outputs.dataAccountName

@@ -1,10 +1,16 @@
-// Container Apps environment (Consumption + serverless GPU workload profiles) and the event-triggered
-// job that runs `python -m job` while the `jobs` queue has messages (KEDA azure-queue scaler, authenticated
-// with the user-assigned identity: no connection string).
+// Container Apps environment (Consumption + one serverless GPU workload profile) and two event-triggered
+// jobs running `python -m job`, each started by KEDA while its queue has messages (azure-queue scaler,
+// authenticated with the user-assigned identity: no connection string):
+// - `<prefix>-gpu` on the GPU profile takes `jobs-gpu` (embed, train_head);
+// - `<prefix>-cpu` on the Consumption profile takes `jobs` (reindex, retrain, analyse): no GPU billed for
+//   work that cannot use one.
+// A GPU workload profile can only be added when the environment is created: changing gpuProfileType on an
+// existing environment fails; delete the environment (or deploy a new one) to change it.
 
 param environmentName string
 
-param jobName string
+@description('Job names are <prefix>-gpu and <prefix>-cpu.')
+param jobNamePrefix string
 
 param location string
 
@@ -28,8 +34,11 @@ param filesAccountName string
 
 param registryLoginServer string
 
-@description('Full job image name in the registry.')
-param jobImage string
+@description('GPU job image; empty: the placeholder (the postprovision hook builds the real one and sets it).')
+param gpuJobImage string
+
+@description('CPU job image; empty: the placeholder (the postprovision hook builds the real one and sets it).')
+param cpuJobImage string
 
 @allowed([
   'Consumption-GPU-NC8as-T4'
@@ -41,24 +50,65 @@ param jobParallelism int
 
 param jobMaxExecutions int
 
+param cpuJobMaxExecutions int
+
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' existing = {
   name: workspaceName
 }
 
-// A whole serverless GPU: NC8as-T4 gives 8 vCPU / 56 GiB, NC24-A100 24 vCPU / 220 GiB.
+// A whole serverless GPU: NC8as-T4 gives 8 vCPU / 56 GiB, NC24-A100 24 vCPU / 220 GiB. The CPU job gets
+// the largest Consumption-profile replica (4 vCPU / 8 GiB).
 var isA100 = gpuProfileType == 'Consumption-GPU-NC24-A100'
-var workerCpu = isA100 ? 24 : 8
-var workerMemory = isA100 ? '220Gi' : '56Gi'
+var gpuCpu = isA100 ? 24 : 8
+var gpuMemory = isA100 ? '220Gi' : '56Gi'
 
-// The job's environment: the settings of infra/app-settings.json (the timer schedules are unused but
-// harmless), the identity-based storage URL, and the GPU execution provider first.
+// A Container Apps job cannot be created with an image that is not in the registry yet (MANIFEST_UNKNOWN),
+// and on a first `azd up` the registry is empty: the jobs start on Microsoft's public jobs quickstart
+// image, which exits without touching the queues, until the postprovision hook has built and set ours.
+var placeholderImage = 'mcr.microsoft.com/k8se/quickstart-jobs:latest'
+
+// The jobs' environment: the settings of infra/app-settings.json (the timer schedules are unused but
+// harmless), the identity-based storage URL and telemetry.
 var sharedSettings = loadJsonContent('../app-settings.json').settings
-var jobSettings = union(sharedSettings, {
+var commonSettings = union(sharedSettings, {
   AZURE_CLIENT_ID: identityClientId
   CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL: blobEndpoint
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
-  CLUSTERLENS_ORT_PROVIDERS: '["CUDAExecutionProvider", "CPUExecutionProvider"]'
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
 })
+
+// One entry per job: what differs between the GPU and the CPU worker.
+var jobs = [
+  {
+    name: '${jobNamePrefix}-gpu'
+    profile: 'gpu'
+    queue: sharedSettings.CLUSTERLENS_GPU_QUEUE_NAME
+    serves: 'gpu'
+    image: empty(gpuJobImage) ? placeholderImage : gpuJobImage
+    cpu: gpuCpu
+    memory: gpuMemory
+    parallelism: jobParallelism
+    maxExecutions: jobMaxExecutions
+    settings: union(commonSettings, {
+      CLUSTERLENS_ORT_PROVIDERS: '["CUDAExecutionProvider", "CPUExecutionProvider"]'
+      CLUSTERLENS_EMBED_DECODE_WORKERS: string(gpuCpu)
+    })
+  }
+  {
+    name: '${jobNamePrefix}-cpu'
+    profile: 'Consumption'
+    queue: sharedSettings.CLUSTERLENS_QUEUE_NAME
+    serves: 'cpu'
+    image: empty(cpuJobImage) ? placeholderImage : cpuJobImage
+    cpu: 4
+    memory: '8Gi'
+    parallelism: 1
+    maxExecutions: cpuJobMaxExecutions
+    settings: union(commonSettings, {
+      CLUSTERLENS_EMBED_DECODE_WORKERS: '4'
+    })
+  }
+]
 
 resource managedEnvironment 'Microsoft.App/managedEnvironments@2025-01-01' = {
   name: environmentName
@@ -100,8 +150,8 @@ resource modelsStorage 'Microsoft.App/managedEnvironments/storages@2025-01-01' =
   }
 }
 
-resource job 'Microsoft.App/jobs@2025-01-01' = {
-  name: jobName
+resource job 'Microsoft.App/jobs@2025-01-01' = [for spec in jobs: {
+  name: spec.name
   location: location
   tags: tags
   identity: {
@@ -112,7 +162,7 @@ resource job 'Microsoft.App/jobs@2025-01-01' = {
   }
   properties: {
     environmentId: managedEnvironment.id
-    workloadProfileName: 'gpu'
+    workloadProfileName: spec.profile
     configuration: {
       triggerType: 'Event'
       replicaTimeout: 7200
@@ -124,19 +174,22 @@ resource job 'Microsoft.App/jobs@2025-01-01' = {
         }
       ]
       eventTriggerConfig: {
-        parallelism: jobParallelism
-        replicaCompletionCount: 1
+        parallelism: spec.parallelism
+        // Every replica works the queue until it is empty, then exits: the execution is complete when all
+        // of them are (with 1 here, the first replica to exit would end the execution and stop the others
+        // in the middle of a message).
+        replicaCompletionCount: spec.parallelism
         scale: {
           minExecutions: 0
-          maxExecutions: jobMaxExecutions
+          maxExecutions: spec.maxExecutions
           pollingInterval: 30
           rules: [
             {
-              name: 'jobs-queue'
+              name: 'queue'
               type: 'azure-queue'
               metadata: {
                 accountName: dataAccountName
-                queueName: 'jobs'
+                queueName: spec.queue
                 queueLength: '1'
               }
               identity: identityId
@@ -149,12 +202,16 @@ resource job 'Microsoft.App/jobs@2025-01-01' = {
       containers: [
         {
           name: 'worker'
-          image: jobImage
+          image: spec.image
+          args: [
+            '--queues'
+            spec.serves
+          ]
           resources: {
-            cpu: workerCpu
-            memory: workerMemory
+            cpu: spec.cpu
+            memory: spec.memory
           }
-          env: [for setting in items(jobSettings): {
+          env: [for setting in items(spec.settings): {
             name: setting.key
             value: setting.value
           }]
@@ -175,7 +232,8 @@ resource job 'Microsoft.App/jobs@2025-01-01' = {
       ]
     }
   }
-}
+}]
 
 output environmentId string = managedEnvironment.id
-output jobName string = job.name
+output gpuJobName string = job[0].name
+output cpuJobName string = job[1].name

@@ -60,6 +60,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_222:The app serves the public search page and HTTP API and receives Event Grid webhook deliveries; the design has no VNet or private endpoints, so public network access stays on.
   // checkov:skip=CKV_AZURE_17:Client certificates would block browsers using the page and Event Grid's webhook delivery (which authenticates with the blobs_extension system key instead).
   // checkov:skip=CKV_AZURE_212:numberOfWorkers is a Dedicated/Premium setting; Flex Consumption instances are set by functionAppConfig.scaleAndConcurrency (scale from zero up to 40 instances).
+  // checkov:skip=CKV_AZURE_78:Flex Consumption rejects siteConfig.ftpsState (ARM error 51021) and has no FTP deployment endpoint: code is deployed from the deployments blob container (functionAppConfig.deployment), so there is nothing to disable.
   // checkov:skip=CKV_AZURE_213:App Service health check (instance replacement) is available for Functions only on Premium and Dedicated plans, not on Flex Consumption.
   name: functionAppName
   location: location
@@ -98,7 +99,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
     }
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
+      // No ftpsState and no linuxFxVersion: Flex Consumption rejects both (ARM error 51021, "FtpsState ...
+      // for Flex Consumption sites is invalid"); the runtime is functionAppConfig.runtime.
       http20Enabled: true
       appSettings: [for setting in items(appSettings): {
         name: setting.key

@@ -1,6 +1,6 @@
 // Two storage accounts:
 // - data (st<name>): blobs + the jobs queues, Entra ID only (shared-key access off).
-// - files (stf<name>): the Azure Files share `models`, mounted read-only by the Function App and the job.
+// - files (stf<name>): the Azure Files share `models`, mounted read-only by the Function App and the jobs.
 //   Azure Files mounts in Function Apps and Container Apps authenticate with the account key, so this
 //   account alone keeps shared-key access on.
 
@@ -24,12 +24,22 @@ param identityId string
 @description('Principal id of the user-assigned identity (role assignments).')
 param identityPrincipalId string
 
+@description('Object id of the deploying principal; empty grants it nothing.')
+param deployerPrincipalId string = ''
+
+@description('Kind of deployerPrincipalId: User, ServicePrincipal or Group.')
+param deployerPrincipalType string = 'User'
+
 // Roles of the identity here (names guid(scope, identity, role)). Blob Data Owner covers the app data, the
 // Flex deployment package and Event Grid dead-lettering; Queue Data Contributor covers send/receive/delete
-// and the KEDA scaler's queue-length reads.
+// and the KEDA scalers' queue-length reads. The models share needs no role: Azure Files mounts use the
+// files account's key.
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
-var storageFileDataPrivilegedReader = 'b8eda974-7b85-4f76-af95-65846b26df6d'
+// The deploying principal's data roles (shared keys are off on the data account, so `az storage ...
+// --auth-mode login` needs them): upload a test image and read the queues (docs/deploy.md "Check it").
+// The models go onto the share with the files account's key, which Contributor can list.
+var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 
 var blobContainers = [
   'uploads'
@@ -44,7 +54,8 @@ var blobContainers = [
 ]
 
 var queues = [
-  'jobs'
+  'jobs' // reindex, retrain, analyse: the CPU job
+  'jobs-gpu' // embed, train_head: the GPU job
   'jobs-poison'
 ]
 
@@ -211,15 +222,20 @@ resource queueDataContributor 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
-resource fileDataPrivilegedReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(filesAccount.id, identityId, storageFileDataPrivilegedReader)
-  scope: filesAccount
+var deployerDataRoles = empty(deployerPrincipalId) ? [] : [
+  storageBlobDataContributor
+  storageQueueDataContributor
+]
+
+resource deployerData 'Microsoft.Authorization/roleAssignments@2022-04-01' = [for role in deployerDataRoles: {
+  name: guid(dataAccount.id, deployerPrincipalId, role)
+  scope: dataAccount
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageFileDataPrivilegedReader)
-    principalId: identityPrincipalId
-    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', role)
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
   }
-}
+}]
 
 output dataAccountId string = dataAccount.id
 output dataAccountName string = dataAccount.name
