@@ -12,7 +12,7 @@ timeout (2 s), no retry delay and small embedding shards. For each job kind:
   embedding loop begun, see :data:`CLOCK_STAGE`), waits a random share of the calibrated duration
   and SIGKILLs the worker's whole process group. Where it died is read from storage after the kill
   (shards written; index or classifier version claimed, written or published). Workers are then
-  started again until the queue is empty. A kill that came after the job had finished (it ran
+  started again until the queues are empty. A kill that came after the job had finished (it ran
   faster than calibrated) does not count: the trial is run again with a shorter delay.
 
 After each trial every catalogued image must have exactly one embedding row across all raw shards
@@ -61,7 +61,7 @@ from job.embeddings import EmbeddingStore
 from shared.catalog import Catalog
 from shared.index import FILES, current_version, list_versions, load_current
 from shared.jobs import FINISHED, JobMessage, JobStore, api_job, enqueue
-from shared.queues import JobQueue, open_queue
+from shared.queues import JobQueue, JobQueues, open_job_queues, open_queue
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, JOBS, MODELS, Storage, open_storage
 from shared.versions import list_versions as list_versioned
@@ -245,7 +245,7 @@ class KillPoint:
     stage: str | None  # the job record's progress stage at the kill (saved at most every 2 s)
     attempts: int = 0  # tries the job took in the end
     published: str | None = None  # what it published: reindex the index version, retrain the classifier's
-    recovery_s: float = 0.0  # from the kill until the queue was empty again
+    recovery_s: float = 0.0  # from the kill until the queues were empty again
     queries: int = 0  # answered while the job was unfinished
     versions: dict[str, int] = field(default_factory=dict)  # index versions that answered them
 
@@ -254,7 +254,7 @@ class KillPoint:
 
 
 class CrashLab:
-    """A data dir, its queue, the worker subprocesses and the checks of one crash run.
+    """A data dir, its queues, the worker subprocesses and the checks of one crash run.
 
     Args:
         workdir: where the data dir and the worker logs go (created).
@@ -272,7 +272,7 @@ class CrashLab:
         }
         self.settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
         self.storage = open_storage(self.settings)
-        self.queue: JobQueue = open_queue(self.settings, self.settings.queue_name)
+        self.queues: JobQueues = open_job_queues(self.settings)  # embed on one, reindex and retrain on the other
         self.poison: JobQueue = open_queue(self.settings, self.settings.poison_queue_name)
         self.jobs = JobStore(self.storage)
         self.rng = random.Random(seed)
@@ -307,7 +307,7 @@ class CrashLab:
         jobs = set()
         for _ in range(n):
             data, source, label = next(self._images)
-            got = accept_upload(self.storage, self.queue, self.settings, data, source=f"crash:{source}", now=now)
+            got = accept_upload(self.storage, self.queues, self.settings, data, source=f"crash:{source}", now=now)
             if got.job is None or got.result.status != "added":
                 raise CrashTrialError(f"upload of {source} was {got.result.status}")
             self.truth[got.result.id] = label
@@ -319,7 +319,7 @@ class CrashLab:
     def queue_job(self, kind: str, params: dict[str, Any] | None = None) -> str:
         """Queue a job as the API does; returns its id."""
         message: JobMessage = api_job(kind, params or {})  # type: ignore[arg-type]
-        enqueue(self.storage, self.queue, message)
+        enqueue(self.storage, self.queues, message)
         return message.job_id
 
     def label(self, n: int) -> list[tuple[str, str]]:
@@ -380,7 +380,7 @@ class CrashLab:
             )
 
     def trace(self, job_id: str) -> list[str]:
-        """Run the queue with a worker left alone, recording its writes (see :mod:`bench.crash_worker`).
+        """Run the queues with a worker left alone, recording its writes (see :mod:`bench.crash_worker`).
 
         Raises:
             CrashTrialError: if the worker fails or ``job_id`` does not succeed.
@@ -397,19 +397,19 @@ class CrashLab:
         return path.read_text().splitlines()
 
     def drain(self, timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
-        """Run workers until the queue is empty (each exits when it is).
+        """Run workers until the queues are empty (each takes both and exits when they are).
 
         Raises:
-            CrashTrialError: if a worker fails or the queue is not empty within ``timeout``.
+            CrashTrialError: if a worker fails or the queues are not empty within ``timeout``.
         """
         deadline = time.monotonic() + timeout
-        while self.queue.approximate_count():
+        while self.queues.approximate_count():
             proc = self.start_worker(env=env)
             try:
                 rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 kill_group(proc)
-                raise CrashTrialError(f"the queue was not empty after {timeout:.0f} s") from None
+                raise CrashTrialError(f"the queues were not empty after {timeout:.0f} s") from None
             if rc != 0:
                 raise CrashTrialError(f"worker exited with {rc}: see {self.logs}")
 
@@ -436,7 +436,7 @@ class CrashLab:
         raise CrashTrialError(f"job {job_id} was not running after {timeout:.0f} s")
 
     def run_unkilled(self, job_id: str, stage: str | None = None) -> float:
-        """Run ``job_id`` in a worker left alone, then empty the queue; returns the job's duration (s):
+        """Run ``job_id`` in a worker left alone, then empty the queues; returns the job's duration (s):
         from when its record said running (or showed ``stage``) until it said succeeded.
 
         Raises:
@@ -489,7 +489,7 @@ class CrashLab:
         return f"{what} {where}" + (f" ({shards} straggler shards)" if shards else "")
 
     def check(self) -> dict[str, Any]:
-        """Every invariant the trials keep (run with the queue empty); each count must be 0."""
+        """Every invariant the trials keep (run with the queues empty); each count must be 0."""
         from shared.classifier import ClassifierView
         from shared.labels import LabelLog
 
@@ -571,7 +571,7 @@ def kill_trial(
     or from when it said running), recover.
 
     Raises:
-        CrashTrialError: if a worker never runs the job or the queue does not empty.
+        CrashTrialError: if a worker never runs the job or the queues do not empty.
     """
     before = lab.state()
     proc = lab.start_worker()
@@ -611,7 +611,7 @@ def kill_before_write(lab: CrashLab, kind: str, job_id: str, pattern: str, occur
         ``problems`` (what the check after recovery found broken).
 
     Raises:
-        CrashTrialError: if the queue does not empty.
+        CrashTrialError: if the queues do not empty.
     """
     before = lab.state()
     proc = lab.start_worker(kill_before=pattern, occurrence=occurrence)
@@ -653,7 +653,7 @@ def sweep(lab: CrashLab, kind: str, queue_work: Callable[[], str]) -> list[dict[
     included), one fresh job per write, and check after each recovery.
 
     Raises:
-        CrashTrialError: if a run fails or the queue does not empty.
+        CrashTrialError: if a run fails or the queues do not empty.
     """
     trace = lab.trace(queue_work())
     out = []

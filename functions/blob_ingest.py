@@ -19,7 +19,7 @@ def ingest_blob(blob: func.InputStream) -> None:
     metadata = dict(getattr(blob, "metadata", None) or {})  # the concrete func.blob.InputStream has it
     name = blob.name or ""
     outcome = handle_blob(
-        rt.storage, rt.queue, rt.settings, name=name, length=blob.length, metadata=metadata, read=blob.read
+        rt.storage, rt.queues, rt.settings, name=name, length=blob.length, metadata=metadata, read=blob.read
     )
     log.info("%s: %s", name, outcome.describe())
 

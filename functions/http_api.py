@@ -16,7 +16,7 @@ from functions.api import images, index, jobs, labels, reports, search
 from shared import __version__
 from shared.access import API_KEY_HEADER
 from shared.http import ERROR_RESPONSES, handle_errors, protect
-from shared.queues import JobQueue
+from shared.queues import JobQueues
 from shared.runtime import Runtime
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
@@ -26,9 +26,9 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_app(
-    service: SearchService | None = None, settings: Settings | None = None, queue: JobQueue | None = None
+    service: SearchService | None = None, settings: Settings | None = None, queues: JobQueues | None = None
 ) -> FastAPI:
-    """Build the API. ``service``, ``settings`` and ``queue`` are injectable; by default they load lazily."""
+    """Build the API. ``service``, ``settings`` and ``queues`` are injectable; by default they load lazily."""
     configured = settings or (service.settings if service else get_settings())
     app = FastAPI(
         title="clusterlens",
@@ -40,7 +40,7 @@ def create_app(
         f"`{API_KEY_HEADER}` header; read endpoints need the read key only where one is configured.",
         responses=ERROR_RESPONSES,
     )
-    app.state.runtime = Runtime(configured, queue=queue, service=service)
+    app.state.runtime = Runtime(configured, queues=queues, service=service)
     protect(app, configured.cors_origins)
     for router in (index.router, search.router(configured), images.router(configured), jobs.router, labels.router):
         app.include_router(router)

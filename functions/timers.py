@@ -16,7 +16,7 @@ bp = func.Blueprint()
 def _fire(kind: JobKind, timer: func.TimerRequest) -> None:
     rt = get_runtime()
     schedule = rt.settings.reindex_schedule if kind == "reindex" else rt.settings.retrain_schedule
-    record, queued = schedule_job(rt.storage, rt.queue, kind, schedule)
+    record, queued = schedule_job(rt.storage, rt.queues, kind, schedule)
     what = "queued" if queued else "was already queued for this slot"  # a late or repeated firing finds it
     log.info("%s timer%s: job %s %s", kind, " (past due)" if timer.past_due else "", record.job_id, what)
 

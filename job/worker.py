@@ -1,7 +1,11 @@
 """The job worker: take a message, run its job with the shared library, delete it when the result is durable.
 
-One loop for both homes: the Azure Container Apps job (``python -m job``, KEDA starts executions
-while the queue has messages) and ``clusterlens worker`` on the local backend.
+One loop for both homes: the Azure Container Apps jobs (``python -m job``, KEDA starts executions
+while their queue has messages) and ``clusterlens worker`` on the local backend. Jobs travel on two
+queues (:class:`shared.queues.JobQueues`): in Azure the GPU job runs ``--queues gpu`` and the CPU job
+``--queues cpu``; locally one worker takes both, polling them in turn. A message found on a queue
+whose worker does not serve its kind (queued by older code, or before a settings change) is sent on
+to its kind's queue and deleted here, never run on the wrong image.
 
 Delivery is at least once, so every job is idempotent: embedding skips images already embedded,
 reindex skips an index already built from the same inputs, and a message whose job already
@@ -28,8 +32,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ClusterlensError
-from shared.jobs import FINISHED, JobError, JobMessage, JobRecord, JobStore, enqueue, follow_up_reindex
-from shared.queues import JobQueue, LostMessage, QueueMessage
+from shared.jobs import FINISHED, JobError, JobKind, JobMessage, JobRecord, JobStore, enqueue, follow_up_reindex
+from shared.queues import JobQueue, JobQueues, LostMessage, QueueMessage, Serve
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -59,7 +63,7 @@ class JobContext:
     record: JobRecord
     storage: Storage
     settings: Settings
-    queue: JobQueue
+    queues: JobQueues  # where follow-up jobs are queued (each on its kind's queue)
     store: JobStore
     encoder_factory: Callable[[], ImageEncoder]
     _saved_at: float = 0.0
@@ -93,7 +97,7 @@ def run_embed(ctx: JobContext) -> dict[str, Any]:
     # (or while) queuing it, and then this try embeds nothing.
     if stats.embedded or ctx.record.attempts > 1:
         follow, delay = _follow_up(ctx)
-        enqueue(ctx.storage, ctx.queue, follow, delay=delay)
+        enqueue(ctx.storage, ctx.queues, follow, delay=delay)
         out["reindex_job"] = follow.job_id
     return out
 
@@ -281,9 +285,14 @@ class WorkerStats:
 
 
 class Worker:
-    """Takes job messages from ``queue`` and runs them; failures past the limit go to ``poison``.
+    """Takes job messages from the queues it serves, in turn, and runs them; failures past the limit go
+    to ``poison``.
 
     Args:
+        queues: the job queues (where each kind belongs).
+        poison: the one poison queue, for messages from any queue.
+        serve: which queues to take: ``cpu``, ``gpu`` or ``all`` (both). A message of a kind that
+            belongs on a queue not served here is moved there, never run.
         encoder: an image encoder to use (default: loaded on first need from the settings).
         handlers: job kind -> handler (injectable).
     """
@@ -292,18 +301,21 @@ class Worker:
         self,
         storage: Storage,
         settings: Settings,
-        queue: JobQueue,
+        queues: JobQueues,
         poison: JobQueue,
         *,
+        serve: Serve = "all",
         encoder: ImageEncoder | None = None,
         handlers: dict[str, Handler] | None = None,
         worker_id: str | None = None,
     ):
-        self.storage, self.settings, self.queue, self.poison = storage, settings, queue, poison
+        self.storage, self.settings, self.queues, self.poison = storage, settings, queues, poison
+        self.serving: list[JobQueue] = queues.serving(serve)
         self.store = JobStore(storage)
         self.handlers = handlers or HANDLERS
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._encoder = encoder
+        self._turn = 0  # the served queue polled first on the next receive
         self.stop = threading.Event()
         self.in_job = False  # a handler is running: what a signal may interrupt
 
@@ -315,67 +327,94 @@ class Worker:
             log.info("image encoder %s on %s", self._encoder.version, self._encoder.providers[0])
         return self._encoder
 
+    def describe(self) -> str:
+        """The queues served, for the log: ``jobs-gpu, jobs``."""
+        return ", ".join(queue.name for queue in self.serving)
+
+    def serves(self, kind: JobKind) -> bool:
+        """Whether this worker runs jobs of ``kind``: its kind's queue is one it takes."""
+        target = self.queues.for_kind(kind)
+        return any(queue.name == target.name for queue in self.serving)
+
+    def receive(self) -> tuple[JobQueue, QueueMessage] | None:
+        """The next visible message of the served queues, taken in turn (round robin: after a message
+        from one queue the next receive asks the next queue first, so a busy queue starves none)."""
+        count = len(self.serving)
+        for step in range(count):
+            queue = self.serving[(self._turn + step) % count]
+            message = queue.receive(visibility_timeout=self.settings.job_visibility_seconds)
+            if message is not None:
+                self._turn = (self._turn + step + 1) % count
+                return queue, message
+        return None
+
+    def pending(self) -> int:
+        """Messages in the served queues, hidden ones included."""
+        return sum(queue.approximate_count() for queue in self.serving)
+
     def run(
         self, *, until_idle: bool = False, idle_timeout: float | None = None, max_jobs: int | None = None
     ) -> WorkerStats:
         """Process messages until stopped.
 
         Args:
-            until_idle: return once the queue is empty (hidden messages count: a batch window
+            until_idle: return once every served queue is empty (hidden messages count: a batch window
                 still open, a retry waiting) or nothing arrived for ``idle_timeout`` seconds.
             max_jobs: return after this many messages.
         """
         stats = WorkerStats()
         idle_since = time.monotonic()
         while not self.stop.is_set():
-            message = self.queue.receive(visibility_timeout=self.settings.job_visibility_seconds)
-            if message is None:
+            got = self.receive()
+            if got is None:
                 idle = time.monotonic() - idle_since
-                if until_idle and (
-                    self.queue.approximate_count() == 0 or (idle_timeout is not None and idle >= idle_timeout)
-                ):
+                if until_idle and (self.pending() == 0 or (idle_timeout is not None and idle >= idle_timeout)):
                     break
                 self.stop.wait(self.settings.job_poll_seconds)
                 continue
-            stats.count(self.process(message))
+            stats.count(self.process(*got))
             idle_since = time.monotonic()
             if max_jobs is not None and stats.processed >= max_jobs:
                 break
         return stats
 
-    def process(self, message: QueueMessage) -> str:
-        """Run one message's job.
+    def process(self, source: JobQueue, message: QueueMessage) -> str:
+        """Run one message's job; ``source`` is the queue it was taken from (it is renewed, retried,
+        handed back and deleted there).
 
         Returns:
-            The outcome: succeeded, duplicate, retrying, failed, poisoned, or handed_back (interrupted
-            by :class:`JobInterrupted`: the job is queued again, as new, for the next worker).
+            The outcome: succeeded, duplicate, retrying, failed, poisoned, rerouted (a kind this worker
+            does not serve: sent to its kind's queue, not run), or handed_back (interrupted by
+            :class:`JobInterrupted`: the job is queued again, as new, for the next worker).
         """
         try:
             job = JobMessage.from_text(message.content)
         except ClusterlensError as exc:
             self._poison(message, None, exc.code, exc.message, message.dequeue_count)
-            self.queue.delete(message)
+            source.delete(message)
             return "poisoned"
+        if not self.serves(job.kind):
+            return self._reroute(source, message, job)
         record = self.store.find(job.job_id) or JobRecord.for_message(job)
         if record.status in FINISHED:
             log.info("job %s already %s: dropping a repeated message", job.job_id, record.status)
-            self._delete(message)
+            self._delete(source, message)
             return "duplicate"
         attempt = message.dequeue_count
         if attempt > self.settings.job_max_attempts:  # earlier tries died without reporting
             last = record.error.message if record.error else "the worker stopped without reporting (killed?)"
-            return self._give_up(message, job, record, "worker_lost", last, attempt - 1)
+            return self._give_up(source, message, job, record, "worker_lost", last, attempt - 1)
         record.status, record.attempts, record.worker = "running", attempt, self.worker_id
         record.started_at = record.started_at or datetime.now(UTC)
         record.error = None
         self.store.save(record)
-        ctx = JobContext(job, record, self.storage, self.settings, self.queue, self.store, self.encoder)
+        ctx = JobContext(job, record, self.storage, self.settings, self.queues, self.store, self.encoder)
         handler = self.handlers.get(job.kind)
         t0 = time.perf_counter()
         result: dict[str, Any] = {}
         error: Exception | None = None
         interrupted = False
-        with Heartbeat(self.queue, message, self.settings.job_visibility_seconds) as beat:
+        with Heartbeat(source, message, self.settings.job_visibility_seconds) as beat:
             try:
                 if handler is None:
                     raise PermanentJobError(f"no handler for job kind {job.kind!r}")
@@ -391,17 +430,29 @@ class Worker:
         held = beat.current()  # the heartbeat has stopped: this receipt is the last one
         record.seconds["total"] = round(time.perf_counter() - t0, 3)
         if interrupted:
-            return self._hand_back(held, job, record)
+            return self._hand_back(source, held, job, record)
         if error is not None:
-            return self._failed(held, job, record, error, attempt)
+            return self._failed(source, held, job, record, error, attempt)
         record.status, record.result, record.finished_at = "succeeded", result, datetime.now(UTC)
         record.progress["stage"] = "done"
         self.store.save(record)  # durable first ...
-        self._delete(held)  # ... then the message goes
+        self._delete(source, held)  # ... then the message goes
         log.info("job %s succeeded in %.1f s", job.job_id, record.seconds["total"])
         return "succeeded"
 
-    def _failed(self, held: QueueMessage, job: JobMessage, record: JobRecord, exc: Exception, attempt: int) -> str:
+    def _reroute(self, source: JobQueue, message: QueueMessage, job: JobMessage) -> str:
+        """Move a message of a kind not served here to its kind's queue: a copy goes first, then the
+        held one is deleted (a worker dying in between leaves two, and the second finds the job done).
+        """
+        target = self.queues.for_kind(job.kind)
+        target.send(message.content)
+        self._delete(source, message)
+        log.warning("job %s (%s) was on queue %s: moved to %s", job.job_id, job.kind, source.name, target.name)
+        return "rerouted"
+
+    def _failed(
+        self, source: JobQueue, held: QueueMessage, job: JobMessage, record: JobRecord, exc: Exception, attempt: int
+    ) -> str:
         if isinstance(exc, ClusterlensError):
             code, text = exc.code, exc.message
             log.warning("job %s try %d failed: %s (%s)", job.job_id, attempt, text, code)
@@ -412,19 +463,19 @@ class Worker:
         record.errors.append(JobError(attempt=attempt, code=code, message=text, at=datetime.now(UTC)))
         record.error = record.errors[-1]
         if isinstance(exc, PermanentJobError) or attempt >= self.settings.job_max_attempts:
-            return self._give_up(held, job, record, code, text, attempt, detail)
+            return self._give_up(source, held, job, record, code, text, attempt, detail)
         record.status = "retrying"
         self.store.save(record)
         delay = min(self.settings.job_retry_seconds * 2 ** (attempt - 1), 3600.0)
         try:
-            self.queue.extend(held, int(round(delay)))  # back on the queue after the delay
+            source.extend(held, int(round(delay)))  # back on its queue after the delay
         except LostMessage:
             pass
         return "retrying"
 
-    def _hand_back(self, held: QueueMessage, job: JobMessage, record: JobRecord) -> str:
-        """Queue an interrupted job again at once, as a fresh message (its tries so far not counted:
-        stopping a worker is not the job's failure), then let go of the held one.
+    def _hand_back(self, source: JobQueue, held: QueueMessage, job: JobMessage, record: JobRecord) -> str:
+        """Queue an interrupted job again at once, as a fresh message on the queue it came from (its
+        tries so far not counted: stopping a worker is not the job's failure), then let go of the held one.
 
         A copy goes first: if the worker dies in between, the job is delivered twice and the second
         delivery finds it finished; never lost.
@@ -434,13 +485,14 @@ class Worker:
             record.progress.pop(key, None)
         record.progress["stage"] = "interrupted, queued again"
         self.store.save(record)
-        self.queue.send(held.content)
-        self._delete(held)
+        source.send(held.content)
+        self._delete(source, held)
         log.warning("job %s interrupted after %.1f s: queued again", job.job_id, record.seconds["total"])
         return "handed_back"
 
     def _give_up(
         self,
+        source: JobQueue,
         message: QueueMessage,
         job: JobMessage,
         record: JobRecord,
@@ -455,7 +507,7 @@ class Worker:
             record.errors.append(record.error)
         self.store.save(record)
         self._poison(message, job.job_id, code, text, attempts, detail)
-        self._delete(message)
+        self._delete(source, message)
         log.error("job %s failed after %d tries: %s", job.job_id, attempts, text)
         return "failed"
 
@@ -480,9 +532,10 @@ class Worker:
             )
         )
 
-    def _delete(self, message: QueueMessage) -> None:
+    @staticmethod
+    def _delete(source: JobQueue, message: QueueMessage) -> None:
         try:
-            self.queue.delete(message)
+            source.delete(message)
         except LostMessage:  # taken again meanwhile: that worker will find the job finished
             log.warning("message %s was taken again before it could be deleted", message.id)
 
@@ -507,14 +560,15 @@ def install_signal_handlers(worker: Worker, *, requeue: bool = False) -> None:
     signal.signal(signal.SIGINT, _stop)
 
 
-def open_worker(settings: Settings, storage: Storage | None = None) -> Worker:
-    """A worker on the queues and storage the settings choose."""
-    from shared.queues import open_queue
+def open_worker(settings: Settings, storage: Storage | None = None, serve: Serve = "all") -> Worker:
+    """A worker on the queues and storage the settings choose, taking the ``serve`` queues (cpu, gpu, all)."""
+    from shared.queues import open_job_queues, open_queue
     from shared.storage import open_storage
 
     return Worker(
         storage or open_storage(settings),
         settings,
-        open_queue(settings, settings.queue_name),
+        open_job_queues(settings),
         open_queue(settings, settings.poison_queue_name),
+        serve=serve,
     )

@@ -29,12 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from shared.api_models import Body, Unset
 from shared.errors import BadRequest, NotFound
-from shared.queues import JobQueue
+from shared.queues import JobQueues
+from shared.settings import JobKind
 from shared.storage import JOBS, Storage
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse"]
 Status = Literal["queued", "running", "retrying", "succeeded", "failed"]
 FINISHED: tuple[str, ...] = ("succeeded", "failed")
 MESSAGE_VERSION: Literal[1] = 1
@@ -196,8 +196,8 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def enqueue(storage: Storage, queue: JobQueue, message: JobMessage, *, delay: float = 0) -> tuple[JobRecord, bool]:
-    """Queue a job unless a job with its id was queued before.
+def enqueue(storage: Storage, queues: JobQueues, message: JobMessage, *, delay: float = 0) -> tuple[JobRecord, bool]:
+    """Queue a job on its kind's queue (:meth:`JobQueues.for_kind`) unless a job with its id was queued before.
 
     Returns:
         (the job's record, whether this call queued it).
@@ -209,7 +209,7 @@ def enqueue(storage: Storage, queue: JobQueue, message: JobMessage, *, delay: fl
         if existing is not None and store.was_sent(message.job_id):
             return existing, False
         record = existing or record  # created by an enqueue that died before sending: finish its work
-    queue.send(message.to_text(), delay=delay)
+    queues.for_kind(message.kind).send(message.to_text(), delay=delay)
     store.mark_sent(message.job_id)
     log.info("queued job %s (%s)", message.job_id, message.origin)
     return record, True
@@ -275,10 +275,10 @@ def follow_up_reindex(now: datetime, seconds: int, cause: str) -> tuple[JobMessa
 
 
 def schedule_job(
-    storage: Storage, queue: JobQueue, kind: JobKind, schedule: str, now: datetime | None = None
+    storage: Storage, queues: JobQueues, kind: JobKind, schedule: str, now: datetime | None = None
 ) -> tuple[JobRecord, bool]:
     """What a timer firing does: queue the job of the schedule slot it belongs to, once per slot."""
-    return enqueue(storage, queue, timer_job(kind, schedule, now or datetime.now(UTC)))
+    return enqueue(storage, queues, timer_job(kind, schedule, now or datetime.now(UTC)))
 
 
 # -- jobs asked for over HTTP ----------------------------------------------------------------------

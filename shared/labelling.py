@@ -20,7 +20,7 @@ from shared.index import ClusterIndex
 from shared.jobs import JobMessage, enqueue
 from shared.labels import STRATEGIES, LabelSet, check_class_name, check_user
 from shared.live_index import LiveIndex
-from shared.queues import JobQueue
+from shared.queues import JobQueues
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _classifier_summary(view: ClassifierView | None, entries: int) -> dict[str, 
     }
 
 
-def submit_labels(live: LiveIndex, queue: JobQueue | None, body: Any) -> tuple[int, dict[str, Any]]:
+def submit_labels(live: LiveIndex, queues: JobQueues | None, body: Any) -> tuple[int, dict[str, Any]]:
     """Take a batch ``{"labels": [{"id", "label"}, ...], "user": optional}``.
 
     Valid entries are stored even when others in the batch are not; each bad one is reported with
@@ -170,7 +170,7 @@ def submit_labels(live: LiveIndex, queue: JobQueue | None, body: Any) -> tuple[i
         return 400, out
     out["batch"] = live.overlay.labels.append(accepted, user=user, label_set=label_set.version)
     live.refresh_labels()
-    out["retrain_job"] = _maybe_retrain(live, queue)
+    out["retrain_job"] = _maybe_retrain(live, queues)
     return 200, out
 
 
@@ -195,10 +195,10 @@ def _label_set_for(live: LiveIndex, items: list[Any], user: str) -> LabelSet:
     return live.overlay.labels.ensure_label_set(live.settings.label_classes, first, user=user)
 
 
-def _maybe_retrain(live: LiveIndex, queue: JobQueue | None) -> str | None:
+def _maybe_retrain(live: LiveIndex, queues: JobQueues | None) -> str | None:
     """Queue one retrain per classifier version once enough new labels have come in."""
     threshold = live.settings.retrain_after_labels
-    if not threshold or queue is None:
+    if not threshold or queues is None:
         return None
     view = live.overlay.classifier()
     since = len(live.overlay.labels.entries()) - (view.manifest.log_entries if view else 0)
@@ -212,7 +212,7 @@ def _maybe_retrain(live: LiveIndex, queue: JobQueue | None) -> str | None:
         created_at=datetime.now(UTC),
     )
     try:
-        record, _ = enqueue(live.storage, queue, message)
+        record, _ = enqueue(live.storage, queues, message)
     except Exception:  # noqa: BLE001 - the labels are stored; a retrain can be started later
         log.exception("could not queue a retrain after labels")
         return None

@@ -8,6 +8,9 @@ the contract the worker relies on, and both implementations keep it:
 - ``AzureJobQueue``: Azure Storage Queue (or Azurite), what the Container Apps job's KEDA rule watches.
 - ``LocalJobQueue``: one JSON file per message in a folder, changed under a file lock, so
   ``clusterlens worker`` processes and the local API can share it.
+
+Jobs travel on two queues (:class:`JobQueues`): the kinds that want a GPU (embed, train_head) on
+one, the rest on the other, so that in Azure a GPU job and a CPU job each scale on their own queue.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from shared.errors import ClusterlensError
+from shared.settings import JobKind, Settings
 
-if TYPE_CHECKING:
-    from shared.settings import Settings
+Serve = Literal["cpu", "gpu", "all"]  # which queues a worker takes
+SERVE_CHOICES: tuple[Serve, ...] = ("cpu", "gpu", "all")
 
 MAX_MESSAGE_BYTES = 48 * 1024  # Azure's limit is 64 KiB of (encoded) text
 
@@ -279,3 +283,55 @@ def open_queue(settings: Settings, name: str) -> JobQueue:
         connection_string=settings.azure_storage_connection_string,
         account_url=account_url.replace(".blob.", ".queue.") if account_url else None,
     )
+
+
+class JobQueues:
+    """Where each job kind's messages go: the GPU kinds to the GPU queue, every other kind to the CPU queue.
+
+    In Azure one Container Apps job (GPU profile) takes the GPU queue and another (CPU, its image
+    without torch) the CPU queue; locally one worker takes both. The two may be one queue (the same
+    name): then every job goes through it.
+
+    Args:
+        cpu: the queue of every kind not in ``gpu_kinds``.
+        gpu: the queue of ``gpu_kinds`` (may be ``cpu`` itself).
+        gpu_kinds: the kinds that go to ``gpu``.
+    """
+
+    def __init__(self, cpu: JobQueue, gpu: JobQueue, gpu_kinds: Iterable[JobKind]):
+        self.cpu, self.gpu = cpu, gpu
+        self.gpu_kinds: frozenset[JobKind] = frozenset(gpu_kinds)
+
+    def for_kind(self, kind: JobKind) -> JobQueue:
+        """The queue a job of ``kind`` is sent to."""
+        return self.gpu if kind in self.gpu_kinds else self.cpu
+
+    def serving(self, which: Serve = "all") -> list[JobQueue]:
+        """The queues a worker taking ``which`` polls: the CPU queue, the GPU queue, or both (``all``);
+        a queue named twice (both are one) is listed once.
+
+        ``all`` lists the GPU queue first: its kinds come before the work that follows them (an embed
+        before the reindex of its images), so a worker on both that finds each queue holding a message
+        starts upstream. Order across the queues is not promised beyond that.
+        """
+        chosen = {"cpu": [self.cpu], "gpu": [self.gpu], "all": [self.gpu, self.cpu]}[which]
+        out: list[JobQueue] = []
+        for queue in chosen:
+            if all(queue.name != seen.name for seen in out):
+                out.append(queue)
+        return out
+
+    def distinct(self) -> list[JobQueue]:
+        """Every queue, once."""
+        return self.serving("all")
+
+    def approximate_count(self) -> int:
+        """Messages in all the queues, hidden ones included."""
+        return sum(queue.approximate_count() for queue in self.distinct())
+
+
+def open_job_queues(settings: Settings) -> JobQueues:
+    """The CPU and GPU job queues the settings name (one queue when both names are the same)."""
+    cpu = open_queue(settings, settings.queue_name)
+    gpu = cpu if settings.gpu_queue_name == settings.queue_name else open_queue(settings, settings.gpu_queue_name)
+    return JobQueues(cpu, gpu, settings.gpu_job_kinds)

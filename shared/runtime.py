@@ -1,4 +1,4 @@
-"""What the function app's functions share per worker process: settings, storage, the job queue, and
+"""What the function app's functions share per worker process: settings, storage, the job queues, and
 the query side (search, classify), each made on first use.
 
 Nothing is built at import time. The triggers take the process's runtime (:func:`get_runtime`, cleared
@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cached_property, lru_cache
 
 from shared.classify import Classifier
-from shared.queues import JobQueue, open_queue
+from shared.queues import JobQueues, open_job_queues
 from shared.search import SearchService
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
@@ -23,11 +23,11 @@ class Runtime:
         self,
         settings: Settings,
         storage: Storage | None = None,
-        queue: JobQueue | None = None,
+        queues: JobQueues | None = None,
         service: SearchService | None = None,
     ):
         self.settings = settings
-        self._storage, self._queue, self._service = storage, queue, service
+        self._storage, self._queues, self._service = storage, queues, service
 
     @cached_property
     def storage(self) -> Storage:
@@ -40,8 +40,9 @@ class Runtime:
         return self._service or SearchService(self.settings, self.storage)
 
     @cached_property
-    def queue(self) -> JobQueue:
-        return self._queue or open_queue(self.settings, self.settings.queue_name)
+    def queues(self) -> JobQueues:
+        """The job queues: :func:`shared.jobs.enqueue` sends each job to its kind's."""
+        return self._queues or open_job_queues(self.settings)
 
     @cached_property
     def classifier(self) -> Classifier:

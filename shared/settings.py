@@ -15,6 +15,9 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+QUEUE_NAME = r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$"
+# The job kinds: here, not in shared.jobs, as a setting names them and shared.jobs imports modules that import this.
+JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse"]
 
 
 class Settings(BaseSettings):
@@ -31,9 +34,18 @@ class Settings(BaseSettings):
         default="", pattern=r"^[a-z0-9-]{0,20}$", description="Prefix for container names: 'cl-' gives 'cl-uploads'."
     )
 
-    # Jobs: the queue between the function app and the container job (or `clusterlens worker`)
-    queue_name: str = Field(default="jobs", pattern=r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$")
-    poison_queue_name: str = Field(default="jobs-poison", pattern=r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$")
+    # Jobs: the queues between the function app and the container jobs (or `clusterlens worker`).
+    # The GPU kinds go to one queue, the rest to the other (see shared/queues.py JobQueues).
+    queue_name: str = Field(default="jobs", pattern=QUEUE_NAME, description="The CPU queue: every kind not a GPU kind.")
+    gpu_queue_name: str = Field(
+        default="jobs-gpu",
+        pattern=QUEUE_NAME,
+        description="The queue of the GPU kinds; the same name as queue_name puts every job on one queue.",
+    )
+    gpu_job_kinds: list[JobKind] = Field(
+        default=["embed", "train_head"], description="Job kinds that go to the GPU queue (JSON list)."
+    )
+    poison_queue_name: str = Field(default="jobs-poison", pattern=QUEUE_NAME)
     job_max_attempts: int = Field(default=5, ge=1, le=100, description="Tries before a job goes to the poison queue.")
     job_visibility_seconds: int = Field(
         default=120,
@@ -211,6 +223,8 @@ class Settings(BaseSettings):
             raise ValueError("the read key must differ from the write key")
         if self.default_k > self.max_k:
             raise ValueError("default_k must not exceed max_k")
+        if self.poison_queue_name in (self.queue_name, self.gpu_queue_name):
+            raise ValueError("the poison queue must differ from the job queues")
         if self.analysis_k_min > self.analysis_k_max:
             raise ValueError("analysis_k_min must not exceed analysis_k_max")
         if self.storage_backend == "azure" and not (

@@ -19,7 +19,7 @@ from shared.imaging import EXTENSION_FOR_FORMAT
 from shared.ingest import IngestItem, IngestResult, content_id, ingest_bytes, quarantine
 from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, upload_job
 from shared.labels import clean_label
-from shared.queues import JobQueue
+from shared.queues import JobQueues
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -47,7 +47,7 @@ class Accepted:
 
 def accept_upload(
     storage: Storage,
-    queue: JobQueue,
+    queues: JobQueues,
     settings: Settings,
     data: bytes,
     *,
@@ -75,7 +75,7 @@ def accept_upload(
             message = JobMessage(job_id=job_id, kind="embed", origin=message.origin, created_at=now)
             delay = 0
     JobStore(storage).add_item(message.job_id, result.id)  # before the message can be seen
-    job, queued = enqueue(storage, queue, message, delay=delay)
+    job, queued = enqueue(storage, queues, message, delay=delay)
     return Accepted(result, job, queued)
 
 
@@ -105,7 +105,7 @@ def too_large(storage: Storage, settings: Settings, *, source: str, size: int) -
 
 def handle_blob(
     storage: Storage,
-    queue: JobQueue,
+    queues: JobQueues,
     settings: Settings,
     *,
     name: str,
@@ -138,4 +138,4 @@ def handle_blob(
     except ClusterlensError as exc:  # a bad label does not cost the image
         log.warning("ignoring the label of %s: %s", source, exc.message)
         label = None
-    return accept_upload(storage, queue, settings, data, source=source, label=label, caption=meta.get("caption"))
+    return accept_upload(storage, queues, settings, data, source=source, label=label, caption=meta.get("caption"))

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from shared.encoder import ImageEncoder
-    from shared.queues import JobQueue
+    from shared.queues import JobQueues
     from shared.search import SearchService
     from shared.settings import Settings
     from shared.storage import Storage
@@ -733,11 +733,11 @@ class _Tally:
 
 @dataclass
 class _Path:
-    """One ingest path's own data folder, queue, search service and client."""
+    """One ingest path's own data folder, job queues, search service and client."""
 
     settings: Settings
     storage: Storage
-    queue: JobQueue
+    queues: JobQueues
     service: SearchService
     client: TestClient
     tally: _Tally = field(default_factory=_Tally)
@@ -791,7 +791,7 @@ def run_corpus(
 
     from functions.http_api import create_app
     from shared.encoder import ImageEncoder
-    from shared.queues import open_queue
+    from shared.queues import open_job_queues
     from shared.search import SearchService
     from shared.storage import LocalStorage
     from tests.conftest import AUTH, make_settings
@@ -817,10 +817,10 @@ def run_corpus(
         if encoder is None:
             encoder = ImageEncoder(settings.encoder_dir, size=size)
         storage = LocalStorage(settings.data_dir)
-        queue = open_queue(settings, settings.queue_name)
+        queues = open_job_queues(settings)
         service = SearchService(settings, storage, encoder=encoder)
-        client = TestClient(create_app(service, settings, queue), headers=AUTH, raise_server_exceptions=False)
-        paths[path] = _Path(settings, storage, queue, service, client)
+        client = TestClient(create_app(service, settings, queues), headers=AUTH, raise_server_exceptions=False)
+        paths[path] = _Path(settings, storage, queues, service, client)
     assert encoder is not None
     goods = good_images(paths["http"].settings.fashion_mnist_dir, fashion)
     # The good images go in among the hostile files: one batch, shared with the bad ones.
@@ -975,13 +975,13 @@ def _error_code(body: Any) -> str | None:
 
 
 @contextmanager
-def trigger_runtime(settings: Settings, storage: Storage, queue: JobQueue) -> Iterator[None]:
-    """Point the blob trigger at this storage and queue (it uses the process's runtime otherwise)."""
+def trigger_runtime(settings: Settings, storage: Storage, queues: JobQueues) -> Iterator[None]:
+    """Point the blob trigger at this storage and these queues (it uses the process's runtime otherwise)."""
     from functions import blob_ingest
     from shared.runtime import Runtime
 
     saved = blob_ingest.get_runtime
-    runtime = Runtime(settings, storage, queue)
+    runtime = Runtime(settings, storage, queues)
     blob_ingest.get_runtime = lambda: runtime  # type: ignore[assignment]
     try:
         yield
@@ -998,7 +998,7 @@ def _send_blobs(path: _Path, batch: list[CorpusFile], detail: dict[str, dict[str
     from shared.storage import QUARANTINE
 
     tally, storage = path.tally, path.storage
-    with trigger_runtime(path.settings, storage, path.queue):
+    with trigger_runtime(path.settings, storage, path.queues):
         for file in batch:
             tally.attempts += 1
             blob = func.blob.InputStream(
@@ -1053,12 +1053,12 @@ def _send_blobs(path: _Path, batch: list[CorpusFile], detail: dict[str, dict[str
 
 
 def _work(path: _Path, encoder: ImageEncoder) -> dict[str, int]:
-    """One worker pass over a path's queue (embedding jobs, then the reindex): its job outcomes."""
+    """One worker pass over a path's queues (embedding jobs, then the reindex): its job outcomes."""
     from job.worker import Worker
     from shared.queues import open_queue
 
     s = path.settings
-    worker = Worker(path.storage, s, path.queue, open_queue(s, s.poison_queue_name), encoder=encoder)
+    worker = Worker(path.storage, s, path.queues, open_queue(s, s.poison_queue_name), encoder=encoder)
     try:
         return worker.run(until_idle=True, idle_timeout=30).outcomes
     except Exception:  # noqa: BLE001 - a crash is what is being counted

@@ -1,12 +1,13 @@
-"""A storage + queue backend for job tests: the local folder, or Azure Storage on Azurite."""
+"""A storage + queues backend for job tests: the local folder, or Azure Storage on Azurite."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.catalog import Catalog
-from shared.queues import JobQueue, open_queue
+from shared.queues import JobQueue, JobQueues, open_job_queues, open_queue
 from shared.settings import Settings
 from shared.storage import JOBS, Storage, open_storage
 from tests.azurite import Azurite
@@ -17,9 +18,14 @@ from tests.conftest import make_settings
 class Backend:
     settings: Settings
     storage: Storage
-    queue: JobQueue
+    queues: JobQueues
     poison: JobQueue
     env: dict[str, str]
+
+    @property
+    def queue(self) -> JobQueue:
+        """The CPU queue: reindex, retrain and analyse jobs (with the default settings)."""
+        return self.queues.cpu
 
     def job_ids(self) -> list[str]:
         return [n[len("records/") : -len(".json")] for n in self.storage.list(JOBS, "records/")]
@@ -35,7 +41,7 @@ def make_backend(kind: str, tmp_path: Path, azurite: Azurite | None, **overrides
         env["CLUSTERLENS_AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
         env["CLUSTERLENS_CONTAINER_PREFIX"] = azurite.fresh_prefix()
     for name, value in overrides.items():
-        env[f"CLUSTERLENS_{name.upper()}"] = str(value)
+        env[f"CLUSTERLENS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     settings = make_settings(
         Path(env["CLUSTERLENS_DATA_DIR"]),
         storage_backend=kind,
@@ -47,7 +53,7 @@ def make_backend(kind: str, tmp_path: Path, azurite: Azurite | None, **overrides
     return Backend(
         settings,
         storage,
-        open_queue(settings, settings.queue_name),
+        open_job_queues(settings),
         open_queue(settings, settings.poison_queue_name),
         env,
     )

@@ -36,7 +36,7 @@ from shared.classify import Classifier
 from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
-from shared.queues import open_queue
+from shared.queues import open_job_queues, open_queue
 from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import REPORTS, LocalStorage
@@ -75,8 +75,8 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Analysed]:
     with TestClient(create_app(service, settings), headers=AUTH) as client:
         started = client.post("/api/jobs", json={"kind": "analyse"})
         assert started.status_code == 202, started.text
-        queues = (open_queue(settings, settings.queue_name), open_queue(settings, settings.poison_queue_name))
-        Worker(storage, settings, *queues, encoder=encoder).run(until_idle=True, max_jobs=1)
+        poison = open_queue(settings, settings.poison_queue_name)
+        Worker(storage, settings, open_job_queues(settings), poison, encoder=encoder).run(until_idle=True, max_jobs=1)
         record = JobStore(storage).get(started.json()["job"]["job_id"])
         assert record.status == "succeeded", record.error
         metrics = client.get("/api/reports/latest").json()["metrics"]

@@ -187,7 +187,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_embeds_each_image_once(
     jobs = set()
     for i, item in enumerate(items):
         accepted = accept_upload(
-            backend.storage, backend.queue, backend.settings, item.data, source=f"kill/{i}", label=item.label, now=now
+            backend.storage, backend.queues, backend.settings, item.data, source=f"kill/{i}", label=item.label, now=now
         )
         assert accepted.result.status == "added" and accepted.job is not None
         jobs.add(accepted.job.job_id)

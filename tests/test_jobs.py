@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,11 +20,13 @@ from functions import blob_ingest, timers
 from job.datasets import fashion_mnist_items
 from job.worker import JobContext, Worker, install_signal_handlers
 from shared.catalog import Catalog
-from shared.jobs import JobMessage, JobRecord, JobStore, enqueue, schedule_job, timer_slot
-from shared.queues import LostMessage, QueueMessage
+from shared.jobs import JobKind, JobMessage, JobRecord, JobStore, api_job, enqueue, schedule_job, timer_slot
+from shared.queues import JobQueue, LostMessage, QueueMessage
 from tests.jobs_support import Backend, make_backend
 
 BACKENDS = ["local", pytest.param("azure", marks=pytest.mark.integration)]
+ROOT = Path(__file__).resolve().parent.parent
+KINDS: tuple[JobKind, ...] = ("embed", "reindex", "train_head", "retrain", "analyse")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -86,7 +90,7 @@ def test_same_blob_event_three_times_gives_one_record_and_one_job(backend: Backe
         blob_ingest.ingest_blob(_blob_event("shirt.png", item.data, {"label": str(item.label), "caption": "a top"}))
     assert backend.record_count() == 1
     assert len(backend.job_ids()) == 1 and backend.job_ids()[0].startswith("embed-batch-")
-    assert backend.queue.approximate_count() == 1
+    assert backend.queues.gpu.approximate_count() == 1 and backend.queue.approximate_count() == 0  # embed: GPU
     job = JobStore(backend.storage).get(backend.job_ids()[0])
     record = next(Catalog(backend.storage).records())
     assert JobStore(backend.storage).items(job.job_id) == [record.id]
@@ -98,13 +102,13 @@ def test_timer_firings_queue_one_job_per_schedule_slot(backend: Backend, use_env
     at = datetime(2026, 11, 22, 10, 5, 0, 300_000, tzinfo=UTC)
     assert timer_slot(schedule, at) == datetime(2026, 11, 22, 10, 5, tzinfo=UTC)
     assert timer_slot(schedule, datetime(2026, 11, 22, 10, 4, 59, 500_000, tzinfo=UTC)).minute == 5  # a bit early
-    first, queued = schedule_job(backend.storage, backend.queue, "reindex", schedule, at)
+    first, queued = schedule_job(backend.storage, backend.queues, "reindex", schedule, at)
     assert queued
-    _, again = schedule_job(backend.storage, backend.queue, "reindex", schedule, at.replace(second=1))  # duplicate
+    _, again = schedule_job(backend.storage, backend.queues, "reindex", schedule, at.replace(second=1))  # duplicate
     late = datetime(2026, 11, 22, 10, 8, tzinfo=UTC)  # past due: still the 10:05 slot
-    _, past_due = schedule_job(backend.storage, backend.queue, "reindex", schedule, late)
+    _, past_due = schedule_job(backend.storage, backend.queues, "reindex", schedule, late)
     assert not again and not past_due and backend.queue.approximate_count() == 1
-    _, next_slot = schedule_job(backend.storage, backend.queue, "reindex", schedule, at.replace(minute=10))
+    _, next_slot = schedule_job(backend.storage, backend.queues, "reindex", schedule, at.replace(minute=10))
     assert next_slot and backend.queue.approximate_count() == 2
     # The real handlers, fired twice in one slot (as a restarted host does): one more job each.
     use_env(backend)
@@ -114,22 +118,23 @@ def test_timer_firings_queue_one_job_per_schedule_slot(backend: Backend, use_env
         timers.retrain_timer(func.timer.TimerRequest(past_due=past))
     added = set(backend.job_ids()) - before
     assert len(added) == 2 and {j.split("-")[0] for j in added} == {"reindex", "retrain"}
+    assert backend.queue.approximate_count() == 4 and backend.queues.gpu.approximate_count() == 0  # CPU kinds
 
 
 def test_an_enqueue_that_died_before_sending_is_completed_by_the_next(backend: Backend) -> None:
     message = JobMessage(job_id="reindex-api-x1", kind="reindex", origin="api", created_at=datetime.now(UTC))
     assert JobStore(backend.storage).create(JobRecord.for_message(message))  # ... and then the process died
-    _, queued = enqueue(backend.storage, backend.queue, message)
+    _, queued = enqueue(backend.storage, backend.queues, message)
     assert queued and backend.queue.approximate_count() == 1
-    _, queued = enqueue(backend.storage, backend.queue, message)
+    _, queued = enqueue(backend.storage, backend.queues, message)
     assert not queued and backend.queue.approximate_count() == 1
 
 
 def test_a_message_that_always_fails_ends_in_the_poison_queue_with_its_error(backend: Backend) -> None:
     """A reindex with nothing embedded fails each try; after job_max_attempts it is poisoned."""
     message = JobMessage(job_id="reindex-api-doomed", kind="reindex", origin="api", created_at=datetime.now(UTC))
-    enqueue(backend.storage, backend.queue, message)
-    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison)
+    enqueue(backend.storage, backend.queues, message)
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison)
     stats = worker.run(until_idle=True, idle_timeout=30)
     assert stats.outcomes == {"retrying": 2, "failed": 1}
     assert backend.queue.approximate_count() == 0
@@ -151,11 +156,11 @@ def test_invalid_messages_and_finished_jobs_are_not_run(backend: Backend) -> Non
         calls.append(ctx.message.job_id)
         return {"ok": True}
 
-    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"reindex": handler})
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers={"reindex": handler})
     backend.queue.send("{not json")
     backend.queue.send(json.dumps({"version": 99, "job_id": "reindex-api-v99", "kind": "reindex"}))
     message = JobMessage(job_id="reindex-api-once", kind="reindex", origin="api", created_at=datetime.now(UTC))
-    enqueue(backend.storage, backend.queue, message)
+    enqueue(backend.storage, backend.queues, message)
     backend.queue.send(message.to_text())  # the same job delivered twice
     stats = worker.run(until_idle=True, idle_timeout=30)
     assert calls == ["reindex-api-once"]
@@ -193,9 +198,9 @@ def test_a_long_job_keeps_its_message_hidden_until_it_is_done(
             time.sleep(0.25)
         return {"slept": 3 * HOLD}
 
-    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"reindex": slow})
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers={"reindex": slow})
     message = JobMessage(job_id="reindex-api-slow", kind="reindex", origin="api", created_at=datetime.now(UTC))
-    enqueue(backend.storage, backend.queue, message)
+    enqueue(backend.storage, backend.queues, message)
     assert worker.run(max_jobs=1).outcomes == {"succeeded": 1}
     assert seen == []
     assert len(renewals) >= 2, renewals  # 9 s on a 3 s claim: it could not have survived without them
@@ -208,12 +213,12 @@ def test_recent_jobs_are_the_newest_whatever_their_names(backend: Backend) -> No
     start = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
     for i in range(110):  # older jobs with names that sort last, more than any read-everything cap
         old = JobMessage(job_id=f"train_head-api-{i:03d}", kind="train_head", origin="api", created_at=start)
-        enqueue(backend.storage, backend.queue, old)
+        enqueue(backend.storage, backend.queues, old)
     for i in range(3):
         new = JobMessage(
             job_id=f"embed-batch-{i:03d}", kind="embed", origin="api", created_at=start.replace(hour=9, minute=i)
         )
-        enqueue(backend.storage, backend.queue, new)
+        enqueue(backend.storage, backend.queues, new)
     recent = JobStore(backend.storage).recent(3)
     assert [r.job_id for r in recent] == ["embed-batch-002", "embed-batch-001", "embed-batch-000"]
     assert len(JobStore(backend.storage).recent(200)) == 113
@@ -231,9 +236,9 @@ def test_a_worker_stopped_mid_job_with_requeue_queues_the_job_again_at_once(back
             time.sleep(30)  # interrupted: the test would take 30 s more otherwise
         return {"ran": len(calls)}
 
-    worker = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"analyse": analyse})
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers={"analyse": analyse})
     message = JobMessage(job_id="analyse-api-stopped", kind="analyse", origin="api", created_at=datetime.now(UTC))
-    enqueue(backend.storage, backend.queue, message)
+    enqueue(backend.storage, backend.queues, message)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         install_signal_handlers(worker, requeue=True)
@@ -247,7 +252,154 @@ def test_a_worker_stopped_mid_job_with_requeue_queues_the_job_again_at_once(back
     assert record.status == "queued" and record.progress == {"stage": "interrupted, queued again"}
     again = backend.queue.receive(visibility_timeout=30)
     assert again is not None and again.dequeue_count == 1 and JobMessage.from_text(again.content) == message
-    following = Worker(backend.storage, backend.settings, backend.queue, backend.poison, handlers={"analyse": analyse})
-    assert following.process(again) == "succeeded"
+    following = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers={"analyse": analyse})
+    assert following.process(backend.queue, again) == "succeeded"
     assert calls == [1, 1] and backend.queue.approximate_count() == 0
     assert JobStore(backend.storage).get("analyse-api-stopped").result == {"ran": 2}
+
+
+# -- two queues: the GPU kinds on one, the rest on the other ---------------------------------------
+
+
+def _kinds(queue: JobQueue) -> list[str]:
+    """The kinds of the job messages visible on a queue."""
+    return sorted(JobMessage.from_text(text).kind for text in queue.peek())
+
+
+def _recorder(calls: list[str]) -> dict[str, Callable[[JobContext], dict[str, Any]]]:
+    """A handler for every kind that notes the kind it ran (the jobs themselves are tested elsewhere)."""
+
+    def handler(ctx: JobContext) -> dict[str, Any]:
+        calls.append(ctx.message.kind)
+        return {"ran": ctx.message.kind}
+
+    return dict.fromkeys(KINDS, handler)
+
+
+def test_each_kind_is_sent_to_its_queue(backend: Backend) -> None:
+    """embed and train_head to the GPU queue; reindex, retrain and analyse to the CPU queue."""
+    prefix = backend.settings.container_prefix
+    assert (backend.queues.cpu.name, backend.queues.gpu.name) == (f"{prefix}jobs", f"{prefix}jobs-gpu")
+    for kind in KINDS:
+        enqueue(backend.storage, backend.queues, api_job(kind, {}))
+    assert _kinds(backend.queues.gpu) == ["embed", "train_head"]
+    assert _kinds(backend.queues.cpu) == ["analyse", "reindex", "retrain"]
+    assert backend.queues.approximate_count() == 5
+    assert backend.poison.approximate_count() == 0
+
+
+def test_a_worker_on_both_queues_runs_every_kind(backend: Backend) -> None:
+    calls: list[str] = []
+    for kind in KINDS:
+        enqueue(backend.storage, backend.queues, api_job(kind, {}))
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers=_recorder(calls))
+    assert [q.name for q in worker.serving] == [backend.queues.gpu.name, backend.queues.cpu.name]
+    assert worker.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 5}
+    assert sorted(calls) == sorted(KINDS)
+    assert backend.queues.approximate_count() == 0
+
+
+def test_a_cpu_worker_moves_a_gpu_job_to_the_gpu_queue_without_running_it(backend: Backend) -> None:
+    """A train_head message on the CPU queue (queued by older code, or before a settings change): the
+    CPU worker (no torch in its image) sends it to the GPU queue and deletes its copy; the GPU worker
+    runs it. Nothing is run on the wrong worker and nothing is lost."""
+    calls: list[str] = []
+    stray = api_job("train_head", {"epochs": 3})
+    assert JobStore(backend.storage).create(JobRecord.for_message(stray))
+    backend.queues.cpu.send(stray.to_text())  # where the old code put every job
+    enqueue(backend.storage, backend.queues, api_job("reindex", {}))
+    cpu = Worker(
+        backend.storage, backend.settings, backend.queues, backend.poison, serve="cpu", handlers=_recorder(calls)
+    )
+    assert [q.name for q in cpu.serving] == [backend.queues.cpu.name]
+    assert cpu.run(until_idle=True, idle_timeout=30).outcomes == {"rerouted": 1, "succeeded": 1}
+    assert calls == ["reindex"]
+    assert backend.queues.cpu.approximate_count() == 0
+    assert [JobMessage.from_text(m) for m in backend.queues.gpu.peek()] == [stray]  # the same message, once
+    assert JobStore(backend.storage).get(stray.job_id).status == "queued"
+    gpu = Worker(
+        backend.storage, backend.settings, backend.queues, backend.poison, serve="gpu", handlers=_recorder(calls)
+    )
+    assert gpu.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 1}
+    assert calls == ["reindex", "train_head"]
+    assert JobStore(backend.storage).get(stray.job_id).status == "succeeded"
+    assert backend.queues.approximate_count() == 0 and backend.poison.approximate_count() == 0
+
+
+def test_a_gpu_worker_moves_a_cpu_job_to_the_cpu_queue(backend: Backend) -> None:
+    calls: list[str] = []
+    stray = api_job("analyse", {})
+    assert JobStore(backend.storage).create(JobRecord.for_message(stray))
+    backend.queues.gpu.send(stray.to_text())
+    gpu = Worker(
+        backend.storage, backend.settings, backend.queues, backend.poison, serve="gpu", handlers=_recorder(calls)
+    )
+    assert gpu.run(until_idle=True, idle_timeout=30).outcomes == {"rerouted": 1}
+    assert calls == [] and _kinds(backend.queues.cpu) == ["analyse"] and backend.queues.gpu.approximate_count() == 0
+
+
+def test_a_busy_queue_does_not_starve_the_other(backend: Backend) -> None:
+    """Six GPU jobs and two CPU jobs: a worker on both takes the queues in turn (the GPU queue first),
+    so the CPU jobs are among its first four, not after the six."""
+    calls: list[str] = []
+    for _ in range(6):
+        enqueue(backend.storage, backend.queues, api_job("embed", {}))
+    for _ in range(2):
+        enqueue(backend.storage, backend.queues, api_job("analyse", {}))
+    worker = Worker(backend.storage, backend.settings, backend.queues, backend.poison, handlers=_recorder(calls))
+    assert worker.run(max_jobs=4).outcomes == {"succeeded": 4}
+    assert calls == ["embed", "analyse", "embed", "analyse"]
+    assert worker.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 4}
+    assert calls[4:] == ["embed"] * 4
+
+
+def test_one_queue_for_every_kind_when_both_names_are_the_same(tmp_path: Path) -> None:
+    backend = make_backend("local", tmp_path, None, gpu_queue_name="jobs")
+    assert backend.queues.cpu is backend.queues.gpu and len(backend.queues.distinct()) == 1
+    for kind in KINDS:
+        enqueue(backend.storage, backend.queues, api_job(kind, {}))
+    assert backend.queue.approximate_count() == 5 and _kinds(backend.queue) == sorted(KINDS)
+    assert not (tmp_path / "data" / "queues" / "jobs-gpu").exists()
+    calls: list[str] = []
+    # Either worker takes every kind: there is nowhere else to send one.
+    cpu = Worker(
+        backend.storage, backend.settings, backend.queues, backend.poison, serve="cpu", handlers=_recorder(calls)
+    )
+    assert [q.name for q in cpu.serving] == ["jobs"]
+    assert cpu.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 5}
+    enqueue(backend.storage, backend.queues, api_job("reindex", {}))
+    gpu = Worker(
+        backend.storage, backend.settings, backend.queues, backend.poison, serve="gpu", handlers=_recorder(calls)
+    )
+    assert gpu.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 1}
+    assert sorted(calls[:5]) == sorted(KINDS) and calls[5:] == ["reindex"]
+    assert backend.queue.approximate_count() == 0 and backend.poison.approximate_count() == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "job", "--idle-timeout", "30"], ["-m", "tools.cli", "worker", "--until-idle", "--idle-timeout", "30"]],
+    ids=["python -m job", "clusterlens worker"],
+)
+def test_the_worker_commands_take_the_queues_given(tmp_path: Path, command: list[str]) -> None:
+    """``--queues cpu`` (the Azure CPU job): the train_head message is moved to the GPU queue, not run."""
+    backend = make_backend("local", tmp_path, None)
+    stray = api_job("train_head", {})
+    assert JobStore(backend.storage).create(JobRecord.for_message(stray))
+    backend.queues.cpu.send(stray.to_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTERLENS_")} | backend.env
+    proc = subprocess.run(
+        [sys.executable, *command, "--queues", "cpu", "--max-jobs", "5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "queues jobs (" in out and "queues jobs-gpu" not in out, out  # says which it takes: the CPU one
+    assert '"rerouted": 1}' in out, out
+    assert [JobMessage.from_text(m) for m in backend.queues.gpu.peek()] == [stray]
+    assert backend.queues.cpu.approximate_count() == 0
+    assert JobStore(backend.storage).get(stray.job_id).status == "queued"

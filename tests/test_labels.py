@@ -24,7 +24,7 @@ from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.jobs import JobStore
 from shared.labels import LabelLog
-from shared.queues import open_queue
+from shared.queues import open_job_queues, open_queue
 from shared.search import SearchService
 from shared.settings import Settings
 from shared.storage import LocalStorage
@@ -146,8 +146,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory, encoder: ImageEncoder) -> Poo
 
 
 def _client(service: SearchService, settings: Settings) -> TestClient:
-    queue = open_queue(settings, settings.queue_name)
-    return TestClient(create_app(service=service, queue=queue), raise_server_exceptions=False, headers=AUTH)
+    queues = open_job_queues(settings)
+    return TestClient(create_app(service=service, queues=queues), raise_server_exceptions=False, headers=AUTH)
 
 
 def test_labelling_loop_through_the_api_and_the_retrain_job(pool: Pool) -> None:
@@ -196,8 +196,8 @@ def test_labelling_loop_through_the_api_and_the_retrain_job(pool: Pool) -> None:
     assert started.status_code == 202, started.text
     job_id = started.json()["job"]["job_id"]
     s = pool.settings
-    queues = (open_queue(s, s.queue_name), open_queue(s, s.poison_queue_name))
-    Worker(pool.storage, s, *queues, encoder=pool.encoder).run(until_idle=True, max_jobs=1)
+    poison = open_queue(s, s.poison_queue_name)
+    Worker(pool.storage, s, open_job_queues(s), poison, encoder=pool.encoder).run(until_idle=True, max_jobs=1)
     record = JobStore(pool.storage).get(job_id)
     assert record.status == "succeeded", record.error
     result = record.result

@@ -18,7 +18,7 @@ from job.worker import HANDLERS, JobContext, Worker, run_embed
 from shared.encoder import ImageEncoder
 from shared.index import current_version, load_version
 from shared.jobs import JobStore
-from shared.queues import open_queue
+from shared.queues import open_job_queues, open_queue
 from shared.search import SearchService
 from shared.storage import QUARANTINE, LocalStorage
 from shared.uploads import accept_upload
@@ -29,10 +29,10 @@ from tests.conftest import AUTH, make_settings
 def app(tmp_path: Path, encoder: ImageEncoder) -> tuple[TestClient, Worker]:
     settings = make_settings(tmp_path, embed_batch_seconds=1, index_refresh_seconds=0, job_retry_seconds=0)
     storage = LocalStorage(settings.data_dir)
-    queue = open_queue(settings, settings.queue_name)
+    queues = open_job_queues(settings)
     service = SearchService(settings, storage, encoder=encoder)
-    worker = Worker(storage, settings, queue, open_queue(settings, settings.poison_queue_name), encoder=encoder)
-    return TestClient(create_app(service, settings, queue), headers=AUTH), worker
+    worker = Worker(storage, settings, queues, open_queue(settings, settings.poison_queue_name), encoder=encoder)
+    return TestClient(create_app(service, settings, queues), headers=AUTH), worker
 
 
 def test_uploaded_images_are_embedded_by_the_worker_and_found(app: tuple[TestClient, Worker]) -> None:
@@ -56,7 +56,8 @@ def test_uploaded_images_are_embedded_by_the_worker_and_found(app: tuple[TestCli
     assert len(jobs) < len(items)  # batched
     job = client.get(f"/api/jobs/{sorted(jobs)[0]}").json()
     assert job["status"] == "queued" and job["kind"] == "embed"
-    stats = worker.run(until_idle=True, idle_timeout=30)
+    assert worker.queues.gpu.approximate_count() == len(jobs) and worker.queues.cpu.approximate_count() == 0
+    stats = worker.run(until_idle=True, idle_timeout=30)  # on both queues: the embed jobs, then their reindex
     assert stats.outcomes.get("succeeded", 0) >= len(jobs) + 1  # the embed jobs and a reindex
     for item in items:
         r = client.post("/api/search", files={"image": ("q.png", item.data, "image/png")}, data={"k": "1"})
@@ -111,7 +112,7 @@ def test_jobs_api_validates_and_is_idempotent_with_a_key(app: tuple[TestClient, 
     assert first.json()["queued"] and not second.json()["queued"]
     assert first.json()["job"]["job_id"] == second.json()["job"]["job_id"]
     assert first.headers["location"] == f"/api/jobs/{first.json()['job']['job_id']}"
-    assert worker.queue.approximate_count() == 1
+    assert worker.queues.cpu.approximate_count() == 1 and worker.queues.gpu.approximate_count() == 0
     assert client.get("/api/jobs/reindex-api-unknown").json()["error"]["code"] == "job_not_found"
     assert client.get("/api/jobs/..%2Fetc").status_code in (400, 404)
     assert client.get("/api/jobs/BAD ID").json()["error"]["code"] == "invalid_job_id"
@@ -128,12 +129,12 @@ def test_two_workers_share_the_queue_without_writing_the_same_output(tmp_path: P
     the index both of them feed ends up holding every image."""
     settings = make_settings(tmp_path, embed_batch_seconds=1, job_visibility_seconds=30, embed_batch_size=8)
     storage = LocalStorage(settings.data_dir)
-    queue = open_queue(settings, settings.queue_name)
+    queues = open_job_queues(settings)
     items = list(fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=48, offset=3000))
     start = datetime.now(UTC) - timedelta(seconds=30)  # six past windows: six jobs, visible at once
     for i, item in enumerate(items):
-        accept_upload(storage, queue, settings, item.data, source="test", now=start + timedelta(seconds=i // 8))
-    assert queue.approximate_count() == 6
+        accept_upload(storage, queues, settings, item.data, source="test", now=start + timedelta(seconds=i // 8))
+    assert queues.gpu.approximate_count() == 6
     # Each worker's first embedding job waits until the other has one too, so the two really run
     # at once (left alone, one thread can take all six short jobs before the other polls).
     both_busy = threading.Barrier(2, timeout=60)
@@ -149,7 +150,7 @@ def test_two_workers_share_the_queue_without_writing_the_same_output(tmp_path: P
         Worker(
             storage,
             settings,
-            queue,
+            queues,
             open_queue(settings, settings.poison_queue_name),
             encoder=encoder,
             worker_id=w,
@@ -173,3 +174,29 @@ def test_two_workers_share_the_queue_without_writing_the_same_output(tmp_path: P
     version = current_version(storage)
     assert version is not None
     assert load_version(storage, version, tmp_path / "cache").count == 48
+
+
+def test_gpu_worker_embeds_and_its_reindex_waits_on_the_cpu_queue(tmp_path: Path, encoder: ImageEncoder) -> None:
+    """As in Azure, a worker per queue: the GPU one runs the embedding job, whose follow-up reindex goes
+    to the CPU queue (not run there by the GPU worker); the CPU worker publishes the index."""
+    settings = make_settings(tmp_path, embed_batch_seconds=1, index_refresh_seconds=0, job_retry_seconds=0)
+    storage = LocalStorage(settings.data_dir)
+    queues = open_job_queues(settings)
+    poison = open_queue(settings, settings.poison_queue_name)
+    start = datetime.now(UTC) - timedelta(seconds=30)  # a past window: the job is visible at once
+    for item in fashion_mnist_items(settings.fashion_mnist_dir, "train", limit=12, offset=4000):
+        accept_upload(storage, queues, settings, item.data, source="test", now=start)
+    assert (queues.gpu.approximate_count(), queues.cpu.approximate_count()) == (1, 0)
+    gpu = Worker(storage, settings, queues, poison, serve="gpu", encoder=encoder)
+    assert gpu.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 1}
+    assert current_version(storage) is None  # nothing published by the GPU worker
+    assert (queues.gpu.approximate_count(), queues.cpu.approximate_count()) == (0, 1)
+    [embed] = [r for r in JobStore(storage).recent(10) if r.kind == "embed"]
+    reindex_id = embed.result["reindex_job"]
+    assert JobStore(storage).get(reindex_id).status == "queued"
+    cpu = Worker(storage, settings, queues, poison, serve="cpu", encoder=encoder)
+    assert cpu.run(until_idle=True, idle_timeout=30).outcomes == {"succeeded": 1}
+    assert JobStore(storage).get(reindex_id).status == "succeeded"
+    version = current_version(storage)
+    assert version is not None and load_version(storage, version, tmp_path / "cache").count == 12
+    assert queues.approximate_count() == 0 and poison.approximate_count() == 0

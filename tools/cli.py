@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 
 from shared.errors import ClusterlensError
+from shared.queues import SERVE_CHOICES
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, open_storage
 
@@ -218,7 +219,7 @@ def cmd_label_queue(args: argparse.Namespace, settings: Settings, storage: Stora
 
 def cmd_label(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.labelling import submit_labels
-    from shared.queues import open_queue
+    from shared.queues import open_job_queues
     from shared.search import SearchService
 
     pairs = [(args.id, args.label)] if args.id else []
@@ -231,12 +232,12 @@ def cmd_label(args: argparse.Namespace, settings: Settings, storage: Storage) ->
         print("clusterlens label: give ID LABEL or --csv FILE", file=sys.stderr)
         return 2
     service = SearchService(settings, storage)
-    queue = open_queue(settings, settings.queue_name)
+    queues = open_job_queues(settings)
     total_ok = 0
     for start in range(0, len(pairs), settings.max_label_batch):
         chunk = pairs[start : start + settings.max_label_batch]
         body = {"labels": [{"id": i, "label": lab} for i, lab in chunk], "user": args.user or _login()}
-        _, out = submit_labels(service.live, queue, body)
+        _, out = submit_labels(service.live, queues, body)
         total_ok += out["accepted"]
         for err in out["errors"]:
             print(f"  line {start + err['index'] + 1}: {err['id']}: {err['error']['message']}", file=sys.stderr)
@@ -407,7 +408,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, storage: Storage) ->
     # ends the process before `finally` could stop the worker, which then outlived the server.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     worker = None
-    if args.worker:  # the same loop as the container job, on the local queue
+    if args.worker:  # the same loop as the container jobs, on both local queues
         # Stopping the page stops its worker at once: a running job goes back on the queue for next time.
         # Ctrl-C reaches the worker too; it starts with SIGINT ignored (inherited) until it has set up its
         # own handler, so a Ctrl-C while it is still importing is no traceback: the SIGTERM below ends it.
@@ -435,10 +436,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -
 
     if not args.verbose:
         logging.getLogger("shared").setLevel(logging.INFO)
-    worker = open_worker(settings, storage)
+    worker = open_worker(settings, storage, serve=args.queues)
     install_signal_handlers(worker, requeue=args.requeue_on_stop)
     where = settings.data_dir if settings.storage_backend == "local" else "Azure Storage"
-    print(f"clusterlens worker {worker.worker_id}: taking jobs from queue {worker.queue.name} ({where})", flush=True)
+    print(f"clusterlens worker {worker.worker_id}: taking jobs from queues {worker.describe()} ({where})", flush=True)
     stats = worker.run(until_idle=args.until_idle, idle_timeout=args.idle_timeout, max_jobs=args.max_jobs)
     print(f"worker done: {json.dumps(stats.outcomes)}", flush=True)
     return 0
@@ -446,7 +447,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, storage: Storage) -
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.jobs import JobStore, api_job, enqueue
-    from shared.queues import open_queue
+    from shared.queues import open_job_queues
 
     store = JobStore(storage)
     if args.action == "start":
@@ -454,7 +455,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
             print("clusterlens jobs start: give --kind", file=sys.stderr)
             return 2
         params = {"force": True} if args.force else {}
-        record, queued = enqueue(storage, open_queue(settings, settings.queue_name), api_job(args.kind, params))
+        record, queued = enqueue(storage, open_job_queues(settings), api_job(args.kind, params))
         print(f"job {record.job_id} {'queued' if queued else 'was already queued'}")
         return 0
     if args.action == "show":
@@ -521,7 +522,7 @@ def _queue_first_jobs(settings: Settings, storage: Storage, *, rest: bool) -> li
     from shared.classifier import current_classifier_version
     from shared.index import current_version
     from shared.jobs import FINISHED, JobKind, JobMessage, JobStore, enqueue
-    from shared.queues import open_queue
+    from shared.queues import open_job_queues
     from shared.reports import current_report
 
     wanted: list[tuple[JobKind, str, str]] = []
@@ -533,7 +534,7 @@ def _queue_first_jobs(settings: Settings, storage: Storage, *, rest: bool) -> li
     if current_report(storage) is None:  # clusters, maps and the review lists
         what = "the first analysis (clusters, maps, review lists)"
         wanted.append(("analyse", what, "the Map and Review views show it once it has run"))
-    queue = open_queue(settings, settings.queue_name)
+    queues = open_job_queues(settings)
     out = []
     for kind, what, after in wanted:
         record = JobStore(storage).pending(kind)
@@ -541,7 +542,7 @@ def _queue_first_jobs(settings: Settings, storage: Storage, *, rest: bool) -> li
             job_id = f"{kind}-demo-{current_version(storage) or 'first'}"
             params = {"all": True} if kind == "embed" else {}
             message = JobMessage(job_id=job_id, kind=kind, origin="demo", params=params, created_at=datetime.now(UTC))
-            record, _ = enqueue(storage, queue, message)
+            record, _ = enqueue(storage, queues, message)
         if record.status in FINISHED:  # this index's job has run already: say how, rather than run it again
             how = f": {record.error.message}" if record.error else ""
             again = f"`clusterlens jobs start --kind {kind}` runs it again"
@@ -661,7 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "worker", help="run queued jobs (embed, reindex, train-head, retrain, analyse): the container job's loop"
     )
-    p.add_argument("--until-idle", action="store_true", help="exit once the queue is empty")
+    p.add_argument("--until-idle", action="store_true", help="exit once its queues are empty")
+    p.add_argument(
+        "--queues",
+        choices=SERVE_CHOICES,
+        default="all",
+        help="take the GPU kinds' queue (gpu: embed and train_head by default), the others' (cpu), or both (all)",
+    )
     p.add_argument("--idle-timeout", type=float, help="with --until-idle: also exit after this many idle seconds")
     p.add_argument("--max-jobs", type=int, help="exit after this many messages")
     p.add_argument(

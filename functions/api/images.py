@@ -47,7 +47,7 @@ def router(settings: Settings) -> APIRouter:
         data, fields = await read_image(request, settings.max_upload_bytes, max_fields=8)
         meta = parse_fields(fields, form)
         accepted = await run_in_threadpool(
-            accept_upload, ctx.storage, ctx.queue, settings, data, source="api", label=meta.label, caption=meta.caption
+            accept_upload, ctx.storage, ctx.queues, settings, data, source="api", label=meta.label, caption=meta.caption
         )
         result = refuse_quarantined(accepted.result)
         body: dict[str, Any] = {"id": result.id, "status": result.status, "url": image_url(result.id)}

@@ -26,7 +26,7 @@ def _job(record: JobRecord) -> dict[str, Any]:
 @router.post("/api/jobs", status_code=202, summary="Start a job", openapi_extra=JOB, dependencies=WRITE)
 async def start_job(request: Request, ctx: Ctx) -> JSONResponse:
     message = (await read_json(request, JobRequest, 16 * 1024)).message(request.headers.get("idempotency-key"))
-    record, queued = await run_in_threadpool(enqueue, ctx.storage, ctx.queue, message)
+    record, queued = await run_in_threadpool(enqueue, ctx.storage, ctx.queues, message)
     body = {"job": _job(record), "queued": queued}
     return JSONResponse(body, status_code=202, headers={"Location": job_url(record.job_id)})
 

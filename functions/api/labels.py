@@ -28,7 +28,7 @@ async def get_label_queue(ctx: Ctx, n: QueueN = 20, strategy: Strategy | None = 
 @router.post("/api/labels", summary="Label a batch of images", openapi_extra=LABELS, dependencies=WRITE)
 async def post_labels(request: Request, ctx: Ctx) -> JSONResponse:
     body = load_object(await read_body(request, 1024 * 1024))  # each item is checked on its own
-    status, out = await run_in_threadpool(submit_labels, ctx.service.live, ctx.queue, body)
+    status, out = await run_in_threadpool(submit_labels, ctx.service.live, ctx.queues, body)
     return JSONResponse(out, status_code=status)
 
 
