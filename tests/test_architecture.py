@@ -58,11 +58,16 @@ def test_function_app_package_holds_no_job_code_and_is_self_contained() -> None:
 
 
 def test_job_image_copies_shared_and_job_only() -> None:
-    """The runtime stage of the job image (after the last FROM) holds the library and the job, no tools."""
+    """The final stage of the job images (after the last FROM) adds the library and the job, no tools; the
+    runtime stages before it copy only their requirements."""
     dockerfile = (ROOT / "job" / "Dockerfile").read_text()
-    runtime = dockerfile.split("\nFROM ")[-1]
-    copied = [line.split()[1] for line in runtime.splitlines() if line.startswith("COPY ") and "--from" not in line]
-    assert set(copied) == {"job/requirements.txt", "shared", "job"}, copied
+    stages = dockerfile.split("\nFROM ")
+    copied = [line.split()[1] for line in stages[-1].splitlines() if line.startswith("COPY ") and "--from" not in line]
+    assert set(copied) == {"shared", "job"}, copied
+    for stage in stages[1:-1]:
+        if stage.splitlines()[0].split()[-1].startswith("runtime-"):
+            sources = [w for line in stage.splitlines() if line.startswith("COPY ") for w in line.split()[1:-1]]
+            assert sources and all(w.startswith("job/requirements") for w in sources), sources
 
 
 WEB = ("fastapi", "starlette", "uvicorn", "multipart", "azure.functions")  # not in the job image

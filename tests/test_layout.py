@@ -12,8 +12,6 @@ from pydantic import AliasChoices
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-# the analysis job's extras: UMAP (and its numba stack) and the ONNX converters for its classifiers
-ANALYSIS = ("umap-learn", "numba", "llvmlite", "pynndescent", "onnxmltools", "skl2onnx", "onnxconverter-common")
 HEAVY = ("torch", "sklearn", "umap", "pyarrow", "skimage", "lightgbm", "matplotlib", "numba", "onnxmltools", "skl2onnx")
 
 
@@ -78,31 +76,3 @@ def test_function_app_only_assembles() -> None:
         if line.strip() and not line.startswith("#")
     ]
     assert "onnxruntime" in reqs and not {"torch", "torchvision", "timm", "scikit-learn"} & set(reqs)
-
-
-def _pins(path: Path) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line and not line.startswith("-"):
-            name, _, version = line.partition("==")
-            assert version, f"{path.name}: {line} is not pinned"
-            pins[name.lower()] = version
-    return pins
-
-
-def test_job_image_pins_the_same_versions_as_the_function_app() -> None:
-    """The job and the function app run the same shared library: same versions, GPU runtime in the job."""
-    app, job = _pins(ROOT / "requirements.txt"), _pins(ROOT / "job" / "requirements.txt")
-    assert "onnxruntime" not in job and job["onnxruntime-gpu"] == app["onnxruntime"]
-    assert job["torch"] == "2.13.0"
-    host_only = {"azure-functions", "fastapi", "uvicorn", "python-multipart", "onnxruntime"}
-    job_only = ("onnxruntime-gpu", "torch", "scikit-learn", "lightgbm", "matplotlib", *ANALYSIS)  # job side
-    assert {k: v for k, v in app.items() if k not in host_only} == {k: v for k, v in job.items() if k not in job_only}
-    tools = _pins(ROOT / "requirements-models.txt")  # what the tests and the CLI train with
-    assert all(job[name] == tools[name] for name in job_only[1:])
-    assert not set(job_only[1:]) & set(app)  # the function app stays light
-    dockerfile = (ROOT / "job" / "Dockerfile").read_text()
-    # onnxruntime-gpu 1.31's CUDA provider links CUDA 13 and cuDNN 9 (readelf on the wheel).
-    assert "FROM nvidia/cuda:13." in dockerfile and "cudnn" in dockerfile
-    assert 'ENTRYPOINT ["python", "-m", "job"]' in dockerfile
