@@ -288,8 +288,8 @@ def open_queue(settings: Settings, name: str) -> JobQueue:
 class JobQueues:
     """Where each job kind's messages go: the GPU kinds to the GPU queue, every other kind to the CPU queue.
 
-    In Azure one Container Apps job (GPU profile) takes the GPU queue and another (CPU, its image
-    without torch) the CPU queue; locally one worker takes both. The two may be one queue (the same
+    In Azure one Container Apps job (GPU profile) takes the GPU queue and another (Consumption CPU
+    profile, a slim image with torch's CPU wheel) the CPU queue; locally one worker takes both. The two may be one queue (the same
     name): then every job goes through it.
 
     Args:
