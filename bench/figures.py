@@ -1,4 +1,5 @@
-"""`make figures`: render docs/figures.md and the README's headline table from bench/results/*.json.
+"""`make figures`: render docs/figures.md, the README's headline table and docs/deploy.md's cost table from
+bench/results/*.json.
 
 Every number in the output is read from a benchmark's JSON; none is typed here. What this module holds
 besides formatting is the targets the benchmarks are held to (requirements, not measurements) and
@@ -603,7 +604,202 @@ def crash_section(c: Result) -> list[str]:
     return out
 
 
-SECTIONS = ("embed", "search", "http", "active_learning", "cluster", "quality", "reliability", "crash")
+# -- cost (docs/figures.md#cost and docs/deploy.md "What it costs") ------------------------------------
+
+COST_START = "<!-- cost:start -->"
+COST_END = "<!-- cost:end -->"
+DEPLOY_MD = ROOT / "docs" / "deploy.md"
+MILLION = 1_000_000
+CLASSES = ("blob_write", "blob_read", "blob_list", "blob_delete", "queue")
+CLASS_NAMES = {
+    "blob_write": "blob writes",
+    "blob_read": "blob reads",
+    "blob_list": "blob lists",
+    "blob_delete": "blob deletes",
+    "queue": "queue operations",
+}
+BILLED_STEPS = ("upload", "ingest", "embed", "reindex")  # per image; the worker's idle polling is per second
+
+
+def _per_image(phase: dict[str, Any], step: str) -> dict[str, float]:
+    counts = phase["requests"].get(step, {})
+    return {k: counts.get(k, 0) / phase["images"] for k in CLASSES}
+
+
+def _steady(c: Result) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The largest collection's run and its `add` phase: what one more upload costs in steady state."""
+    run = max(c["runs"], key=lambda r: r["base"])
+    return run, next(p for p in run["phases"] if p["phase"] == "add")
+
+
+def cost_arithmetic(c: Result, s: Result) -> dict[str, Any]:
+    """Per 1,000,000 images, from the steady-state addition of the largest run (see bench/cost.py), with
+    the index's size per vector from the search benchmark's 1,000,000-vector IVF-Flat (a small collection's
+    index is mostly fixed overhead: PCA matrix, centroids)."""
+    run, add = _steady(c)
+    per_image = {k: sum(_per_image(add, step)[k] for step in BILLED_STEPS) for k in CLASSES}
+    embed_requests = sum(_per_image(add, "embed").values())
+    gpu = {}
+    for profile, rate in c["gpu_rates"].items():
+        gpu_bound = MILLION / rate["img_s"]
+        # today's loader: one decode thread per vCPU (the infra sets CLUSTERLENS_EMBED_DECODE_WORKERS so),
+        # each waiting for its requests one after another
+        loader_img_s = rate["vcpu"] / (embed_requests * c["assumed_request_ms"] / 1000)
+        seconds = max(gpu_bound, MILLION / loader_img_s)
+        gpu[profile] = {
+            "gpu_bound_s": gpu_bound,
+            "loader_img_s": loader_img_s,
+            "seconds": seconds,
+            "vcpu_s": seconds * rate["vcpu"],
+            "gib_s": seconds * rate["gib"],
+        }
+    stored = {k: v / run["images_total"] for k, v in run["stored_bytes"].items() if k not in ("uploads", "index") and v}
+    big = max((r for r in s["results"] if r["kind"] == "ivf_flat"), key=lambda r: r["n"])
+    index_bytes = big["bytes_per_vector"] * c["index_keep_versions"]
+    return {
+        "index_bytes": index_bytes,
+        "index_n": big["n"],
+        "index_vector_bytes": big["bytes_per_vector"],
+        "run": run,
+        "add": add,
+        "per_image": per_image,
+        "embed_requests": embed_requests,
+        "gpu": gpu,
+        "stored_per_image": stored,
+        "flex_gb_s": MILLION * add["ingest_ms_p50"] / 1000 * c["flex_instance_mb"] / 1024,
+    }
+
+
+def cost_table(c: Result, s: Result) -> list[str]:
+    """The table in docs/deploy.md: billed units per 1,000,000 images, with the arithmetic."""
+    a = cost_arithmetic(c, s)
+    run, add = a["run"], a["add"]
+    rows: list[list[str]] = []
+    for k in CLASSES:
+        rows.append(
+            [
+                f"storage: {CLASS_NAMES[k]}",
+                f"{num(a['per_image'][k] * MILLION)}",
+                f"{a['per_image'][k]:.2f} per image uploaded (upload, ingest, embed, reindex), measured with "
+                f"{num(run['base'])} images stored: more in a larger collection (below)",
+            ]
+        )
+    stored = sum(a["stored_per_image"].values())
+    rows.append(
+        [
+            "storage: embeddings and job records",
+            f"{num(stored * MILLION / 1e9, 1)} GB",
+            f"{num(stored)} B per image, measured: "
+            + ", ".join(f"{k} {num(v)} B" for k, v in sorted(a["stored_per_image"].items(), key=lambda x: -x[1]))
+            + "; plus the images themselves in `uploads/`",
+        ]
+    )
+    rows.append(
+        [
+            "storage: index",
+            f"{num(a['index_bytes'] * MILLION / 1e9, 1)} GB",
+            f"{num(a['index_vector_bytes'])} B per vector (IVF-Flat at {num(a['index_n'])} vectors, "
+            f"[search](figures.md#search)) × {c['index_keep_versions']} versions kept",
+        ]
+    )
+    rows.append(
+        [
+            "Functions (Flex Consumption): executions",
+            num(MILLION),
+            "one `ingest_blob` execution per image (Event Grid delivers one event per blob)",
+        ]
+    )
+    rows.append(
+        [
+            "Functions: GB-seconds, at least",
+            num(a["flex_gb_s"]),
+            f"{add['ingest_ms_p50']:.1f} ms per image (median, this machine, storage on loopback: Azure's "
+            f"round trips add to it) × {c['flex_instance_mb'] / 1024:.0f} GB instances",
+        ]
+    )
+    for profile, g in a["gpu"].items():
+        rate = c["gpu_rates"][profile]
+        rows.append(
+            [
+                f"GPU job, {profile}: GPU-seconds",
+                f"{num(g['seconds'])} ({num(g['seconds'] / 3600, 1)} h)",
+                f"the slower of the encoder, {num(rate['img_s'])} img/s ({rate['how']}; "
+                f"[source]({rate['source']})), and today's loader, {num(g['loader_img_s'])} img/s "
+                f"({rate['vcpu']} decode threads, each making its {a['embed_requests']:.1f} requests per image "
+                f"one after another at an assumed {c['assumed_request_ms']:.0f} ms)",
+            ]
+        )
+        rows.append(
+            [
+                "  with it: vCPU-seconds, GiB-seconds",
+                f"{num(g['vcpu_s'])}, {num(g['gib_s'])}",
+                f"the whole profile ({rate['vcpu']} vCPU, {rate['gib']} GiB) for those seconds, plus each "
+                "execution's start (image pull, model load)",
+            ]
+        )
+    small = min(c["runs"], key=lambda r: r["base"])
+    small_add = next(p for p in small["phases"] if p["phase"] == "add")
+    grow = sum(sum(_per_image(add, s).values()) for s in ("embed", "reindex"))
+    grow_small = sum(sum(_per_image(small_add, s).values()) for s in ("embed", "reindex"))
+    lines = [
+        f"Measured by `make bench-cost` ([`bench/results/cost.json`](../bench/results/cost.json), "
+        f"{c.machine}, {c['date']}): {add['images']} images added to a collection of "
+        f"{num(run['base'])} real Fashion-MNIST images, through the real code against Azurite, every Azure SDK "
+        "request counted; GPU rates cited. Rendered by `make figures`.",
+        "",
+        *table(["per 1,000,000 images", "units", "how"], rows),
+        "",
+        f"The embed and reindex jobs' requests per new image grow with the collection: "
+        f"{grow_small:.1f} when {small_add['images']} images join {num(small['base'])}, {grow:.1f} when they "
+        f"join {num(run['base'])}. Each job's worker also polls its queue while it runs, and KEDA reads "
+        "each queue's length every 30 s (queue operations, a few thousand a day per job).",
+    ]
+    return lines
+
+
+def cost_section(c: Result, s: Result) -> list[str]:
+    """docs/figures.md: every count the arithmetic uses, per run and step."""
+    out = heading("Cost", c, "make bench-cost")
+    out += [
+        "Azure Storage requests per image, by step and price class, counted where the Azure SDK sends them "
+        "(the Functions host's read of each blob for the trigger is added as one read); `build` makes the "
+        "collection, `add` then uploads more images to it. " + c.get("note", ""),
+        "",
+    ]
+    rows = []
+    for run in c["runs"]:
+        for phase in run["phases"]:
+            for step in (*BILLED_STEPS, "poll"):
+                if step not in phase["requests"]:
+                    continue
+                per = _per_image(phase, step)
+                rows.append(
+                    [
+                        f"{num(run['base'])} + {run['added']}",
+                        f"{phase['phase']} ({num(phase['images'])})",
+                        step,
+                        *(f"{per[k]:.2f}" for k in CLASSES),
+                    ]
+                )
+    out += table(["collection", "phase (images)", "step", *(CLASS_NAMES[k] for k in CLASSES)], rows)
+    out += ["", "Stored bytes per image (all containers but `uploads/`), and the ingest handler's time:", ""]
+    out += table(
+        ["collection", "bytes per image", "ingest p50 / p90 ms (add)", "worker s (build, add)"],
+        [
+            [
+                f"{num(run['base'])} + {run['added']}",
+                num(sum(v for k, v in run["stored_bytes"].items() if k != "uploads") / run["images_total"]),
+                "{ingest_ms_p50:.1f} / {ingest_ms_p90:.1f}".format(**run["phases"][-1]),
+                ", ".join(f"{p['worker_s']:.1f}" for p in run["phases"]),
+            ]
+            for run in c["runs"]
+        ],
+    )
+    out += ["", "### Per 1,000,000 images", "", *cost_table(c, s)[2:]]
+    return out
+
+
+SECTIONS = ("embed", "search", "http", "active_learning", "cluster", "quality", "reliability", "crash", "cost")
 
 
 def render_figures(results: Path = RESULTS) -> str:
@@ -626,7 +822,8 @@ def render_figures(results: Path = RESULTS) -> str:
         "`make bench-*`), then `make figures`.",
         "",
         "- [Embedding](#embedding) · [Search](#search) · [HTTP](#http) · [Active learning](#active-learning) · "
-        "[Clustering](#clustering) · [Quality](#quality) · [Reliability](#reliability) · [Crash trials](#crash-trials)",
+        "[Clustering](#clustering) · [Quality](#quality) · [Reliability](#reliability) · "
+        "[Crash trials](#crash-trials) · [Cost](#cost)",
         "",
     ]
     sections = [
@@ -638,6 +835,7 @@ def render_figures(results: Path = RESULTS) -> str:
         quality_section(r["quality"]),
         reliability_section(r["reliability"]),
         crash_section(r["crash"]),
+        cost_section(r["cost"], r["search"]),
     ]
     for section in sections:
         lines += section + [""]
@@ -650,7 +848,9 @@ def render_headline(results: Path = RESULTS) -> str:
     Raises:
         FiguresError: if a file is missing or lacks a figure.
     """
-    e, s, h, a, c, q, rel, cr = (load(results, name) for name in SECTIONS)
+    e, s, h, a, c, q, rel, cr, co = (load(results, name) for name in SECTIONS)
+    co_a = cost_arithmetic(co, s)
+    t4 = co_a["gpu"]["Consumption-GPU-NC8as-T4"]
     big = max(s["results"], key=lambda x: (x["n"], x["kind"] == "ivf_flat"))
     big_flat = next(x for x in s["results"] if x["n"] == big["n"] and x["kind"] == "ivf_flat")
     one = next(x for x in h["runs"] if x["concurrency"] == 1)
@@ -717,22 +917,38 @@ def render_headline(results: Path = RESULTS) -> str:
             rel.machine,
         ],
         *crash_rows,
+        [
+            "[cost](docs/figures.md#cost): per 1,000,000 images uploaded",
+            f"**{num(sum(co_a['per_image'].values()) * MILLION)}** storage requests, {num(MILLION)} Flex "
+            f"executions, **{num(t4['seconds'] / 3600, 1)} T4 GPU-hours** (loader-bound; the encoder alone: "
+            f"{num(t4['gpu_bound_s'] / 60, 0)} min)",
+            co.machine,
+        ],
     ]
     lines = [GENERATED, "", *table(["what", "figure", "machine"], rows)]
     return "\n".join(lines) + "\n"
 
 
-def splice(text: str, block: str) -> str:
+def splice(text: str, block: str, start_mark: str = START, end_mark: str = END) -> str:
     """``text`` with everything between the marker lines replaced by ``block``.
 
     Raises:
         FiguresError: if the markers are missing or out of order.
     """
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(start_mark), text.find(end_mark)
     if start < 0 or end < start:
-        raise FiguresError(f"README.md needs the lines {START} and {END}, in that order")
-    head = text[: start + len(START)]
+        raise FiguresError(f"the file needs the lines {start_mark} and {end_mark}, in that order")
+    head = text[: start + len(start_mark)]
     return head + "\n" + block + text[end:]
+
+
+def render_deploy_costs(results: Path = RESULTS) -> str:
+    """docs/deploy.md's cost table, between (not including) its two marker lines.
+
+    Raises:
+        FiguresError: if cost.json is missing or lacks a figure.
+    """
+    return "\n".join([GENERATED, "", *cost_table(load(results, "cost"), load(results, "search"))]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -743,17 +959,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         figures = render_figures(args.results)
         readme = splice(README.read_text(), render_headline(args.results))
+        deploy = splice(DEPLOY_MD.read_text(), render_deploy_costs(args.results), COST_START, COST_END)
     except FiguresError as exc:
         print(f"make figures: {exc}", file=sys.stderr)
         return 1
-    stale = [p for p, text in ((FIGURES_MD, figures), (README, readme)) if not p.is_file() or p.read_text() != text]
+    outputs = ((FIGURES_MD, figures), (README, readme), (DEPLOY_MD, deploy))
+    stale = [p for p, text in outputs if not p.is_file() or p.read_text() != text]
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} differs from what `make figures` renders", file=sys.stderr)
         return 1 if stale else 0
     FIGURES_MD.parent.mkdir(parents=True, exist_ok=True)
-    FIGURES_MD.write_text(figures)
-    README.write_text(readme)
+    for path, text in outputs:
+        path.write_text(text)
     for path in stale:
         print(f"wrote {path.relative_to(ROOT)}")
     return 0

@@ -19,6 +19,11 @@ def test_committed_figures_are_what_make_figures_renders() -> None:
     )
     readme = (ROOT / "README.md").read_text()
     assert readme == figures.splice(readme, figures.render_headline()), "the README's figures are stale: `make figures`"
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    block = figures.render_deploy_costs()
+    assert deploy == figures.splice(deploy, block, figures.COST_START, figures.COST_END), (
+        "docs/deploy.md's cost table is stale: `make figures`"
+    )
 
 
 def test_a_changed_result_changes_the_figures(tmp_path: Path) -> None:
@@ -36,6 +41,11 @@ def test_a_changed_result_changes_the_figures(tmp_path: Path) -> None:
     assert figures.splice(readme, headline) != readme  # so the README comparison above can fail
 
 
+def _crash_row(headline: str) -> str:
+    (row,) = [line for line in headline.splitlines() if line.startswith("| [crash trials]")]
+    return row
+
+
 def test_every_table_names_its_machine(tmp_path: Path) -> None:
     """A file without ``device`` renders "not recorded"; one with it names it, in the page and the README."""
     results = tmp_path / "results"
@@ -46,13 +56,13 @@ def test_every_table_names_its_machine(tmp_path: Path) -> None:
     page = figures.render_figures(results)
     section = page[page.index("## Crash trials") :]
     assert "Machine: **not recorded**" in section
-    assert figures.render_headline(results).splitlines()[-1].endswith("| not recorded |")
+    assert _crash_row(figures.render_headline(results)).endswith("| not recorded |")
 
     crash["device"] = "Test CPU, 3 cores, x86_64"
     (results / "crash.json").write_text(json.dumps(crash))
     page = figures.render_figures(results)
     assert "Machine: **Test CPU, 3 cores, x86_64**" in page[page.index("## Crash trials") :]
-    assert figures.render_headline(results).splitlines()[-1].endswith("| Test CPU, 3 cores, x86_64 |")
+    assert _crash_row(figures.render_headline(results)).endswith("| Test CPU, 3 cores, x86_64 |")
     for name in figures.SECTIONS:  # every section says where it was measured
         heading = page.index(f"bench/results/{name}.json")
         assert "Machine: **" in page[heading : heading + 300], name
@@ -91,3 +101,18 @@ def test_reliability_from_one_full_run(tmp_path: Path) -> None:
     assert "there are any): none." in section
     row = next(line for line in figures.render_headline(results).splitlines() if "docs/figures.md#reliability" in line)
     assert "30 crash trials: **0 lost, 0 duplicated**" in row and row.endswith("| Box, 2 cores |")
+
+
+def test_cost_table_follows_its_counts(tmp_path: Path) -> None:
+    """docs/deploy.md's cost table is arithmetic on cost.json: doubling a step's requests shows in it."""
+    results = tmp_path / "results"
+    shutil.copytree(figures.RESULTS, results)
+    before = figures.render_deploy_costs(results)
+    cost = json.loads((results / "cost.json").read_text())
+    for run in cost["runs"]:
+        for phase in run["phases"]:
+            phase["requests"]["reindex"] = {k: 2 * v for k, v in phase["requests"]["reindex"].items()}
+    (results / "cost.json").write_text(json.dumps(cost))
+    after = figures.render_deploy_costs(results)
+    assert after != before and "cost.json" in after
+    assert "GPU-seconds" in after and "Flex Consumption" in after
