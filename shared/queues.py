@@ -289,8 +289,8 @@ class JobQueues:
     """Where each job kind's messages go: the GPU kinds to the GPU queue, every other kind to the CPU queue.
 
     In Azure one Container Apps job (GPU profile) takes the GPU queue and another (Consumption CPU
-    profile, a slim image with torch's CPU wheel) the CPU queue; locally one worker takes both. The two may be one queue (the same
-    name): then every job goes through it.
+    profile, a slim image with torch's CPU wheel) the CPU queue; locally one worker takes both. The two
+    may be one queue (the same name): then every job goes through it.
 
     Args:
         cpu: the queue of every kind not in ``gpu_kinds``.
