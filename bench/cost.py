@@ -106,11 +106,11 @@ class RequestCounter:
             counter.record(request.method, request.url)
             return original(transport, request, **kwargs)
 
-        RequestsTransport.send = send  # type: ignore[method-assign]
+        RequestsTransport.send = send
         try:
             yield self
         finally:
-            RequestsTransport.send = original  # type: ignore[method-assign]
+            RequestsTransport.send = original
 
     def take(self) -> dict[str, dict[str, int]]:
         """The counts so far, by step, and start again."""
