@@ -22,7 +22,7 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost figures
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale figures
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) models data
@@ -70,7 +70,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost
+bench: bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale
 
 bench-embed: $(STAMP) models data
 	$(BIN)/python -m bench.embed
@@ -95,6 +95,10 @@ bench-cluster: $(STAMP) models data
 ## cost per 1,000,000 images in docs/deploy.md
 bench-cost: $(STAMP) models data $(AZURITE)
 	$(BIN)/python -m bench.cost
+
+## bench-scale: the batch side at scale (issue 21); so far the embed loader against 20 ms per storage request
+bench-scale: $(STAMP) data
+	$(BIN)/python -m bench.scale
 
 ## bench-reliability: fuzzing (>= 2,000 requests), 84 hostile files, load at c=32 for 60 s, 30 SIGKILL crash trials
 bench-reliability: $(STAMP) models data

@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "assumed_request_ms": ASSUMED_REQUEST_MS,
         "flex_instance_mb": 2048,
         "index_keep_versions": Settings(_env_file=None).index_keep_versions,  # type: ignore[call-arg]
+        "embed_io_workers": Settings(_env_file=None).embed_io_workers,  # type: ignore[call-arg]
         "device": device(),
         "date": datetime.now(UTC).date().isoformat(),
         "note": "Azure SDK requests counted against Azurite; the host's read of each blob for the trigger added "

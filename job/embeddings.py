@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.catalog import Catalog
+from shared.catalog import Catalog, ImageRecord
 from shared.encoder import softmax
 from shared.errors import ClusterlensError, NotFound
 from shared.imaging import decode_image
@@ -193,19 +195,85 @@ class _Batch:
     decode_seconds: float
 
 
+@dataclass
+class Loaded:
+    """One image after its fetch and decode: its encoder input, or why there is none."""
+
+    image_id: str
+    pixels: np.ndarray | None  # (3, size, size) float32; None when the image was skipped
+    decode_seconds: float = 0.0
+
+
+def decode_workers(settings: Settings) -> int:
+    """Decode threads: the setting, or one per core this process may run on (0)."""
+    if settings.embed_decode_workers:
+        return settings.embed_decode_workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def prefetch_batches(
-    items: Sequence[str], load: Callable[[list[str]], _Batch], batch_size: int, workers: int, prefetch: int = 4
+    items: Sequence[str],
+    fetch: Callable[[str], Any],
+    decode: Callable[[Any], Loaded],
+    batch_size: int,
+    *,
+    io_workers: int,
+    decode_workers: int,
+    window: int | None = None,
 ) -> Iterator[_Batch]:
-    """Load batches in worker threads, ``prefetch`` ahead, yielding them in order."""
-    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        window: list[Future[_Batch]] = []
+    """Fetch items on ``io_workers`` threads, decode on ``decode_workers``, yield batches in ``items`` order.
+
+    Fetching is I/O: its threads mostly wait on storage, so many requests are in flight at once and their
+    latencies overlap instead of adding up (one task per item). Decoding is CPU work, one task per batch on
+    a pool sized to the cores: it decodes each item as soon as its fetch is done, so a batch is ready
+    moments after its last item arrives, while the next batches are being fetched. At most ``window``
+    items (default: two batches, at least twice the fetch threads) are being fetched ahead.
+
+    Args:
+        fetch: reads one item (e.g. its record and bytes); its result goes to ``decode``.
+        decode: turns a fetched item into encoder input (:class:`Loaded`; ``pixels`` None to skip it).
+    """
+    window = window or max(2 * batch_size, 2 * io_workers)
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    # The decode pool is entered first so it is shut down last (its tasks wait on fetches).
+    with (
+        ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode") as decoders,
+        ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="fetch") as fetchers,
+    ):
+
+        def decode_batch(fetches: list[Future[Any]]) -> _Batch:
+            return _stack([decode(f.result()) for f in fetches])
+
+        fetching: deque[list[Future[Any]]] = deque()
+        decoding: deque[Future[_Batch]] = deque()
+        ahead = 0  # items submitted for fetching and not yet handed to a decode task
         next_batch = 0
-        while next_batch < len(batches) or window:
-            while next_batch < len(batches) and len(window) < prefetch:
-                window.append(pool.submit(load, batches[next_batch]))
+        while True:
+            while next_batch < len(batches) and (ahead < window or not fetching):
+                fetching.append([fetchers.submit(fetch, item) for item in batches[next_batch]])
+                ahead += len(batches[next_batch])
                 next_batch += 1
-            yield window.pop(0).result()
+            while fetching and len(decoding) < 2 * decode_workers:
+                batch = fetching.popleft()
+                ahead -= len(batch)
+                decoding.append(decoders.submit(decode_batch, batch))
+            if not decoding:
+                return
+            yield decoding.popleft().result()
+
+
+def _stack(loaded: list[Loaded]) -> _Batch:
+    kept = [(x.image_id, x.pixels) for x in loaded if x.pixels is not None]
+    pixels = np.stack([p for _, p in kept]) if kept else np.zeros((0, 3, 1, 1), np.float32)
+    return _Batch(
+        [image_id for image_id, _ in kept],
+        pixels,
+        [x.image_id for x in loaded if x.pixels is None],
+        sum(x.decode_seconds for x in loaded),
+    )
 
 
 def embed_pending(
@@ -220,13 +288,14 @@ def embed_pending(
 ) -> EmbedStats:
     """Embed every catalogued image that has no embedding for this encoder version yet.
 
-    Decoding runs in ``settings.embed_decode_workers`` threads ahead of inference. Results are
-    flushed every ``settings.embed_shard_size`` images.
+    Each image is read on one of ``settings.embed_io_workers`` threads (many requests in flight) and
+    decoded on one of :func:`decode_workers` threads, ahead of inference (:func:`prefetch_batches`).
+    Results are flushed every ``settings.embed_shard_size`` images.
 
     Args:
         progress: called with the number of images finished after each batch.
         on_total: called once with the number of pending images.
-        only: consider only these image ids (an embedding job's own images).
+        only: consider only these image ids (an embedding job's own images; one since removed counts as failed).
         limit: embed at most this many of the pending images (in id order, which for content hashes is
             a fixed random sample); ``stats.pending`` still counts them all.
     """
@@ -235,7 +304,9 @@ def embed_pending(
     store = EmbeddingStore(storage, encoder.version)
     catalog = Catalog(storage)
     done = store.embedded_ids()
-    known = set(catalog.ids()) if only is None else {i for i in only if catalog.exists(i)}
+    # A job's own images are not looked up one by one here (a request each, one after another): an id
+    # whose record has gone since is found by its fetch and reported with the failed ones.
+    known = set(catalog.ids()) if only is None else set(only)
     pending = sorted(known - done)
     stats.pending = len(pending)
     pending = pending[:limit] if limit is not None else pending
@@ -243,31 +314,34 @@ def embed_pending(
     if on_total:
         on_total(len(pending))
 
-    def load(batch_ids: list[str]) -> _Batch:
+    def fetch(image_id: str) -> tuple[str, ImageRecord | None, bytes]:
+        """Two reads, one after the other: the record (for the blob's name), then the bytes."""
+        try:
+            record = catalog.get(image_id)
+        except NotFound:
+            log.warning("image %s was removed while embedding; skipped", image_id)
+            return image_id, None, b""
+        try:
+            return image_id, record, storage.get(UPLOADS, record.blob)
+        except NotFound:
+            log.warning("image %s lost its bytes while embedding; skipped", image_id)
+            return image_id, None, b""
+
+    def decode(fetched: tuple[str, ImageRecord | None, bytes]) -> Loaded:
+        image_id, record, data = fetched
+        if record is None:
+            return Loaded(image_id, None)
         t0 = time.perf_counter()
-        ok, images, failed = [], [], []
-        for image_id in batch_ids:
-            try:
-                record = catalog.get(image_id)
-            except NotFound:
-                log.warning("image %s was removed while embedding; skipped", image_id)
-                failed.append(image_id)
-                continue
-            data = b""
-            try:
-                data = storage.get(UPLOADS, record.blob)
-                images.append(
-                    decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels).rgb
-                )
-                ok.append(image_id)
-            except ClusterlensError as exc:
-                # Stored bytes that no longer decode: quarantine with the reason, so the run (and the
-                # next one) goes on without them.
-                log.warning("cannot embed %s, quarantining it: %s", image_id, exc.message)
-                withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=data or None)
-                failed.append(image_id)
-        pixels = encoder.preprocess(images) if images else np.zeros((0, 3, encoder.size, encoder.size), np.float32)
-        return _Batch(ok, pixels, failed, time.perf_counter() - t0)
+        try:
+            image = decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        except ClusterlensError as exc:
+            # Stored bytes that no longer decode: quarantine with the reason, so the run (and the
+            # next one) goes on without them.
+            log.warning("cannot embed %s, quarantining it: %s", image_id, exc.message)
+            withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=data or None)
+            return Loaded(image_id, None, time.perf_counter() - t0)
+        pixels = encoder.preprocess([image.rgb])[0]
+        return Loaded(image_id, pixels, time.perf_counter() - t0)
 
     buf_ids: list[str] = []
     buf_vecs: list[np.ndarray] = []
@@ -284,7 +358,15 @@ def embed_pending(
         buf_logits.clear()
 
     t_wait = time.perf_counter()
-    for batch in prefetch_batches(pending, load, settings.embed_batch_size, settings.embed_decode_workers):
+    batches = prefetch_batches(
+        pending,
+        fetch,
+        decode,
+        settings.embed_batch_size,
+        io_workers=settings.embed_io_workers,
+        decode_workers=decode_workers(settings),
+    )
+    for batch in batches:
         stats.seconds["wait"] += time.perf_counter() - t_wait
         stats.seconds["decode"] += batch.decode_seconds
         stats.failed.extend(batch.failed)

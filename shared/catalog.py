@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from shared.errors import BadRequest, NotFound
-from shared.storage import EMBEDDINGS, Storage
+from shared.storage import EMBEDDINGS, BlobNotFound, Storage
 
 RECORDS_PREFIX = "records/"
 DELETED_PREFIX = "deleted/"  # tombstones: deleted images stay out of every later index
@@ -122,9 +122,11 @@ class Catalog:
             NotFound: no such image.
         """
         check_image_id(image_id)
-        if not self.exists(image_id):
-            raise NotFound(f"no image with id {image_id}", code="image_not_found")
-        return ImageRecord.from_json(self.storage.get_json(EMBEDDINGS, self._name(image_id)))
+        try:  # one request: read it, rather than ask whether it exists first
+            value = self.storage.get_json(EMBEDDINGS, self._name(image_id))
+        except BlobNotFound:
+            raise NotFound(f"no image with id {image_id}", code="image_not_found") from None
+        return ImageRecord.from_json(value)
 
     def ids(self) -> Iterator[str]:
         """All image ids, in lexical order."""

@@ -83,7 +83,12 @@ class Settings(BaseSettings):
     # Embedding
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     embed_shard_size: int = Field(default=4096, ge=1)
-    embed_decode_workers: int = Field(default=2, ge=1, le=64)
+    embed_decode_workers: int = Field(
+        default=0, ge=0, le=256, description="threads decoding and resizing; 0: one per core this process may use"
+    )
+    embed_io_workers: int = Field(
+        default=64, ge=1, le=512, description="storage reads in flight at once while embedding (I/O, not CPU)"
+    )
 
     # Index
     index_kind: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = Field(

@@ -1,0 +1,64 @@
+"""The embed loader keeps many storage reads in flight and decodes on threads sized to the cores (issue 21).
+
+Structural checks, not timings: how many requests were in flight at once behind a storage that makes every
+request slow, how many requests an image costs, and that batches come out whole and in order whatever
+order the reads finish in. The speed itself is `make bench-scale` (bench/results/scale.json).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.scale import LatencyStorage, NoOpEncoder, fill
+from job.embeddings import EmbeddingStore, Loaded, decode_workers, embed_pending, prefetch_batches
+from tests.conftest import make_settings
+
+
+def test_many_reads_in_flight_two_requests_per_image_every_image_once(tmp_path: Path) -> None:
+    storage = LatencyStorage(tmp_path, latency=0.03)
+    ids = fill(storage, 48)
+    settings = make_settings(tmp_path, embed_io_workers=16, embed_batch_size=8, embed_shard_size=20)
+    encoder = NoOpEncoder()
+    storage.reset()
+    stats = embed_pending(storage, settings, encoder, only=ids)  # type: ignore[arg-type]
+    assert stats.embedded == 48 and not stats.failed
+    # the old loader read one image at a time in each of 2 threads: never more than 2 in flight
+    assert storage.max_in_flight >= 12, storage.max_in_flight
+    # per image: its record and its bytes (no existence check before either); plus the shard writes
+    # and the listing of what is already embedded
+    assert storage.requests <= 2 * 48 + 6, storage.requests
+    embedded = EmbeddingStore(storage, encoder.version).load()
+    assert sorted(embedded.ids) == sorted(ids) and len(embedded.ids) == 48
+    assert encoder.batches == 6  # whole batches of 8
+
+
+def test_batches_come_out_in_order_whatever_order_the_reads_finish(tmp_path: Path) -> None:
+    items = [f"item-{i:03d}" for i in range(50)]
+    rng = random.Random(7)
+    delays = {item: rng.uniform(0, 0.02) for item in items}
+
+    def fetch(item: str) -> str:
+        time.sleep(delays[item])
+        return item
+
+    def decode(item: str) -> Loaded:
+        if item.endswith("7"):  # skipped ones (a removed record, undecodable bytes) are listed as failed
+            return Loaded(item, None)
+        return Loaded(item, np.full((3, 2, 2), int(item[-3:]), np.float32))
+
+    batches = list(prefetch_batches(items, fetch, decode, 8, io_workers=10, decode_workers=2))
+    assert [len(b.ids) + len(b.failed) for b in batches] == [8] * 6 + [2]
+    assert [i for b in batches for i in b.ids] == [i for i in items if not i.endswith("7")]
+    assert [i for b in batches for i in b.failed] == [i for i in items if i.endswith("7")]
+    for batch in batches:
+        assert [int(p[0, 0, 0]) for p in batch.pixels] == [int(i[-3:]) for i in batch.ids]
+
+
+def test_decode_threads_default_to_the_cores_this_process_may_use(tmp_path: Path) -> None:
+    assert decode_workers(make_settings(tmp_path)) == len(os.sched_getaffinity(0))
+    assert decode_workers(make_settings(tmp_path, embed_decode_workers=3)) == 3
