@@ -807,7 +807,7 @@ def cost_section(c: Result, s: Result) -> list[str]:
 
 
 def scale_section(sc: Result) -> list[str]:
-    """docs/figures.md: the batch side at scale (issue 21); so far the embed loader."""
+    """docs/figures.md: the batch side at scale (issue 21); so far the embed loader and ingest."""
     lo = sc["loader"]
     base, default = lo["baseline_2_threads"], lo["default"]
     out = heading("Scale", sc, "make bench-scale")
@@ -846,6 +846,28 @@ def scale_section(sc: Result) -> list[str]:
         "",
         f"{ratio(lo['speedup'], 1)} the baseline; target {num(lo['target_img_s'])} img/s: {met(lo['met'])}.",
     ]
+    ing = sc["ingest"]
+    out += [
+        "",
+        "**Ingest**: images per second `clusterlens ingest` (`shared.ingest.ingest_items`) takes in from a folder "
+        "of real Fashion-MNIST PNGs (class subfolders), one at a time and with 16 in flight, on the local backend "
+        "as it is and with 20 ms added to every storage request.",
+        "",
+    ]
+    out += table(
+        ["storage", "images", "1 at a time img/s", "16 in flight img/s", "ratio", "requests per image"],
+        [
+            [
+                f"{label}",
+                num(ing[f"{key}_16"]["images"]),
+                num(ing[f"{key}_1"]["img_s"], 1),
+                f"**{num(ing[f'{key}_16']['img_s'], 1)}**",
+                ratio(ing[f"speedup_{key}"], 1),
+                f"{ing[f'{key}_16']['requests_per_image']:.1f}",
+            ]
+            for key, label in (("local", "local folder"), ("latency", "local + 20 ms per request"))
+        ],
+    )
     return out
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -148,10 +151,30 @@ def withdraw(storage: Storage, record: ImageRecord, *, code: str, reason: str, d
     Catalog(storage).remove(record.id)
 
 
-def ingest_items(storage: Storage, settings: Settings, items: Iterable[IngestItem]) -> Iterator[IngestResult]:
-    """Ingest many items, one result each, in order."""
-    for item in items:
-        yield ingest_bytes(storage, settings, item)
+def ingest_items(
+    storage: Storage, settings: Settings, items: Iterable[IngestItem], *, workers: int = 1
+) -> Iterator[IngestResult]:
+    """Ingest many items, one result each, in the items' order, ``workers`` at a time.
+
+    Each image costs a few storage round trips (is it known, store the bytes, write the record): on
+    ``workers`` threads they overlap. At most ``2 * workers`` items are read ahead. Two copies of the same
+    bytes in flight at once are safe: the bytes and the record are written create-if-absent, so one of
+    them is ``added`` and the other a ``duplicate``.
+    """
+    if workers <= 1:
+        for item in items:
+            yield ingest_bytes(storage, settings, item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        running: deque[Future[IngestResult]] = deque()
+        upcoming = iter(items)
+        for item in islice(upcoming, 2 * workers):
+            running.append(pool.submit(ingest_bytes, storage, settings, item))
+        while running:
+            result = running.popleft().result()
+            for item in islice(upcoming, 1):
+                running.append(pool.submit(ingest_bytes, storage, settings, item))
+            yield result
 
 
 def scan_folder(root: Path) -> list[tuple[Path, str | None]]:

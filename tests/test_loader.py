@@ -62,3 +62,26 @@ def test_batches_come_out_in_order_whatever_order_the_reads_finish(tmp_path: Pat
 def test_decode_threads_default_to_the_cores_this_process_may_use(tmp_path: Path) -> None:
     assert decode_workers(make_settings(tmp_path)) == len(os.sched_getaffinity(0))
     assert decode_workers(make_settings(tmp_path, embed_decode_workers=3)) == 3
+
+
+def test_ingest_with_many_in_flight_keeps_order_and_stores_each_image_once(tmp_path: Path) -> None:
+    """`clusterlens ingest --workers N`: round trips overlap, results come in the items' order, and two
+    copies of the same bytes in flight at once give one image (one added, one duplicate)."""
+    from job.datasets import load_fashion_mnist, png_bytes
+    from shared.catalog import Catalog
+    from shared.ingest import IngestItem, ingest_items
+
+    settings = make_settings(tmp_path)
+    pixels, _ = load_fashion_mnist(settings.fashion_mnist_dir, "test")
+    data = [png_bytes(pixels[i]) for i in range(30)]
+    items = [IngestItem(data=d, source=f"i{i}") for i, d in enumerate(data)]
+    items.insert(1, IngestItem(data=data[0], source="again-0"))  # in flight beside its twin
+    items.append(IngestItem(data=b"not an image", source="junk"))
+    storage = LatencyStorage(tmp_path, latency=0.02)
+    results = list(ingest_items(storage, settings, items, workers=8))
+    assert [r.source for r in results] == [item.source for item in items]
+    assert storage.max_in_flight >= 4, storage.max_in_flight  # one at a time would be 1
+    outcomes = [r.status for r in results]
+    assert outcomes.count("added") == 30 and outcomes.count("duplicate") == 1 and outcomes[-1] == "quarantined"
+    assert sorted(outcomes[:2]) == ["added", "duplicate"] and results[0].id == results[1].id
+    assert len(list(Catalog(storage).ids())) == 30

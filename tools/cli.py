@@ -45,7 +45,7 @@ def _keep_labels(items: Iterable[Any], share: float) -> Iterable[Any]:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
-    from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_bytes, scan_folder
+    from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_items, scan_folder
 
     items: Iterable[IngestItem]
     if args.dataset == "fashion-mnist":
@@ -67,8 +67,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
         total, items, desc = len(files), folder_items(files), f"ingest {args.path}"
     summary = IngestSummary()
     with _progress(total, desc) as bar:
-        for item in items:
-            result = ingest_bytes(storage, settings, item)
+        for result in ingest_items(storage, settings, items, workers=args.workers):
             summary.count(result)
             bar.update(1)
     print(f"added {summary.added}, already known {summary.duplicate}, quarantined {summary.quarantined}")
@@ -564,6 +563,13 @@ def demo_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError("a number from 1 to 256")
+    return value
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -587,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_share,
         help="Fashion-MNIST: keep the labels of this share of the images (a fixed random choice), the rest "
         "come in unlabelled, for active learning (default: all labelled)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=16,
+        help="images in flight at once: their storage round trips overlap (default 16; 1 is one at a time)",
     )
     p.set_defaults(func=cmd_ingest)
 
