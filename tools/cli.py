@@ -44,6 +44,9 @@ def _keep_labels(items: Iterable[Any], share: float) -> Iterable[Any]:
         yield item if rng.random() < share else dataclasses.replace(item, label=None)
 
 
+INGEST_WORKERS = 16  # images in flight in `clusterlens ingest` (and the demo's)
+
+
 def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_items, scan_folder
 
@@ -482,9 +485,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
     """
     steps = [
         argparse.Namespace(
-            dataset="fashion-mnist", split="train", limit=args.limit, offset=0, path=None, label_share=args.label_share
+            dataset="fashion-mnist",
+            split="train",
+            limit=args.limit,
+            offset=0,
+            path=None,
+            label_share=args.label_share,
+            workers=INGEST_WORKERS,
         ),
-        argparse.Namespace(dataset="skimage-photos", limit=None, path=None),
+        argparse.Namespace(dataset="skimage-photos", limit=None, path=None, workers=INGEST_WORKERS),
     ]
     for step in steps:
         cmd_ingest(step, settings, storage)
@@ -597,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_positive,
-        default=16,
-        help="images in flight at once: their storage round trips overlap (default 16; 1 is one at a time)",
+        default=INGEST_WORKERS,
+        help=f"images in flight at once: their storage round trips overlap (default {INGEST_WORKERS}; 1: in turn)",
     )
     p.set_defaults(func=cmd_ingest)
 
