@@ -314,8 +314,8 @@ def embed_pending(
     if on_total:
         on_total(len(pending))
 
-    def fetch(image_id: str) -> tuple[str, ImageRecord | None, bytes]:
-        """Two reads, one after the other: the record (for the blob's name), then the bytes."""
+    def fetch(image_id: str) -> tuple[str, ImageRecord | None, bytes | ClusterlensError]:
+        """Two reads, one after the other: the record (for the blob's name), then the bytes (or why not)."""
         try:
             record = catalog.get(image_id)
         except NotFound:
@@ -323,22 +323,24 @@ def embed_pending(
             return image_id, None, b""
         try:
             return image_id, record, storage.get(UPLOADS, record.blob)
-        except NotFound:
-            log.warning("image %s lost its bytes while embedding; skipped", image_id)
-            return image_id, None, b""
+        except ClusterlensError as exc:  # its bytes are gone: quarantined below, like bytes that no longer decode
+            return image_id, record, exc
 
-    def decode(fetched: tuple[str, ImageRecord | None, bytes]) -> Loaded:
+    def decode(fetched: tuple[str, ImageRecord | None, bytes | ClusterlensError]) -> Loaded:
         image_id, record, data = fetched
         if record is None:
             return Loaded(image_id, None)
         t0 = time.perf_counter()
         try:
+            if isinstance(data, ClusterlensError):
+                raise data
             image = decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         except ClusterlensError as exc:
-            # Stored bytes that no longer decode: quarantine with the reason, so the run (and the
-            # next one) goes on without them.
+            # Stored bytes that are gone or no longer decode: quarantine with the reason, so the run (and
+            # the next one) goes on without them.
             log.warning("cannot embed %s, quarantining it: %s", image_id, exc.message)
-            withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=data or None)
+            kept = data if isinstance(data, bytes) and data else None
+            withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=kept)
             return Loaded(image_id, None, time.perf_counter() - t0)
         pixels = encoder.preprocess([image.rgb])[0]
         return Loaded(image_id, pixels, time.perf_counter() - t0)

@@ -85,3 +85,19 @@ def test_ingest_with_many_in_flight_keeps_order_and_stores_each_image_once(tmp_p
     assert outcomes.count("added") == 30 and outcomes.count("duplicate") == 1 and outcomes[-1] == "quarantined"
     assert sorted(outcomes[:2]) == ["added", "duplicate"] and results[0].id == results[1].id
     assert len(list(Catalog(storage).ids())) == 30
+
+
+def test_an_image_whose_bytes_are_gone_is_quarantined_not_retried_forever(tmp_path: Path) -> None:
+    """Its record points at bytes no longer stored: it goes to quarantine with the reason and leaves the
+    catalogue (else every later embed would try it again); the others embed."""
+    from shared.catalog import Catalog
+    from shared.storage import QUARANTINE, UPLOADS
+
+    storage = LatencyStorage(tmp_path, latency=0.0)
+    ids = fill(storage, 6)
+    catalog = Catalog(storage)
+    storage.delete(UPLOADS, catalog.get(ids[2]).blob)
+    stats = embed_pending(storage, make_settings(tmp_path), NoOpEncoder(), only=ids)  # type: ignore[arg-type]
+    assert stats.embedded == 5 and stats.failed == [ids[2]]
+    assert not catalog.exists(ids[2])
+    assert "missing" in storage.get_json(QUARANTINE, f"{ids[2]}.json")["reason"]
