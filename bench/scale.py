@@ -109,7 +109,7 @@ class NoOpEncoder:
         return Embeddings(np.zeros((n, self.dim), np.float32), np.zeros((n, self.classes), np.float32))
 
 
-def fill(storage: LocalStorage, count: int, offset: int = 0) -> list[str]:
+def fill(storage: LatencyStorage, count: int, offset: int = 0) -> list[str]:
     """Ingest ``count`` real Fashion-MNIST images (no latency while filling); their ids."""
     from job.datasets import load_fashion_mnist, png_bytes
     from shared.ingest import IngestItem, ingest_bytes
@@ -117,17 +117,14 @@ def fill(storage: LocalStorage, count: int, offset: int = 0) -> list[str]:
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     pixels, _ = load_fashion_mnist(settings.fashion_mnist_dir, "train")
-    latency = getattr(storage, "latency", 0.0)
-    if isinstance(storage, LatencyStorage):
-        storage.latency = 0.0
+    latency, storage.latency = storage.latency, 0.0
     try:
         return [
             ingest_bytes(storage, settings, IngestItem(data=png_bytes(pixels[i]), source=f"scale:{i}")).id
             for i in range(offset, offset + count)
         ]
     finally:
-        if isinstance(storage, LatencyStorage):
-            storage.latency = latency
+        storage.latency = latency
 
 
 def loader_run(root: Path, images: int, **overrides: Any) -> dict[str, Any]:

@@ -415,7 +415,8 @@ def test_hook_scripts_pass_shellcheck_as_posix_sh() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for script in scripts:
-        assert Path(script).read_text().startswith("#!/bin/sh\nset -eu") or "\nset -eu\n" in Path(script).read_text()
+        text = Path(script).read_text()
+        assert text.startswith("#!/bin/sh\n") and "\nset -eu\n" in text, script
 
 
 def test_flex_consumption_site_sets_nothing_flex_rejects() -> None:
