@@ -26,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,11 +55,14 @@ class LatencyStorage(LocalStorage):
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.by_kind: Counter[str] = Counter()  # "get embeddings/vectors", "delete embeddings/pending", ...
         self._lock = threading.Lock()
 
-    def _wait(self) -> None:
+    def _wait(self, op: str = "", container: str = "", name: str = "") -> None:
         with self._lock:
             self.requests += 1
+            folder = name.split("/", 1)[0] if "/" in name else ""
+            self.by_kind[f"{op} {container}/{folder}".rstrip("/")] += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -68,28 +72,29 @@ class LatencyStorage(LocalStorage):
                 self.in_flight -= 1
 
     def get(self, container: str, name: str) -> bytes:
-        self._wait()
+        self._wait("get", container, name)
         return super().get(container, name)
 
     def put(self, container: str, name: str, data: bytes, **kwargs: Any) -> bool:
-        self._wait()
+        self._wait("put", container, name)
         return super().put(container, name, data, **kwargs)
 
     def exists(self, container: str, name: str) -> bool:
-        self._wait()
+        self._wait("exists", container, name)
         return super().exists(container, name)
 
     def list(self, container: str, prefix: str = "") -> Iterator[str]:
-        self._wait()
+        self._wait("list", container, prefix)
         return super().list(container, prefix)
 
     def delete(self, container: str, name: str) -> bool:
-        self._wait()
+        self._wait("delete", container, name)
         return super().delete(container, name)
 
     def reset(self) -> None:
         with self._lock:
             self.requests, self.max_in_flight = 0, 0
+            self.by_kind.clear()
 
 
 class NoOpEncoder:

@@ -2,8 +2,12 @@
 
 Shard blob: ``embeddings/vectors/<encoder version>/part-<utc time>-<random>-<n>.parquet`` with columns
 ``id`` (string), ``embedding`` (float32 list), ``top_class`` (int16 list), ``top_prob`` (float32
-list: the top ImageNet classes and their probabilities). A shard is written in one atomic put, so
-an interrupted run loses at most the shard in flight, and the next run embeds only what is missing.
+list: the top ImageNet classes and their probabilities), and the catalogue fields an index needs,
+copied from each image's record when it was embedded: ``label`` and ``caption`` (strings, null for
+none) and ``ingested`` (int64, UTC epoch seconds). Records never change once written (labels given
+later live in the label log), so the shards are also the catalogue in bulk: a rebuild reads them and
+makes no request per image. A shard is written in one atomic put, so an interrupted run loses at
+most the shard in flight, and the next run embeds only what is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +59,10 @@ class EmbeddingSet:
         top_class: int16 (n, TOP_CLASSES) ImageNet class indices, most probable first.
         top_prob: float32 (n, TOP_CLASSES) their probabilities.
         shards: the shard names read.
+        labels, captions: each row's label and caption given at ingest (None for none).
+        ingested: int64 (n,) ingest time, UTC epoch seconds.
+        unrecorded: bool (n,) rows read from shards written before shards carried the catalogue
+            fields (their labels, captions and times are placeholders: see :func:`fill_records`).
     """
 
     ids: list[str]
@@ -62,6 +70,10 @@ class EmbeddingSet:
     top_class: np.ndarray
     top_prob: np.ndarray
     shards: list[str]
+    labels: list[str | None] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    ingested: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    unrecorded: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 class EmbeddingStore:
@@ -75,13 +87,28 @@ class EmbeddingStore:
     def shards(self) -> list[str]:
         return [n for n in self.storage.list(EMBEDDINGS, self.prefix) if n.endswith(".parquet")]
 
-    def write_shard(self, ids: Sequence[str], vectors: np.ndarray, logits: np.ndarray) -> str:
-        """Store one shard; returns its name."""
+    def write_shard(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        logits: np.ndarray,
+        records: Sequence[ImageRecord | None] | None = None,
+    ) -> str:
+        """Store one shard; returns its name.
+
+        Args:
+            records: each row's catalogue record (its label, caption and ingest time are kept in the
+                shard); None, or a None entry, stores none for that row.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if vectors.ndim != 2 or len(ids) != len(vectors) or len(logits) != len(ids):
             raise ValueError("ids, vectors and logits must have the same length")
+        if records is None:
+            records = [None] * len(ids)
+        if len(records) != len(ids):
+            raise ValueError("ids and records must have the same length")
         probs = softmax(logits)
         top = np.argsort(-probs, axis=1)[:, :TOP_CLASSES]
         d = vectors.shape[1]
@@ -93,6 +120,9 @@ class EmbeddingStore:
                 "top_prob": pa.FixedSizeListArray.from_arrays(
                     pa.array(np.take_along_axis(probs, top, axis=1).astype(np.float32).ravel()), TOP_CLASSES
                 ),
+                "label": pa.array([r.label if r else None for r in records], pa.string()),
+                "caption": pa.array([r.caption if r else None for r in records], pa.string()),
+                "ingested": pa.array([epoch(r.ingested_at) if r else -1 for r in records], pa.int64()),
             },
             metadata={"encoder_version": self.encoder_version},
         )
@@ -132,23 +162,9 @@ class EmbeddingStore:
             shards: read only these shards (default: all).
             skip: ids to leave out (e.g. those already indexed).
         """
-        ids: list[str] = []
-        vecs, classes, probs = [], [], []
-        seen: set[str] = set(skip or ())
+        parts = list(self.iter_chunks(shards, skip))
         shards = self.shards() if shards is None else shards
-        for name in shards:
-            table = self._read_table(name)
-            shard_ids = table.column("id").to_pylist()
-            keep = np.array([i not in seen for i in shard_ids], dtype=bool)
-            seen.update(shard_ids)
-            if not keep.any():
-                continue
-            n = len(shard_ids)
-            vecs.append(_fixed_list(table, "embedding", n)[keep])
-            classes.append(_fixed_list(table, "top_class", n)[keep])
-            probs.append(_fixed_list(table, "top_prob", n)[keep])
-            ids.extend(i for i, k in zip(shard_ids, keep, strict=True) if k)
-        if not ids:
+        if not parts:
             return EmbeddingSet(
                 [],
                 np.zeros((0, 0), np.float32),
@@ -157,12 +173,69 @@ class EmbeddingStore:
                 shards,
             )
         return EmbeddingSet(
-            ids,
-            np.concatenate(vecs).astype(np.float32, copy=False),
-            np.concatenate(classes),
-            np.concatenate(probs),
+            [i for p in parts for i in p.ids],
+            np.concatenate([p.vectors for p in parts]).astype(np.float32, copy=False),
+            np.concatenate([p.top_class for p in parts]),
+            np.concatenate([p.top_prob for p in parts]),
             shards,
+            [x for p in parts for x in p.labels],
+            [x for p in parts for x in p.captions],
+            np.concatenate([p.ingested for p in parts]),
+            np.concatenate([p.unrecorded for p in parts]),
         )
+
+    def iter_chunks(self, shards: list[str] | None = None, skip: set[str] | None = None) -> Iterator[EmbeddingSet]:
+        """The stored embeddings shard by shard (one :class:`EmbeddingSet` each, ``shards`` its name):
+        what a bounded-memory pass reads. An id seen in an earlier shard (or in ``skip``) is left out."""
+        seen: set[str] = set(skip or ())
+        for name in self.shards() if shards is None else shards:
+            table = self._read_table(name)
+            shard_ids = table.column("id").to_pylist()
+            keep = np.array([i not in seen for i in shard_ids], dtype=bool)
+            seen.update(shard_ids)
+            if not keep.any():
+                continue
+            n = len(shard_ids)
+            rows = np.flatnonzero(keep)
+            if "ingested" in table.column_names:
+                labels = table.column("label").to_pylist()
+                captions = table.column("caption").to_pylist()
+                ingested = table.column("ingested").to_numpy(zero_copy_only=False).astype(np.int64)
+                unrecorded = ingested < 0
+            else:  # written before shards carried the catalogue fields
+                labels, captions = [None] * n, [None] * n
+                ingested, unrecorded = np.full(n, -1, np.int64), np.ones(n, bool)
+            yield EmbeddingSet(
+                [shard_ids[r] for r in rows],
+                _fixed_list(table, "embedding", n)[keep].astype(np.float32, copy=False),
+                _fixed_list(table, "top_class", n)[keep],
+                _fixed_list(table, "top_prob", n)[keep],
+                [name],
+                [labels[r] for r in rows],
+                [captions[r] for r in rows],
+                ingested[keep],
+                unrecorded[keep],
+            )
+
+
+def fill_records(catalog: Catalog, emb: EmbeddingSet) -> EmbeddingSet:
+    """Complete the rows of shards written before shards carried the catalogue fields, one record
+    request each (none for shards written since); a row whose record has gone keeps no label."""
+    for row in np.flatnonzero(emb.unrecorded):
+        try:
+            record = catalog.get(emb.ids[row])
+        except NotFound:
+            continue
+        emb.labels[row], emb.captions[row] = record.label, record.caption
+        emb.ingested[row] = epoch(record.ingested_at)
+    emb.unrecorded = np.zeros(len(emb.ids), bool)
+    return emb
+
+
+def epoch(iso: str) -> int:
+    """UTC epoch seconds of an ISO time (a time without a zone is taken as UTC)."""
+    when = datetime.fromisoformat(iso)
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _fixed_list(table: Any, column: str, n: int) -> np.ndarray:
@@ -176,6 +249,7 @@ class EmbedStats:
 
     pending: int = 0
     embedded: int = 0
+    done: int = 0  # of ``only``: found embedded already
     failed: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(
@@ -193,6 +267,8 @@ class _Batch:
     pixels: np.ndarray
     failed: list[str]
     decode_seconds: float
+    records: list[ImageRecord | None] = field(default_factory=list)  # of ``ids``
+    done: list[str] = field(default_factory=list)  # found embedded already: neither embedded nor failed
 
 
 @dataclass
@@ -202,6 +278,8 @@ class Loaded:
     image_id: str
     pixels: np.ndarray | None  # (3, size, size) float32; None when the image was skipped
     decode_seconds: float = 0.0
+    record: ImageRecord | None = None
+    done: bool = False  # skipped because its embedding is stored already
 
 
 def decode_workers(settings: Settings) -> int:
@@ -266,13 +344,15 @@ def prefetch_batches(
 
 
 def _stack(loaded: list[Loaded]) -> _Batch:
-    kept = [(x.image_id, x.pixels) for x in loaded if x.pixels is not None]
-    pixels = np.stack([p for _, p in kept]) if kept else np.zeros((0, 3, 1, 1), np.float32)
+    kept = [x for x in loaded if x.pixels is not None]
+    pixels = np.stack([x.pixels for x in kept]) if kept else np.zeros((0, 3, 1, 1), np.float32)  # type: ignore[misc]
     return _Batch(
-        [image_id for image_id, _ in kept],
+        [x.image_id for x in kept],
         pixels,
-        [x.image_id for x in loaded if x.pixels is None],
+        [x.image_id for x in loaded if x.pixels is None and not x.done],
         sum(x.decode_seconds for x in loaded),
+        [x.record for x in kept],
+        [x.image_id for x in loaded if x.done],
     )
 
 
@@ -284,18 +364,26 @@ def embed_pending(
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     only: Collection[str] | None = None,
+    job: str | None | Mapping[str, str | None] = None,
     limit: int | None = None,
 ) -> EmbedStats:
-    """Embed every catalogued image that has no embedding for this encoder version yet.
+    """Embed catalogued images that have no embedding for this encoder version yet.
 
-    Each image is read on one of ``settings.embed_io_workers`` threads (many requests in flight) and
-    decoded on one of :func:`decode_workers` threads, ahead of inference (:func:`prefetch_batches`).
-    Results are flushed every ``settings.embed_shard_size`` images.
+    With ``only`` (an embedding job's own images), what is left to do is read from the images' pending
+    markers (:meth:`Catalog.pending`: one request each, which also returns the record), so the job costs
+    what its images cost whatever the size of the collection. Without it, every catalogued image is
+    compared with every stored embedding (reads every shard: the full check, for a new encoder or a
+    repair). Each image is read on one of ``settings.embed_io_workers`` threads (many requests in
+    flight) and decoded on one of :func:`decode_workers` threads, ahead of inference
+    (:func:`prefetch_batches`). Results are flushed every ``settings.embed_shard_size`` images; once a
+    shard is stored, its images' pending markers are dropped.
 
     Args:
         progress: called with the number of images finished after each batch.
         on_total: called once with the number of pending images.
-        only: consider only these image ids (an embedding job's own images; one since removed counts as failed).
+        only: consider only these image ids; one found embedded already is skipped (``stats.done``), one
+            removed since counts as failed.
+        job: the embedding job ``only`` was queued in (its markers' folder), or each id's job.
         limit: embed at most this many of the pending images (in id order, which for content hashes is
             a fixed random sample); ``stats.pending`` still counts them all.
     """
@@ -303,33 +391,53 @@ def embed_pending(
     t_start = time.perf_counter()
     store = EmbeddingStore(storage, encoder.version)
     catalog = Catalog(storage)
-    done = store.embedded_ids()
-    # A job's own images are not looked up one by one here (a request each, one after another): an id
-    # whose record has gone since is found by its fetch and reported with the failed ones.
-    known = set(catalog.ids()) if only is None else set(only)
-    pending = sorted(known - done)
+    if only is None:
+        pending = sorted(set(catalog.ids()) - store.embedded_ids())
+    else:
+        pending = sorted(set(only))
     stats.pending = len(pending)
     pending = pending[:limit] if limit is not None else pending
     stats.seconds["list"] = time.perf_counter() - t_start
     if on_total:
         on_total(len(pending))
 
-    def fetch(image_id: str) -> tuple[str, ImageRecord | None, bytes | ClusterlensError]:
-        """Two reads, one after the other: the record (for the blob's name), then the bytes (or why not)."""
+    def job_of(image_id: str) -> str | None:
+        return job.get(image_id) if isinstance(job, Mapping) else job
+
+    def record_of(image_id: str) -> tuple[ImageRecord | None, bool]:
+        """The image's record and whether it is still to embed; (None, False) once removed."""
+        if only is not None:
+            record = catalog.pending(image_id, job_of(image_id))
+            if record is not None:
+                return record, True
         try:
             record = catalog.get(image_id)
         except NotFound:
             log.warning("image %s was removed while embedding; skipped", image_id)
-            return image_id, None, b""
+            return None, False
+        if only is None:
+            return record, True
+        # No marker where this job expected one: queued in another job, or embedded already.
+        if record.job != job_of(image_id) and catalog.pending(image_id, record.job) is not None:
+            return record, True
+        return record, False
+
+    def fetch(image_id: str) -> tuple[str, ImageRecord | None, bytes | ClusterlensError | None]:
+        """Two reads, one after the other: the record (for the blob's name), then the bytes (or why not)."""
+        record, todo = record_of(image_id)
+        if record is None or not todo:
+            return image_id, record, None
         try:
             return image_id, record, storage.get(UPLOADS, record.blob)
         except ClusterlensError as exc:  # its bytes are gone: quarantined below, like bytes that no longer decode
             return image_id, record, exc
 
-    def decode(fetched: tuple[str, ImageRecord | None, bytes | ClusterlensError]) -> Loaded:
+    def decode(fetched: tuple[str, ImageRecord | None, bytes | ClusterlensError | None]) -> Loaded:
         image_id, record, data = fetched
         if record is None:
             return Loaded(image_id, None)
+        if data is None:
+            return Loaded(image_id, None, done=True)
         t0 = time.perf_counter()
         try:
             if isinstance(data, ClusterlensError):
@@ -343,49 +451,63 @@ def embed_pending(
             withdraw(storage, record, code=exc.code, reason=f"at embedding: {exc.message}", data=kept)
             return Loaded(image_id, None, time.perf_counter() - t0)
         pixels = encoder.preprocess([image.rgb])[0]
-        return Loaded(image_id, pixels, time.perf_counter() - t0)
+        return Loaded(image_id, pixels, time.perf_counter() - t0, record)
 
     buf_ids: list[str] = []
+    buf_records: list[ImageRecord | None] = []
     buf_vecs: list[np.ndarray] = []
     buf_logits: list[np.ndarray] = []
+    dropping: list[Future[None]] = []
 
     def flush() -> None:
         if not buf_ids:
             return
         t0 = time.perf_counter()
-        stats.shards.append(store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits)))
+        stats.shards.append(
+            store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits), buf_records)
+        )
+        # Stored: these images are no longer pending. The markers go in the background, while the next
+        # batches are embedded (one left by a crash, or a failed delete, costs one image's re-embedding).
+        dropping.extend(markers.submit(catalog.embedded, r.id, r.job) for r in buf_records if r)
         stats.seconds["write"] += time.perf_counter() - t0
         buf_ids.clear()
+        buf_records.clear()
         buf_vecs.clear()
         buf_logits.clear()
 
-    t_wait = time.perf_counter()
-    batches = prefetch_batches(
-        pending,
-        fetch,
-        decode,
-        settings.embed_batch_size,
-        io_workers=settings.embed_io_workers,
-        decode_workers=decode_workers(settings),
-    )
-    for batch in batches:
-        stats.seconds["wait"] += time.perf_counter() - t_wait
-        stats.seconds["decode"] += batch.decode_seconds
-        stats.failed.extend(batch.failed)
-        if batch.ids:
-            t0 = time.perf_counter()
-            out = encoder.encode_array(batch.pixels)
-            stats.seconds["infer"] += time.perf_counter() - t0
-            buf_ids.extend(batch.ids)
-            buf_vecs.append(out.vectors)
-            buf_logits.append(out.logits)
-            stats.embedded += len(batch.ids)
-            if len(buf_ids) >= settings.embed_shard_size:
-                flush()
-        if progress:
-            progress(len(batch.ids) + len(batch.failed))
+    with ThreadPoolExecutor(max_workers=settings.embed_io_workers, thread_name_prefix="marker") as markers:
         t_wait = time.perf_counter()
-    flush()
+        batches = prefetch_batches(
+            pending,
+            fetch,
+            decode,
+            settings.embed_batch_size,
+            io_workers=settings.embed_io_workers,
+            decode_workers=decode_workers(settings),
+        )
+        for batch in batches:
+            stats.seconds["wait"] += time.perf_counter() - t_wait
+            stats.seconds["decode"] += batch.decode_seconds
+            stats.failed.extend(batch.failed)
+            stats.done += len(batch.done)
+            if batch.ids:
+                t0 = time.perf_counter()
+                out = encoder.encode_array(batch.pixels)
+                stats.seconds["infer"] += time.perf_counter() - t0
+                buf_ids.extend(batch.ids)
+                buf_records.extend(batch.records)
+                buf_vecs.append(out.vectors)
+                buf_logits.append(out.logits)
+                stats.embedded += len(batch.ids)
+                if len(buf_ids) >= settings.embed_shard_size:
+                    flush()
+            if progress:
+                progress(len(batch.ids) + len(batch.failed) + len(batch.done))
+            t_wait = time.perf_counter()
+        flush()
+        for f in dropping:
+            if f.exception() is not None:
+                log.warning("a pending marker was not dropped (its image will be embedded again): %s", f.exception())
     stats.seconds["total"] = time.perf_counter() - t_start
     stats.seconds = {k: round(v, 3) for k, v in stats.seconds.items()}
     log.info("embedded %d of %d pending images in %.1f s", stats.embedded, stats.pending, stats.seconds["total"])

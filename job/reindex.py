@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from job.embeddings import EmbeddingStore
+from job.embeddings import EmbeddingStore, fill_records
 from job.index_build import IndexParams, build_index, extend_index, fingerprint, publish
 from shared.catalog import Catalog
 from shared.errors import NotReady, QualityGate, VersionMismatch
@@ -118,21 +117,19 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         )
         if grown is not None:
             return _publish(storage, settings, grown, force, mode="incremental")
-    emb = store.load(skip=deleted)
-    records = [catalog.get(image_id) for image_id in emb.ids]
-    labels = [r.label for r in records]
-    captions = embed_captions(settings, [r.caption for r in records])
+    emb = fill_records(catalog, store.load(skip=deleted))
+    captions = embed_captions(settings, emb.captions)
     built = build_index(
         emb.vectors,
         emb.ids,
-        labels,
+        emb.labels,
         encoder_version=encoder_version,
         params=index_params,
         class_top=emb.top_class,
         class_prob=emb.top_prob,
         head=head,
         captions=captions,
-        ingested=np.array([_epoch(r.ingested_at) for r in records], dtype=np.int64),
+        ingested=emb.ingested,
         source=source,
     )
     return _publish(storage, settings, built, force, mode="full")
@@ -178,17 +175,17 @@ def _try_incremental(
     if not new.ids:  # new shards held only images already indexed (a retried embed)
         empty = np.zeros((0, cur.manifest.input_dim), np.float32)
         return extend_index(cur, empty, [], [], params=index_params, source=source)
-    records = [catalog.get(image_id) for image_id in new.ids]
+    new = fill_records(catalog, new)
     return extend_index(
         cur,
         new.vectors,
         new.ids,
-        [r.label for r in records],
+        new.labels,
         params=index_params,
         class_top=new.top_class,
         class_prob=new.top_prob,
-        captions=embed_captions(settings, [r.caption for r in records]),
-        ingested=np.array([_epoch(r.ingested_at) for r in records], dtype=np.int64),
+        captions=embed_captions(settings, new.captions),
+        ingested=new.ingested,
         source=source,
     )
 
@@ -224,11 +221,6 @@ def _still_newest(storage: Storage, built: ClusterIndex) -> bool:
     if manifest.encoder_version != built.manifest.encoder_version:
         return True
     return manifest.shard_names <= built.manifest.shard_names
-
-
-def _epoch(iso: str) -> int:
-    when = datetime.fromisoformat(iso)
-    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _result(version: str, built: bool, manifest: IndexManifest, mode: str) -> ReindexResult:

@@ -289,7 +289,7 @@ def train_on_collection(
     """
     import tempfile
 
-    from job.embeddings import EmbeddingStore
+    from job.embeddings import EmbeddingStore, fill_records
     from shared.catalog import Catalog
 
     store = EmbeddingStore(storage, encoder_version)
@@ -297,9 +297,8 @@ def train_on_collection(
         raise NotReady(
             f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first", code="no_embeddings"
         )
-    emb = store.load()
-    catalog = Catalog(storage)
-    labels = [catalog.get(image_id).label for image_id in emb.ids]
+    emb = fill_records(Catalog(storage), store.load())
+    labels = emb.labels
     keep = [i for i, label in enumerate(labels) if label is not None]
     with tempfile.TemporaryDirectory(prefix="clusterlens-head-") as tmp:
         trained = train_head(

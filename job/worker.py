@@ -31,11 +31,11 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import ClusterlensError
+from shared.errors import ClusterlensError, NotFound
 from shared.jobs import FINISHED, JobError, JobKind, JobMessage, JobRecord, JobStore, enqueue, follow_up_reindex
 from shared.queues import JobQueue, JobQueues, LostMessage, QueueMessage, Serve
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import JOBS, Storage
 
 if TYPE_CHECKING:
     from job.embeddings import EmbedStats
@@ -85,7 +85,7 @@ Handler = Callable[[JobContext], dict[str, Any]]
 def run_embed(ctx: JobContext) -> dict[str, Any]:
     """Embed the job's images (those its uploads listed), or every pending image with ``params.all``."""
     ids = None if ctx.message.params.get("all") else ctx.store.items(ctx.message.job_id)
-    stats = _embed(ctx, ids)
+    stats = _embed(ctx, ids, ctx.message.job_id)
     out: dict[str, Any] = {
         "images": None if ids is None else len(ids),
         "embedded": stats.embedded,
@@ -120,8 +120,8 @@ def _follow_up(ctx: JobContext) -> tuple[JobMessage, float]:
     return follow, delay
 
 
-def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
-    """Embed ``ids`` (None: every pending image), reporting progress into the job record."""
+def _embed(ctx: JobContext, ids: list[str] | None, job: str | None | dict[str, str | None] = None) -> EmbedStats:
+    """Embed ``ids`` (None: every pending image), queued in ``job`` (or each id's), reporting progress."""
     from job.embeddings import embed_pending
 
     done = [0]
@@ -136,25 +136,40 @@ def _embed(ctx: JobContext, ids: list[str] | None) -> EmbedStats:
         ctx.progress(done[0], total[0], "embed")
 
     encoder = ctx.encoder_factory()
-    return embed_pending(ctx.storage, ctx.settings, encoder, progress=step, on_total=on_total, only=ids)
+    return embed_pending(ctx.storage, ctx.settings, encoder, progress=step, on_total=on_total, only=ids, job=job)
 
 
-def stragglers(storage: Storage, encoder_version: str) -> list[str]:
-    """Images not embedded yet whose embedding job is not going to do it (finished, lost, or none)."""
-    from job.embeddings import EmbeddingStore
+SWEEP_STAMP = "sweeps/stragglers.json"
+
+
+def stragglers(storage: Storage, settings: Settings | None = None) -> dict[str, str | None]:
+    """Images not embedded yet whose embedding job is not going to do it (finished, lost, or none),
+    each with the job it was queued in.
+
+    Lists the pending markers (what is left to embed, grouped by job) and looks up each job once;
+    no shard is read. With ``settings``, a sweep that ran less than ``settings.straggler_sweep_seconds``
+    ago is not repeated (an empty answer): during a long backfill the markers number in millions, and
+    every reindex (one per upload window) would list them all.
+    """
     from shared.catalog import Catalog
 
-    catalog, store = Catalog(storage), JobStore(storage)
-    pending = sorted(set(catalog.ids()) - EmbeddingStore(storage, encoder_version).embedded_ids())
-    live: dict[str, bool] = {}
-    out = []
-    for image_id in pending:
-        job = catalog.get(image_id).job
-        if job is not None and job not in live:
+    now = time.time()
+    if settings is not None and settings.straggler_sweep_seconds > 0:
+        try:
+            last = float(storage.get_json(JOBS, SWEEP_STAMP).get("at", 0))
+        except NotFound:
+            last = 0.0
+        if now - last < settings.straggler_sweep_seconds:
+            return {}
+        storage.put_json(JOBS, SWEEP_STAMP, {"at": now})
+    store = JobStore(storage)
+    out: dict[str, str | None] = {}
+    for job, ids in Catalog(storage).pending_by_job().items():
+        if job is not None:
             record = store.find(job)
-            live[job] = record is not None and record.status not in FINISHED
-        if job is None or not live[job]:
-            out.append(image_id)
+            if record is not None and record.status not in FINISHED:
+                continue  # its job is live and will embed it
+        out.update(dict.fromkeys(ids, job))
     return out
 
 
@@ -163,8 +178,8 @@ def run_reindex(ctx: JobContext) -> dict[str, Any]:
     from job.reindex import reindex
 
     encoder = ctx.encoder_factory()
-    missing = stragglers(ctx.storage, encoder.version)
-    embedded = _embed(ctx, missing).embedded if missing else 0
+    missing = stragglers(ctx.storage, ctx.settings)
+    embedded = _embed(ctx, sorted(missing), missing).embedded if missing else 0
     ctx.progress(0, None, "index")
     result = reindex(ctx.storage, ctx.settings, encoder.version, force=bool(ctx.message.params.get("force")))
     return {

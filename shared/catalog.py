@@ -5,6 +5,13 @@ Fields: id, blob (name in the uploads container), label (or null), source, forma
 bytes, ingested_at, caption (or null), job (the embedding job
 that was queued for it, or null). Records are written create-if-absent, so ingesting the same bytes twice is a
 no-op, whoever does it.
+
+Pending marker: ``embeddings/pending/<job or "none">/<id>.json``, a copy of the record written right after
+it and deleted once the image's embedding is durably stored (or the image removed). The markers are
+what is left to embed, so an embedding job reads its own images' markers (one request each) instead
+of every shard to find what is done, and a sweep for images whose job died lists only the markers,
+grouped by job. A record whose marker was never written (a crash between the two writes, or
+catalogued before markers existed) is found by ``clusterlens embed`` (every image: the full check).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from shared.storage import EMBEDDINGS, BlobNotFound, Storage
 
 RECORDS_PREFIX = "records/"
 DELETED_PREFIX = "deleted/"  # tombstones: deleted images stay out of every later index
+PENDING_PREFIX = "pending/"
+NO_JOB = "none"  # the pending folder of images no embedding job was queued for (e.g. `clusterlens ingest`)
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -67,13 +76,43 @@ class Catalog:
     def _name(image_id: str) -> str:
         return f"{RECORDS_PREFIX}{image_id}.json"
 
-    def add(self, record: ImageRecord) -> bool:
-        """Store a record unless one exists for the id. Returns whether it was new."""
-        return self.storage.put_json(EMBEDDINGS, self._name(record.id), record.to_json(), overwrite=False)
+    @staticmethod
+    def pending_name(image_id: str, job: str | None) -> str:
+        """The pending marker of an image queued in embedding job ``job`` (None: no job)."""
+        return f"{PENDING_PREFIX}{job or NO_JOB}/{image_id}.json"
 
-    def remove(self, image_id: str) -> bool:
-        """Forget an image's record. Returns whether it existed."""
-        return self.storage.delete(EMBEDDINGS, self._name(check_image_id(image_id)))
+    def add(self, record: ImageRecord) -> bool:
+        """Store a record unless one exists for the id, then its pending marker. Returns whether it was new."""
+        added = self.storage.put_json(EMBEDDINGS, self._name(record.id), record.to_json(), overwrite=False)
+        if added:
+            self.storage.put_json(EMBEDDINGS, self.pending_name(record.id, record.job), record.to_json())
+        return added
+
+    def remove(self, record: ImageRecord) -> bool:
+        """Forget an image: its pending marker, then its record. Returns whether the record existed."""
+        self.embedded(record.id, record.job)
+        return self.storage.delete(EMBEDDINGS, self._name(check_image_id(record.id)))
+
+    def pending(self, image_id: str, job: str | None) -> ImageRecord | None:
+        """The record of an image still waiting for its embedding (one request), or None if it is not."""
+        try:
+            return ImageRecord.from_json(self.storage.get_json(EMBEDDINGS, self.pending_name(image_id, job)))
+        except BlobNotFound:
+            return None
+
+    def embedded(self, image_id: str, job: str | None) -> None:
+        """Drop an image's pending marker: its embedding is stored (or it is gone)."""
+        self.storage.delete(EMBEDDINGS, self.pending_name(image_id, job))
+
+    def pending_by_job(self) -> dict[str | None, list[str]]:
+        """Every image still waiting for its embedding, by the job it was queued in (None: no job).
+        Lists the markers only (one request per 5,000 on Blob Storage)."""
+        out: dict[str | None, list[str]] = {}
+        for name in self.storage.list(EMBEDDINGS, PENDING_PREFIX):
+            job, _, file = name[len(PENDING_PREFIX) :].partition("/")
+            if file.endswith(".json"):
+                out.setdefault(None if job == NO_JOB else job, []).append(file[: -len(".json")])
+        return out
 
     def exists(self, image_id: str) -> bool:
         return self.storage.exists(EMBEDDINGS, self._name(image_id))
@@ -99,7 +138,7 @@ class Catalog:
             {"id": image_id, "source": record.source, "at": datetime.now(UTC).isoformat(timespec="seconds")},
         )
         self.storage.delete(UPLOADS, record.blob)
-        self.remove(image_id)
+        self.remove(record)
         return record
 
     def undelete(self, image_id: str) -> bool:

@@ -148,7 +148,7 @@ def withdraw(storage: Storage, record: ImageRecord, *, code: str, reason: str, d
         storage, record.id, IngestItem(data=data, source=record.source, label=record.label), code=code, reason=reason
     )
     storage.delete(UPLOADS, record.blob)
-    Catalog(storage).remove(record.id)
+    Catalog(storage).remove(record)
 
 
 def ingest_items(

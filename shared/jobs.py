@@ -31,7 +31,7 @@ from shared.api_models import Body, Unset
 from shared.errors import BadRequest, NotFound
 from shared.queues import JobQueues
 from shared.settings import JobKind
-from shared.storage import JOBS, Storage
+from shared.storage import JOBS, BlobNotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ class JobStore:
         self.storage.put_json(JOBS, f"{RECORDS}{record.job_id}.json", _dump(record))
 
     def find(self, job_id: str) -> JobRecord | None:
-        name = f"{RECORDS}{job_id}.json"
-        if not self.storage.exists(JOBS, name):
+        try:  # one request: read it, rather than ask whether it exists first
+            return JobRecord.model_validate(self.storage.get_json(JOBS, f"{RECORDS}{job_id}.json"))
+        except BlobNotFound:
             return None
-        return JobRecord.model_validate(self.storage.get_json(JOBS, name))
 
     def get(self, job_id: str) -> JobRecord:
         """The record of a job.

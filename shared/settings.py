@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     # Embedding
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     embed_shard_size: int = Field(default=4096, ge=1)
+    straggler_sweep_seconds: float = Field(
+        default=600,
+        ge=0,
+        description="a reindex looks for images whose embedding job died at most this often (0: every time)",
+    )
     embed_decode_workers: int = Field(
         default=0, ge=0, le=256, description="threads decoding and resizing; 0: one per core this process may use"
     )

@@ -168,7 +168,8 @@ def test_a_record_removed_during_embedding_does_not_stop_the_run(
     removed: list[str] = []
 
     def prefetch_after_a_removal(items, *args, **kwargs):  # type: ignore[no-untyped-def]
-        Catalog(storage).remove(listed[1])  # another worker withdrew it after the pending list was made
+        catalog = Catalog(storage)
+        catalog.remove(catalog.get(listed[1]))  # another worker withdrew it after the pending list was made
         removed.append(listed[1])
         return real_prefetch(items, *args, **kwargs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from job.embeddings import EmbeddingStore, Loaded, decode_workers, embed_pending
 from tests.conftest import make_settings
 
 
-def test_many_reads_in_flight_two_requests_per_image_every_image_once(tmp_path: Path) -> None:
+def test_many_reads_in_flight_two_reads_per_image_every_image_once(tmp_path: Path) -> None:
     storage = LatencyStorage(tmp_path, latency=0.03)
     ids = fill(storage, 48)
     settings = make_settings(tmp_path, embed_io_workers=16, embed_batch_size=8, embed_shard_size=20)
@@ -29,12 +30,22 @@ def test_many_reads_in_flight_two_requests_per_image_every_image_once(tmp_path: 
     assert stats.embedded == 48 and not stats.failed
     # the old loader read one image at a time in each of 2 threads: never more than 2 in flight
     assert storage.max_in_flight >= 12, storage.max_in_flight
-    # per image: its record and its bytes (no existence check before either); plus the shard writes
-    # and the listing of what is already embedded
-    assert storage.requests <= 2 * 48 + 6, storage.requests
+    # per image: two reads (its pending marker, which holds its record, and its bytes) and the marker's
+    # deletion once its shard is stored; plus 2 shard writes (24 images each). No shard is read, nothing is listed.
+    assert storage.by_kind == Counter(
+        {"get embeddings/pending": 48, "get uploads": 48, "delete embeddings/pending": 48, "put embeddings/vectors": 2}
+    ), storage.by_kind
     embedded = EmbeddingStore(storage, encoder.version).load()
     assert sorted(embedded.ids) == sorted(ids) and len(embedded.ids) == 48
     assert encoder.batches == 6  # whole batches of 8
+    # the shards carry the records' catalogue fields: a rebuild needs no request per image
+    assert not embedded.unrecorded.any() and (embedded.ingested > 1.7e9).all()
+
+    # Again: every image is found done from its missing marker and its record; no shard is read.
+    storage.reset()
+    again = embed_pending(storage, settings, encoder, only=ids)  # type: ignore[arg-type]
+    assert (again.embedded, again.done, again.failed) == (0, 48, [])
+    assert storage.by_kind == Counter({"get embeddings/pending": 48, "get embeddings/records": 48})
 
 
 def test_batches_come_out_in_order_whatever_order_the_reads_finish(tmp_path: Path) -> None:
@@ -101,3 +112,38 @@ def test_an_image_whose_bytes_are_gone_is_quarantined_not_retried_forever(tmp_pa
     assert stats.embedded == 5 and stats.failed == [ids[2]]
     assert not catalog.exists(ids[2])
     assert "missing" in storage.get_json(QUARANTINE, f"{ids[2]}.json")["reason"]
+
+
+def test_stragglers_are_the_pending_images_of_finished_or_missing_jobs_swept_at_most_so_often(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from job.worker import stragglers
+    from shared.catalog import Catalog
+    from shared.jobs import JobMessage, JobRecord, JobStore
+
+    storage = LatencyStorage(tmp_path, latency=0.0)
+    ids = fill(storage, 4)  # ingested with no job: pending under "none"
+    catalog, jobs = Catalog(storage), JobStore(storage)
+    moved = {}
+    for image_id, job in zip(ids[1:], ["embed-batch-live", "embed-batch-done", "embed-batch-gone"], strict=True):
+        record = catalog.get(image_id)  # queue it in a job instead: its marker moves to that job's folder
+        catalog.remove(record)
+        catalog.add(type(record)(**{**record.to_json(), "job": job}))
+        moved[image_id] = job
+    for job, status in [("embed-batch-live", "running"), ("embed-batch-done", "succeeded")]:
+        message = JobMessage(job_id=job, kind="embed", origin="test", created_at=datetime.now(UTC))
+        jobs.create(JobRecord.for_message(message).model_copy(update={"status": status}))
+    storage.reset()
+    found = stragglers(storage)
+    live = next(i for i, j in moved.items() if j == "embed-batch-live")
+    assert found == {ids[0]: None, **{i: j for i, j in moved.items() if i != live}}
+    # one listing of the markers and one lookup per job: no shard, no record read
+    assert storage.by_kind == Counter({"list embeddings/pending": 1, "get jobs/records": 3}), storage.by_kind
+
+    settings = make_settings(tmp_path, straggler_sweep_seconds=600)
+    assert len(stragglers(storage, settings)) == 3  # the first sweep runs
+    assert stragglers(storage, settings) == {}  # the next, within 10 minutes, does not
+    # embedding them drops their markers: the next sweep finds nothing
+    embed_pending(storage, settings, NoOpEncoder(), only=sorted(found), job=found)  # type: ignore[arg-type]
+    assert stragglers(storage) == {}
+    assert catalog.pending_by_job() == {"embed-batch-live": [live]}
