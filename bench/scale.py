@@ -56,6 +56,7 @@ class LatencyStorage(LocalStorage):
         self.in_flight = 0
         self.max_in_flight = 0
         self.by_kind: Counter[str] = Counter()  # "get embeddings/vectors", "delete embeddings/pending", ...
+        self.trace: list[str] | None = None  # set to a list to record every request ("get index/v000001/x.npy")
         self._lock = threading.Lock()
 
     def _wait(self, op: str = "", container: str = "", name: str = "") -> None:
@@ -63,6 +64,8 @@ class LatencyStorage(LocalStorage):
             self.requests += 1
             folder = name.split("/", 1)[0] if "/" in name else ""
             self.by_kind[f"{op} {container}/{folder}".rstrip("/")] += 1
+            if self.trace is not None:
+                self.trace.append(f"{op} {container}/{name}")
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -211,6 +214,79 @@ def ingest_part(tmp: Path, images: int, latency_images: int) -> dict[str, Any]:
     return runs
 
 
+def add_run(root: Path, existing: int, new: int, offset: int) -> dict[str, Any]:
+    """``new`` real Fashion-MNIST images added to a synthesised collection of ``existing`` images: seconds
+    and storage requests per new image for ingest, embed and the incremental reindex, each measured alone."""
+    from bench.synth import synthesize_collection
+    from job.datasets import fashion_mnist_items
+    from job.embeddings import embed_pending
+    from job.reindex import reindex
+    from shared.encoder import ImageEncoder
+    from shared.ingest import ingest_items
+    from shared.settings import Settings
+
+    storage = LatencyStorage(root, latency=0.0)
+    settings = Settings(_env_file=None, data_dir=root)  # type: ignore[call-arg]
+    encoder = ImageEncoder.from_settings(settings)
+    t0 = time.perf_counter()
+    synth = synthesize_collection(storage, existing, encoder.version, seed=existing, records=True)
+    built = reindex(storage, settings, encoder.version)  # the existing collection's index (not measured)
+    setup_s = time.perf_counter() - t0
+    stages: dict[str, Any] = {}
+
+    def measure(name: str, work: Any) -> Any:
+        storage.reset()
+        t = time.perf_counter()
+        result = work()
+        seconds = time.perf_counter() - t
+        stages[name] = {
+            "seconds": round(seconds, 2),
+            "requests": storage.requests,
+            "requests_per_image": round(storage.requests / new, 3),
+            "requests_by_kind": dict(sorted(storage.by_kind.items())),
+        }
+        return result
+
+    items = fashion_mnist_items(settings.fashion_mnist_dir, "test", new, offset)
+    results = measure("ingest", lambda: list(ingest_items(storage, settings, items, workers=16)))
+    ids = [r.id for r in results if r.status == "added"]
+    stats = measure("embed", lambda: embed_pending(storage, settings, encoder, only=ids))
+    result = measure("reindex", lambda: reindex(storage, settings, encoder.version))
+    return {
+        "existing": existing,
+        "existing_synthesised": synth,
+        "new_images": len(ids),
+        "embedded": stats.embedded,
+        "reindex_mode": result.mode,
+        "index": {"kind": built.kind, "count_before": built.count, "count_after": result.count},
+        "setup_seconds": round(setup_s, 1),
+        "stages": stages,
+        "seconds": round(sum(s["seconds"] for s in stages.values()), 2),
+        "requests_per_image": round(sum(s["requests"] for s in stages.values()) / new, 3),
+    }
+
+
+def add_part(tmp: Path, sizes: list[int], new: int) -> dict[str, Any]:
+    """:func:`add_run` at each size, each in a fresh folder (deleted after), and the time ratio largest/smallest."""
+    import shutil
+
+    runs = {}
+    for size in sizes:
+        print(f"add_{new}: {size:,} existing images", flush=True)
+        folder = tmp / f"add-{size}"
+        runs[str(size)] = add_run(folder, size, new, offset=0)
+        shutil.rmtree(folder, ignore_errors=True)
+    small, large = runs[str(min(sizes))], runs[str(max(sizes))]
+    return {
+        "runs": runs,
+        "new": new,
+        "time_ratio": round(large["seconds"] / small["seconds"], 3),
+        "target_time_ratio": 1.5,
+        "met": large["seconds"] / small["seconds"] <= 1.5,
+        "requests_per_image": {k: r["requests_per_image"] for k, r in runs.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8000, help="images for the default loader")
@@ -218,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of the default loader (median reported)")
     parser.add_argument("--ingest-images", type=int, default=20000, help="images in the ingest folder")
     parser.add_argument("--ingest-latency-images", type=int, default=500, help="images ingested at 20 ms/request")
-    parser.add_argument("--parts", nargs="+", choices=("loader", "ingest"), default=["loader", "ingest"])
+    parser.add_argument("--add-sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="existing images")
+    parser.add_argument("--add-images", type=int, default=1000, help="new images added (add_1000)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=("loader", "ingest", "add_1000"), default=["loader", "ingest", "add_1000"]
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -250,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ingest" in args.parts:
             print(f"ingest: {args.ingest_images:,}-image folder, 1 and 16 in flight", flush=True)
             out["ingest"] = ingest_part(Path(tmp), args.ingest_images, args.ingest_latency_images)
+        if "add_1000" in args.parts:
+            out["add_1000"] = add_part(Path(tmp), sorted(args.add_sizes), args.add_images)
     out |= {
         "cores": len(os.sched_getaffinity(0)),
         "device": device(),

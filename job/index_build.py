@@ -22,9 +22,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
-from shared.index import FILES, Captions, ClusterIndex, SearchHits, pretransform
+from shared.index import FILES, Captions, ClusterIndex, SearchHits, merge_segments, pretransform, read_manifest
 from shared.manifests import IndexManifest, RecallReport
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 3  # bump when the files of a version change, so an up-to-date check rebuilds
 KINDS = ("flat", "ivf_flat", "ivf_pq")
+TRAINED_FILE = "trained.faiss"
+TOP_CLASSES_DEFAULT = 5
 ID_BYTES = 8  # FAISS keeps an int64 id beside each code in the inverted lists
 DIRECT_MAP_BYTES = 8  # IVF-Flat's row -> (list, offset) map, for reconstructing a stored row
 # Above this n * nlist (about 130,000 vectors in 400 lists) k-means trains on 64 points a list for
@@ -277,6 +280,7 @@ def build_index(
         # is not used here); it took 49 s of a 1,000-vector build and half of a 1M one.
         ivfpq.do_polysemous_training = False
     index.train(x)
+    trained = faiss.serialize_index(index)  # no rows yet: what an incremental reindex adds to
     t_train = time.perf_counter() - t0
     index.add(x)
     if plan.kind != "ivf_pq":  # IVF-PQ reads exact vectors from its re-ranking file instead
@@ -335,6 +339,7 @@ def build_index(
         None if ingested is None else np.asarray(ingested, dtype=np.int64),
         xt if plan.kind == "ivf_pq" else None,
     )
+    built.trained = bytes(trained)
     t1 = time.perf_counter()
     nprobe = nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
     recall = tune_nprobe(built, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=seed)
@@ -427,6 +432,8 @@ def extend_index(
             incremental={"from": base.manifest.version, "added": m},
         ),
     )
+    trained = faiss.deserialize_index(faiss.serialize_index(index))
+    trained.reset()  # lists emptied: the next incremental reindex adds its delta to this
     grown = ClusterIndex(
         index,
         np.concatenate([base.ids.astype("U64"), np.array(ids, dtype="U64")]),
@@ -440,12 +447,108 @@ def extend_index(
         times,
         None if base.vectors is None else np.concatenate([base.vectors, xt_new]),
     )
+    grown.trained = bytes(faiss.serialize_index(trained))
     xt = grown.all_vectors()
     nprobe = int(ivf.nlist) if base.manifest.kind == "flat" else p.nprobe
     recall = tune_nprobe(grown, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=p.seed)
     manifest.nprobe, manifest.rerank, manifest.recall = grown.nprobe, grown.rerank, recall
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return grown
+
+
+def build_delta(
+    trained: bytes,
+    manifest: IndexManifest,
+    vectors: np.ndarray,
+    ids: list[str],
+    labels: list[str | None],
+    *,
+    head: ProjectionHead | None = None,
+    class_top: np.ndarray | None = None,
+    class_prob: np.ndarray | None = None,
+    captions: Captions | None = None,
+    ingested: np.ndarray | None = None,
+) -> ClusterIndex:
+    """A delta segment: new rows added to a copy of the base's trained index (``trained.faiss``), alone.
+
+    Costs what the new rows cost: the base's lists are never read. The result holds only the new rows
+    (rows counted from 0); ``manifest`` is the version it will belong to (see :func:`grow_version`).
+
+    Args:
+        trained: the base's index before any row was added (PCA, centroids, codebook).
+        manifest: the current version's manifest (its power, kind and dimension are used).
+        vectors: float32 (m, input_dim) raw embeddings; the rest as for :func:`build_index`.
+    """
+    m = len(ids)
+    if vectors.ndim != 2 or len(vectors) != m or len(labels) != m or (m and vectors.shape[1] != manifest.input_dim):
+        raise ValueError(f"vectors {vectors.shape}, {m} ids and {len(labels)} labels do not fit this index")
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    ivf = faiss.extract_index_ivf(index)
+    x = np.zeros((0, int(index.d)), np.float32)
+    if m:
+        x = head.apply(vectors).embedding if head is not None else power_normalize(vectors, manifest.power)
+        index.add(x)
+    names = sorted({lab for lab in labels if lab is not None})
+    code = {name: i for i, name in enumerate(names)}
+    t = manifest.plan.get("class_top", TOP_CLASSES_DEFAULT)
+    if class_top is None or class_prob is None:
+        class_top, class_prob = np.zeros((m, t), np.int16), np.zeros((m, t), np.float32)
+    seg_manifest = manifest.model_copy(update={"label_names": names})
+    delta = ClusterIndex(
+        index,
+        np.array(ids, dtype="U64"),
+        list_of_rows(ivf),
+        np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32),
+        seg_manifest,
+        class_top.astype(np.int16),
+        class_prob.astype(np.float32),
+        head,
+        captions,
+        None if ingested is None else np.asarray(ingested, dtype=np.int64),
+        pretransform(index, x) if manifest.kind == "ivf_pq" else None,
+    )
+    return delta
+
+
+def grow_version(
+    current: IndexManifest, parts: list[ClusterIndex], keep: list[dict[str, Any]], source: dict[str, Any], added: int
+) -> ClusterIndex:
+    """The segment a new version writes (``parts`` merged: a new delta, and the older deltas it absorbs)
+    with the version's manifest: ``keep`` (the segments it still refers to) plus this one.
+
+    The recall gate is not run again (it needs every vector): the base's measurement and nprobe stand
+    until the next full build, which comes after ``index_retrain_fraction`` of growth.
+    """
+    names = sorted(set(current.label_names).union(*(p.label_names for p in parts)))
+    rows = sum(len(p.ids) for p in parts)
+    seg_manifest = current.model_copy(update={"label_names": sorted(set().union(*(p.label_names for p in parts)))})
+    segment = merge_segments(parts, seg_manifest) if len(parts) > 1 else parts[0]
+    segment.duplicates = np.zeros(0, np.int64)  # kept as written: the query side hides repeats across segments
+    clusters = np.bincount(np.concatenate([segment.clusters]), minlength=current.nlist)
+    manifest = current.model_copy(
+        deep=True,
+        update=dict(
+            version=None,
+            published=None,
+            count=sum(int(seg["rows"]) for seg in keep) + rows,
+            label_names=names,
+            captions=current.captions + len(parts[-1].captions.rows),
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=source,
+            segments=[*keep, {"version": None, "rows": rows, "label_names": seg_manifest.label_names}],
+            incremental={
+                "from": current.version,
+                "added": added,
+                "segment_rows": rows,
+                "merged_segments": len(parts) - 1,
+                "recall": "measured when the base was built",
+                "largest_list_in_segment": int(clusters.max()) if len(clusters) else 0,
+            },
+        ),
+    )
+    segment.manifest = manifest
+    segment.trained = None
+    return segment
 
 
 def tune_nprobe(
@@ -566,6 +669,17 @@ def fingerprint(encoder_version: str, shards: list[str], params: dict[str, Any])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _referenced(storage: Storage, kept: list[str]) -> set[str]:
+    """The folders the ``kept`` versions are made of (their segments): pruning must leave them."""
+    out: set[str] = set()
+    for version in kept:
+        try:
+            out.update(seg["version"] for seg in read_manifest(storage, version).segments)
+        except NotReady:
+            continue
+    return out
+
+
 def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Callable[[], bool] | None = None) -> str:
     """Write a new version, then swap the pointer to it; prune versions beyond ``keep``.
 
@@ -577,7 +691,8 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         the new version name.
     """
     version = claim_next(storage, INDEX)
-    manifest = built.manifest.model_copy(update={"version": version})
+    segments = [dict(seg, version=seg.get("version") or version) for seg in built.manifest.segments]
+    manifest = built.manifest.model_copy(update={"version": version, "segments": segments})
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
         np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
@@ -593,7 +708,9 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         np.save(Path(tmp) / "order.npy", built.order.astype(np.int64))
         if built.vectors is not None:
             np.save(Path(tmp) / "vectors.npy", np.asarray(built.vectors, dtype=np.float32))
-        for name in FILES:
+        if built.trained is not None:
+            (Path(tmp) / TRAINED_FILE).write_bytes(built.trained)
+        for name in (*FILES, TRAINED_FILE):
             if (Path(tmp) / name).is_file():
                 storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
     if built.head is not None:
@@ -606,6 +723,6 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         log.warning("index %s written but not published: a newer build is current", version)
         return version
     swap_pointer(storage, INDEX, version)
-    prune(storage, INDEX, keep, current=version)
+    prune(storage, INDEX, keep, current=version, referenced=_referenced)
     log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest.nlist)
     return version

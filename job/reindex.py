@@ -9,14 +9,23 @@ from typing import Any
 import numpy as np
 
 from job.embeddings import EmbeddingStore, fill_records
-from job.index_build import IndexParams, build_index, extend_index, fingerprint, publish
+from job.index_build import (
+    TRAINED_FILE,
+    IndexParams,
+    build_delta,
+    build_index,
+    extend_index,
+    fingerprint,
+    grow_version,
+    publish,
+)
 from shared.catalog import Catalog
 from shared.errors import NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import Captions, ClusterIndex, current_version, load_version, read_manifest
+from shared.index import Captions, ClusterIndex, current_version, load_folder, load_version, read_manifest
 from shared.manifests import IndexManifest
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import INDEX, BlobNotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +122,7 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
             log.info("index %s is up to date", current)
             return _result(current, False, manifest, mode="unchanged")
         grown = _try_incremental(
-            storage, settings, index_params, store, catalog, manifest, current, shards, params, source, deleted
+            storage, settings, index_params, store, catalog, manifest, current, shards, params, source, deleted, head
         )
         if grown is not None:
             return _publish(storage, settings, grown, force, mode="incremental")
@@ -147,8 +156,13 @@ def _try_incremental(
     params: dict[str, Any],
     source: dict[str, Any],
     deleted: set[str],
+    head: ProjectionHead | None = None,
 ) -> ClusterIndex | None:
     """The current index plus the newly embedded images, or None when a full build is due.
+
+    The new rows become a delta segment (:func:`build_delta`) added to the base's trained index, not
+    to a copy of the whole current version: the job reads the new shards, the base's trained index and
+    any smaller deltas the new one absorbs, and writes only the new segment.
 
     Incremental only when the current version was built from a subset of today's shards with the
     same encoder and parameters, and the collection has grown by at most
@@ -166,6 +180,66 @@ def _try_incremental(
         or not old_shards <= set(shards)
     ):
         return None
+    base = manifest.segments[0]["version"] if manifest.segments else current
+    try:
+        trained = storage.get(INDEX, f"{base}/{TRAINED_FILE}")
+    except BlobNotFound:  # built before versions kept their trained index: grow a full copy, once
+        return _extend_copy(storage, settings, index_params, store, catalog, manifest, current, shards, source, deleted)
+    new = store.load(sorted(set(shards) - old_shards), skip=deleted)
+    trained_count = manifest.trained_count or manifest.count
+    if manifest.count + len(new.ids) > trained_count * (1 + settings.index_retrain_fraction):
+        log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
+        return None
+    new = fill_records(catalog, new)
+    delta = build_delta(
+        trained,
+        manifest,
+        new.vectors if new.ids else np.zeros((0, manifest.input_dim), np.float32),
+        new.ids,
+        new.labels,
+        head=head,
+        class_top=new.top_class if new.ids else None,
+        class_prob=new.top_prob if new.ids else None,
+        captions=embed_captions(settings, new.captions),
+        ingested=new.ingested if new.ids else None,
+    )
+    # Deltas merge like a binary counter: the newest absorbs older ones no bigger than what it holds,
+    # so a version has O(log growth) segments and a row is rewritten O(log growth) times, never the base.
+    segments = manifest.segments or [{"version": current, "rows": manifest.count, "label_names": manifest.label_names}]
+    keep, absorb = list(segments), list[dict[str, Any]]()
+    rows = len(new.ids)
+    while len(keep) > 1 and int(keep[-1]["rows"]) <= max(rows, 1):
+        absorb.insert(0, keep.pop())
+        rows += int(absorb[0]["rows"])
+    cache = settings.data_dir / "cache" / "index"
+    parts = [
+        load_folder(
+            storage,
+            seg["version"],
+            cache,
+            manifest.model_copy(update={"label_names": seg["label_names"]}),
+            head=head,
+            mapped=False,
+        )
+        for seg in absorb
+    ]
+    return grow_version(manifest, [*parts, delta], keep, source, added=len(new.ids))
+
+
+def _extend_copy(
+    storage: Storage,
+    settings: Settings,
+    index_params: IndexParams,
+    store: EmbeddingStore,
+    catalog: Catalog,
+    manifest: IndexManifest,
+    current: str,
+    shards: list[str],
+    source: dict[str, Any],
+    deleted: set[str],
+) -> ClusterIndex | None:
+    """The current version read whole plus the new rows, published whole (versions without trained.faiss)."""
+    old_shards = manifest.shard_names
     cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
     new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()) | deleted)
     trained = manifest.trained_count or manifest.count

@@ -18,8 +18,17 @@ Published layout in the index container::
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
+    index/v000007/trained.faiss the same index with empty lists (PCA, centroids, codebook): what adding
+                                rows to it needs, read by the job instead of the whole index
     index/v000007/manifest.json what it was built from, parameters, timings
     index/CURRENT.json          {"version": "v000007"}: swapped last, atomically
+
+A version can also be a base plus delta segments: an incremental reindex writes only the new rows
+(the same files, holding only them) in its own folder, and its manifest's ``segments`` lists the
+folders that make up the version, base first (each with its row count and the label names its
+codes refer to). Loading concatenates them (:func:`merge_segments`); the job merges small deltas
+into bigger ones as they accumulate, and a full build (past ``index_retrain_fraction`` of growth)
+starts a new base. Earlier versions' folders a kept version refers to are never pruned.
 
 Three kinds, chosen by :func:`plan_index` from the collection size and a memory budget:
 
@@ -138,6 +147,9 @@ class ClusterIndex:
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
+        # later rows of an id stored twice (an image embedded twice across delta segments), always hidden
+        self.duplicates = np.zeros(0, np.int64)
+        self.trained: bytes | None = None  # job side: the index before any row was added (trained.faiss)
         self.mapped: Path | None = None  # the file the FAISS lists are memory-mapped from, if they are
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
@@ -486,19 +498,61 @@ def load_version(
 ) -> ClusterIndex:
     """Load a published version, reading files in place when storage is local.
 
+    A version made of segments (see the module docstring) reads each segment's folder, its base's
+    files cached under ``cache_dir`` like any version's, so a new version costs downloading its
+    delta only.
+
     Raises:
         NotReady: if the version is incomplete or missing.
     """
     manifest = read_manifest(storage, version)
+    head = None
+    if manifest.space == "head":
+        blob = f"{version}/{HEAD_FILE}"
+        path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
+        head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
+        head = ProjectionHead(path, head_manifest, providers=providers)
+    if not manifest.segments:
+        return load_folder(storage, version, cache_dir, manifest, head=head)
+    parts = [
+        load_folder(
+            storage,
+            seg["version"],
+            cache_dir,
+            manifest.model_copy(update={"label_names": seg["label_names"]}),
+            head=head,
+            mapped=False,  # its lists take the deltas' rows: read whole
+        )
+        for seg in manifest.segments
+    ]
+    return merge_segments(parts, manifest)
+
+
+def load_folder(
+    storage: Storage,
+    folder: str,
+    cache_dir: Path,
+    manifest: IndexManifest,
+    *,
+    head: ProjectionHead | None = None,
+    mapped: bool = True,
+) -> ClusterIndex:
+    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names)."""
     paths = {}
     for name in FILES:
-        blob = f"{version}/{name}"
+        blob = f"{folder}/{name}"
         if name in OPTIONAL_FILES and not storage.exists(INDEX, blob):
             continue  # an older version: similarity search works, text search asks for a reindex
-        paths[name] = storage.local_path(INDEX, blob) or storage.download_file(
-            INDEX, blob, Path(cache_dir) / version / name
+        cached = Path(cache_dir) / folder / name
+        paths[name] = (
+            storage.local_path(INDEX, blob)
+            or (cached if cached.is_file() else None)  # a base segment, downloaded for an earlier version
+            or storage.download_file(INDEX, blob, cached)
         )
-    index, mapped = _read_faiss(paths["index.faiss"])
+    if mapped:
+        index, is_mapped = _read_faiss(paths["index.faiss"])
+    else:
+        index, is_mapped = faiss.read_index(str(paths["index.faiss"])), False
 
     def load(name: str) -> np.ndarray | None:
         # Memory-mapped like the lists: a cold worker reads only the pages a query touches.
@@ -511,7 +565,7 @@ def load_version(
         ingested = None  # written empty by a build that had no times
     vectors = load("vectors.npy") if manifest.kind == "ivf_pq" else None
     if manifest.kind == "ivf_pq" and vectors is None:
-        raise NotReady(f"index version {version} has no re-ranking vectors", code="index_missing")
+        raise NotReady(f"index version {folder} has no re-ranking vectors", code="index_missing")
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
@@ -519,18 +573,76 @@ def load_version(
             np.load(paths["caption_vectors.npy"], allow_pickle=False),
             np.load(paths["captions.npy"], allow_pickle=False),
         )
-    head = None
-    if manifest.space == "head":
-        blob = f"{version}/{HEAD_FILE}"
-        path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
-        head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
-        head = ProjectionHead(path, head_manifest, providers=providers)
     order = load("order.npy")
     loaded = ClusterIndex(
         index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested, vectors, order
     )
-    loaded.mapped = Path(paths["index.faiss"]) if mapped else None
+    loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
     return loaded
+
+
+def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
+    """One index holding the rows of ``parts`` in order (the first part's index takes the others' lists,
+    which are emptied). Label codes are mapped onto ``manifest.label_names``; an id stored in more than
+    one part keeps its first row, the later ones go to ``duplicates`` (never answered).
+
+    Raises:
+        ValueError: if the parts do not share the same trained index (dimension, lists).
+    """
+    first = parts[0]
+    index = first.index
+    ivf = faiss.extract_index_ivf(index)
+    if parts[1:] and ivf.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]  # merged only without one
+    offset = int(ivf.ntotal)
+    for part in parts[1:]:
+        other = faiss.extract_index_ivf(part.index)
+        if other.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+            other.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+        ivf.merge_from(other, offset)
+        offset = int(ivf.ntotal)
+    index.ntotal = ivf.ntotal  # an IndexPreTransform keeps its own count
+    if manifest.kind != "ivf_pq" and parts[1:]:
+        ivf.make_direct_map()
+    names = list(manifest.label_names)
+    code = {name: i for i, name in enumerate(names)}
+
+    def remap(part: ClusterIndex) -> np.ndarray:
+        table = np.array([code[name] for name in part.label_names] + [-1], dtype=np.int32)
+        return table[np.asarray(part.labels)]
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    starts = np.cumsum([0] + [len(p.ids) for p in parts])
+    widths = {p.class_top.shape[1] for p in parts}
+    class_top = np.concatenate([p.class_top for p in parts]) if len(widths) == 1 else None
+    class_prob = np.concatenate([p.class_prob for p in parts]) if len(widths) == 1 else None
+    captions = Captions(
+        np.concatenate([p.captions.rows + start for p, start in zip(parts, starts, strict=False)]).astype(np.int64),
+        np.concatenate([p.captions.vectors for p in parts]),
+        np.concatenate([p.captions.text for p in parts]),
+    )
+    ids = np.concatenate([np.asarray(p.ids, dtype="U64") for p in parts])
+    merged = ClusterIndex(
+        index,
+        ids,
+        np.concatenate([p.clusters for p in parts]),
+        np.concatenate([remap(p) for p in parts]),
+        manifest,
+        class_top,
+        class_prob,
+        first.head,
+        captions if len(captions.rows) else None,
+        cat([p.ingested for p in parts]),
+        cat([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
+        np.argsort(ids, kind="stable"),
+    )
+    sorted_ids = ids[merged.order]
+    repeat = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1]) + 1
+    merged.duplicates = np.sort(merged.order[repeat]).astype(np.int64)
+    merged.hidden = merged.duplicates
+    return merged
 
 
 def _read_faiss(path: Path) -> tuple[Any, bool]:

@@ -90,7 +90,8 @@ class LiveIndex:
     def _hide_deleted(self, index: ClusterIndex) -> None:
         """Leave deleted images (tombstones in storage) out of this index's answers."""
         rows = [index.row_of(i) for i in Catalog(self.storage).deleted_ids()]
-        index.hidden = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+        deleted = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
+        index.hidden = np.union1d(deleted, index.duplicates).astype(np.int64)
 
     def refresh_labels(self) -> None:
         """Apply labels written since the last look now (after taking labels)."""

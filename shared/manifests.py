@@ -183,6 +183,9 @@ class IndexManifest(Manifest):
     recall: RecallReport | None = None
     incremental: dict[str, Any] | None = None
     published: bool | None = None
+    # the folders whose rows make up this version, base first: {"version", "rows", "label_names"} each;
+    # empty for a version that holds all its rows itself (every full build)
+    segments: list[dict[str, Any]] = []
 
     @property
     def fingerprint(self) -> str | None:

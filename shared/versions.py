@@ -9,6 +9,7 @@ one, never half of one.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from shared.storage import Storage
@@ -58,7 +59,14 @@ def swap_pointer(storage: Storage, container: str, version: str, prefix: str = "
 
 
 def prune(
-    storage: Storage, container: str, keep: int, current: str, prefix: str = "", *, now: datetime | None = None
+    storage: Storage,
+    container: str,
+    keep: int,
+    current: str,
+    prefix: str = "",
+    *,
+    now: datetime | None = None,
+    referenced: Callable[[Storage, list[str]], set[str]] | None = None,
 ) -> None:
     """Delete the oldest complete versions beyond ``keep``, never the current one, and what a builder
     that died left: a version without a manifest whose claim is ``ABANDONED_AFTER`` old, or that has
@@ -69,8 +77,11 @@ def prune(
     claim goes next, so the next prune clears what is left.
     """
     versions = list_versions(storage, container, prefix)
+    kept = [v for v in versions[max(0, len(versions) - keep) :]] + [current]
+    # folders a kept version is made of (an index's segments): ``referenced`` names them
+    needed = referenced(storage, kept) if referenced else set()
     for old in versions[: max(0, len(versions) - keep)]:
-        if old != current:
+        if old != current and old not in needed:
             _delete_version(storage, container, f"{prefix}{old}/")
     pointed = read_pointer(storage, container, prefix)
     for old in _abandoned(storage, container, prefix, (now or datetime.now(UTC)) - ABANDONED_AFTER):

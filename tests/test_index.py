@@ -233,7 +233,14 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     result = reindex(storage, settings, collection.encoder.version)
     assert result.mode == "incremental" and result.added == 30 and result.count == 1030
     grown = load_current(storage, tmp_path / "cache")
-    assert grown.manifest.incremental == {"from": before.manifest.version, "added": 30}
+    assert {k: grown.manifest.incremental[k] for k in ("from", "added")} == {  # type: ignore[index]
+        "from": before.manifest.version,
+        "added": 30,
+    }
+    # a delta segment: the new version's folder holds the 30 new rows only, the base stays where it was
+    base = before.manifest.version
+    assert [(s["version"], s["rows"]) for s in grown.manifest.segments] == [(base, 1000), (grown.manifest.version, 30)]
+    assert len(np.load(storage.local_path(INDEX, f"{grown.manifest.version}/ids.npy"))) == 30  # type: ignore[arg-type]
     assert grown.manifest.trained_count == 1000 and grown.manifest.nlist == before.manifest.nlist
     assert grown.manifest.recall is not None and grown.manifest.recall.meets_target
     centroids = before.ivf.quantizer.reconstruct_n(0, before.ivf.nlist)
@@ -258,3 +265,53 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     full = reindex(storage, strict, collection.encoder.version)
     assert full.mode == "full" and full.count == 1050
     assert "incremental" not in load_current(storage, tmp_path / "cache").manifest
+
+
+def test_small_additions_become_delta_segments_merged_like_a_binary_counter(  # type: ignore[no-untyped-def]
+    collection: Collection, fashion_test, tmp_path: Path
+) -> None:
+    """Each incremental reindex writes its new rows only, reads the base's trained index (not its lists),
+    merges older deltas no bigger than the new one, and the base survives pruning while referenced."""
+    import shutil
+
+    from bench.scale import LatencyStorage
+    from job.datasets import png_bytes
+    from job.embeddings import embed_pending
+    from shared.ingest import IngestItem, ingest_bytes
+
+    shutil.copytree(collection.settings.data_dir, tmp_path / "data")
+    storage = LatencyStorage(tmp_path / "data", latency=0.0)
+    settings = make_settings(tmp_path / "data", index_keep_versions=2)
+    base = load_current(storage, tmp_path / "cache").manifest.version
+    x, _ = fashion_test
+    shapes, added = [], []
+    for step in range(4):
+        for i in range(100 + 10 * step, 110 + 10 * step):
+            added.append(ingest_bytes(storage, settings, IngestItem(data=png_bytes(x[i]), source=f"d/{i}")).id)
+        embed_pending(storage, settings, collection.encoder)
+        storage.trace = []
+        result = reindex(storage, settings, collection.encoder.version)
+        assert result.mode == "incremental" and result.added == 10
+        # of the base, only its trained index (and manifest) is read: none of its lists or row files
+        touched = {t.split(" ")[1] for t in storage.trace if f"index/{base}/" in t}
+        assert f"index/{base}/trained.faiss" in touched, touched
+        assert touched <= {f"index/{base}/trained.faiss", f"index/{base}/manifest.json"}, touched
+        grown = load_current(storage, tmp_path / "cache")
+        shapes.append([s["rows"] for s in grown.manifest.segments])
+        assert grown.count == grown.manifest.count == 1000 + 10 * (step + 1)
+        for image_id in added:  # every added image is found, by its own vector, first
+            row = grown.row_of(image_id)
+            assert row is not None and int(grown.search_row(row, 1).rows[0, 0]) == row
+    assert shapes == [[1000, 10], [1000, 20], [1000, 20, 10], [1000, 40]]
+    assert storage.exists(INDEX, f"{base}/manifest.json")  # pruned past keep=2, but still referenced
+    # an image embedded twice (a retried shard) answers once: its later row is hidden
+    again = EmbeddingStore(storage, collection.encoder.version).load()
+    row = again.ids.index(added[0])
+    EmbeddingStore(storage, collection.encoder.version).write_shard(
+        [added[0]], again.vectors[row : row + 1], np.zeros((1, 1000), np.float32)
+    )
+    reindex(storage, settings, collection.encoder.version)
+    grown = load_current(storage, tmp_path / "cache")
+    assert grown.count == 1041 and len(grown.duplicates) == 1
+    hits = grown.search_row(int(grown.row_of(added[0])), 5)  # type: ignore[arg-type]
+    assert [str(grown.ids[r]) for r in hits.rows[0]].count(added[0]) <= 1
