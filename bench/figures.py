@@ -807,7 +807,7 @@ def cost_section(c: Result, s: Result) -> list[str]:
 
 
 def scale_section(sc: Result) -> list[str]:
-    """docs/figures.md: the batch side at scale (issue 21); so far the embed loader and ingest."""
+    """docs/figures.md: the batch side at scale (issue 21): the embed loader, ingest, a backfill shared by replicas."""
     lo = sc["loader"]
     base, default = lo["baseline_2_threads"], lo["default"]
     out = heading("Scale", sc, "make bench-scale")
@@ -868,6 +868,35 @@ def scale_section(sc: Result) -> list[str]:
             for key, label in (("local", "local folder"), ("latency", "local + 20 ms per request"))
         ],
     )
+    rep = sc["replicas"]
+    out += [
+        "",
+        f"**Replicas**: one backfill (`clusterlens embed --backfill`) of {num(rep['two_workers']['images'])} "
+        f"{rep['image']} images, split into units of {num(rep['two_workers']['unit_size'])}, shared by worker "
+        f"processes (the production loop, `job.worker.Worker`, on the GPU queue); backend: {rep['backend']}; "
+        f"encoder: {rep['encoder']}. Then the same backfill on a copy of the store with one worker. Seconds run "
+        f"from the split's start to the last unit's end; every shard is read back and each id counted. On "
+        f"{sc['cores']} cores, two processes compete for the same cores as one worker's decode threads.",
+        "",
+    ]
+    runs = (rep["two_workers"], rep["one_worker"])
+    out += table(
+        ["workers", "units taken by each", "seconds", "img/s", "duplicates", "missing", "markers left", "reindexes"],
+        [
+            [
+                r["workers"],
+                " + ".join(str(n) for n in r["units_per_worker"]),
+                num(r["seconds"], 1),
+                f"**{num(r['img_s'], 1)}**" if r is runs[0] else num(r["img_s"], 1),
+                f"**{r['duplicates']}**",
+                f"**{r['missing']}**",
+                r["pending_markers_left"],
+                r["reindexes_queued"],
+            ]
+            for r in runs
+        ],
+    )
+    out += ["", f"Two workers: {ratio(rep['speedup'], 2)} one worker's rate on this machine."]
     return out
 
 
@@ -999,9 +1028,11 @@ def render_headline(results: Path = RESULTS) -> str:
         ],
         [
             f"[embed loader](docs/figures.md#scale): {sc['loader.latency_ms']:.0f} ms per storage request, "
-            "no-op encoder",
+            f"no-op encoder; a backfill of {num(sc['replicas.two_workers.images'])} shared by 2 worker processes",
             f"**{num(sc['loader.default_img_s_median'], 1)} img/s** (median of 3; {ratio(sc['loader.speedup'], 1)} "
-            f"the 2-thread baseline)",
+            f"the 2-thread baseline); backfill: **{sc['replicas.two_workers.duplicates']} duplicates, "
+            f"{sc['replicas.two_workers.missing']} missing**, units taken "
+            f"{' + '.join(str(n) for n in sc['replicas.two_workers.units_per_worker'])}",
             sc.machine,
         ],
     ]

@@ -83,7 +83,13 @@ Handler = Callable[[JobContext], dict[str, Any]]
 
 
 def run_embed(ctx: JobContext) -> dict[str, Any]:
-    """Embed the job's images (those its uploads listed), or every pending image with ``params.all``."""
+    """Embed the job's images (those its uploads listed), or every pending image with ``params.all``;
+    with ``params.backfill``, split every pending image into units for the replicas (:mod:`job.backfill`);
+    with ``params.unit``, embed that unit of a backfill."""
+    if ctx.message.params.get("backfill"):
+        return run_backfill_split(ctx)
+    if "unit" in ctx.message.params:
+        return run_backfill_unit(ctx)
     ids = None if ctx.message.params.get("all") else ctx.store.items(ctx.message.job_id)
     stats = _embed(ctx, ids, ctx.message.job_id)
     out: dict[str, Any] = {
@@ -100,6 +106,37 @@ def run_embed(ctx: JobContext) -> dict[str, Any]:
         enqueue(ctx.storage, ctx.queues, follow, delay=delay)
         out["reindex_job"] = follow.job_id
     return out
+
+
+def run_backfill_split(ctx: JobContext) -> dict[str, Any]:
+    """List the pending images once, cut them into units, queue one embed job per unit."""
+    from job.backfill import split
+
+    ctx.progress(0, None, "split")
+    manifest = split(ctx.storage, ctx.queues, ctx.message.job_id, ctx.settings.embed_unit_size)
+    return {"images": manifest["images"], "units": len(manifest["units"]), "unit_size": manifest["unit_size"]}
+
+
+def run_backfill_unit(ctx: JobContext) -> dict[str, Any]:
+    """Embed one unit of a backfill: exactly its ids (those embedded already are skipped); the unit
+    that finds every unit done queues the backfill's one reindex."""
+    from job.backfill import finish_unit, read_unit
+
+    backfill_id, index = str(ctx.message.params["backfill_id"]), int(ctx.message.params["unit"])
+    unit, units = read_unit(ctx.storage, backfill_id, index)
+    stats = _embed(ctx, unit.ids, unit.job_of())
+    reindex_job = finish_unit(ctx.storage, ctx.queues, backfill_id, index, units)
+    return {
+        "backfill": backfill_id,
+        "unit": index,
+        "images": len(unit.ids),
+        "embedded": stats.embedded,
+        "done_before": stats.done,
+        "failed": len(stats.failed),
+        "shards": stats.shards,
+        "seconds": stats.seconds,
+        **({"reindex_job": reindex_job} if reindex_job else {}),
+    }
 
 
 def _follow_up(ctx: JobContext) -> tuple[JobMessage, float]:
@@ -170,6 +207,10 @@ def stragglers(storage: Storage, settings: Settings | None = None) -> dict[str, 
             if record is not None and record.status not in FINISHED:
                 continue  # its job is live and will embed it
         out.update(dict.fromkeys(ids, job))
+    if out:  # nor those a running backfill's units will embed
+        from job.backfill import claimed, unclaimed
+
+        out = unclaimed(out, claimed(storage))
     return out
 
 

@@ -311,6 +311,10 @@ class EmbedParams(Body):
     all: Annotated[bool, Field(strict=True)] | Unset = Field(
         default=None, description="every image not embedded yet, not only this job's"
     )
+    backfill: Annotated[bool, Field(strict=True)] | Unset = Field(
+        default=None,
+        description="every image not embedded yet, split into units that parallel workers share",
+    )
 
 
 class _Job(Body):

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Embedding
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     embed_shard_size: int = Field(default=4096, ge=1)
+    embed_unit_size: int = Field(
+        default=10_000, ge=1, description="a backfill is split into units of this many images, one job each"
+    )
     straggler_sweep_seconds: float = Field(
         default=600,
         ge=0,

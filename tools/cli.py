@@ -88,6 +88,16 @@ def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_embed(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    if args.backfill:
+        from shared.jobs import api_job, enqueue
+        from shared.queues import open_job_queues
+
+        record, queued = enqueue(storage, open_job_queues(settings), api_job("embed", {"backfill": True}))
+        print(
+            f"backfill job {record.job_id} {'queued' if queued else 'was already queued'}: a worker splits the "
+            f"pending images into units of {settings.embed_unit_size:,}, and every worker running takes units"
+        )
+        return 0
     _embed_with_progress(args, settings, storage)
     return 0
 
@@ -612,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("embed", help="embed every image not embedded yet")
+    p.add_argument(
+        "--backfill",
+        action="store_true",
+        help="queue it as a job instead, split into units that every running worker (job replica) shares",
+    )
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("reindex", help="build and publish the cluster-routed index")
