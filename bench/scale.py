@@ -1,5 +1,6 @@
-"""The batch side at scale (issue 21). So far two parts: can the embed loader feed a GPU, and how fast
-does `clusterlens ingest` take in a folder?
+"""The batch side at scale (issue 21). So far three parts: can the embed loader feed a GPU, how fast does
+`clusterlens ingest` take in a folder, and how fast does `clusterlens ingest --container` register a Blob
+container in place (and with how many requests per image)?
 
 Run with ``make bench-scale`` (``python -m bench.scale``); writes ``bench/results/scale.json``.
 
@@ -16,6 +17,13 @@ Every request is counted, and the most in flight at once recorded.
 from a folder of real Fashion-MNIST PNGs, one at a time (``--workers 1``) and with the default 16 in
 flight: on the local backend as it is (a 20,000-image folder: validation and hashing on this machine's
 cores), and with 20 ms added to every storage request (a smaller folder), where the round trips dominate.
+
+``ingest.container``: images per second ``shared.ingest.ingest_container`` (what ``clusterlens ingest
+--container`` and the ``ingest_container`` job run) registers in place from a Blob container of real
+Fashion-MNIST PNGs (class folders) on Azurite (in memory, on this machine: its own CPU time is in the
+figure), one at a time and 16 in flight, into a fresh catalogue each. Every request the Azure SDK sends
+is counted by price class (:class:`bench.cost.RequestCounter`), and the uploads container is checked to
+be empty after (nothing copied). A few thousand images at most: in-memory Azurite slows down beyond ~2k.
 """
 
 from __future__ import annotations
@@ -287,7 +295,7 @@ def add_part(tmp: Path, sizes: list[int], new: int) -> dict[str, Any]:
     }
 
 
-PARTS = ("loader", "ingest", "replicas", "add_1000")
+PARTS = ("loader", "ingest", "ingest.container", "replicas", "add_1000")
 REPLICA_UNIT = 1000  # images per unit in the replicas part: 20 units for 20,000 images
 
 
@@ -414,6 +422,74 @@ def replicas_part(tmp: Path, images: int) -> dict[str, Any]:
     }
 
 
+def container_part(tmp: Path, images: int) -> dict[str, Any]:
+    """Register a container of ``images`` Fashion-MNIST PNGs in place on Azurite, 1 and 16 in flight."""
+    import logging
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.cost import RequestCounter
+    from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, png_bytes
+    from shared.ingest import IngestSummary, ingest_container, open_container
+    from shared.settings import Settings
+    from shared.storage import UPLOADS, AzureBlobStorage
+    from tests.azurite import start as start_azurite
+
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    pixels, labels = load_fashion_mnist(settings.fashion_mnist_dir, "train")
+    azurite = start_azurite(tmp)
+    try:
+        setup = AzureBlobStorage(connection_string=azurite.connection_string, container_prefix=azurite.fresh_prefix())
+        source = setup.service.create_container(f"photos-{uuid.uuid4().hex[:8]}")
+
+        def put(i: int) -> None:
+            name = f"{FASHION_MNIST_CLASSES[int(labels[i])].replace('/', '-')}/{i:06d}.png"
+            source.upload_blob(name, png_bytes(pixels[i]))
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(images)))
+        runs: dict[str, Any] = {}
+        for workers in (1, 16):
+            print(f"ingest.container: {images:,} blobs on Azurite, {workers} in flight", flush=True)
+            prefix = azurite.fresh_prefix()
+            storage = AzureBlobStorage(connection_string=azurite.connection_string, container_prefix=prefix)
+            counter = RequestCounter(azurite.blob_port)
+            summary = IngestSummary()
+            with counter.installed():
+                counter.step = "ingest"
+                start = time.perf_counter()
+                blobs = open_container(storage, source.container_name)
+                for result in ingest_container(storage, settings, blobs, workers=workers):
+                    summary.count(result)
+                seconds = time.perf_counter() - start
+                counts = counter.take().get("ingest", {})
+            assert summary.added == images, summary
+            copied = sum(1 for _ in storage.list(UPLOADS))
+            assert copied == 0, copied
+            total = sum(counts.values())
+            runs[f"azurite_{workers}"] = {
+                "images": images,
+                "workers": workers,
+                "seconds": round(seconds, 2),
+                "img_s": round(images / seconds, 1),
+                "requests_per_image": round(total / images, 2),
+                "requests_per_image_by_class": {k: round(v / images, 3) for k, v in sorted(counts.items())},
+                "blobs_copied_to_uploads": copied,
+            }
+    finally:
+        azurite.stop()
+    return {
+        "storage": "Azurite (in memory) on this machine",
+        "image": "Fashion-MNIST 28 px PNG",
+        **runs,
+        "speedup": round(runs["azurite_16"]["img_s"] / runs["azurite_1"]["img_s"], 2),
+        "device": device(),
+        "cores": len(os.sched_getaffinity(0)),
+        "date": datetime.now(UTC).date().isoformat(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8000, help="images for the default loader")
@@ -426,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-images", type=int, default=20000, help="images in the shared backfill")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--replica-worker", type=Path, help=argparse.SUPPRESS)  # a replicas-part child process
+    parser.add_argument("--container-images", type=int, default=2000, help="blobs registered in place on Azurite")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     if args.replica_worker:
@@ -461,8 +538,17 @@ def main(argv: list[str] | None = None) -> int:
         if "ingest" in args.parts:
             print(f"ingest: {args.ingest_images:,}-image folder, 1 and 16 in flight", flush=True)
             started = time.perf_counter()
+            kept = out.get("ingest", {}).get("container")  # its own part: kept unless it runs too
             out["ingest"] = ingest_part(Path(tmp), args.ingest_images, args.ingest_latency_images)
+            if kept is not None:
+                out["ingest"]["container"] = kept
             took["ingest"] = round(time.perf_counter() - started, 1)
+        if "ingest.container" in args.parts:
+            started = time.perf_counter()
+            container = container_part(Path(tmp), args.container_images)
+            container["bench_seconds"] = round(time.perf_counter() - started, 1)
+            out.setdefault("ingest", {})["container"] = container
+            took["ingest.container"] = container["bench_seconds"]
         if "replicas" in args.parts:
             print(f"replicas: one backfill of {args.replica_images:,} images, 2 worker processes, then 1", flush=True)
             started = time.perf_counter()
@@ -480,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         out.pop("bench_seconds", None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out[k] for k in args.parts}, indent=1))
+    print(json.dumps({k: out[k.split(".")[0]] for k in args.parts}, indent=1))
     return 0
 
 

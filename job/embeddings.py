@@ -33,7 +33,7 @@ from shared.errors import ClusterlensError, NotFound
 from shared.imaging import decode_image
 from shared.ingest import withdraw
 from shared.settings import Settings
-from shared.storage import EMBEDDINGS, UPLOADS, Storage
+from shared.storage import EMBEDDINGS, Storage
 
 if TYPE_CHECKING:
     from shared.encoder import ImageEncoder
@@ -428,7 +428,7 @@ def embed_pending(
         if record is None or not todo:
             return image_id, record, None
         try:
-            return image_id, record, storage.get(UPLOADS, record.blob)
+            return image_id, record, catalog.image_bytes(record)
         except ClusterlensError as exc:  # its bytes are gone: quarantined below, like bytes that no longer decode
             return image_id, record, exc
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shared.storage import UPLOADS, Storage
+from shared.storage import Storage
 
 if TYPE_CHECKING:
     from job.analysis import AnalysisData, Report
@@ -56,7 +56,7 @@ class Thumbnails:
     def get(self, image_id: str) -> Image.Image:
         if image_id not in self._cache:
             try:
-                data = self.storage.get(UPLOADS, self.catalog.get(image_id).blob)
+                data = self.catalog.image_bytes(self.catalog.get(image_id))
                 with Image.open(io.BytesIO(data)) as img:
                     img.draft("RGB", (self.size * 2, self.size * 2))
                     thumb = img.convert("RGB")

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import ClusterlensError, NotFound
+from shared.errors import BadRequest, ClusterlensError, NotFound
 from shared.jobs import FINISHED, JobError, JobKind, JobMessage, JobRecord, JobStore, enqueue, follow_up_reindex
 from shared.queues import JobQueue, JobQueues, LostMessage, QueueMessage, Serve
 from shared.settings import Settings
@@ -286,12 +286,29 @@ def run_analyse(ctx: JobContext) -> dict[str, Any]:
     return summary(metrics)
 
 
+def run_ingest_container(ctx: JobContext) -> dict[str, Any]:
+    """Register a Blob container's images in place, then queue their embedding (see :mod:`job.container_ingest`)."""
+    from job.container_ingest import backfill
+    from shared.ingest import open_container
+
+    params = ctx.message.params
+    try:
+        blobs = open_container(ctx.storage, params.get("container", ""), params.get("prefix") or "")
+    except (BadRequest, NotFound) as exc:  # no such container, or one of ours: retrying will not help
+        raise PermanentJobError(exc.message, code=exc.code) from exc
+    retry = ctx.record.attempts > 1
+    return backfill(
+        ctx.storage, ctx.settings, ctx.queues, ctx.message.job_id, blobs, retry=retry, progress=ctx.progress
+    )
+
+
 HANDLERS: dict[str, Handler] = {
     "embed": run_embed,
     "reindex": run_reindex,
     "train_head": run_train_head,
     "retrain": run_retrain,
     "analyse": run_analyse,
+    "ingest_container": run_ingest_container,
 }
 
 

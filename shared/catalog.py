@@ -1,10 +1,11 @@
 """The image catalogue: one JSON record per unique image, keyed by content hash.
 
 Record blob: ``embeddings/records/<id>.json`` where ``id`` is the sha256 of the image bytes.
-Fields: id, blob (name in the uploads container), label (or null), source, format, width, height,
-bytes, ingested_at, caption (or null), job (the embedding job
-that was queued for it, or null). Records are written create-if-absent, so ingesting the same bytes twice is a
-no-op, whoever does it.
+Fields: id, blob (name in the uploads container, or in ``container``), label (or null), source, format, width,
+height, bytes, ingested_at, caption (or null), job (the embedding job that was queued for it, or null),
+container (null: the app's uploads container; else the user's source container the image was registered in,
+in place, by ``clusterlens ingest --container``: its bytes were never copied, and are only ever read there).
+Records are written create-if-absent, so ingesting the same bytes twice is a no-op, whoever does it.
 
 Pending marker: ``embeddings/pending/<job or "none">/<id>.json``, a copy of the record written right after
 it and deleted once the image's embedding is durably stored (or the image removed). The markers are
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from shared.errors import BadRequest, NotFound
-from shared.storage import EMBEDDINGS, BlobNotFound, Storage
+from shared.storage import EMBEDDINGS, UPLOADS, BlobNotFound, Storage
 
 RECORDS_PREFIX = "records/"
 DELETED_PREFIX = "deleted/"  # tombstones: deleted images stay out of every later index
@@ -57,6 +58,12 @@ class ImageRecord:
     ingested_at: str
     caption: str | None = None
     job: str | None = None  # the embedding job it was queued in (blob trigger and upload API)
+    container: str | None = None  # None: ``blob`` is in uploads; else the source container it was registered in
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the image is a user's original, registered where it is (never copied, never deleted by us)."""
+        return self.container is not None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +94,17 @@ class Catalog:
         if added:
             self.storage.put_json(EMBEDDINGS, self.pending_name(record.id, record.job), record.to_json())
         return added
+
+    def image_bytes(self, record: ImageRecord) -> bytes:
+        """The image's bytes: from the uploads container, or in place from the source container it was
+        registered in (``record.container``). Every reader of an image's bytes goes through here.
+
+        Raises:
+            BlobNotFound: if they are gone.
+        """
+        if record.container is None:
+            return self.storage.get(UPLOADS, record.blob)
+        return self.storage.get_source(record.container, record.blob)
 
     def remove(self, record: ImageRecord) -> bool:
         """Forget an image: its pending marker, then its record. Returns whether the record existed."""
@@ -122,14 +140,14 @@ class Catalog:
 
         The tombstone keeps the id out of later indexes although its embedding stays in the
         (immutable) shards; written first, an interrupted delete still hides the image. Ingesting
-        the same bytes again later is taken as intent and lifts it.
+        the same bytes again later is taken as intent and lifts it. An image registered in place
+        (``record.container``) is the user's original: it is left where it is (only the tombstone and the
+        record removal), so it leaves the app, not the user's container.
 
         Raises:
             BadRequest: malformed id. NotFound: no such image.
         """
         from datetime import UTC, datetime
-
-        from shared.storage import UPLOADS
 
         record = self.get(image_id)
         self.storage.put_json(
@@ -137,7 +155,8 @@ class Catalog:
             f"{DELETED_PREFIX}{image_id}.json",
             {"id": image_id, "source": record.source, "at": datetime.now(UTC).isoformat(timespec="seconds")},
         )
-        self.storage.delete(UPLOADS, record.blob)
+        if not record.in_place:
+            self.storage.delete(UPLOADS, record.blob)
         self.remove(record)
         return record
 

@@ -196,6 +196,16 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def check_job(storage: Storage, message: JobMessage) -> None:
+    """What can be known before a job is queued: an ``ingest_container`` job's container exists and is not ours.
+
+    Raises:
+        BadRequest: one of the app's own containers. NotFound: no such container.
+    """
+    if message.kind == "ingest_container":
+        storage.check_source(message.params["container"])
+
+
 def enqueue(storage: Storage, queues: JobQueues, message: JobMessage, *, delay: float = 0) -> tuple[JobRecord, bool]:
     """Queue a job on its kind's queue (:meth:`JobQueues.for_kind`) unless a job with its id was queued before.
 
@@ -317,6 +327,13 @@ class EmbedParams(Body):
     )
 
 
+class IngestContainerParams(Body):
+    container: Annotated[str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")] = Field(
+        description="a Blob container of the storage account whose images are registered in place (not copied)"
+    )
+    prefix: Annotated[str, Field(max_length=1024)] | Unset = Field(default=None, description="only blobs under it")
+
+
 class _Job(Body):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | Unset = Field(default=None)
 
@@ -346,9 +363,15 @@ class EmbedJob(_Job):
     params: EmbedParams = Field(default_factory=EmbedParams)
 
 
-class JobRequest(
-    RootModel[Annotated[ReindexJob | RetrainJob | TrainHeadJob | AnalyseJob | EmbedJob, Field(discriminator="kind")]]
-):
+class IngestContainerJob(_Job):
+    kind: Literal["ingest_container"]
+    params: IngestContainerParams
+
+
+JobUnion = ReindexJob | RetrainJob | TrainHeadJob | AnalyseJob | EmbedJob | IngestContainerJob
+
+
+class JobRequest(RootModel[Annotated[JobUnion, Field(discriminator="kind")]]):
     """``POST /api/jobs``: a job kind, its parameters (each kind takes its own), an idempotency key."""
 
     codes: ClassVar[dict[str, str]] = {
@@ -358,7 +381,7 @@ class JobRequest(
     }
     invalid: ClassVar[str] = "invalid_body"
     not_object: ClassVar[str] = "invalid_json"
-    tags: ClassVar[tuple[str, ...]] = ("reindex", "retrain", "train_head", "analyse", "embed")
+    tags: ClassVar[tuple[str, ...]] = ("reindex", "retrain", "train_head", "analyse", "embed", "ingest_container")
 
     def message(self, idempotency_key: str | None = None) -> JobMessage:
         """The job's message (the header's idempotency key wins over the body's).

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUEUE_NAME = r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$"
 # The job kinds: here, not in shared.jobs, as a setting names them and shared.jobs imports modules that import this.
-JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse"]
+JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse", "ingest_container"]
 
 
 class Settings(BaseSettings):

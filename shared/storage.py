@@ -4,6 +4,12 @@
 ``AzureBlobStorage`` is the same interface over Azure Blob Storage (connection string, or account
 URL with ``DefaultAzureCredential``). Both give atomic whole-blob writes, create-if-absent
 (``overwrite=False``), lexical listing and string metadata; :func:`open_storage` picks one.
+
+Besides the app's own containers (``CONTAINERS``, each behind the settings' prefix), a *source*
+container holds a user's images that are registered in place (``clusterlens ingest --container``).
+It is addressed by its real name (no prefix; on the local backend a folder under the storage root),
+and only read: :meth:`Storage.check_source`, :meth:`Storage.list_source`, :meth:`Storage.get_source`.
+There is no way to write or delete in one, so nothing the app does can remove a user's original.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
-from shared.errors import ClusterlensError, NotFound
+from shared.errors import BadRequest, ClusterlensError, NotFound
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -39,6 +45,9 @@ CONTAINERS = (UPLOADS, EMBEDDINGS, INDEX, LABELS, QUARANTINE, REPORTS, MODELS, J
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._\-]+(/[A-Za-z0-9._\-]+)*$")
 _META_DIR = ".metadata"
+# Azure's container rule: 3-63 of lowercase letters, digits and single hyphens, a letter or digit at each end.
+_CONTAINER_RE = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
+_PLATFORM_CONTAINERS = ("azure-webjobs-", "app-package-")  # the Functions host's own containers
 
 
 class BlobNotFound(NotFound):
@@ -57,6 +66,25 @@ def check_blob_name(name: str) -> str:
         raise ValueError(f"invalid blob name: {name!r}")
     if name.startswith(_META_DIR) or len(name) > 1024:
         raise ValueError(f"invalid blob name: {name!r}")
+    return name
+
+
+def check_source_blob_name(name: str) -> str:
+    """Validate the name of a user's blob read in place: any name Blob Storage allows, as long as it
+    stays inside its container as a path (no empty, ``.`` or ``..`` segment, no ``\\``, no control
+    character, at most 1024 characters).
+
+    Raises:
+        ValueError: if it is not such a name.
+    """
+    if (
+        not name
+        or len(name) > 1024
+        or "\\" in name
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise ValueError(f"blob name not readable in place: {name[:200]!r}")
     return name
 
 
@@ -121,6 +149,53 @@ class Storage(ABC):
     def local_path(self, container: str, name: str) -> Path | None:
         """A path on this machine where the blob can be read in place, if there is one."""
         return None
+
+    prefix: str = ""
+
+    def check_source(self, container: str) -> str:
+        """Validate a source container (a user's images, registered in place) and check that it exists.
+
+        Its name is the real one (no prefix). The app's own containers (with or without the prefix,
+        any name starting with a non-empty prefix, and the Functions host's) are refused.
+
+        Raises:
+            BadRequest: a name Blob Storage does not allow, or one of the app's own containers.
+            NotFound: no such container.
+        """
+        if not isinstance(container, str) or not _CONTAINER_RE.match(container):
+            raise BadRequest(
+                f"invalid container name {str(container)[:80]!r}: 3-63 lowercase letters, digits and single hyphens",
+                code="invalid_container",
+            )
+        own = container in CONTAINERS or any(container == f"{self.prefix}{c}" for c in CONTAINERS)
+        if own or (self.prefix and container.startswith(self.prefix)) or container.startswith(_PLATFORM_CONTAINERS):
+            raise BadRequest(
+                f"{container!r} is one of clusterlens's own containers, not a source of images",
+                code="own_container",
+            )
+        if not self._source_exists(container):
+            raise NotFound(f"no container named {container!r}", code="container_not_found")
+        return container
+
+    @abstractmethod
+    def _source_exists(self, container: str) -> bool:
+        """Whether a source container exists (its name already checked)."""
+
+    @abstractmethod
+    def list_source(self, container: str, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(name, size in bytes) of every blob in a source container starting with ``prefix``, in lexical order.
+
+        Names are as the container has them: check them (:func:`check_source_blob_name`) before reading.
+        """
+
+    @abstractmethod
+    def get_source(self, container: str, name: str) -> bytes:
+        """Read a whole blob of a source container.
+
+        Raises:
+            BlobNotFound: if it does not exist.
+            ValueError: if the name cannot be read in place (:func:`check_source_blob_name`).
+        """
 
     def get_json(self, container: str, name: str) -> dict[str, Any]:
         """Read a blob holding a JSON object."""
@@ -249,6 +324,39 @@ class LocalStorage(Storage):
     def local_path(self, container: str, name: str) -> Path | None:
         path = self._path(container, name)
         return path if path.is_file() else None
+
+    def _source_dir(self, container: str) -> Path:
+        if not _CONTAINER_RE.match(container):
+            raise ValueError(f"invalid container name: {container!r}")
+        return self.root / container
+
+    def _source_exists(self, container: str) -> bool:
+        return self._source_dir(container).is_dir()
+
+    def list_source(self, container: str, prefix: str = "") -> Iterator[tuple[str, int]]:
+        base = self._source_dir(container)
+        start = base / prefix.rsplit("/", 1)[0] if "/" in prefix else base
+        if prefix.startswith("/") or "\\" in prefix or ".." in prefix.split("/") or not start.is_dir():
+            return  # nothing outside the container's folder
+        found = []
+        for dirpath, dirnames, filenames in os.walk(start):  # symlinked folders are not followed
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = Path(dirpath).relative_to(base).as_posix()
+            for fn in filenames:
+                name = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+                if fn.startswith(".") or not name.startswith(prefix):
+                    continue
+                try:
+                    found.append((name, os.stat(os.path.join(dirpath, fn)).st_size))
+                except OSError:  # gone since the walk saw it
+                    continue
+        yield from sorted(found)
+
+    def get_source(self, container: str, name: str) -> bytes:
+        try:
+            return (self._source_dir(container) / check_source_blob_name(name)).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BlobNotFound(f"{container}/{name} not found") from None
 
 
 class StorageUnavailable(ClusterlensError):
@@ -429,6 +537,23 @@ class AzureBlobStorage(Storage):
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return dest
+
+    def _source_exists(self, container: str) -> bool:
+        return bool(self.service.get_container_client(container).exists())
+
+    def list_source(self, container: str, prefix: str = "") -> Iterator[tuple[str, int]]:
+        # One request per 5,000 names, sizes included: nothing is read to list.
+        for blob in self.service.get_container_client(container).list_blobs(name_starts_with=prefix or None):
+            yield str(blob.name), int(blob.size or 0)
+
+    def get_source(self, container: str, name: str) -> bytes:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        client = self.service.get_blob_client(container, check_source_blob_name(name))
+        try:
+            return bytes(client.download_blob().readall())
+        except ResourceNotFoundError:
+            raise BlobNotFound(f"{container}/{name} not found") from None
 
 
 def open_storage(settings: Settings) -> Storage:

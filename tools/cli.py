@@ -22,6 +22,7 @@ from shared.storage import Storage, open_storage
 
 if TYPE_CHECKING:
     from job.embeddings import EmbedStats
+    from shared.ingest import IngestSummary
     from shared.jobs import JobRecord
 
 DATASETS = ("fashion-mnist", "skimage-photos")
@@ -50,6 +51,8 @@ INGEST_WORKERS = 16  # images in flight in `clusterlens ingest` (and the demo's)
 def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from shared.ingest import IngestItem, IngestSummary, folder_items, ingest_items, scan_folder
 
+    if getattr(args, "container", None):
+        return _ingest_container(args, settings, storage)
     items: Iterable[IngestItem]
     if args.dataset == "fashion-mnist":
         from job.datasets import fashion_mnist_items
@@ -73,12 +76,34 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings, storage: Storage) -
         for result in ingest_items(storage, settings, items, workers=args.workers):
             summary.count(result)
             bar.update(1)
+    _print_summary(summary)
+    return 0
+
+
+def _ingest_container(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    """``clusterlens ingest --container NAME [--prefix P]``: register the images already there, in place."""
+    from shared.ingest import IngestSummary, ingest_container, open_container
+
+    blobs = open_container(storage, args.container, args.prefix or "")  # a clear error before any work
+    summary = IngestSummary()
+    where = f"{args.container}/{args.prefix or ''}"
+    with _progress(None, f"register {where} in place") as bar:  # listed as it goes: no total up front
+        for result in ingest_container(storage, settings, blobs, workers=args.workers):
+            summary.count(result)
+            bar.update(1)
+    _print_summary(summary)
+    if blobs.skipped:
+        print(f"  skipped {blobs.skipped} of {blobs.listed} blobs: not image file names (not read)")
+    return 0
+
+
+def _print_summary(summary: IngestSummary) -> None:
+    """The ingest summary line, then the first quarantined images with their reasons."""
     print(f"added {summary.added}, already known {summary.duplicate}, quarantined {summary.quarantined}")
     for problem in summary.problems[:20]:
         print(f"  quarantined {problem.source}: {problem.reason}")
     if len(summary.problems) > 20:
         print(f"  ... and {len(summary.problems) - 20} more (see the quarantine container)")
-    return 0
 
 
 def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
@@ -466,7 +491,15 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings, storage: Storage) -> 
         if not args.kind:
             print("clusterlens jobs start: give --kind", file=sys.stderr)
             return 2
-        params = {"force": True} if args.force else {}
+        params: dict[str, Any] = {"force": True} if args.force else {}
+        if args.kind == "ingest_container":
+            if not args.container:
+                print("clusterlens jobs start: ingest_container needs --container", file=sys.stderr)
+                return 2
+            from shared.ingest import open_container
+
+            open_container(storage, args.container, args.prefix or "")  # a clear error now, not in the job
+            params = {"container": args.container, **({"prefix": args.prefix} if args.prefix else {})}
         record, queued = enqueue(storage, open_job_queues(settings), api_job(args.kind, params))
         print(f"job {record.job_id} {'queued' if queued else 'was already queued'}")
         return 0
@@ -601,9 +634,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="add images from a folder (class subfolders become labels) or a dataset")
+    p = sub.add_parser(
+        "ingest",
+        help="add images from a folder (class subfolders become labels), a dataset, or a Blob container in place",
+    )
     p.add_argument("path", nargs="?", help="folder of images (jpg/png/webp/bmp/tiff), searched recursively")
     p.add_argument("--dataset", choices=DATASETS, help="ingest a packaged dataset instead of a folder")
+    p.add_argument(
+        "--container",
+        help="register the images already in this Blob container (its real name; locally a folder under the "
+        "data dir) in place: each is read once, never copied; the app's own containers are refused",
+    )
+    p.add_argument("--prefix", help="with --container: only blobs whose names start with this")
     p.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split")
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--offset", type=int, default=0, help="skip this many dataset images first")
@@ -717,7 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list recent jobs, show one, or start one")
     p.add_argument("action", nargs="?", choices=("list", "show", "start"), default="list")
     p.add_argument("--id", help="job id (show)")
-    p.add_argument("--kind", choices=("reindex", "retrain", "train_head", "analyse"), help="job kind (start)")
+    p.add_argument(
+        "--kind", choices=("reindex", "retrain", "train_head", "analyse", "ingest_container"), help="job kind (start)"
+    )
+    p.add_argument("--container", help="start ingest_container: the Blob container to register in place")
+    p.add_argument("--prefix", help="start ingest_container: only blobs whose names start with this")
     p.add_argument("--force", action="store_true", help="start: reindex even if nothing changed")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_jobs)
@@ -761,8 +807,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDK logs every HTTP request at INFO
     logging.getLogger("azure.identity").setLevel(logging.ERROR)  # its failures reach the user as our message
-    if args.command == "ingest" and bool(args.path) == bool(args.dataset):
-        print("clusterlens ingest: give a folder or --dataset, not both", file=sys.stderr)
+    if args.command == "ingest" and sum(map(bool, (args.path, args.dataset, args.container))) != 1:
+        print("clusterlens ingest: give one of a folder, --dataset or --container", file=sys.stderr)
+        return 2
+    if args.command == "ingest" and args.prefix is not None and not args.container:
+        print("clusterlens ingest: --prefix goes with --container", file=sys.stderr)
         return 2
     try:
         settings = get_settings()

@@ -15,7 +15,6 @@ from shared.catalog import Catalog
 from shared.http import IMAGE_TYPES, read_image
 from shared.imaging import CONTENT_TYPES
 from shared.settings import Settings
-from shared.storage import UPLOADS
 from shared.uploads import accept_upload, refuse_quarantined
 
 ImageId = Annotated[str, PathParam(pattern=IMAGE_ID_PATTERN, description="an image id (sha256 of its bytes)")]
@@ -33,7 +32,7 @@ def router(settings: Settings) -> APIRouter:
     @api.get("/api/images/{image_id}", summary="The stored image bytes", responses=BYTES, dependencies=READ)
     async def image(image_id: ImageId, ctx: Ctx) -> Response:
         record = await run_in_threadpool(Catalog(ctx.storage).get, image_id)
-        data = await run_in_threadpool(ctx.storage.get, UPLOADS, record.blob)
+        data = await run_in_threadpool(Catalog(ctx.storage).image_bytes, record)  # uploads, or its own container
         media_type = CONTENT_TYPES.get(record.format, "application/octet-stream")
         return Response(data, media_type=media_type, headers={**FOREVER, "ETag": f'"{image_id}"'})
 

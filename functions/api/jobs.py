@@ -1,4 +1,4 @@
-"""Jobs: start one (reindex, retrain, train_head, analyse, embed), follow it, list the recent ones."""
+"""Jobs: start one (reindex, retrain, train_head, analyse, embed, ingest_container), follow it, list the recent ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from functions.api.context import READ, WRITE, Ctx, job_url
 from shared.api_models import json_body
 from shared.http import read_json
-from shared.jobs import JOB_ID_PATTERN, JobRecord, JobRequest, JobStore, enqueue
+from shared.jobs import JOB_ID_PATTERN, JobRecord, JobRequest, JobStore, check_job, enqueue
 
 router = APIRouter()
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, max_length=120)]
@@ -26,6 +26,7 @@ def _job(record: JobRecord) -> dict[str, Any]:
 @router.post("/api/jobs", status_code=202, summary="Start a job", openapi_extra=JOB, dependencies=WRITE)
 async def start_job(request: Request, ctx: Ctx) -> JSONResponse:
     message = (await read_json(request, JobRequest, 16 * 1024)).message(request.headers.get("idempotency-key"))
+    await run_in_threadpool(check_job, ctx.storage, message)  # e.g. 400 for one of our own containers, now
     record, queued = await run_in_threadpool(enqueue, ctx.storage, ctx.queues, message)
     body = {"job": _job(record), "queued": queued}
     return JSONResponse(body, status_code=202, headers={"Location": job_url(record.job_id)})
