@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     # Embedding
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     embed_shard_size: int = Field(default=4096, ge=1)
+    embed_compact_rows: int = Field(
+        default=100_000,
+        ge=0,
+        description="a full reindex rewrites shards under half this many rows into shards of this many "
+        "(when they hold this many between them); 0: never",
+    )
     straggler_sweep_seconds: float = Field(
         default=600,
         ge=0,
