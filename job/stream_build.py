@@ -121,9 +121,10 @@ class RowFile:
         self.path = path
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
             self.offset = f.tell()
-        self.shape: tuple[int, int] = shape
+        self.shape: tuple[int, ...] = shape
         self.dtype = np.dtype(dtype)
         self.row_bytes = int(shape[1]) * self.dtype.itemsize
 
