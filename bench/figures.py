@@ -923,6 +923,23 @@ def full_reindex_part(fr: dict[str, Any]) -> list[str]:
 SECTIONS = ("embed", "search", "http", "active_learning", "cluster", "quality", "reliability", "crash", "cost", "scale")
 
 
+def scale_row(sc: Result) -> list[str]:
+    """The README's scale row: the embed loader, and the largest full reindex once one has run."""
+    what = f"[embed loader](docs/figures.md#scale): {sc['loader.latency_ms']:.0f} ms per storage request, no-op encoder"
+    figure = (
+        f"**{num(sc['loader.default_img_s_median'], 1)} img/s** (median of 3; {ratio(sc['loader.speedup'], 1)} "
+        "the 2-thread baseline)"
+    )
+    if "full_reindex" in sc.data:
+        big = max(sc["full_reindex"]["runs"], key=lambda r: r["images"])
+        what += f"; full reindex of {num(big['images'])} existing images (grown embeddings)"
+        figure += (
+            f"; reindex **{big['peak_rss_bytes'] / 2**30:.2f} GiB** peak RSS, {num(big['seconds'])} s, "
+            f"{big['requests_per_image']:.4f} storage requests per image"
+        )
+    return [what, figure, sc.machine]
+
+
 def render_figures(results: Path = RESULTS) -> str:
     """docs/figures.md, from the JSON files in ``results``.
 
@@ -1046,24 +1063,8 @@ def render_headline(results: Path = RESULTS) -> str:
             f"{num(t4['gpu_bound_s'] / 3600, 2)} h)",
             co.machine,
         ],
-        [
-            f"[embed loader](docs/figures.md#scale): {sc['loader.latency_ms']:.0f} ms per storage request, "
-            "no-op encoder",
-            f"**{num(sc['loader.default_img_s_median'], 1)} img/s** (median of 3; {ratio(sc['loader.speedup'], 1)} "
-            f"the 2-thread baseline)",
-            sc.machine,
-        ],
+        scale_row(sc),
     ]
-    if "full_reindex" in sc.data:
-        big = max(sc["full_reindex"]["runs"], key=lambda r: r["images"])
-        rows.append(
-            [
-                f"[full reindex](docs/figures.md#scale): {num(big['images'])} existing images (grown embeddings)",
-                f"**{big['peak_rss_bytes'] / 2**30:.2f} GiB** peak RSS, {num(big['seconds'])} s, "
-                f"{big['requests_per_image']:.4f} storage requests per image",
-                sc.machine,
-            ]
-        )
     lines = [GENERATED, "", *table(["what", "figure", "machine"], rows)]
     return "\n".join(lines) + "\n"
 
