@@ -102,6 +102,14 @@ class LatencyStorage(LocalStorage):
         self._wait("delete", container, name)
         return super().delete(container, name)
 
+    def upload_file(self, container: str, name: str, path: Path) -> None:
+        self._wait("put", container, name)
+        super().upload_file(container, name, path)
+
+    def download_file(self, container: str, name: str, dest: Path) -> Path:
+        self._wait("get", container, name)
+        return super().download_file(container, name, dest)
+
     def reset(self) -> None:
         with self._lock:
             self.requests, self.max_in_flight = 0, 0
@@ -222,6 +230,72 @@ def ingest_part(tmp: Path, images: int, latency_images: int) -> dict[str, Any]:
     return runs
 
 
+ENCODER_VERSION = "grown-efficientnet_lite0@1280d"  # the synthesised collections' embedding folder
+RSS_BAR_BYTES = 4 * 2**30  # peak RSS of a full reindex at 4M images
+REQUESTS_BAR = 0.01  # storage requests per image of a full reindex
+
+
+def full_reindex_run(root: Path, images: int, shard_rows: int) -> dict[str, Any]:
+    """Synthesise ``images`` embedded images (:func:`bench.synth.synthesize_collection`) under ``root``, then
+    run a full ``clusterlens reindex`` over them in a fresh process: its seconds, peak RSS and requests."""
+    import subprocess
+    import sys
+
+    from bench.synth import synthesize_collection
+
+    storage = LatencyStorage(root, latency=0.0)
+    synth = synthesize_collection(storage, images, ENCODER_VERSION, seed=0, shard_rows=shard_rows)
+    print(f"full_reindex: {images:,} images synthesised in {synth['seconds']} s; reindexing", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.scale", "--reindex-child", str(root)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"the reindex process failed:\n{proc.stderr[-4000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    run["requests_per_image"] = round(run["requests"] / images, 5)
+    run["collection"] = synth
+    return {"images": images, **run}
+
+
+def reindex_child(root: Path) -> dict[str, Any]:
+    """A full reindex of the collection under ``root`` in this process (run by :func:`full_reindex_run`)."""
+    import resource
+
+    from job.reindex import reindex
+    from shared.index import read_manifest
+    from shared.settings import Settings
+
+    storage = LatencyStorage(root, latency=0.0)
+    settings = Settings(_env_file=None, data_dir=root)  # type: ignore[call-arg]
+    start = time.perf_counter()
+    result = reindex(storage, settings, ENCODER_VERSION)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    manifest = read_manifest(storage, result.version)
+    recall = manifest.recall
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_bytes": peak,
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "requests": storage.requests,
+        "requests_by_kind": dict(sorted(storage.by_kind.items())),
+        "record_requests": sum(v for k, v in storage.by_kind.items() if k.startswith("get embeddings/records")),
+        "mode": result.mode,
+        "kind": result.kind,
+        "count": result.count,
+        "nlist": result.nlist,
+        "nprobe": result.nprobe,
+        "recall_at_10": recall.at_10 if recall else None,
+        "factory": manifest.factory,
+        "train": manifest.train,
+        "compaction": manifest.source.get("compaction"),
+        "shards_after": manifest.source.get("shards"),
+    }
+
+
 def add_run(root: Path, existing: int, new: int, offset: int) -> dict[str, Any]:
     """``new`` real Fashion-MNIST images added to a synthesised collection of ``existing`` images: seconds
     and storage requests per new image for ingest, embed and the incremental reindex, each measured alone."""
@@ -295,7 +369,7 @@ def add_part(tmp: Path, sizes: list[int], new: int) -> dict[str, Any]:
     }
 
 
-PARTS = ("loader", "ingest", "ingest.container", "replicas", "add_1000")
+PARTS = ("loader", "ingest", "ingest.container", "replicas", "add_1000", "full_reindex")
 REPLICA_UNIT = 1000  # images per unit in the replicas part: 20 units for 20,000 images
 
 
@@ -503,10 +577,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--replica-worker", type=Path, help=argparse.SUPPRESS)  # a replicas-part child process
     parser.add_argument("--container-images", type=int, default=2000, help="blobs registered in place on Azurite")
+    parser.add_argument(
+        "--reindex-sizes",
+        type=int,
+        nargs="*",
+        default=[1_000_000, 4_000_000],
+        help="collections to reindex (none: summarise the runs stored again)",
+    )
+    parser.add_argument("--shard-rows", type=int, default=4096, help="rows per synthesised shard (as embedded)")
+    parser.add_argument("--tmp", type=Path, default=None, help="folder for the synthesised collections")
+    parser.add_argument("--reindex-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     if args.replica_worker:
         return replica_worker(args.replica_worker)
+    if args.reindex_child:
+        print(json.dumps(reindex_child(args.reindex_child)))
+        return 0
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     took: dict[str, float] = {}  # each part's seconds: a run of some parts keeps the others' results
     with tempfile.TemporaryDirectory() as tmp:
@@ -558,6 +645,32 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             out["add_1000"] = add_part(Path(tmp), sorted(args.add_sizes), args.add_images)
             took["add_1000"] = round(time.perf_counter() - started, 1)
+        if "full_reindex" in args.parts:
+            started = time.perf_counter()
+            # sizes run separately (a 4M run takes most of an hour) are kept: a size run again replaces its own
+            by_size = {r["images"]: r for r in out.get("full_reindex", {}).get("runs", [])}
+            for images in args.reindex_sizes:
+                with tempfile.TemporaryDirectory(dir=args.tmp, prefix="clusterlens-scale-") as folder:
+                    by_size[images] = full_reindex_run(Path(folder), images, args.shard_rows)
+                print(json.dumps(by_size[images]), flush=True)
+            runs = [by_size[k] for k in sorted(by_size)]
+            at_4m = [r for r in runs if r["images"] >= 4_000_000]
+            out["full_reindex"] = {
+                "what": "a full `clusterlens reindex` (train, add, recall gate, compaction, publish) in a fresh "
+                "process over an existing collection of synthesised (grown) embeddings, local storage, no latency",
+                "runs": runs,
+                "bars": {"peak_rss_bytes_at_4M": RSS_BAR_BYTES, "requests_per_image": REQUESTS_BAR},
+                "met": {
+                    "peak_rss_at_4M": all(r["peak_rss_bytes"] <= RSS_BAR_BYTES for r in at_4m) if at_4m else None,
+                    "requests_per_image": all(r["requests_per_image"] <= REQUESTS_BAR for r in runs),
+                    "no_record_requests": all(r["record_requests"] == 0 for r in runs),
+                },
+                "cores": len(os.sched_getaffinity(0)),
+                "device": device(),
+                "date": datetime.now(UTC).date().isoformat(),
+            }
+            if args.reindex_sizes:
+                took["full_reindex"] = round(time.perf_counter() - started, 1)
     out |= {"cores": len(os.sched_getaffinity(0)), "device": device(), "date": datetime.now(UTC).date().isoformat()}
     out["part_seconds"] = out.get("part_seconds", {}) | took
     if all(part in out["part_seconds"] for part in PARTS):  # the whole's time only while every part's is known

@@ -128,11 +128,15 @@ class EmbeddingStore:
         )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        # The random part keeps two writers (parallel job replicas) from ever sharing a name.
-        name = f"{self.prefix}part-{stamp}-{uuid.uuid4().hex[:8]}-{len(ids):06d}.parquet"
+        name = self.shard_name(len(ids))
         self.storage.put(EMBEDDINGS, name, buf.getvalue(), overwrite=False)
         return name
+
+    def shard_name(self, rows: int) -> str:
+        """A new shard's blob name: its time, a random part, and its row count (see :func:`rows_in_name`)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        # The random part keeps two writers (parallel job replicas) from ever sharing a name.
+        return f"{self.prefix}part-{stamp}-{uuid.uuid4().hex[:8]}-{rows:06d}.parquet"
 
     def _read_table(self, name: str, columns: list[str] | None = None) -> Any:
         import pyarrow as pa
@@ -193,29 +197,62 @@ class EmbeddingStore:
             shard_ids = table.column("id").to_pylist()
             keep = np.array([i not in seen for i in shard_ids], dtype=bool)
             seen.update(shard_ids)
-            if not keep.any():
-                continue
-            n = len(shard_ids)
-            rows = np.flatnonzero(keep)
-            if "ingested" in table.column_names:
-                labels = table.column("label").to_pylist()
-                captions = table.column("caption").to_pylist()
-                ingested = table.column("ingested").to_numpy(zero_copy_only=False).astype(np.int64)
-                unrecorded = ingested < 0
-            else:  # written before shards carried the catalogue fields
-                labels, captions = [None] * n, [None] * n
-                ingested, unrecorded = np.full(n, -1, np.int64), np.ones(n, bool)
-            yield EmbeddingSet(
-                [shard_ids[r] for r in rows],
-                _fixed_list(table, "embedding", n)[keep].astype(np.float32, copy=False),
-                _fixed_list(table, "top_class", n)[keep],
-                _fixed_list(table, "top_prob", n)[keep],
-                [name],
-                [labels[r] for r in rows],
-                [captions[r] for r in rows],
-                ingested[keep],
-                unrecorded[keep],
-            )
+            if keep.any():
+                yield embedding_set(name, table, keep)
+
+
+def embedding_set(name: str, table: Any, keep: np.ndarray) -> EmbeddingSet:
+    """The rows of one shard's table where ``keep`` (bool, one per row) is set, as an :class:`EmbeddingSet`."""
+    n = table.num_rows
+    shard_ids = table.column("id").to_pylist()
+    rows = np.flatnonzero(keep)
+    if "ingested" in table.column_names:
+        labels = table.column("label").to_pylist()
+        captions = table.column("caption").to_pylist()
+        ingested = table.column("ingested").to_numpy(zero_copy_only=False).astype(np.int64)
+        unrecorded = ingested < 0
+    else:  # written before shards carried the catalogue fields
+        labels, captions = [None] * n, [None] * n
+        ingested, unrecorded = np.full(n, -1, np.int64), np.ones(n, bool)
+    return EmbeddingSet(
+        [shard_ids[r] for r in rows],
+        fixed_list(table, "embedding", n)[keep].astype(np.float32, copy=False),
+        fixed_list(table, "top_class", n)[keep],
+        fixed_list(table, "top_prob", n)[keep],
+        [name],
+        [labels[r] for r in rows],
+        [captions[r] for r in rows],
+        ingested[keep],
+        unrecorded[keep],
+    )
+
+
+def shard_table(encoder_version: str, emb: EmbeddingSet) -> Any:
+    """An :class:`EmbeddingSet` as a shard's Arrow table (the columns :meth:`EmbeddingStore.write_shard`
+    writes; rows still unrecorded keep -1 as their ingest time)."""
+    import pyarrow as pa
+
+    n, d = emb.vectors.shape
+    t = emb.top_class.shape[1]
+    ingested = np.where(emb.unrecorded, -1, emb.ingested) if len(emb.unrecorded) else emb.ingested
+    return pa.table(
+        {
+            "id": pa.array(emb.ids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.vectors.astype(np.float32).ravel()), d),
+            "top_class": pa.FixedSizeListArray.from_arrays(pa.array(emb.top_class.astype(np.int16).ravel()), t),
+            "top_prob": pa.FixedSizeListArray.from_arrays(pa.array(emb.top_prob.astype(np.float32).ravel()), t),
+            "label": pa.array(emb.labels, pa.string()),
+            "caption": pa.array(emb.captions, pa.string()),
+            "ingested": pa.array(np.asarray(ingested, np.int64), pa.int64()),
+        },
+        metadata={"encoder_version": encoder_version},
+    )
+
+
+def rows_in_name(name: str) -> int | None:
+    """The row count a shard's name ends with (``...-004096.parquet``), or None for a name without one."""
+    match = re.search(r"-(\d+)\.parquet$", name)
+    return int(match.group(1)) if match else None
 
 
 def fill_records(catalog: Catalog, emb: EmbeddingSet) -> EmbeddingSet:
@@ -238,7 +275,7 @@ def epoch(iso: str) -> int:
     return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
 
-def _fixed_list(table: Any, column: str, n: int) -> np.ndarray:
+def fixed_list(table: Any, column: str, n: int) -> np.ndarray:
     flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat).reshape(n, -1)
 

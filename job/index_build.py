@@ -102,6 +102,27 @@ class IndexParams:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def plan(self, n: int, input_dim: int, pca_dim: int) -> IndexPlan:
+        """:func:`plan_index` for ``n`` vectors of ``input_dim`` with these parameters (``pca_dim`` as given:
+        0 in a projection head's space).
+
+        Raises:
+            ValueError: as :func:`plan_index` does.
+        """
+        return plan_index(
+            n,
+            input_dim,
+            kind=self.kind,
+            memory_mb=self.memory_mb,
+            pca_dim=pca_dim,
+            nlist=self.nlist,
+            pq_m=self.pq_m,
+            pq_nbits=self.pq_nbits,
+            rerank=self.rerank,
+            flat_max=self.flat_max,
+            min_points_per_list=self.min_points_per_list,
+        )
+
 
 def choose_nlist(n: int, min_points_per_list: int) -> int:
     """Number of clusters for ``n`` vectors, with enough points to train each.
@@ -204,6 +225,87 @@ def plan_index(
     )
 
 
+def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
+    """An untrained FAISS index for ``plan`` over ``d``-dimensional input (n vectors to come), with its
+    training settings; and its factory string."""
+    if plan.kind == "ivf_pq":
+        # A random rotation spreads the variance (PCA puts most of it in the first dimensions)
+        # evenly over the sub-quantisers: recall@10 0.89 -> 0.98 on the real 70k, same code size.
+        pre = f"PCAR{plan.pca_dim},L2norm," if plan.pca_dim else f"RR{d},"
+        desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x{plan.pq_nbits}"
+    else:
+        desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"IVF{plan.nlist},Flat"
+    index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.spherical = True
+    ivf.cp.seed = seed
+    ivf.cp.min_points_per_centroid = 1  # small collections: accept few points per cluster
+    if n * plan.nlist > LARGE_TRAINING:  # k-means on a sample: its cost grows with n * nlist
+        ivf.cp.max_points_per_centroid, ivf.cp.niter = 64, 10
+    if plan.kind == "ivf_pq":
+        ivfpq: Any = faiss.downcast_index(ivf)
+        ivfpq.pq.cp.min_points_per_centroid = 1  # the recall gate judges the codes
+        # index_factory turns on polysemous training (code reordering for Hamming filtering, which
+        # is not used here); it took 49 s of a 1,000-vector build and half of a 1M one.
+        ivfpq.do_polysemous_training = False
+    return index, desc
+
+
+def label_codes_of(labels: list[str | None]) -> tuple[list[str], np.ndarray]:
+    """The sorted label names and int32 (n,) each row's code into them (-1: none)."""
+    names = sorted({lab for lab in labels if lab is not None})
+    code = {name: i for i, name in enumerate(names)}
+    return names, np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
+
+
+def new_manifest(
+    plan: IndexPlan,
+    desc: str,
+    ivf: Any,
+    *,
+    encoder_version: str,
+    head: ProjectionHead | None,
+    n: int,
+    input_dim: int,
+    power: float,
+    label_names: list[str],
+    captions: Captions | None,
+    clusters: np.ndarray,
+    train_seconds: float,
+    train_points: int,
+    started: float,
+    source: dict[str, Any] | None,
+) -> IndexManifest:
+    """The manifest of a freshly trained and filled index (the recall gate's fields are set after it)."""
+    return IndexManifest(
+        format=FORMAT,
+        encoder_version=encoder_version,
+        space="head" if head is not None else "backbone",
+        head=_head_summary(head),
+        factory=desc,
+        kind=plan.kind,
+        plan=plan.to_json(),
+        rerank=plan.rerank,
+        bytes_per_vector=plan.bytes_per_vector,
+        count=n,
+        input_dim=input_dim,
+        dim=int(ivf.d),
+        pca_dim=plan.pca_dim,
+        nlist=plan.nlist,
+        metric="cosine",
+        power=power,
+        label_names=label_names,
+        captions=len(captions.rows) if captions else 0,
+        cluster_sizes=_sizes(np.bincount(clusters, minlength=plan.nlist)),
+        trained_count=n,
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        train_seconds=round(train_seconds, 3),
+        train={"points": train_points, "iterations": int(ivf.cp.niter)},
+        build_seconds=round(time.perf_counter() - started, 3),
+        source=source or {},
+    )
+
+
 def build_index(
     vectors: np.ndarray,
     ids: list[str],
@@ -245,40 +347,10 @@ def build_index(
         power, pca_dim = 1.0, 0
     else:
         x = power_normalize(vectors, power)
-    plan = plan_index(
-        n,
-        x.shape[1],
-        kind=p.kind,
-        memory_mb=p.memory_mb,
-        pca_dim=pca_dim,
-        nlist=p.nlist,
-        pq_m=p.pq_m,
-        pq_nbits=p.pq_nbits,
-        rerank=p.rerank,
-        flat_max=p.flat_max,
-        min_points_per_list=p.min_points_per_list,
-    )
+    plan = p.plan(n, x.shape[1], pca_dim)
     nlist = plan.nlist
-    if plan.kind == "ivf_pq":
-        # A random rotation spreads the variance (PCA puts most of it in the first dimensions)
-        # evenly over the sub-quantisers: recall@10 0.89 -> 0.98 on the real 70k, same code size.
-        pre = f"PCAR{plan.pca_dim},L2norm," if plan.pca_dim else f"RR{x.shape[1]},"
-        desc = f"{pre}IVF{nlist},PQ{plan.pq_m}x{plan.pq_nbits}"
-    else:
-        desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"IVF{nlist},Flat"
-    index = faiss.index_factory(x.shape[1], desc, faiss.METRIC_INNER_PRODUCT)
+    index, desc = new_index(plan, x.shape[1], n, seed)
     ivf = faiss.extract_index_ivf(index)
-    ivf.cp.spherical = True
-    ivf.cp.seed = seed
-    ivf.cp.min_points_per_centroid = 1  # small collections: accept few points per cluster
-    if n * nlist > LARGE_TRAINING:  # k-means on a sample: its cost grows with n * nlist
-        ivf.cp.max_points_per_centroid, ivf.cp.niter = 64, 10
-    if plan.kind == "ivf_pq":
-        ivfpq: Any = faiss.downcast_index(ivf)
-        ivfpq.pq.cp.min_points_per_centroid = 1  # the recall gate judges the codes
-        # index_factory turns on polysemous training (code reordering for Hamming filtering, which
-        # is not used here); it took 49 s of a 1,000-vector build and half of a 1M one.
-        ivfpq.do_polysemous_training = False
     index.train(x)
     trained = faiss.serialize_index(index)  # no rows yet: what an incremental reindex adds to
     t_train = time.perf_counter() - t0
@@ -288,39 +360,23 @@ def build_index(
     xt = pretransform(index, x)
     del x
     clusters = list_of_rows(ivf)
-    names = sorted({lab for lab in labels if lab is not None})
-    code = {name: i for i, name in enumerate(names)}
-    label_codes = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
-    sizes = np.bincount(clusters, minlength=nlist)
-    manifest = IndexManifest(
-        format=FORMAT,
+    names, label_codes = label_codes_of(labels)
+    manifest = new_manifest(
+        plan,
+        desc,
+        ivf,
         encoder_version=encoder_version,
-        space="head" if head is not None else "backbone",
-        head=_head_summary(head),
-        factory=desc,
-        kind=plan.kind,
-        plan=plan.to_json(),
-        rerank=plan.rerank,
-        bytes_per_vector=plan.bytes_per_vector,
-        count=n,
+        head=head,
+        n=n,
         input_dim=d,
-        dim=int(ivf.d),
-        pca_dim=plan.pca_dim,
-        nlist=nlist,
-        metric="cosine",
         power=power,
         label_names=names,
-        captions=len(captions.rows) if captions else 0,
-        cluster_sizes=_sizes(sizes),
-        trained_count=n,
-        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        train_seconds=round(t_train, 3),
-        train={
-            "points": min(n, int(ivf.cp.max_points_per_centroid) * nlist),
-            "iterations": int(ivf.cp.niter),
-        },
-        build_seconds=round(time.perf_counter() - t0, 3),
-        source=source or {},
+        captions=captions,
+        clusters=clusters,
+        train_seconds=t_train,
+        train_points=min(n, int(ivf.cp.max_points_per_centroid) * nlist),
+        started=t0,
+        source=source,
     )
     if class_top is None or class_prob is None:
         class_top, class_prob = np.zeros((n, 0), np.int16), np.zeros((n, 0), np.float32)
@@ -575,14 +631,43 @@ def tune_nprobe(
         "ms_per_query"}`` per setting tried; IVF-PQ entries also carry ``rerank``); ``at_10`` is the
         recall at the chosen setting, below ``target`` only when nothing tried reaches it.
     """
-    n, nlist = len(xt), int(index.ivf.nlist)
+    n = len(xt)
     k = min(10, n - 1)
     if k < 1:
-        index.ivf.nprobe = 1
-        return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+        return tune_against(index, np.zeros(0, np.int64), xt[:0], np.zeros((0, 1), np.int64), n, target=target)
+    rows = recall_rows(n, sample, seed)
     queries = np.ascontiguousarray(xt[rows])
     _, exact = faiss.knn(queries, xt, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    return tune_against(index, rows, queries, exact, n, target=target, nprobe=nprobe)
+
+
+def recall_rows(n: int, sample: int, seed: int) -> np.ndarray:
+    """int64 the rows (ascending) of ``n`` that the recall gate queries with: ``sample`` of them, seeded."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+
+
+def tune_against(
+    index: ClusterIndex,
+    rows: np.ndarray,
+    queries: np.ndarray,
+    exact: np.ndarray,
+    n: int,
+    *,
+    target: float = 0.95,
+    nprobe: int = 0,
+) -> RecallReport:
+    """:func:`tune_nprobe` once the exact neighbours are known, however they were found.
+
+    Args:
+        rows: int64 (q,) the query rows; queries: float32 (q, dim) their vectors in the index's space.
+        exact: int64 (q, k + 1) each query's exact nearest rows among all ``n``, best first (its own row
+            among them), k = min(10, n - 1).
+    """
+    nlist = int(index.ivf.nlist)
+    k = min(10, n - 1)
+    if k < 1 or not len(rows):
+        index.ivf.nprobe = 1
+        return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
     truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
     if nprobe:
         candidates = [min(nprobe, nlist)]
@@ -695,7 +780,8 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
     manifest = built.manifest.model_copy(update={"version": version, "segments": segments})
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
-        np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
+        if "ids.npy" not in built.files:  # a streamed build has written it (and vectors.npy) already
+            np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
         np.save(Path(tmp) / "clusters.npy", built.clusters)
         np.save(Path(tmp) / "labels.npy", built.labels)
         np.save(Path(tmp) / "class_top.npy", built.class_top)
@@ -706,13 +792,14 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
         np.save(Path(tmp) / "captions.npy", built.captions.text)
         np.save(Path(tmp) / "order.npy", built.order.astype(np.int64))
-        if built.vectors is not None:
+        if built.vectors is not None and "vectors.npy" not in built.files:
             np.save(Path(tmp) / "vectors.npy", np.asarray(built.vectors, dtype=np.float32))
         if built.trained is not None:
             (Path(tmp) / TRAINED_FILE).write_bytes(built.trained)
         for name in (*FILES, TRAINED_FILE):
-            if (Path(tmp) / name).is_file():
-                storage.upload_file(INDEX, f"{version}/{name}", Path(tmp) / name)
+            path = built.files.get(name, Path(tmp) / name)
+            if path.is_file():
+                storage.upload_file(INDEX, f"{version}/{name}", path)
     if built.head is not None:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
         storage.put_json(INDEX, f"{version}/head.json", built.head.manifest.to_json())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,19 +15,19 @@ from job.index_build import (
     TRAINED_FILE,
     IndexParams,
     build_delta,
-    build_index,
     extend_index,
     fingerprint,
     grow_version,
     publish,
 )
+from job.stream_build import StreamedBuild, build_streaming
 from shared.catalog import Catalog
-from shared.errors import NotReady, QualityGate, VersionMismatch
+from shared.errors import ClusterlensError, NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
 from shared.index import Captions, ClusterIndex, current_version, load_folder, load_version, read_manifest
 from shared.manifests import IndexManifest
 from shared.settings import Settings
-from shared.storage import INDEX, BlobNotFound, Storage
+from shared.storage import EMBEDDINGS, INDEX, BlobNotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,12 @@ def embed_captions(settings: Settings, captions: list[str | None]) -> Captions |
     similarity search is unaffected.
     """
     rows = [i for i, c in enumerate(captions) if c]
-    if not rows:
+    return embed_caption_texts(settings, np.array(rows, np.int64), [str(captions[i]) for i in rows])
+
+
+def embed_caption_texts(settings: Settings, rows: np.ndarray, texts: list[str]) -> Captions | None:
+    """:func:`embed_captions` for the rows that have one: ``rows`` int64 (m,) and their texts."""
+    if not len(rows):
         return None
     from shared.text_encoder import TextEncoder
 
@@ -46,9 +53,8 @@ def embed_captions(settings: Settings, captions: list[str | None]) -> Captions |
     except NotReady as exc:
         log.warning("captions left out of the index: %s", exc.message)
         return None
-    texts = [str(captions[i]) for i in rows]
     vectors = np.concatenate([encoder.encode(texts[i : i + 256]) for i in range(0, len(texts), 256)])
-    return Captions(np.array(rows, np.int64), vectors.astype(np.float16), np.array(texts))
+    return Captions(np.asarray(rows, np.int64), vectors.astype(np.float16), np.array(texts))
 
 
 @dataclass
@@ -100,7 +106,12 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         "text_encoder": settings.text_encoder,
         **index_params.to_json(),
     }
-    shards = store.shards()
+    current = current_version(storage)
+    prior = read_manifest(storage, current) if current else None
+    # Shards a compaction replaced stay listed until the next full build deletes them: never read again.
+    retired = set(prior.source.get("replaced", [])) if prior else set()
+    listed = store.shards()
+    shards = [s for s in listed if s not in retired]
     if not shards:
         raise NotReady(
             f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first", code="no_embeddings"
@@ -114,10 +125,10 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         "shard_names": sorted(shards),
         "params": params,
         "deleted": fingerprint("deleted", sorted(deleted), {}),
+        "replaced": sorted(retired & set(listed)),
     }
-    current = current_version(storage)
-    if current and not force:
-        manifest = read_manifest(storage, current)
+    if prior is not None and current and not force:
+        manifest = prior
         if manifest.fingerprint == fp:
             log.info("index %s is up to date", current)
             return _result(current, False, manifest, mode="unchanged")
@@ -126,22 +137,62 @@ def reindex(storage: Storage, settings: Settings, encoder_version: str, *, force
         )
         if grown is not None:
             return _publish(storage, settings, grown, force, mode="incremental")
-    emb = fill_records(catalog, store.load(skip=deleted))
-    captions = embed_captions(settings, emb.captions)
-    built = build_index(
-        emb.vectors,
-        emb.ids,
-        emb.labels,
-        encoder_version=encoder_version,
-        params=index_params,
-        class_top=emb.top_class,
-        class_prob=emb.top_prob,
-        head=head,
-        captions=captions,
-        ingested=emb.ingested,
-        source=source,
-    )
-    return _publish(storage, settings, built, force, mode="full")
+    with tempfile.TemporaryDirectory(prefix="clusterlens-build-") as tmp:
+        streamed = build_streaming(
+            store,
+            catalog,
+            shards,
+            deleted=deleted,
+            params=index_params,
+            workdir=Path(tmp),
+            head=head,
+            embed_captions=lambda rows, texts: embed_caption_texts(settings, rows, texts),
+            compact_rows=settings.embed_compact_rows,
+            source=source,
+        )
+        built = streamed.index
+        if streamed.compaction is not None:  # the index stands on the compacted shards now
+            built.manifest.source |= _compacted_source(encoder_version, streamed, deleted, params)
+        result = _publish(storage, settings, built, force, mode="full")
+    if result.mode == "full":
+        _delete_retired(storage, sorted(retired & set(listed)))
+    return result
+
+
+def _compacted_source(
+    encoder_version: str, streamed: StreamedBuild, deleted: set[str], params: dict[str, Any]
+) -> dict[str, Any]:
+    """A compacting build's ``source``: the shards it stands on (its fingerprint theirs, so the next reindex
+    finds it up to date) and those it replaced."""
+    assert streamed.compaction is not None
+    shards = streamed.shards
+    return {
+        "fingerprint": fingerprint(encoder_version, [*shards, *(f"deleted:{i}" for i in sorted(deleted))], params),
+        "shards": len(shards),
+        "shard_names": sorted(shards),
+        "replaced": sorted(streamed.compaction.replaced),
+        "compaction": {
+            "written": len(streamed.compaction.written),
+            "rows": streamed.compaction.rows,
+        },
+    }
+
+
+def _delete_retired(storage: Storage, names: list[str]) -> None:
+    """Delete the shards an earlier compaction replaced, now that a newer full build is current.
+
+    One generation later, not at once: a reader (an incremental reindex, an embed's full check) that
+    listed the shards before the compaction may still be reading them; by the next full build it has
+    long finished. A delete that fails leaves a shard whose rows are all in others: the next full
+    build reads it as a small shard, finds nothing new and replaces it again.
+    """
+    for name in names:
+        try:
+            storage.delete(EMBEDDINGS, name)
+        except ClusterlensError as exc:
+            log.warning("replaced shard %s not deleted: %s", name, exc.message)
+    if names:
+        log.info("deleted %d shards replaced by the previous compaction", len(names))
 
 
 def _try_incremental(
@@ -294,7 +345,8 @@ def _still_newest(storage: Storage, built: ClusterIndex) -> bool:
     manifest = read_manifest(storage, current)
     if manifest.encoder_version != built.manifest.encoder_version:
         return True
-    return manifest.shard_names <= built.manifest.shard_names
+    covered = built.manifest.shard_names | set(built.manifest.source.get("replaced", []))  # compacted ones too
+    return manifest.shard_names <= covered
 
 
 def _result(version: str, built: bool, manifest: IndexManifest, mode: str) -> ReindexResult:

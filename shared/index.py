@@ -151,6 +151,8 @@ class ClusterIndex:
         self.duplicates = np.zeros(0, np.int64)
         self.trained: bytes | None = None  # job side: the index before any row was added (trained.faiss)
         self.mapped: Path | None = None  # the file the FAISS lists are memory-mapped from, if they are
+        # files of a version written already (a streamed build's ids and re-ranking vectors), by name
+        self.files: dict[str, Path] = {}
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         # Stored as float16; widened once here rather than on every text query.

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     embed_unit_size: int = Field(
         default=10_000, ge=1, description="a backfill is split into units of this many images, one job each"
     )
+    embed_compact_rows: int = Field(
+        default=100_000,
+        ge=0,
+        description="a full reindex rewrites shards under half this many rows into shards of this many "
+        "(when they hold this many between them); 0: never",
+    )
     straggler_sweep_seconds: float = Field(
         default=600,
         ge=0,
