@@ -1055,6 +1055,16 @@ def scale_row(sc: Result) -> list[str]:
             f"; reindex **{big['peak_rss_bytes'] / 2**30:.2f} GiB** peak RSS, {num(big['seconds'])} s, "
             f"{big['requests_per_image']:.4f} storage requests per image"
         )
+    if "add_1000" in sc.data:
+        add = sc["add_1000"]
+        sizes = sorted(add["runs"], key=int)
+        what += f"; {num(add['new'])} images added to {num(int(sizes[-1]))} existing"
+        figure += (
+            f"; adding: **{add['time_ratio']:.2f}x** the time at {num(int(sizes[0]))} existing, "
+            f"{add['runs'][sizes[-1]]['requests_per_image']:.2f} storage requests per new image at both sizes"
+            if len({add["runs"][k]["requests_per_image"] for k in sizes}) == 1
+            else f"; adding: **{add['time_ratio']:.2f}x** the time at {num(int(sizes[0]))} existing"
+        )
     return [what, figure, sc.machine]
 
 
