@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         default=50, ge=0, description="Queue a retrain once this many labels arrived since the last one; 0: off."
     )
 
+    pass_sample: int = Field(
+        default=50_000,
+        ge=100,
+        description="Retrain and analysis read the shards in bounded memory and fit their feature space, "
+        "k-means and Isolation Forest on a seeded sample of at most this many images (maps may draw more).",
+    )
+
     # Batch analysis (clusters, maps, classifiers, anomalies): `clusterlens analyse`, job kind analyse
     analysis_k: int = Field(default=0, ge=0, le=4096, description="k-means clusters; 0: silhouette sweep.")
     analysis_k_min: int = Field(default=4, ge=2, description="Silhouette sweep: smallest k tried.")
