@@ -107,6 +107,7 @@ def collect(
         skip: ids to leave out (deleted images).
         log_labels: image id -> its latest label in the label log.
         vectors: applied to each chunk's vectors before anything is kept (e.g. the projection head).
+        sample_size: rows in the sample (0: none).
         catalog: completes rows of shards written before they carried labels (one request a row);
             None leaves those rows unlabelled.
         keep_labelled: keep the labelled rows' vectors (else only their rows and labels).
@@ -189,6 +190,8 @@ class _Sample:
 
     def add(self, start: int, keys: np.ndarray, x: np.ndarray) -> None:
         """Offer rows ``start .. start + len(x)`` with their random keys (float (c,)) and vectors (c, d)."""
+        if not self.capacity:
+            return
         if self.vectors is None:
             self.vectors = np.zeros((self.capacity, x.shape[1]), np.float32)
         free = min(self.capacity - self.size, len(x))

@@ -91,6 +91,7 @@ class TrainedHead:
     onnx_path: Path
     manifest: HeadManifest
     net: HeadNet
+    rows_held_max: int = 0  # the most embedding rows held at once while reading them (train_on_collection)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -277,6 +278,10 @@ def train_on_collection(
 ) -> tuple[TrainedHead, str]:
     """Train on the stored embeddings of every labelled image in the collection and publish the head.
 
+    The labels are those given at ingest (the shards' ``label`` column). The shards are read one at a
+    time (:func:`job.passes.collect`), keeping only the labelled rows, so memory grows with the labels,
+    not with the collection.
+
     Args:
         options: passed to :func:`train_head` (epochs, batch_size, lr, seed, device, progress, ...).
 
@@ -289,7 +294,8 @@ def train_on_collection(
     """
     import tempfile
 
-    from job.embeddings import EmbeddingStore, fill_records
+    from job.embeddings import EmbeddingStore
+    from job.passes import collect
     from shared.catalog import Catalog
 
     store = EmbeddingStore(storage, encoder_version)
@@ -297,18 +303,18 @@ def train_on_collection(
         raise NotReady(
             f"no embeddings for encoder {encoder_version}: run `clusterlens embed` first", code="no_embeddings"
         )
-    emb = fill_records(Catalog(storage), store.load())
-    labels = emb.labels
-    keep = [i for i, label in enumerate(labels) if label is not None]
+    # One read of every shard, keeping only the rows labelled at ingest (no sample: nothing else is fitted).
+    seen = collect(store, sample_size=0, catalog=Catalog(storage))
     with tempfile.TemporaryDirectory(prefix="clusterlens-head-") as tmp:
         trained = train_head(
-            emb.vectors[keep],
-            [str(labels[i]) for i in keep],
+            seen.labelled_vectors,
+            seen.labels,
             Path(tmp),
             encoder_version=encoder_version,
             power=settings.index_power,
             **options,
         )
+        trained.rows_held_max = seen.rows_held_max
         version = publish_head(storage, trained.onnx_path, trained.manifest)
     trained.manifest = trained.manifest.model_copy(update={"version": version})
     return trained, version

@@ -244,7 +244,7 @@ def run_train_head(ctx: JobContext) -> dict[str, Any]:
     options = {k: params[k] for k in ("epochs", "batch_size", "lr", "seed") if k in params}
     ctx.progress(0, None, "train")
     trained, version = train_on_collection(ctx.storage, ctx.settings, ctx.encoder_factory().version, **options)
-    return {"head_version": version, "train": trained.manifest.train}
+    return {"head_version": version, "train": trained.manifest.train, "rows_held_max": trained.rows_held_max}
 
 
 def run_retrain(ctx: JobContext) -> dict[str, Any]:

@@ -105,3 +105,18 @@ def test_retrain_streams_the_shards_and_reads_no_record(small: Small) -> None:
     assert reads == {f"{EMBEDDINGS}/{s}": 2 for s in shards}  # labelled rows and sample, then predictions
     bound = _largest_chunk(EmbeddingStore(storage, small.version)) + result.labels_used + SAMPLE
     assert result.rows_held_max <= bound < SIZE + result.labels_used
+
+
+def test_head_training_keeps_only_the_labelled_rows(small: Small) -> None:
+    from job.train_head import train_on_collection
+
+    storage = small.storage()
+    trained, version = train_on_collection(
+        storage, small.settings, small.version, epochs=2, device="cpu", progress=False
+    )
+    assert trained.manifest.version == version and trained.manifest.train["labelled"] == INGEST_LABELLED
+    assert storage.by_kind["get embeddings/records"] == 0
+    shards = EmbeddingStore(storage, small.version).shards()
+    reads = Counter(t.split(" ", 1)[1] for t in storage.trace or [] if t.startswith(f"get {EMBEDDINGS}/vectors/"))
+    assert reads == {f"{EMBEDDINGS}/{s}": 1 for s in shards}
+    assert trained.rows_held_max <= _largest_chunk(EmbeddingStore(storage, small.version)) + INGEST_LABELLED
