@@ -14,6 +14,10 @@ publishes a numbered report in the reports container::
     reports/v000003/manifest.json     written last: the version is complete
     reports/CURRENT.json              the pointer, swapped after the manifest
 
+The shards are read in bounded memory (:mod:`job.passes`): only the labelled images and a seeded
+sample are held; k-means and the Isolation Forest are fitted on the sample, and every image's cluster
+and anomaly score stream through them shard by shard (three reads of the shards in all).
+
 Steps with nothing to work on are skipped with a reason (no labels: no classifiers, no
 mislabels). scikit-learn, LightGBM, UMAP and matplotlib are imported inside the steps (job side).
 """
@@ -24,9 +28,9 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +42,9 @@ from shared.reports import CLASSIFY
 from shared.settings import Settings
 from shared.storage import Storage
 
+if TYPE_CHECKING:
+    from job.passes import Collected
+
 log = logging.getLogger(__name__)
 
 KNN_K = 10
@@ -48,33 +55,52 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class AnalysisData:
-    """What every step works on.
+    """What every step works on, read from the shards in bounded memory (:mod:`job.passes`).
+
+    Every row has its id and label; vectors are held only for the labelled rows and a seeded sample
+    (``pass_sample`` rows, or more when a map draws more). What every row needs from a fitted model
+    (its cluster, its anomaly score) streams through :meth:`feature_chunks`.
 
     Attributes:
         ids: (n,) image ids.
-        features: float32 (n, p) power + L2 + PCA features (the classifiers' input).
-        unit: float32 (n, p) the same, L2-normalised (clustering, maps, anomalies: cosine geometry).
         labels: int64 (n,) code into ``classes``, -1 unlabelled.
         classes: the label set's classes that have labels.
-        knn_space: float32 (n, q) unit vectors kNN votes in: the published index's space where the
-            index holds the image, else ``unit``.
+        sample: int64 (s,) rows of the seeded sample, ascending (every row when n is small).
+        sample_features: float32 (s, p) their power + L2 + PCA features (the classifiers' input).
+        sample_unit: float32 (s, p) the same, L2-normalised (clustering, maps, anomalies: cosine geometry).
+        labelled_features: float32 (m, p) the features of the rows in :attr:`labelled`, in that order.
+        knn_space: float32 (m, q) unit vectors kNN votes in, of the same rows: the published index's
+            space where the index holds every image, else the analysis features.
         space: the fitted feature space (saved with the classify model).
+        passes: the shard reads (the peak rows held: ``passes.rows_held_max``).
     """
 
     ids: list[str]
-    features: np.ndarray
-    unit: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    sample: np.ndarray
+    sample_features: np.ndarray
+    sample_unit: np.ndarray
+    labelled_features: np.ndarray
     knn_space: np.ndarray
     knn_source: str
     space: FeatureSpace
     encoder_version: str
+    passes: Collected
     head_version: str | None = None
 
     @property
     def labelled(self) -> np.ndarray:
         return np.flatnonzero(self.labels >= 0)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.sample_features.shape[1])
+
+    def feature_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every row's features, shard by shard: (first row, float32 (c, p))."""
+        for start, x in self.passes.chunks():
+            yield start, self.space.transform(x)
 
 
 @dataclass
@@ -95,61 +121,87 @@ class Report:
 
 
 def load_data(storage: Storage, settings: Settings, encoder_version: str) -> AnalysisData:
-    """Every embedded image (deleted ones left out), its current label and its features.
+    """Every embedded image's id and current label (deleted ones left out), and the features of the
+    labelled images and of a seeded sample, from one read of the shards.
 
     Raises:
         NotReady: no embeddings for this encoder (embed first).
     """
     from job.embeddings import EmbeddingStore
+    from job.passes import collect
     from shared.catalog import Catalog
-    from shared.labels import LabelLog, ingest_labels
+    from shared.labels import LabelLog
 
-    emb = EmbeddingStore(storage, encoder_version).load(skip=Catalog(storage).deleted_ids())
-    if len(emb.ids) < 2:
-        raise NotReady(
-            f"need embedded images for encoder {encoder_version}: ingest and embed first", code="no_embeddings"
-        )
-    vectors, head_version = emb.vectors, None
+    log_ = LabelLog(storage)
+    log_.refresh()
+    from_log = {i: e.label for i, e in log_.current().items()}
+    transform, head_version = None, None
     if settings.classifier_space == "head":
         from shared.head import load_head
 
         head = load_head(storage, settings)
-        vectors, head_version = head.apply(vectors).embedding, head.version
-    space = FeatureSpace(dim=settings.classifier_pca_dim if head_version is None else 0).fit(vectors)
-    features = space.transform(vectors)
+        transform, head_version = (lambda x: head.apply(x).embedding), head.version
+    catalog = Catalog(storage)
+    seen = collect(
+        EmbeddingStore(storage, encoder_version),
+        skip=catalog.deleted_ids(),
+        log_labels=from_log,
+        vectors=transform,
+        sample_size=_sample_size(settings),
+        catalog=catalog,
+    )
+    if len(seen.ids) < 2:
+        raise NotReady(
+            f"need embedded images for encoder {encoder_version}: ingest and embed first", code="no_embeddings"
+        )
+    space = FeatureSpace(dim=settings.classifier_pca_dim if head_version is None else 0, sample=settings.pass_sample)
+    space.fit(seen.sample_vectors)
+    sample_features = space.transform(seen.sample_vectors)
+    labelled_features = space.transform(seen.labelled_vectors)
 
-    log_ = LabelLog(storage)
-    log_.refresh()
-    current = {i: e.label for i, e in log_.current(ingest_labels(storage)).items()}
     label_set = log_.label_set()
+    present = set(seen.labels)
     order = list(label_set.classes) if label_set else []
-    order += sorted({lab for lab in current.values() if lab not in set(order)})
-    used = [c for c in order if c in set(current.values())]
+    order += sorted(present - set(order))
+    used = [c for c in order if c in present]
     code = {c: i for i, c in enumerate(used)}
-    labels = np.array([code.get(current.get(i, ""), -1) for i in emb.ids], dtype=np.int64)
+    labels = np.full(len(seen.ids), -1, dtype=np.int64)
+    labels[seen.labelled] = [code[lab] for lab in seen.labels]
 
-    knn_space, source = _index_space(storage, settings, encoder_version, emb.ids)
-    unit = normalize(features)
+    knn_space, source = _index_space(storage, settings, encoder_version, seen.ids, seen.labelled)
     if knn_space is None:
-        knn_space, source = unit, "analysis features (no published index for this encoder)"
+        knn_space, source = normalize(labelled_features), "analysis features (no published index for this encoder)"
     return AnalysisData(
-        ids=list(emb.ids),
-        features=features,
-        unit=unit,
+        ids=seen.ids,
         labels=labels,
         classes=used,
+        sample=seen.sample,
+        sample_features=sample_features,
+        sample_unit=normalize(sample_features),
+        labelled_features=labelled_features,
         knn_space=knn_space,
         knn_source=source,
         space=space,
         encoder_version=encoder_version,
+        passes=seen,
         head_version=head_version,
     )
 
 
+def _sample_size(settings: Settings) -> int:
+    """Rows the analysis samples: ``pass_sample``, or what the largest map or the silhouette draws."""
+    draws = [settings.analysis_silhouette_sample]
+    draws += [
+        settings.analysis_pca_points if m == "pca" else settings.analysis_map_sample for m in settings.analysis_maps
+    ]
+    return max(settings.pass_sample, *draws)
+
+
 def _index_space(
-    storage: Storage, settings: Settings, encoder_version: str, ids: list[str]
+    storage: Storage, settings: Settings, encoder_version: str, ids: list[str], rows: np.ndarray
 ) -> tuple[np.ndarray | None, str]:
-    """The published index's vector of every image, when the index holds them all."""
+    """The published index's vectors of the images at ``rows`` (int64 (m,) positions in ``ids``), when
+    the index holds every image."""
     from shared.index import current_version, load_current
 
     if current_version(storage) is None:
@@ -157,15 +209,15 @@ def _index_space(
     index = load_current(storage, settings.data_dir / "cache")
     if index.manifest.encoder_version != encoder_version:
         return None, ""
-    rows = index.rows_of(ids)
-    if (rows < 0).any():
+    found = index.rows_of(ids)
+    if (found < 0).any():
         log.info(
             "index %s lacks %d embedded images: kNN uses analysis features",
             index.manifest.version,
-            int((rows < 0).sum()),
+            int((found < 0).sum()),
         )
         return None, ""
-    return normalize(index.all_vectors()[rows]), f"index {index.manifest.version} ({index.manifest.kind})"
+    return normalize(index.all_vectors()[found[rows]]), f"index {index.manifest.version} ({index.manifest.kind})"
 
 
 # -- clustering --------------------------------------------------------------------------------
@@ -204,12 +256,15 @@ def sweep_candidates(k_min: int, k_max: int, n: int, steps: int = 8) -> list[int
 def cluster_step(data: AnalysisData, settings: Settings, report: Report) -> np.ndarray:
     """k-means (k from settings or the best silhouette of a sweep), sizes, silhouette, agreement with labels.
 
+    The sweep runs on the seeded sample (its silhouette on a sample of that); every image is then assigned
+    to the chosen centroids shard by shard, for the sizes, the inertia and the images nearest each centroid.
+
     Returns:
         int64 (n,) cluster of every image.
     """
     from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-    x = data.unit
+    x = data.sample_unit
     rng = np.random.default_rng(0)
     sample = rng.choice(len(x), min(settings.analysis_silhouette_sample, len(x)), replace=False)
     sweep = []
@@ -234,14 +289,12 @@ def cluster_step(data: AnalysisData, settings: Settings, report: Report) -> np.n
         if best is None or sil > best[0]:
             best = (sil, k, centroids, assign, inertia)
     assert best is not None
-    sil, k, centroids, assign, inertia = best
+    sil, k, centroids, _, _ = best
+    assign, inertia, near = assign_all(data, centroids, settings.analysis_contact_per_cluster)
     sizes = np.bincount(assign, minlength=k)
-    per = settings.analysis_contact_per_cluster
     nearest = report.nearest
     for c in range(k):
-        members = np.flatnonzero(assign == c)
-        order = np.argsort(-(x[members] @ centroids[c]))[:per]
-        nearest[c] = [data.ids[int(i)] for i in members[order]]
+        nearest[c] = [data.ids[int(i)] for i in near[c]]
     out: dict[str, Any] = {
         "k": k,
         "chosen_by": "setting" if settings.analysis_k else "silhouette sweep",
@@ -267,6 +320,40 @@ def cluster_step(data: AnalysisData, settings: Settings, report: Report) -> np.n
     report.json("clusters.json", {"k": k, "sizes": out["sizes"], "nearest": {str(c): v for c, v in nearest.items()}})
     report.files["centroids.npy"] = _npy(centroids)
     return assign
+
+
+def assign_all(data: AnalysisData, centroids: np.ndarray, per: int) -> tuple[np.ndarray, float, list[np.ndarray]]:
+    """Every image's nearest centroid, read shard by shard.
+
+    Args:
+        centroids: float32 (k, p) unit centroids.
+        per: images to keep nearest each centroid.
+
+    Returns:
+        int64 (n,) cluster of every image, the inertia (sum of squared distances to the nearest
+        centroid), and per cluster int64 rows of its ``per`` members nearest the centroid, nearest first.
+    """
+    import faiss
+
+    k = len(centroids)
+    flat = faiss.IndexFlatL2(centroids.shape[1])
+    flat.add(centroids)
+    assign = np.zeros(len(data.ids), np.int64)
+    inertia = 0.0
+    best_rows = [np.zeros(0, np.int64) for _ in range(k)]
+    best_sims = [np.zeros(0, np.float32) for _ in range(k)]
+    for start, feats in data.feature_chunks():
+        unit = normalize(feats)
+        dist, nearest = flat.search(unit, 1)
+        assign[start : start + len(unit)] = nearest[:, 0]
+        inertia += float(dist.sum())
+        for c in np.unique(nearest[:, 0]):
+            members = np.flatnonzero(nearest[:, 0] == c)
+            rows = np.concatenate([best_rows[c], start + members])
+            sims = np.concatenate([best_sims[c], unit[members] @ centroids[c]])
+            keep = np.lexsort((rows, -sims))[:per]  # most similar first, earlier row on a tie
+            best_rows[c], best_sims[c] = rows[keep], sims[keep]
+    return assign, inertia, best_rows
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -302,20 +389,25 @@ def project(method: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
 def maps_step(
     data: AnalysisData, clusters: np.ndarray | None, settings: Settings, report: Report, progress: Progress
 ) -> dict[str, Any]:
-    """Every configured 2-D map, as data columns for the page; returns method -> (rows, xy) for the figures."""
+    """Every configured 2-D map of (a sample of) the seeded sample, as data columns for the page.
+
+    Returns:
+        method -> (rows, xy) for the figures: int64 rows of the images drawn, float32 (len(rows), 2).
+    """
     rng = np.random.default_rng(0)
-    n = len(data.ids)
+    n, s = len(data.ids), len(data.sample)
     drawn: dict[str, Any] = {}
     out: dict[str, Any] = {}
     for i, method in enumerate(settings.analysis_maps):
         cap = settings.analysis_pca_points if method == "pca" else settings.analysis_map_sample
-        rows = np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+        picked = np.sort(rng.choice(s, cap, replace=False)) if s > cap else np.arange(s)
+        rows = data.sample[picked]  # drawn from the seeded sample, which holds at least cap images
         if len(rows) < 5:
             out[method] = {"skipped": "fewer than 5 images"}
             continue
         progress(f"map {method}", i, len(settings.analysis_maps))
         t0 = time.perf_counter()
-        xy = project(method, data.unit[rows])
+        xy = project(method, data.sample_unit[picked])
         seconds = time.perf_counter() - t0
         drawn[method] = (rows, xy)
         out[method] = {"points": int(len(rows)), "of": n, "seconds": round(seconds, 3)}
@@ -379,7 +471,8 @@ def classifier_step(
         return None
     remap = np.full(len(data.classes), -1)
     remap[keep] = np.arange(len(keep))
-    rows = lab[remap[data.labels[lab]] >= 0]
+    at = np.flatnonzero(remap[data.labels[lab]] >= 0)  # positions in lab (and in labelled_features)
+    rows = lab[at]
     y = remap[data.labels[rows]]
     classes = [data.classes[c] for c in keep]
     split = holdout_split(y, settings.classifier_holdout)
@@ -395,11 +488,11 @@ def classifier_step(
         progress(f"classifier {name}", i, len(MODELS))
         t0 = time.perf_counter()
         if name == "knn10":
-            _, nn = knn_neighbours(data.knn_space[rows[tr]], data.knn_space[rows[te]], KNN_K)
+            _, nn = knn_neighbours(data.knn_space[at[tr]], data.knn_space[at[te]], KNN_K)
             proba = knn_vote(np.where(nn >= 0, y[tr][np.maximum(nn, 0)], -1), c)
         else:
-            model = fit_classifier(name, data.features[rows[tr]], y[tr], seed=0)
-            proba = full_proba(model, data.features[rows[te]], c)
+            model = fit_classifier(name, data.labelled_features[at[tr]], y[tr], seed=0)
+            proba = full_proba(model, data.labelled_features[at[te]], c)
         seconds = time.perf_counter() - t0
         results[name] = {**evaluate(proba, y[te], classes), "seconds": round(seconds, 3)}
         pred = proba.argmax(axis=1)
@@ -412,12 +505,12 @@ def classifier_step(
         "classes": classes,
         "chance": round(float(np.bincount(y[te]).max() / len(te)), 4),
         "knn_space": data.knn_source,
-        "feature_dim": int(data.features.shape[1]),
+        "feature_dim": data.feature_dim,
         "models": results,
         "best": best,
     }
     figures["best"] = best
-    figures["rows"], figures["y"] = rows, y
+    figures["rows"], figures["at"], figures["y"] = rows, at, y
     return figures
 
 
@@ -427,7 +520,7 @@ def publish_classifier(data: AnalysisData, fitted: dict[str, Any], report: Repor
     regression and LightGBM (onnxruntime runs it, no scikit-learn in the API), no model for 10-NN
     (the API votes over the live index's labelled images)."""
     best, rows, y, classes = fitted["best"], fitted["rows"], fitted["y"], fitted["classes"]
-    model = fit_classifier(best, data.features[rows], y, seed=0) if best in ONNX_KINDS else None
+    model = fit_classifier(best, data.labelled_features[fitted["at"]], y, seed=0) if best in ONNX_KINDS else None
     exported = export(
         best,
         model,
@@ -452,13 +545,16 @@ def publish_classifier(data: AnalysisData, fitted: dict[str, Any], report: Repor
 def anomaly_step(
     data: AnalysisData, clusters: np.ndarray | None, settings: Settings, report: Report
 ) -> list[dict[str, Any]]:
-    """Isolation Forest (200 trees) on the features; the ``analysis_anomaly_share`` most isolated flagged."""
+    """Isolation Forest (200 trees) fitted on the seeded sample's features, then every image scored shard
+    by shard; the ``analysis_anomaly_share`` most isolated flagged."""
     from sklearn.ensemble import IsolationForest
 
     n = len(data.ids)
     flagged = max(1, int(round(settings.analysis_anomaly_share * n)))
-    forest = IsolationForest(n_estimators=200, random_state=0, n_jobs=1).fit(data.features)
-    score = -forest.score_samples(data.features)  # higher: more isolated
+    forest = IsolationForest(n_estimators=200, random_state=0, n_jobs=1).fit(data.sample_features)
+    score = np.zeros(n, np.float64)
+    for start, feats in data.feature_chunks():
+        score[start : start + len(feats)] = -forest.score_samples(feats)  # higher: more isolated
     order = np.argsort(-score, kind="stable")[:flagged]
     items = [
         {
@@ -473,6 +569,7 @@ def anomaly_step(
     report.metrics["anomalies"] = {
         "trees": 200,
         "images": n,
+        "fitted_on": int(len(data.sample)),
         "flagged": len(items),
         "share": round(len(items) / n, 4),
         "threshold": round(float(score[order[-1]]), 5),
@@ -488,7 +585,7 @@ def mislabel_step(data: AnalysisData, settings: Settings, report: Report) -> lis
     if len(lab) <= KNN_K or len(data.classes) < 2:
         report.skip("mislabels", f"needs more than {KNN_K} labelled images of two classes or more")
         return []
-    scores, nn = knn_neighbours(data.knn_space[lab], data.knn_space[lab], KNN_K, exclude_self=True)
+    scores, nn = knn_neighbours(data.knn_space, data.knn_space, KNN_K, exclude_self=True)
     y = data.labels[lab]
     votes = np.zeros((len(lab), len(data.classes)), np.int64)
     for c in range(len(data.classes)):

@@ -74,7 +74,9 @@ def run_analysis(
             "images": len(data.ids),
             "labelled": int(len(data.labelled)),
             "classes": data.classes,
-            "feature_dim": int(data.features.shape[1]),
+            "feature_dim": data.feature_dim,
+            "sample": int(len(data.sample)),
+            "rows_held_max": data.passes.rows_held_max,
         }
     )
     timed("figures", lambda: render_figures(storage, data, clusters, drawn, fitted, anomalies, mislabels, report))

@@ -24,7 +24,7 @@ from shared.encoder import ImageEncoder
 from shared.ingest import ingest_bytes
 from shared.labels import LabelLog
 from shared.settings import Settings
-from shared.storage import EMBEDDINGS, LocalStorage
+from shared.storage import EMBEDDINGS, REPORTS, LocalStorage
 from tests.conftest import make_settings
 
 SIZE = 300
@@ -120,3 +120,39 @@ def test_head_training_keeps_only_the_labelled_rows(small: Small) -> None:
     reads = Counter(t.split(" ", 1)[1] for t in storage.trace or [] if t.startswith(f"get {EMBEDDINGS}/vectors/"))
     assert reads == {f"{EMBEDDINGS}/{s}": 1 for s in shards}
     assert trained.rows_held_max <= _largest_chunk(EmbeddingStore(storage, small.version)) + INGEST_LABELLED
+
+
+def test_analysis_holds_a_sample_and_streams_every_image(small: Small) -> None:
+    from job.run_analysis import run_analysis
+
+    settings = make_settings(
+        small.settings.data_dir,
+        image_size=64,
+        pass_sample=SAMPLE,
+        analysis_maps=["pca"],
+        analysis_pca_points=SAMPLE,
+        analysis_map_sample=SAMPLE,
+        analysis_silhouette_sample=SAMPLE,
+        analysis_k_max=8,
+    )
+    storage = small.storage()
+    metrics = run_analysis(storage, settings, small.version)
+    assert metrics["images"] == SIZE and metrics["sample"] == SAMPLE
+    assert sum(metrics["clustering"]["sizes"]) == SIZE  # every image assigned, not only the sample
+    assert metrics["anomalies"]["flagged"] == round(0.05 * SIZE) and metrics["anomalies"]["fitted_on"] == SAMPLE
+    assert metrics["maps"]["pca"] == {"points": SAMPLE, "of": SIZE, "seconds": metrics["maps"]["pca"]["seconds"]}
+    # Records are read only for the thumbnails the figures show, never one per image.
+    version = metrics["version"]
+    shown = {i for ids in storage.get_json(REPORTS, f"{version}/clusters.json")["nearest"].values() for i in ids}
+    shown |= {item["id"] for item in storage.get_json(REPORTS, f"{version}/anomalies.json")["items"]}
+    for item in storage.get_json(REPORTS, f"{version}/mislabels.json")["items"]:
+        shown |= {item["id"], *item["neighbours"]}
+    records = [t for t in storage.trace or [] if t.startswith(f"get {EMBEDDINGS}/records/")]
+    assert len(records) == len(set(records)) and {t.split("/")[-1].removesuffix(".json") for t in records} <= shown
+    assert len(records) < SIZE / 2
+    shards = EmbeddingStore(storage, small.version).shards()
+    reads = Counter(t.split(" ", 1)[1] for t in storage.trace or [] if t.startswith(f"get {EMBEDDINGS}/vectors/"))
+    assert reads == {f"{EMBEDDINGS}/{s}": 3 for s in shards}  # labelled rows and sample, clusters, anomalies
+    labelled = metrics["labelled"]
+    assert metrics["rows_held_max"] <= _largest_chunk(EmbeddingStore(storage, small.version)) + labelled + SAMPLE
+    assert metrics["rows_held_max"] < SIZE + labelled
