@@ -8,8 +8,10 @@ Layout in the ``labels`` container::
 A batch is written once under a new name (create-if-absent) and never changed, so nothing a later
 writer does can lose it; the current label of an image is its latest entry (batches in name order,
 which is time order, then entry order). A label given at ingest (folder name, blob metadata,
-dataset) counts as the image's first entry. Label sets are immutable numbered blobs too: a change
-writes the next number, so two concurrent changes cannot overwrite each other.
+dataset) counts as the image's first entry: the jobs read those from the embedding shards' ``label``
+column as they stream them (``job.passes``), not one catalogue record per image. Label sets are
+immutable numbered blobs too: a change writes the next number, so two concurrent changes cannot
+overwrite each other.
 
 The class list is defined by the user: configured (``CLUSTERLENS_LABEL_CLASSES``), set over HTTP
 (``PUT /api/label-set``), or, when none exists, created from the first labels: those given at
@@ -242,10 +244,3 @@ class LabelLog:
         for entry in self.entries():
             out[entry.id] = entry
         return out
-
-
-def ingest_labels(storage: Storage) -> dict[str, str]:
-    """Image id -> label given at ingest, for every image that has one (reads every record)."""
-    from shared.catalog import Catalog
-
-    return {r.id: r.label for r in Catalog(storage).records() if r.label}
