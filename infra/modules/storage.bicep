@@ -54,7 +54,7 @@ var blobContainers = [
 ]
 
 var queues = [
-  'jobs' // reindex, retrain, analyse: the CPU job
+  'jobs' // reindex, retrain, analyse, ingest_container: the CPU job
   'jobs-gpu' // embed, train_head: the GPU job
   'jobs-poison'
 ]
