@@ -12,6 +12,7 @@ most the shard in flight, and the next run embeds only what is missing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -93,12 +94,14 @@ class EmbeddingStore:
         vectors: np.ndarray,
         logits: np.ndarray,
         records: Sequence[ImageRecord | None] | None = None,
+        job: str | None = None,
     ) -> str:
         """Store one shard; returns its name.
 
         Args:
             records: each row's catalogue record (its label, caption and ingest time are kept in the
                 shard); None, or a None entry, stores none for that row.
+            job: the job writing it, named in the shard's name so a retry finds its earlier work.
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -128,15 +131,27 @@ class EmbeddingStore:
         )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        name = self.shard_name(len(ids))
+        name = self.shard_name(len(ids), job)
         self.storage.put(EMBEDDINGS, name, buf.getvalue(), overwrite=False)
         return name
 
-    def shard_name(self, rows: int) -> str:
-        """A new shard's blob name: its time, a random part, and its row count (see :func:`rows_in_name`)."""
+    def shard_name(self, rows: int, job: str | None = None) -> str:
+        """A new shard's blob name: its time, a random part, the job that wrote it (:func:`job_tag`, if
+        any) and its row count (see :func:`rows_in_name`)."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        tag = f"-{job_tag(job)}" if job else ""
         # The random part keeps two writers (parallel job replicas) from ever sharing a name.
-        return f"{self.prefix}part-{stamp}-{uuid.uuid4().hex[:8]}-{rows:06d}.parquet"
+        return f"{self.prefix}part-{stamp}-{uuid.uuid4().hex[:8]}{tag}-{rows:06d}.parquet"
+
+    def ids_written_by(self, job: str) -> set[str]:
+        """Ids in the shards an earlier try of ``job`` wrote: one listing of the shard names, then only
+        those shards (a retried job's own work, whatever the collection's size)."""
+        tag = f"-{job_tag(job)}-"
+        done: set[str] = set()
+        for name in self.shards():
+            if tag in name:
+                done.update(self._read_table(name, ["id"]).column("id").to_pylist())
+        return done
 
     def _read_table(self, name: str, columns: list[str] | None = None) -> Any:
         import pyarrow as pa
@@ -253,6 +268,11 @@ def rows_in_name(name: str) -> int | None:
     """The row count a shard's name ends with (``...-004096.parquet``), or None for a name without one."""
     match = re.search(r"-(\d+)\.parquet$", name)
     return int(match.group(1)) if match else None
+
+
+def job_tag(job: str) -> str:
+    """A blob-name-safe tag for a job id in shard names (``j`` and 12 hex digits of its sha256)."""
+    return "j" + hashlib.sha256(job.encode()).hexdigest()[:12]
 
 
 def fill_records(catalog: Catalog, emb: EmbeddingSet) -> EmbeddingSet:
@@ -402,6 +422,7 @@ def embed_pending(
     on_total: Callable[[int], None] | None = None,
     only: Collection[str] | None = None,
     job: str | None | Mapping[str, str | None] = None,
+    tag: str | None = None,
     limit: int | None = None,
 ) -> EmbedStats:
     """Embed catalogued images that have no embedding for this encoder version yet.
@@ -421,10 +442,13 @@ def embed_pending(
         only: consider only these image ids; one found embedded already is skipped (``stats.done``), one
             removed since counts as failed.
         job: the embedding job ``only`` was queued in (its markers' folder), or each id's job.
+        tag: the id of the job running this (its shards are named for it): images an earlier, killed try
+            of it stored are found in its own shards and skipped, though their markers may be left.
         limit: embed at most this many of the pending images (in id order, which for content hashes is
             a fixed random sample); ``stats.pending`` still counts them all.
     """
     stats = EmbedStats()
+    leftover: list[str] = []  # stored by an earlier try of ``tag``: only their markers are left to drop
     t_start = time.perf_counter()
     store = EmbeddingStore(storage, encoder.version)
     catalog = Catalog(storage)
@@ -432,6 +456,11 @@ def embed_pending(
         pending = sorted(set(catalog.ids()) - store.embedded_ids())
     else:
         pending = sorted(set(only))
+        if tag:  # a killed try may have stored a shard and died before dropping its images' markers
+            before = store.ids_written_by(tag)
+            leftover = sorted(before & set(pending))
+            stats.done += len(leftover)
+            pending = [i for i in pending if i not in before]
     stats.pending = len(pending)
     pending = pending[:limit] if limit is not None else pending
     stats.seconds["list"] = time.perf_counter() - t_start
@@ -501,7 +530,7 @@ def embed_pending(
             return
         t0 = time.perf_counter()
         stats.shards.append(
-            store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits), buf_records)
+            store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits), buf_records, tag)
         )
         # Stored: these images are no longer pending. The markers go in the background, while the next
         # batches are embedded (one left by a crash, or a failed delete, costs one image's re-embedding).
@@ -542,6 +571,7 @@ def embed_pending(
                 progress(len(batch.ids) + len(batch.failed) + len(batch.done))
             t_wait = time.perf_counter()
         flush()
+        dropping.extend(markers.submit(catalog.embedded, i, job_of(i)) for i in leftover)
         for f in dropping:
             if f.exception() is not None:
                 log.warning("a pending marker was not dropped (its image will be embedded again): %s", f.exception())

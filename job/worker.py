@@ -173,7 +173,9 @@ def _embed(ctx: JobContext, ids: list[str] | None, job: str | None | dict[str, s
         ctx.progress(done[0], total[0], "embed")
 
     encoder = ctx.encoder_factory()
-    return embed_pending(ctx.storage, ctx.settings, encoder, progress=step, on_total=on_total, only=ids, job=job)
+    return embed_pending(
+        ctx.storage, ctx.settings, encoder, progress=step, on_total=on_total, only=ids, job=job, tag=ctx.message.job_id
+    )
 
 
 SWEEP_STAMP = "sweeps/stragglers.json"

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.scale import LatencyStorage, NoOpEncoder, fill
-from job.embeddings import EmbeddingStore, Loaded, decode_workers, embed_pending, prefetch_batches
+from job.embeddings import EmbeddingStore, Loaded, decode_workers, embed_pending, job_tag, prefetch_batches
+from shared.catalog import Catalog
 from tests.conftest import make_settings
 
 
@@ -148,3 +149,25 @@ def test_stragglers_are_the_pending_images_of_finished_or_missing_jobs_swept_at_
     embed_pending(storage, settings, NoOpEncoder(), only=sorted(found), job=found)  # type: ignore[arg-type]
     assert stragglers(storage) == {}
     assert catalog.pending_by_job() == {"embed-batch-live": [live]}
+
+
+def test_a_retried_job_skips_what_its_killed_try_stored_though_the_markers_were_left(tmp_path: Path) -> None:
+    storage = LatencyStorage(tmp_path, latency=0.0)
+    ids = fill(storage, 12)
+    settings = make_settings(tmp_path, embed_batch_size=4, embed_shard_size=4)
+    encoder = NoOpEncoder()
+    store = EmbeddingStore(storage, encoder.version)
+    # the killed try: a shard of its first 4 images stored, the process gone before their markers went
+    first = sorted(ids)[:4]
+    records = [Catalog(storage).get(i) for i in first]
+    store.write_shard(first, np.zeros((4, 1280), np.float32), np.zeros((4, 1000), np.float32), records, "embed-x")
+    store.write_shard(first[:1], np.zeros((1, 1280), np.float32), np.zeros((1, 1000), np.float32), None, "other")
+    storage.trace = []
+    stats = embed_pending(storage, settings, encoder, only=ids, tag="embed-x")  # type: ignore[arg-type]
+    assert (stats.embedded, stats.done) == (8, 4)
+    # only its own earlier shard was read (not another job's), and every marker is gone
+    reads = [t for t in storage.trace if t.startswith("get embeddings/vectors")]
+    assert len(reads) == 1 and job_tag("embed-x") in reads[0], reads
+    assert Catalog(storage).pending_by_job() == {}
+    rows = [i for name in store.shards() if job_tag("other") not in name for i in store.load([name]).ids]
+    assert sorted(rows) == sorted(ids)  # each image once across this job's shards
