@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,12 @@ class LatencyStorage(LocalStorage):
     def delete(self, container: str, name: str) -> bool:
         self._wait("delete", container, name)
         return super().delete(container, name)
+
+    def delete_many(self, container: str, names: Sequence[str]) -> int:
+        """Like Blob Storage's batch delete: one request (and one latency) per 256 names."""
+        for start in range(0, len(names), 256):
+            self._wait("delete_many", container, names[start])
+        return sum(LocalStorage.delete(self, container, name) for name in names)
 
     def upload_file(self, container: str, name: str, path: Path) -> None:
         self._wait("put", container, name)

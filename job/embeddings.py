@@ -523,7 +523,7 @@ def embed_pending(
     buf_records: list[ImageRecord | None] = []
     buf_vecs: list[np.ndarray] = []
     buf_logits: list[np.ndarray] = []
-    dropping: list[Future[None]] = []
+    dropping: list[Future[Any]] = []
 
     def flush() -> None:
         if not buf_ids:
@@ -532,16 +532,17 @@ def embed_pending(
         stats.shards.append(
             store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits), buf_records, tag)
         )
-        # Stored: these images are no longer pending. The markers go in the background, while the next
-        # batches are embedded (one left by a crash, or a failed delete, costs one image's re-embedding).
-        dropping.extend(markers.submit(catalog.embedded, r.id, r.job) for r in buf_records if r)
+        # Stored: these images are no longer pending. Their markers go in the background (one batch request
+        # per 256 on Blob Storage), while the next batches are embedded; a marker a crash leaves behind is
+        # found by the retry in this job's own shards (``tag``), a failed delete costs a re-embedding.
+        dropping.append(markers.submit(catalog.embedded_many, [(r.id, r.job) for r in buf_records if r]))
         stats.seconds["write"] += time.perf_counter() - t0
         buf_ids.clear()
         buf_records.clear()
         buf_vecs.clear()
         buf_logits.clear()
 
-    with ThreadPoolExecutor(max_workers=settings.embed_io_workers, thread_name_prefix="marker") as markers:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="marker") as markers:
         t_wait = time.perf_counter()
         batches = prefetch_batches(
             pending,
@@ -571,7 +572,8 @@ def embed_pending(
                 progress(len(batch.ids) + len(batch.failed) + len(batch.done))
             t_wait = time.perf_counter()
         flush()
-        dropping.extend(markers.submit(catalog.embedded, i, job_of(i)) for i in leftover)
+        if leftover:
+            dropping.append(markers.submit(catalog.embedded_many, [(i, job_of(i)) for i in leftover]))
         for f in dropping:
             if f.exception() is not None:
                 log.warning("a pending marker was not dropped (its image will be embedded again): %s", f.exception())

@@ -122,6 +122,11 @@ class Catalog:
         """Drop an image's pending marker: its embedding is stored (or it is gone)."""
         self.storage.delete(EMBEDDINGS, self.pending_name(image_id, job))
 
+    def embedded_many(self, done: list[tuple[str, str | None]]) -> None:
+        """Drop the pending markers of many images (``(id, job)`` each) in as few requests as the store
+        allows (:meth:`Storage.delete_many`: 256 a request on Blob Storage)."""
+        self.storage.delete_many(EMBEDDINGS, [self.pending_name(i, job) for i, job in done])
+
     def pending_by_job(self) -> dict[str | None, list[str]]:
         """Every image still waiting for its embedding, by the job it was queued in (None: no job).
         Lists the markers only (one request per 5,000 on Blob Storage)."""

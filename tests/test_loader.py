@@ -31,10 +31,15 @@ def test_many_reads_in_flight_two_reads_per_image_every_image_once(tmp_path: Pat
     assert stats.embedded == 48 and not stats.failed
     # the old loader read one image at a time in each of 2 threads: never more than 2 in flight
     assert storage.max_in_flight >= 12, storage.max_in_flight
-    # per image: two reads (its pending marker, which holds its record, and its bytes) and the marker's
-    # deletion once its shard is stored; plus 2 shard writes (24 images each). No shard is read, nothing is listed.
+    # per image: two reads (its pending marker, which holds its record, and its bytes); per shard (24
+    # images each): its write and one batch delete of its images' markers. No shard is read, nothing listed.
     assert storage.by_kind == Counter(
-        {"get embeddings/pending": 48, "get uploads": 48, "delete embeddings/pending": 48, "put embeddings/vectors": 2}
+        {
+            "get embeddings/pending": 48,
+            "get uploads": 48,
+            "delete_many embeddings/pending": 2,
+            "put embeddings/vectors": 2,
+        }
     ), storage.by_kind
     embedded = EmbeddingStore(storage, encoder.version).load()
     assert sorted(embedded.ids) == sorted(ids) and len(embedded.ids) == 48

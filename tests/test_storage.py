@@ -36,6 +36,16 @@ def test_put_get_list_delete(storage: Storage) -> None:
         storage.get_metadata(UPLOADS, "a/b/c.png")
 
 
+def test_delete_many_deletes_what_exists_in_batches_and_skips_what_does_not(storage: Storage) -> None:
+    names = [f"m/{i:04d}.json" for i in range(300)]  # more than one Blob batch (256)
+    for name in names[:290]:
+        storage.put(UPLOADS, name, b"{}")
+    storage.put(UPLOADS, "keep.json", b"{}")
+    assert storage.delete_many(UPLOADS, names) == 290  # on Azurite, which refuses batches: one by one
+    assert list(storage.list(UPLOADS)) == ["keep.json"]
+    assert storage.delete_many(UPLOADS, []) == 0
+
+
 def test_create_if_absent_is_atomic_under_races(storage: Storage) -> None:
     winners = []
 
