@@ -525,24 +525,34 @@ def embed_pending(
     buf_logits: list[np.ndarray] = []
     dropping: list[Future[Any]] = []
 
+    writing: deque[Future[None]] = deque()  # shard writes in the background, at most two at once
+
+    def write(ids: list[str], vectors: np.ndarray, logits: np.ndarray, records: list[ImageRecord | None]) -> None:
+        t0 = time.perf_counter()
+        stats.shards.append(store.write_shard(ids, vectors, logits, records, tag))
+        # Stored: these images are no longer pending. Their markers go in one batch request per 256 on
+        # Blob Storage; a marker a crash leaves behind is found by the retry in this job's own shards
+        # (``tag``), a failed delete costs a re-embedding.
+        dropping.append(markers.submit(catalog.embedded_many, [(r.id, r.job) for r in records if r]))
+        stats.seconds["write"] += time.perf_counter() - t0
+
     def flush() -> None:
+        """Hand the buffered rows to a background write (the encoder goes on meanwhile)."""
         if not buf_ids:
             return
-        t0 = time.perf_counter()
-        stats.shards.append(
-            store.write_shard(buf_ids, np.concatenate(buf_vecs), np.concatenate(buf_logits), buf_records, tag)
-        )
-        # Stored: these images are no longer pending. Their markers go in the background (one batch request
-        # per 256 on Blob Storage), while the next batches are embedded; a marker a crash leaves behind is
-        # found by the retry in this job's own shards (``tag``), a failed delete costs a re-embedding.
-        dropping.append(markers.submit(catalog.embedded_many, [(r.id, r.job) for r in buf_records if r]))
-        stats.seconds["write"] += time.perf_counter() - t0
+        while len(writing) >= 2:
+            writing.popleft().result()  # a failed write fails the run: its images keep their markers
+        vectors, logits = np.concatenate(buf_vecs), np.concatenate(buf_logits)
+        writing.append(writers.submit(write, list(buf_ids), vectors, logits, list(buf_records)))
         buf_ids.clear()
         buf_records.clear()
         buf_vecs.clear()
         buf_logits.clear()
 
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="marker") as markers:
+    with (
+        ThreadPoolExecutor(max_workers=4, thread_name_prefix="marker") as markers,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as writers,
+    ):
         t_wait = time.perf_counter()
         batches = prefetch_batches(
             pending,
@@ -572,6 +582,8 @@ def embed_pending(
                 progress(len(batch.ids) + len(batch.failed) + len(batch.done))
             t_wait = time.perf_counter()
         flush()
+        while writing:
+            writing.popleft().result()
         if leftover:
             dropping.append(markers.submit(catalog.embedded_many, [(i, job_of(i)) for i in leftover]))
         for f in dropping:
