@@ -96,8 +96,9 @@ bench-cluster: $(STAMP) models data
 bench-cost: $(STAMP) models data $(AZURITE)
 	$(BIN)/python -m bench.cost
 
-## bench-scale: the batch side at scale (issue 21); so far the embed loader against 20 ms per storage request
-bench-scale: $(STAMP) data
+## bench-scale: the batch side at scale: loader at 20 ms per request, ingest (folder, Azurite --container), replicas,
+## add_1000 on 10k and 1M existing, full reindex at 1M and 4M (about 1.5 h and 45 GB of /tmp on 2 cores)
+bench-scale: $(STAMP) models data
 	$(BIN)/python -m bench.scale
 
 ## bench-reliability: fuzzing (>= 2,000 requests), 84 hostile files, load at c=32 for 60 s, 30 SIGKILL crash trials
