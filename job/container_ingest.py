@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 INGEST_WORKERS = 16  # blobs in flight, as `clusterlens ingest --workers` defaults to
 
 
-def backfill(
+def register_container(
     storage: Storage,
     settings: Settings,
     queues: JobQueues,

@@ -103,7 +103,6 @@ class EmbeddingStore:
                 shard); None, or a None entry, stores none for that row.
             job: the job writing it, named in the shard's name so a retry finds its earlier work.
         """
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if vectors.ndim != 2 or len(ids) != len(vectors) or len(logits) != len(ids):
@@ -114,21 +113,18 @@ class EmbeddingStore:
             raise ValueError("ids and records must have the same length")
         probs = softmax(logits)
         top = np.argsort(-probs, axis=1)[:, :TOP_CLASSES]
-        d = vectors.shape[1]
-        table = pa.table(
-            {
-                "id": pa.array(list(ids), pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), d),
-                "top_class": pa.FixedSizeListArray.from_arrays(pa.array(top.astype(np.int16).ravel()), TOP_CLASSES),
-                "top_prob": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.take_along_axis(probs, top, axis=1).astype(np.float32).ravel()), TOP_CLASSES
-                ),
-                "label": pa.array([r.label if r else None for r in records], pa.string()),
-                "caption": pa.array([r.caption if r else None for r in records], pa.string()),
-                "ingested": pa.array([epoch(r.ingested_at) if r else -1 for r in records], pa.int64()),
-            },
-            metadata={"encoder_version": self.encoder_version},
+        rows = EmbeddingSet(
+            list(ids),
+            vectors,
+            top,
+            np.take_along_axis(probs, top, axis=1),
+            [],
+            [r.label if r else None for r in records],
+            [r.caption if r else None for r in records],
+            np.array([epoch(r.ingested_at) if r else -1 for r in records], np.int64),
+            np.array([r is None for r in records], bool),
         )
+        table = shard_table(self.encoder_version, rows)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         name = self.shard_name(len(ids), job)
@@ -525,7 +521,7 @@ def embed_pending(
     buf_logits: list[np.ndarray] = []
     dropping: list[Future[Any]] = []
 
-    writing: deque[Future[None]] = deque()  # shard writes in the background, at most two at once
+    writing: deque[Future[None]] = deque()  # shard writes in the background: one writing, one waiting
 
     def write(ids: list[str], vectors: np.ndarray, logits: np.ndarray, records: list[ImageRecord | None]) -> None:
         t0 = time.perf_counter()
@@ -551,7 +547,7 @@ def embed_pending(
 
     with (
         ThreadPoolExecutor(max_workers=4, thread_name_prefix="marker") as markers,
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as writers,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard") as writers,
     ):
         t_wait = time.perf_counter()
         batches = prefetch_batches(

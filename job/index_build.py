@@ -22,6 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from job.embeddings import TOP_CLASSES
 from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 FORMAT = 3  # bump when the files of a version change, so an up-to-date check rebuilds
 KINDS = ("flat", "ivf_flat", "ivf_pq")
 TRAINED_FILE = "trained.faiss"
-TOP_CLASSES_DEFAULT = 5
 ID_BYTES = 8  # FAISS keeps an int64 id beside each code in the inverted lists
 DIRECT_MAP_BYTES = 8  # IVF-Flat's row -> (list, offset) map, for reconstructing a stored row
 # Above this n * nlist (about 130,000 vectors in 400 lists) k-means trains on 64 points a list for
@@ -544,17 +544,15 @@ def build_delta(
     if m:
         x = head.apply(vectors).embedding if head is not None else power_normalize(vectors, manifest.power)
         index.add(x)
-    names = sorted({lab for lab in labels if lab is not None})
-    code = {name: i for i, name in enumerate(names)}
-    t = manifest.plan.get("class_top", TOP_CLASSES_DEFAULT)
-    if class_top is None or class_prob is None:
-        class_top, class_prob = np.zeros((m, t), np.int16), np.zeros((m, t), np.float32)
+    names, codes = label_codes_of(labels)
+    if class_top is None or class_prob is None:  # as wide as the shards' (a narrower part drops them on load)
+        class_top, class_prob = np.zeros((m, TOP_CLASSES), np.int16), np.zeros((m, TOP_CLASSES), np.float32)
     seg_manifest = manifest.model_copy(update={"label_names": names})
     delta = ClusterIndex(
         index,
         np.array(ids, dtype="U64"),
         list_of_rows(ivf),
-        np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32),
+        codes,
         seg_manifest,
         class_top.astype(np.int16),
         class_prob.astype(np.float32),
@@ -580,7 +578,7 @@ def grow_version(
     seg_manifest = current.model_copy(update={"label_names": sorted(set().union(*(p.label_names for p in parts)))})
     segment = merge_segments(parts, seg_manifest) if len(parts) > 1 else parts[0]
     segment.duplicates = np.zeros(0, np.int64)  # kept as written: the query side hides repeats across segments
-    clusters = np.bincount(np.concatenate([segment.clusters]), minlength=current.nlist)
+    clusters = np.bincount(segment.clusters, minlength=current.nlist)
     manifest = current.model_copy(
         deep=True,
         update=dict(

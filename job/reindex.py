@@ -24,7 +24,7 @@ from job.stream_build import StreamedBuild, build_streaming
 from shared.catalog import Catalog
 from shared.errors import ClusterlensError, NotReady, QualityGate, VersionMismatch
 from shared.head import ProjectionHead, load_head
-from shared.index import Captions, ClusterIndex, current_version, load_folder, load_version, read_manifest
+from shared.index import Captions, ClusterIndex, current_version, load_segments, load_version, read_manifest
 from shared.manifests import IndexManifest
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, BlobNotFound, Storage
@@ -262,18 +262,7 @@ def _try_incremental(
     while len(keep) > 1 and int(keep[-1]["rows"]) <= max(rows, 1):
         absorb.insert(0, keep.pop())
         rows += int(absorb[0]["rows"])
-    cache = settings.data_dir / "cache" / "index"
-    parts = [
-        load_folder(
-            storage,
-            seg["version"],
-            cache,
-            manifest.model_copy(update={"label_names": seg["label_names"]}),
-            head=head,
-            mapped=False,
-        )
-        for seg in absorb
-    ]
+    parts = load_segments(storage, absorb, settings.data_dir / "cache" / "index", manifest, head=head)
     return grow_version(manifest, [*parts, delta], keep, source, added=len(new.ids))
 
 

@@ -290,7 +290,7 @@ def run_analyse(ctx: JobContext) -> dict[str, Any]:
 
 def run_ingest_container(ctx: JobContext) -> dict[str, Any]:
     """Register a Blob container's images in place, then queue their embedding (see :mod:`job.container_ingest`)."""
-    from job.container_ingest import backfill
+    from job.container_ingest import register_container
     from shared.ingest import open_container
 
     params = ctx.message.params
@@ -299,7 +299,7 @@ def run_ingest_container(ctx: JobContext) -> dict[str, Any]:
     except (BadRequest, NotFound) as exc:  # no such container, or one of ours: retrying will not help
         raise PermanentJobError(exc.message, code=exc.code) from exc
     retry = ctx.record.attempts > 1
-    return backfill(
+    return register_container(
         ctx.storage, ctx.settings, ctx.queues, ctx.message.job_id, blobs, retry=retry, progress=ctx.progress
     )
 

@@ -516,18 +516,30 @@ def load_version(
         head = ProjectionHead(path, head_manifest, providers=providers)
     if not manifest.segments:
         return load_folder(storage, version, cache_dir, manifest, head=head)
-    parts = [
+    return merge_segments(load_segments(storage, manifest.segments, cache_dir, manifest, head=head), manifest)
+
+
+def load_segments(
+    storage: Storage,
+    segments: list[dict[str, Any]],
+    cache_dir: Path,
+    manifest: IndexManifest,
+    *,
+    head: ProjectionHead | None = None,
+) -> list[ClusterIndex]:
+    """The rows of each of ``segments`` (entries of a manifest's ``segments``), each read whole, not mapped:
+    what :func:`merge_segments` merges (the first part's lists take the others' rows)."""
+    return [
         load_folder(
             storage,
             seg["version"],
             cache_dir,
             manifest.model_copy(update={"label_names": seg["label_names"]}),
             head=head,
-            mapped=False,  # its lists take the deltas' rows: read whole
+            mapped=False,
         )
-        for seg in manifest.segments
+        for seg in segments
     ]
-    return merge_segments(parts, manifest)
 
 
 def load_folder(
