@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from shared.errors import ClusterlensError, NotReady, QualityGate, VersionMismat
 from shared.head import ProjectionHead, load_head
 from shared.index import Captions, ClusterIndex, current_version, load_segments, load_version, read_manifest
 from shared.manifests import IndexManifest
+from shared.refine import CODEC_FILE, RefineCodec
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, BlobNotFound, Storage
 
@@ -242,6 +244,13 @@ def _try_incremental(
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
         return None
     new = fill_records(catalog, new)
+    codec = None
+    if manifest.kind == "ivf_pq":
+        try:
+            codec = RefineCodec.from_array(np.load(io.BytesIO(storage.get(INDEX, f"{base}/{CODEC_FILE}"))))
+        except BlobNotFound:  # an IVF-PQ base from before re-ranking codes: build it again
+            log.info("the current IVF-PQ version has no re-ranking codes: a full build")
+            return None
     delta = build_delta(
         trained,
         manifest,
@@ -253,6 +262,7 @@ def _try_incremental(
         class_prob=new.top_prob if new.ids else None,
         captions=embed_captions(settings, new.captions),
         ingested=new.ingested if new.ids else None,
+        codec=codec,
     )
     # Deltas merge like a binary counter: the newest absorbs older ones no bigger than what it holds,
     # so a version has O(log growth) segments and a row is rewritten O(log growth) times, never the base.
@@ -281,7 +291,7 @@ def _extend_copy(
     """The current version read whole plus the new rows, published whole (versions without trained.faiss)."""
     old_shards = manifest.shard_names
     cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
-    new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()) | deleted)
+    new = store.load(sorted(set(shards) - old_shards), skip=set(np.asarray(cur.ids).tolist()) | deleted)
     trained = manifest.trained_count or manifest.count
     if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)

@@ -30,8 +30,9 @@ MAX_QUEUE_N = 200
 def _cold_order(index: ClusterIndex) -> np.ndarray:
     """Rows round-robin over clusters (first of each cluster, then second, ...); within a cluster,
     id order, which for content hashes is a fixed random order."""
-    by_cluster = np.lexsort((index.ids, index.clusters))
-    clusters = index.clusters[by_cluster]
+    clusters = np.asarray(index.clusters)
+    by_cluster = np.lexsort((index.ids.sort_key(), clusters))
+    clusters = clusters[by_cluster]
     starts = np.searchsorted(clusters, clusters, side="left")
     rank = np.arange(len(by_cluster)) - starts
     return np.asarray(by_cluster[np.lexsort((clusters, rank))], dtype=np.int64)

@@ -82,7 +82,11 @@ class LiveIndex:
             )
         if version != self._version:
             self._index = load_version(
-                self.storage, version, self.settings.data_dir / "cache" / "index", providers=self.settings.ort_providers
+                self.storage,
+                version,
+                self.settings.data_dir / "cache" / "index",
+                providers=self.settings.ort_providers,
+                refine_memory_mb=self.settings.index_refine_memory_mb,
             )
             self._version = version
             log.info("serving index %s", version)

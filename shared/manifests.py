@@ -148,6 +148,9 @@ class RecallReport(Part):
     sample: int = 0
     curve: list[dict[str, Any]] = []
     seconds: float | None = None
+    # the setting chosen (absent from reports written before the gate bisected)
+    nprobe: int | None = None
+    rerank: int | None = None
 
 
 class IndexManifest(Manifest):

@@ -55,9 +55,13 @@ class LabelOverlay:
         classes = view.classes if view else []
         index.overlay_labels(current, [*(label_set.classes if label_set else []), *classes])
         if view is not None:
-            pos = view.lookup(index.ids)
-            codes = np.where(pos >= 0, view.pred[pos].astype(np.int32), -1)
-            probs = np.where(pos >= 0, view.prob[pos], 0.0)
+            # one lookup per prediction (binary ids, vectorised), no string per indexed row
+            rows = index.ids.rows_of_hex(view.ids)
+            found = rows >= 0
+            codes = np.full(index.count, -1, np.int32)
+            probs = np.zeros(index.count, np.float32)
+            codes[rows[found]] = view.pred[found]
+            probs[rows[found]] = view.prob[found]
             index.set_predictions(classes, codes, probs)
         else:
             index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
