@@ -61,6 +61,7 @@ from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
+from shared.index_files import folder_sizes, version_file  # issue 22
 from shared.manifests import HeadManifest, IndexManifest
 from shared.storage import INDEX, Storage
 from shared.versions import list_versions as _list_versions
@@ -496,7 +497,12 @@ def read_manifest(storage: Storage, version: str) -> IndexManifest:
 
 
 def load_version(
-    storage: Storage, version: str, cache_dir: Path, *, providers: list[str] | None = None
+    storage: Storage,
+    version: str,
+    cache_dir: Path,
+    *,
+    providers: list[str] | None = None,
+    mount: Path | None = None,  # issue 22: the index share's mount (shared/index_files.py)
 ) -> ClusterIndex:
     """Load a published version, reading files in place when storage is local.
 
@@ -515,8 +521,9 @@ def load_version(
         head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
         head = ProjectionHead(path, head_manifest, providers=providers)
     if not manifest.segments:
-        return load_folder(storage, version, cache_dir, manifest, head=head)
-    return merge_segments(load_segments(storage, manifest.segments, cache_dir, manifest, head=head), manifest)
+        return load_folder(storage, version, cache_dir, manifest, head=head, mount=mount)
+    parts = load_segments(storage, manifest.segments, cache_dir, manifest, head=head, mount=mount)
+    return merge_segments(parts, manifest)
 
 
 def load_segments(
@@ -526,6 +533,7 @@ def load_segments(
     manifest: IndexManifest,
     *,
     head: ProjectionHead | None = None,
+    mount: Path | None = None,  # issue 22
 ) -> list[ClusterIndex]:
     """The rows of each of ``segments`` (entries of a manifest's ``segments``), each read whole, not mapped:
     what :func:`merge_segments` merges (the first part's lists take the others' rows)."""
@@ -537,6 +545,7 @@ def load_segments(
             manifest.model_copy(update={"label_names": seg["label_names"]}),
             head=head,
             mapped=False,
+            mount=mount,
         )
         for seg in segments
     ]
@@ -550,19 +559,18 @@ def load_folder(
     *,
     head: ProjectionHead | None = None,
     mapped: bool = True,
+    mount: Path | None = None,
 ) -> ClusterIndex:
-    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names)."""
+    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names);
+    each file read in place (local storage, the index share at ``mount``) or downloaded once to ``cache_dir``."""
     paths = {}
+    sizes = folder_sizes(storage, folder)  # issue 22: one listing gives every file's size and existence
     for name in FILES:
-        blob = f"{folder}/{name}"
-        if name in OPTIONAL_FILES and not storage.exists(INDEX, blob):
-            continue  # an older version: similarity search works, text search asks for a reindex
-        cached = Path(cache_dir) / folder / name
-        paths[name] = (
-            storage.local_path(INDEX, blob)
-            or (cached if cached.is_file() else None)  # a base segment, downloaded for an earlier version
-            or storage.download_file(INDEX, blob, cached)
-        )
+        path = version_file(storage, folder, name, mount=mount, cache_dir=cache_dir, sizes=sizes)  # issue 22
+        if path is not None:
+            paths[name] = path
+        elif name not in OPTIONAL_FILES:  # (an optional one missing: an older version; text search asks to reindex)
+            raise NotReady(f"index version {folder} has no {name}", code="index_missing")
     if mapped:
         index, is_mapped = _read_faiss(paths["index.faiss"])
     else:
@@ -669,7 +677,7 @@ def _read_faiss(path: Path) -> tuple[Any, bool]:
         return faiss.read_index(str(path)), False
 
 
-def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
+def load_current(storage: Storage, cache_dir: Path, *, mount: Path | None = None) -> ClusterIndex:
     """Load the published version.
 
     Raises:
@@ -680,4 +688,4 @@ def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
         raise NotReady(
             "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`", code="index_missing"
         )
-    return load_version(storage, version, cache_dir)
+    return load_version(storage, version, cache_dir, mount=mount)
