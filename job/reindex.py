@@ -49,7 +49,7 @@ def embed_caption_texts(settings: Settings, rows: np.ndarray, texts: list[str]) 
     from shared.text_encoder import TextEncoder
 
     try:
-        encoder = TextEncoder.from_settings(settings)
+        encoder = TextEncoder.from_settings(settings, verify="sha256")
     except NotReady as exc:
         log.warning("captions left out of the index: %s", exc.message)
         return None
