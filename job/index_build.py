@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from job.embeddings import TOP_CLASSES
+from job.share import mirror_published, share_pruner
 from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
@@ -881,12 +882,21 @@ def _referenced(storage: Storage, kept: list[str]) -> set[str]:
     return out
 
 
-def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Callable[[], bool] | None = None) -> str:
+def publish(
+    storage: Storage,
+    built: ClusterIndex,
+    keep: int = 3,
+    *,
+    swap_if: Callable[[], bool] | None = None,
+    share_dir: Path | None = None,
+) -> str:
     """Write a new version, then swap the pointer to it; prune versions beyond ``keep``.
 
     Args:
         swap_if: asked right before the swap; False leaves the version written (complete, kept
             for rollback) but not current, and sets ``manifest["published"]`` to False.
+        share_dir: the index share's mount (``job/share.py``): the version is copied there before its
+            manifest is written, and pruned versions are removed from it.
 
     Returns:
         the new version name.
@@ -920,6 +930,8 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
             path = built.files.get(name, Path(tmp) / name)
             if path.is_file():
                 storage.upload_file(INDEX, f"{version}/{name}", path)
+        if share_dir is not None:  # on the share before the manifest and pointer name the version
+            mirror_published(share_dir, version, Path(tmp), built, manifest)
     if built.head is not None:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
         storage.put_json(INDEX, f"{version}/head.json", built.head.manifest.to_json())
@@ -930,6 +942,6 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         log.warning("index %s written but not published: a newer build is current", version)
         return version
     swap_pointer(storage, INDEX, version)
-    prune(storage, INDEX, keep, current=version, referenced=_referenced)
+    prune(storage, INDEX, keep, current=version, referenced=_referenced, on_delete=share_pruner(share_dir))
     log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest.nlist)
     return version

@@ -51,7 +51,7 @@ def embed_caption_texts(settings: Settings, rows: np.ndarray, texts: list[str]) 
     from shared.text_encoder import TextEncoder
 
     try:
-        encoder = TextEncoder.from_settings(settings)
+        encoder = TextEncoder.from_settings(settings, verify="sha256")
     except NotReady as exc:
         log.warning("captions left out of the index: %s", exc.message)
         return None
@@ -272,7 +272,9 @@ def _try_incremental(
     while len(keep) > 1 and int(keep[-1]["rows"]) <= max(rows, 1):
         absorb.insert(0, keep.pop())
         rows += int(absorb[0]["rows"])
-    parts = load_segments(storage, absorb, settings.data_dir / "cache" / "index", manifest, head=head)
+    parts = load_segments(
+        storage, absorb, settings.data_dir / "cache" / "index", manifest, head=head, mount=settings.index_mount
+    )
     return grow_version(manifest, [*parts, delta], keep, source, added=len(new.ids))
 
 
@@ -290,7 +292,13 @@ def _extend_copy(
 ) -> ClusterIndex | None:
     """The current version read whole plus the new rows, published whole (versions without trained.faiss)."""
     old_shards = manifest.shard_names
-    cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
+    cur = load_version(
+        storage,
+        current,
+        settings.data_dir / "cache" / "index",
+        providers=settings.ort_providers,
+        mount=settings.index_mount,
+    )
     new = store.load(sorted(set(shards) - old_shards), skip=set(np.asarray(cur.ids).tolist()) | deleted)
     trained = manifest.trained_count or manifest.count
     if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
@@ -325,7 +333,13 @@ def _publish(storage: Storage, settings: Settings, built: ClusterIndex, force: b
                 code="recall_below_target",
             )
         log.warning("publishing an index below its recall target (forced): %s", recall.at_10)
-    version = publish(storage, built, keep=settings.index_keep_versions, swap_if=lambda: _still_newest(storage, built))
+    version = publish(
+        storage,
+        built,
+        keep=settings.index_keep_versions,
+        swap_if=lambda: _still_newest(storage, built),
+        share_dir=settings.index_share_dir,
+    )
     if built.manifest.published is False:
         return _result(version, True, built.manifest, mode="superseded")
     return _result(version, True, built.manifest, mode=mode)

@@ -67,6 +67,7 @@ from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
+from shared.index_files import folder_sizes, version_file
 from shared.manifests import HeadManifest, IndexManifest
 from shared.refine import CODEC_FILE, CODES_FILE, RefineCodec, rerank_scores
 from shared.rows import Column, FileRows, IdTable, column, compact_ids
@@ -612,6 +613,7 @@ def load_version(
     *,
     providers: list[str] | None = None,
     refine_memory_mb: float = 1024,
+    mount: Path | None = None,  # the index share's mount (shared/index_files.py)
 ) -> ClusterIndex:
     """Open a published version, reading files in place when storage is local.
 
@@ -641,6 +643,7 @@ def load_version(
             manifest.model_copy(update={"label_names": seg["label_names"]}),
             head=head,
             refine_memory_mb=refine_memory_mb / len(segments),
+            mount=mount,
         )
         for seg in segments
     ]
@@ -654,6 +657,7 @@ def load_segments(
     manifest: IndexManifest,
     *,
     head: ProjectionHead | None = None,
+    mount: Path | None = None,
 ) -> list[ClusterIndex]:
     """The rows of each of ``segments`` (entries of a manifest's ``segments``), each read whole, not mapped:
     what :func:`merge_segments` merges (the job side)."""
@@ -665,6 +669,7 @@ def load_segments(
             manifest.model_copy(update={"label_names": seg["label_names"]}),
             head=head,
             mapped=False,
+            mount=mount,
         )
         for seg in segments
     ]
@@ -679,19 +684,18 @@ def load_folder(
     head: ProjectionHead | None = None,
     mapped: bool = True,
     refine_memory_mb: float = float("inf"),
+    mount: Path | None = None,
 ) -> ClusterIndex:
-    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names)."""
+    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names);
+    each file read in place (local storage, the index share at ``mount``) or downloaded once to ``cache_dir``."""
     paths = {}
+    sizes = folder_sizes(storage, folder)  # one listing gives every file's size and existence
     for name in FILES:
-        blob = f"{folder}/{name}"
-        if name in OPTIONAL_FILES and not storage.exists(INDEX, blob):
-            continue  # an older version: similarity search works, text search asks for a reindex
-        cached = Path(cache_dir) / folder / name
-        paths[name] = (
-            storage.local_path(INDEX, blob)
-            or (cached if cached.is_file() else None)  # a base segment, downloaded for an earlier version
-            or storage.download_file(INDEX, blob, cached)
-        )
+        path = version_file(storage, folder, name, mount=mount, cache_dir=cache_dir, sizes=sizes)
+        if path is not None:
+            paths[name] = path
+        elif name not in OPTIONAL_FILES:  # (an optional one missing: an older version; text search asks to reindex)
+            raise NotReady(f"index version {folder} has no {name}", code="index_missing")
     if mapped:
         index, is_mapped = _read_faiss(paths["index.faiss"])
     else:
@@ -882,7 +886,7 @@ def _read_faiss(path: Path) -> tuple[Any, bool]:
         return faiss.read_index(str(path)), False
 
 
-def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
+def load_current(storage: Storage, cache_dir: Path, *, mount: Path | None = None) -> ClusterIndex:
     """Load the published version.
 
     Raises:
@@ -893,4 +897,4 @@ def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
         raise NotReady(
             "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`", code="index_missing"
         )
-    return load_version(storage, version, cache_dir)
+    return load_version(storage, version, cache_dir, mount=mount)

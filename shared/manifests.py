@@ -92,6 +92,7 @@ class EncoderManifest(Manifest):
     version: str
     file: str
     sha256: str
+    bytes: int | None = None  # the file's size, checked at start instead of its hash (shared/sessions.py)
     opset: int
     input: EncoderInput
     normalisation: Normalisation
@@ -115,6 +116,7 @@ class TextEncoderManifest(Manifest):
     version: str
     file: str
     sha256: str
+    bytes: int | None = None  # the file's size, checked at start instead of its hash (shared/sessions.py)
     opset: int
     tokenizer: TokenizerFile
     outputs: dict[str, int]

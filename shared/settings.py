@@ -139,6 +139,17 @@ class Settings(BaseSettings):
         default="backbone", description="Index the 1280-d backbone embeddings or the trained 64-d head's."
     )
     index_refresh_seconds: float = Field(default=5.0, ge=0)
+    index_mount: Path | None = Field(
+        default=None,
+        description="A folder holding published index versions as <version>/<file> (in Azure the function app's "
+        "mount of the index share, /mounts/index): a version found there with its blobs' sizes is opened in "
+        "place, not downloaded; unset: versions are downloaded to data_dir/cache/index.",
+    )
+    index_share_dir: Path | None = Field(
+        default=None,
+        description="Where the publisher copies each new index version before it swaps the pointer (in Azure the "
+        "jobs' read-write mount of the index share, /mounts/index); pruned versions go from it too; unset: no copy.",
+    )
     search_threads: int = Field(
         default=1,
         ge=0,
@@ -241,6 +252,11 @@ class Settings(BaseSettings):
         if not isinstance(raw, str) or not 16 <= len(raw) <= 256 or not raw.isascii() or not raw.isprintable():
             raise ValueError("an access key is 16 to 256 printable ASCII characters")
         return raw
+
+    @field_validator("index_mount", "index_share_dir", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("cors_origins")
     @classmethod
