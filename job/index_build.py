@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from job.embeddings import TOP_CLASSES
+from shared.class_lists import write_class_lists
 from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
@@ -784,6 +785,7 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         np.save(Path(tmp) / "labels.npy", built.labels)
         np.save(Path(tmp) / "class_top.npy", built.class_top)
         np.save(Path(tmp) / "class_prob.npy", built.class_prob)
+        write_class_lists(Path(tmp), built.class_top, built.class_prob)  # text search reads these, not all rows
         ingested = built.ingested if built.ingested is not None else np.zeros(0, np.int64)
         np.save(Path(tmp) / "ingested.npy", ingested)
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))

@@ -35,6 +35,8 @@ MASS_FILE = "class_mass.npy"
 LIST_FILES = (OFFSETS_FILE, ROWS_FILE, PROBS_FILE, MASS_FILE)
 IMAGENET_CLASSES = 1000  # the encoder's classifier head: what class_top indexes
 FIRST_STEP = 64  # entries read from a list the first time it is read; doubled each time after
+# An unseen row's float32 score may round above the float64 bound by a few units in the last place
+SLACK = 1e-5
 READ_SHARE = 0.5  # each round reads every list whose bound is at least this share of the largest
 
 
@@ -159,8 +161,9 @@ class ClassLists:
             exclude: int64 rows never to return (they may still be read).
 
         Returns:
-            rows int64 (<= k,) and their scores float32, best first (ties by row); fewer than ``k``
-            when fewer rows have a class with a positive probability; and the number of distinct
+            rows int64 (<= k,) and their scores float32, best first, ties to the lower row (exactly the
+            scan's top k: the search stops only once no unread row can tie the k-th), rows scoring 0
+            left out, so fewer than ``k`` when fewer score above 0; and the number of distinct
             rows scored (the random accesses).
 
         Raises:
@@ -190,7 +193,7 @@ class ClassLists:
                 break  # every list read to its end, or only weightless classes left
             if len(found_scores) >= k:
                 kth = float(np.partition(found_scores, len(found_scores) - k)[len(found_scores) - k])
-                if kth >= threshold:
+                if kth > threshold * (1 + SLACK):  # strictly: no unseen row can even tie the k-th
                     break
             read = np.flatnonzero(bound >= bound.max() * READ_SHARE)
             ends = np.minimum(pos[read] + step[read], self._lengths[read])
@@ -206,6 +209,7 @@ class ClassLists:
                 found_rows = np.concatenate([found_rows, new])
                 found_scores = np.concatenate([found_scores, np.asarray(score_rows(new), np.float32)])
         order = np.lexsort((found_rows, -found_scores))[:k]
+        order = order[found_scores[order] > 0]
         return found_rows[order], found_scores[order], len(seen)
 
 

@@ -17,6 +17,9 @@ Published layout in the index container::
     index/v000007/ingested.npy  ingest time of each row (UTC epoch seconds), for filters
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
+    index/v000007/class_offsets.npy, class_rows.npy, class_probs.npy, class_mass.npy   the rows of
+                                each ImageNet class, most probable first (:mod:`shared.class_lists`):
+                                text search reads these instead of scoring every row
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/trained.faiss the same index with empty lists (PCA, centroids, codebook): what adding
                                 rows to it needs, read by the job instead of the whole index
@@ -57,6 +60,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists
 from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
@@ -80,9 +84,18 @@ FILES = (
     "order.npy",
     "vectors.npy",
     *CAPTION_FILES,
+    *LIST_FILES,
 )
 # absent from older versions (and vectors.npy from every kind but ivf_pq)
-OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", "ingested.npy", "order.npy", "vectors.npy", *CAPTION_FILES)
+OPTIONAL_FILES = (
+    "class_top.npy",
+    "class_prob.npy",
+    "ingested.npy",
+    "order.npy",
+    "vectors.npy",
+    *CAPTION_FILES,
+    *LIST_FILES,
+)
 
 
 @dataclass
@@ -160,15 +173,22 @@ class ClusterIndex:
         self.ivf = faiss.extract_index_ivf(index)
         self.ids = ids
         self.clusters = clusters
-        self.labels = labels
         n = len(ids)
         self.class_top = class_top if class_top is not None else np.zeros((n, 0), np.int16)
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.label_names)
-        # As built; the search service lays the label log and the classifier's predictions over them.
+        # As built, never changed; the search service lays the label log over them as a small sorted
+        # (rows, codes) pair (see overlay_labels), and the classifier's predictions beside them.
         self.built_labels = labels
         self.built_label_names = list(self.label_names)
+        self._overlay: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int32))
+        self._labelled_cache: tuple[Any, ...] = ()  # (overlay, rows, codes) computed from that overlay
+        self._column_cache: tuple[Any, ...] = ()  # (overlay, labels column)
+        self._built_labelled: np.ndarray | None = None  # rows labelled as built, found on first use
+        # text search's per-class lists (shared.class_lists): loaded with the version, else built on first use
+        self.class_lists: ClassLists | None = None
+        self._prediction_lists: tuple[Any, ...] = ()
         self.predicted = np.full(n, -1, np.int32)  # code into predicted_names, -1: no prediction
         self.predicted_prob = np.zeros(n, np.float32)
         self.predicted_names: list[str] = []
@@ -197,21 +217,100 @@ class ClusterIndex:
         """Take each image's current label (image id -> label) over the labels it was built with.
 
         ``extra_names`` (the label set's classes) join the label names even while no image has them.
-
-        New arrays are swapped in whole, so a query running meanwhile sees the old labels or the new.
+        The built codes are left as they are: the overlay is a sorted (rows, codes) pair of the rows
+        in ``current``, applied where labels are read (:meth:`label_of`, :meth:`labelled`,
+        :attr:`labels`), so a new label costs O(labelled), not O(n). The pair is swapped in whole,
+        so a query running meanwhile sees the old labels or the new (the names only ever grow).
         """
         names = list(self.built_label_names)
-        extra = sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in set(names)})
-        names += extra
+        known = set(names)
+        names += sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in known})
         code = {name: i for i, name in enumerate(names)}
-        labels = np.array(self.built_labels, dtype=np.int32, copy=True)
         ids = list(current)
         rows = self.rows_of(ids)
         found = rows >= 0
-        if found.any():
-            labels[rows[found]] = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        codes = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        rows = rows[found]
+        order = np.argsort(rows, kind="stable")
         self.label_names = names
-        self.labels = labels
+        self._overlay = (rows[order].astype(np.int64), codes[order])
+
+    def label_codes(self, rows: np.ndarray) -> np.ndarray:
+        """int32 (m,) the label code of each of ``rows`` now (-1: none)."""
+        rows = np.asarray(rows, np.int64)
+        over_rows, over_codes = self._overlay
+        codes = np.asarray(self.built_labels[rows], np.int32)
+        if len(over_rows) and len(rows):
+            pos = np.minimum(np.searchsorted(over_rows, rows), len(over_rows) - 1)
+            hit = over_rows[pos] == rows
+            codes = np.where(hit, over_codes[pos], codes).astype(np.int32)
+        return codes
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that have a label now (int64, ascending) and their codes (int32).
+
+        The rows labelled as built are found once per index (O(n) on first use); after that this
+        costs O(labelled) once per change of the overlay.
+        """
+        overlay = self._overlay
+        cached = self._labelled_cache
+        if cached and cached[0] is overlay:
+            return cached[1], cached[2]
+        if self._built_labelled is None:
+            self._built_labelled = np.flatnonzero(np.asarray(self.built_labels) >= 0).astype(np.int64)
+        over_rows, over_codes = overlay
+        built = self._built_labelled
+        if len(over_rows):
+            pos = np.minimum(np.searchsorted(over_rows, built), len(over_rows) - 1)
+            built = built[over_rows[pos] != built]
+        rows = np.concatenate([built, over_rows])
+        codes = np.concatenate([np.asarray(self.built_labels[built], np.int32), over_codes])
+        order = np.argsort(rows, kind="stable")
+        rows, codes = rows[order], codes[order]
+        self._labelled_cache = (overlay, rows, codes)
+        return rows, codes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 (n,) every row's label code now (-1: none): the whole column, O(n) once per change of
+        the overlay; the query path reads :meth:`label_codes` and :meth:`labelled` instead."""
+        overlay = self._overlay
+        cached = self._column_cache
+        if cached and cached[0] is overlay:
+            return cached[1]
+        rows, codes = overlay
+        if not len(rows):
+            return self.built_labels
+        column = np.array(self.built_labels, dtype=np.int32, copy=True)
+        column[rows] = codes
+        self._column_cache = (overlay, column)
+        return column
+
+    def text_lists(self) -> ClassLists:
+        """The per-class lists text search reads: the version's own, or built here (and kept) when it
+        has none (a version published before them, or an index built in this process)."""
+        lists = self.class_lists
+        if lists is None:
+            log.info("index %s has no class lists: building them in memory", self.manifest.version)
+            lists = ClassLists.build(self.class_top, self.class_prob, IMAGENET_CLASSES)
+            self.class_lists = lists
+        return lists
+
+    def prediction_lists(self) -> ClassLists:
+        """The classifier's predictions as lists (one per predicted class, most probable first), built
+        on first use after :meth:`set_predictions`."""
+        predicted, prob = self.predicted, self.predicted_prob
+        cached = self._prediction_lists
+        if cached and cached[0] is predicted:
+            return cached[1]
+        has = predicted >= 0
+        lists = ClassLists.build(
+            np.where(has, predicted, 0)[:, None],
+            np.where(has, prob, 0.0).astype(np.float32)[:, None],
+            max(len(self.predicted_names), 1),
+        )
+        self._prediction_lists = (predicted, lists)
+        return lists
 
     def set_predictions(self, names: list[str], codes: np.ndarray, probs: np.ndarray) -> None:
         """The classifier's prediction per row: ``codes`` int (n,) into ``names`` (-1: none), ``probs`` (n,)."""
@@ -296,9 +395,14 @@ class ClusterIndex:
             if filters.label not in self.label_names:
                 known = ", ".join(self.label_names[:20]) or "none"
                 raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
-            mask &= self.labels == self.label_names.index(filters.label)
+            rows, codes = self.labelled()
+            wanted = np.zeros(len(mask), dtype=bool)
+            wanted[rows[codes == self.label_names.index(filters.label)]] = True
+            mask &= wanted
         if filters.labelled is not None:
-            mask &= (self.labels >= 0) == filters.labelled
+            has = np.zeros(len(mask), dtype=bool)
+            has[self.labelled()[0]] = True
+            mask &= has == filters.labelled
         if filters.predicted is not None:
             if filters.predicted not in self.predicted_names:
                 known = ", ".join(self.predicted_names[:20]) or "none: no classifier has been trained yet"
@@ -425,7 +529,7 @@ class ClusterIndex:
         return self._caption_of.get(row)
 
     def label_of(self, row: int) -> str | None:
-        code = int(self.labels[row])
+        code = int(self.label_codes(np.array([row]))[0])
         return self.label_names[code] if code >= 0 else None
 
 
@@ -515,7 +619,10 @@ def load_version(
         head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
         head = ProjectionHead(path, head_manifest, providers=providers)
     if not manifest.segments:
-        return load_folder(storage, version, cache_dir, manifest, head=head)
+        loaded = load_folder(storage, version, cache_dir, manifest, head=head)
+        if loaded.class_top.shape[1]:
+            loaded.text_lists()  # a version from before the lists: built now, not on the first text query
+        return loaded
     return merge_segments(load_segments(storage, manifest.segments, cache_dir, manifest, head=head), manifest)
 
 
@@ -592,6 +699,8 @@ def load_folder(
         index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested, vectors, order
     )
     loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
+    if all(name in paths for name in LIST_FILES[:3]) and loaded.class_top.shape[1]:
+        loaded.class_lists = ClassLists.from_files(paths)
     return loaded
 
 
@@ -656,6 +765,9 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
     repeat = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1]) + 1
     merged.duplicates = np.sort(merged.order[repeat]).astype(np.int64)
     merged.hidden = merged.duplicates
+    if merged.class_top.shape[1]:
+        # each segment has its own lists (rows of that segment); merging them is left for later: built here
+        merged.class_lists = ClassLists.build(merged.class_top, merged.class_prob, IMAGENET_CLASSES)
     return merged
 
 

@@ -53,11 +53,9 @@ def exhaustive(top: np.ndarray, prob: np.ndarray, w: np.ndarray, k: int, exclude
 
 
 def check_same(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]) -> None:
-    """Same scores; the same rows above the last score (rows tied with the last may differ)."""
-    (rows, scores), (want_rows, want_scores) = got, want
-    np.testing.assert_array_equal(scores, want_scores)
-    if len(scores):
-        np.testing.assert_array_equal(rows[scores > scores[-1]], want_rows[want_scores > scores[-1]])
+    """The same rows in the same order (ties to the lower row) with the same scores."""
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
 
 
 def scorer(top: np.ndarray, prob: np.ndarray, w: np.ndarray):  # type: ignore[no-untyped-def]
