@@ -91,17 +91,19 @@ class ClassLists:
         mass = float(np.asarray(class_prob, np.float64).clip(0).sum(axis=1).max(initial=0.0)) * (1 + 1e-6)
         row = np.repeat(np.arange(n, dtype=np.int64), t)
         keep = prob > 0
-        top, prob, row = top[keep], prob[keep], row[keep]
-        key = top * max(n, 1) + row
-        order = np.argsort(key, kind="stable")
-        key, prob = key[order], prob[order]
-        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
-        prob = np.add.reduceat(prob, first) if len(first) else prob
-        key = key[first]
-        top, row = key // max(n, 1), key % max(n, 1)
-        order = np.lexsort((row, -prob, top))  # by class, then probability descending, then row
+        top, prob, row = top[keep], prob[keep], row[keep]  # row-major: rows ascending within a class
+        if _repeats(class_top, class_prob):
+            key = top * max(n, 1) + row
+            order = np.argsort(key, kind="stable")
+            key, prob = key[order], prob[order]
+            first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            prob = np.add.reduceat(prob, first).astype(np.float32)
+            top, row = key[first] // max(n, 1), key[first] % max(n, 1)  # by class, then row
+        # One stable sort on (class, probability descending): a positive float32's bits sort as its value.
+        descending = np.int64(0xFFFFFFFF) - prob.view(np.uint32).astype(np.int64)
+        order = np.argsort((top << 32) | descending, kind="stable")
         offsets = np.searchsorted(top[order], np.arange(n_classes + 1), side="left").astype(np.int64)
-        return cls(offsets, row[order].astype(np.int32), prob[order].astype(np.float32), mass)
+        return cls(offsets, row[order].astype(np.int32), prob[order], mass)
 
     def save(self, folder: Path) -> None:
         """Write the files (:data:`LIST_FILES`) into ``folder``."""
@@ -211,6 +213,16 @@ class ClassLists:
         order = np.lexsort((found_rows, -found_scores))[:k]
         order = order[found_scores[order] > 0]
         return found_rows[order], found_scores[order], len(seen)
+
+
+def _repeats(class_top: np.ndarray, class_prob: np.ndarray) -> bool:
+    """Whether some row lists a class twice with a positive probability."""
+    if class_top.shape[1] < 2:
+        return False
+    t = class_top.shape[1]
+    classes = np.where(np.asarray(class_prob) > 0, np.asarray(class_top, np.int64), -1 - np.arange(t))
+    classes.sort(axis=1)
+    return bool((classes[:, 1:] == classes[:, :-1]).any())
 
 
 def _bound(w: np.ndarray, nxt: np.ndarray, by_weight: np.ndarray, mass: float) -> np.ndarray:
