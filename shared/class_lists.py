@@ -215,6 +215,64 @@ class ClassLists:
         return found_rows[order], found_scores[order], len(seen)
 
 
+class SegmentLists:
+    """The lists of an index made of segments: consecutive ranges of rows, each with its own lists
+    (rows counted from the segment's start), searched one by one. A row is in one segment only, so the
+    best ``k`` overall are among the segments' best ``k``: exact, and nothing is rebuilt at load.
+
+    Attributes:
+        parts: (first row, lists) of each segment, in row order.
+        count: rows in all segments.
+    """
+
+    def __init__(self, parts: list[tuple[int, ClassLists]], count: int):
+        if not parts or len({lists.n_classes for _, lists in parts}) != 1:
+            raise ValueError("segment lists need at least one part, all over the same classes")
+        self.parts = parts
+        self.count = count
+
+    @property
+    def n_classes(self) -> int:
+        return self.parts[0][1].n_classes
+
+    def top_rows(
+        self,
+        class_weights: np.ndarray,
+        k: int,
+        score_rows: Callable[[np.ndarray], np.ndarray],
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`ClassLists.top_rows`, over all segments (rows are the index's)."""
+        rows, scores, _ = self.top_rows_counted(class_weights, k, score_rows, exclude)
+        return rows, scores
+
+    def top_rows_counted(
+        self,
+        class_weights: np.ndarray,
+        k: int,
+        score_rows: Callable[[np.ndarray], np.ndarray],
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """As :meth:`ClassLists.top_rows_counted`, over all segments (rows are the index's)."""
+        skip = np.asarray(exclude if exclude is not None else np.zeros(0), np.int64)
+        ends = [start for start, _ in self.parts[1:]] + [self.count]
+        found_rows, found_scores, touched = [], [], 0
+        for (start, lists), end in zip(self.parts, ends, strict=True):
+            mine = skip[(skip >= start) & (skip < end)] - start
+            rows, scores, read = lists.top_rows_counted(class_weights, k, _shifted(score_rows, start), mine)
+            found_rows.append(rows + start)
+            found_scores.append(scores)
+            touched += read
+        rows, scores = np.concatenate(found_rows), np.concatenate(found_scores)
+        order = np.lexsort((rows, -scores))[:k]
+        return rows[order], scores[order], touched
+
+
+def _shifted(score_rows: Callable[[np.ndarray], np.ndarray], start: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``score_rows`` for rows counted from ``start``."""
+    return lambda rows: score_rows(rows + start)
+
+
 def _repeats(class_top: np.ndarray, class_prob: np.ndarray) -> bool:
     """Whether some row lists a class twice with a positive probability."""
     if class_top.shape[1] < 2:

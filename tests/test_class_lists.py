@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.class_lists import ClassLists, class_score, write_class_lists
+from shared.class_lists import ClassLists, SegmentLists, class_score, write_class_lists
 
 
 def softmax_top(logits: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,3 +133,19 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
         ClassLists.build(top, prob[:, :2], 10)
     write_class_lists(tmp_path, np.zeros((5, 0), np.int16), np.zeros((5, 0), np.float32))
     assert not list(tmp_path.iterdir())  # no class predictions: nothing to list
+
+
+def test_segment_lists_give_the_top_rows_of_all_segments() -> None:
+    """An index of three segments keeps each one's lists (rows from its own start): the best k overall equal
+    the scan's, hidden rows of any segment left out."""
+    rng = np.random.default_rng(4)
+    top, prob = photo_like(6_000, n_classes=200, seed=4)
+    bounds = [0, 1_000, 4_500, 6_000]
+    parts = [(a, ClassLists.build(top[a:b], prob[a:b], 200)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    lists = SegmentLists(parts, 6_000)
+    for _ in range(20):
+        w = query_weights(rng, 200, peaked=bool(rng.integers(0, 2)))
+        exclude = np.sort(rng.choice(6_000, 300, replace=False)).astype(np.int64)
+        check_same(lists.top_rows(w, 15, scorer(top, prob, w), exclude), exhaustive(top, prob, w, 15, exclude))
+    with pytest.raises(ValueError, match="same classes"):
+        SegmentLists([(0, parts[0][1]), (1_000, ClassLists.build(top[:10], prob[:10], 300))], 1_010)
