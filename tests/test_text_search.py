@@ -278,3 +278,25 @@ def test_ranking_from_lists_equals_the_full_scan_with_labels_predictions_caption
     assert_same_top(index, text_encoder, TEXTS, (1, 10, 50))
     _, _, scored = ranked_top(index, text_encoder, "a cup of coffee", 10)
     assert scored < n / 2, scored
+
+
+def test_a_version_without_class_lists_builds_them_at_load(tmp_path: Path, collection: Collection) -> None:
+    """Versions published before the lists load (the lists built in memory) and answer as with them."""
+    import shutil
+
+    from shared.class_lists import LIST_FILES, ClassLists
+    from shared.index import current_version
+    from shared.storage import INDEX
+
+    shutil.copytree(collection.settings.data_dir, tmp_path / "data")
+    storage = LocalStorage(tmp_path / "data")
+    version = current_version(storage)
+    for name in LIST_FILES:
+        assert storage.exists(INDEX, f"{version}/{name}")
+        storage.delete(INDEX, f"{version}/{name}")
+    service = SearchService(make_settings(tmp_path / "data"), storage, encoder=collection.encoder)
+    assert isinstance(service.index().class_lists, ClassLists)
+    assert not isinstance(service.index().class_lists.rows, np.memmap)  # type: ignore[union-attr]
+    for text in ("a bag", "a cat"):
+        got, want = service.search_text(text, 20)["results"], collection.service.search_text(text, 20)["results"]
+        assert [(r["id"], r["score"]) for r in got] == [(r["id"], r["score"]) for r in want]
