@@ -25,6 +25,7 @@ so a query whose classes have few confident images would read most of the light 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +48,35 @@ def class_score(class_top: np.ndarray, class_prob: np.ndarray, weights: np.ndarr
     return (class_prob * weights[class_top]).sum(axis=1).astype(np.float32)
 
 
-class ClassLists:
+class TopRows(ABC):
+    """What text search asks of class lists, one index's or its segments'."""
+
+    @property
+    @abstractmethod
+    def n_classes(self) -> int: ...
+
+    @abstractmethod
+    def top_rows_counted(
+        self,
+        class_weights: np.ndarray,
+        k: int,
+        score_rows: Callable[[np.ndarray], np.ndarray],
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, int]: ...
+
+    def top_rows(
+        self,
+        class_weights: np.ndarray,
+        k: int,
+        score_rows: Callable[[np.ndarray], np.ndarray],
+        exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-``k`` rows and their scores (see :meth:`ClassLists.top_rows_counted`)."""
+        rows, scores, _ = self.top_rows_counted(class_weights, k, score_rows, exclude)
+        return rows, scores
+
+
+class ClassLists(TopRows):
     """Rows by class, each class's rows most probable first (see the module docstring).
 
     Attributes:
@@ -135,17 +164,6 @@ class ClassLists:
             mass,
         )
 
-    def top_rows(
-        self,
-        class_weights: np.ndarray,
-        k: int,
-        score_rows: Callable[[np.ndarray], np.ndarray],
-        exclude: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top-``k`` rows by ``score_rows`` (see :meth:`top_rows_counted`)."""
-        rows, scores, _ = self.top_rows_counted(class_weights, k, score_rows, exclude)
-        return rows, scores
-
     def top_rows_counted(
         self,
         class_weights: np.ndarray,
@@ -215,7 +233,7 @@ class ClassLists:
         return found_rows[order], found_scores[order], len(seen)
 
 
-class SegmentLists:
+class SegmentLists(TopRows):
     """The lists of an index made of segments: consecutive ranges of rows, each with its own lists
     (rows counted from the segment's start), searched one by one. A row is in one segment only, so the
     best ``k`` overall are among the segments' best ``k``: exact, and nothing is rebuilt at load.
@@ -234,17 +252,6 @@ class SegmentLists:
     @property
     def n_classes(self) -> int:
         return self.parts[0][1].n_classes
-
-    def top_rows(
-        self,
-        class_weights: np.ndarray,
-        k: int,
-        score_rows: Callable[[np.ndarray], np.ndarray],
-        exclude: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`ClassLists.top_rows`, over all segments (rows are the index's)."""
-        rows, scores, _ = self.top_rows_counted(class_weights, k, score_rows, exclude)
-        return rows, scores
 
     def top_rows_counted(
         self,

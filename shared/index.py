@@ -60,7 +60,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists, SegmentLists
+from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists, SegmentLists, TopRows
 from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
@@ -187,7 +187,7 @@ class ClusterIndex:
         self._column_cache: tuple[Any, ...] = ()  # (overlay, labels column)
         self._built_labelled: np.ndarray | None = None  # rows labelled as built, found on first use
         # text search's per-class lists (shared.class_lists): loaded with the version, else built on first use
-        self.class_lists: ClassLists | SegmentLists | None = None
+        self.class_lists: TopRows | None = None
         self._prediction_lists: tuple[Any, ...] = ()
         self.predicted = np.full(n, -1, np.int32)  # code into predicted_names, -1: no prediction
         self.predicted_prob = np.zeros(n, np.float32)
@@ -286,7 +286,7 @@ class ClusterIndex:
         self._column_cache = (overlay, column)
         return column
 
-    def text_lists(self) -> ClassLists | SegmentLists:
+    def text_lists(self) -> TopRows:
         """The per-class lists text search reads: the version's own, or built here (and kept) when it
         has none (a version published before them, or an index built in this process)."""
         lists = self.class_lists
@@ -770,7 +770,7 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
     return merged
 
 
-def _segment_lists(parts: list[ClusterIndex], merged: ClusterIndex) -> ClassLists | SegmentLists:
+def _segment_lists(parts: list[ClusterIndex], merged: ClusterIndex) -> TopRows:
     """Each part's own lists (as published with its segment), or, where one has none, lists built in memory
     for all the merged rows."""
     starts = np.cumsum([0] + [len(p.ids) for p in parts])
