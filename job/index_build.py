@@ -24,6 +24,7 @@ import numpy as np
 
 from job.embeddings import TOP_CLASSES
 from job.share import mirror_published, share_pruner
+from shared.class_lists import write_class_lists
 from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
@@ -915,6 +916,8 @@ def publish(
         np.save(Path(tmp) / "labels.npy", np.asarray(built.built_labels))
         np.save(Path(tmp) / "class_top.npy", np.asarray(built.class_top))
         np.save(Path(tmp) / "class_prob.npy", np.asarray(built.class_prob))
+        # text search reads these, not all rows
+        write_class_lists(Path(tmp), np.asarray(built.class_top), np.asarray(built.class_prob))
         ingested = np.asarray(built.ingested) if built.ingested is not None else np.zeros(0, np.int64)
         np.save(Path(tmp) / "ingested.npy", ingested)
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))

@@ -21,6 +21,9 @@ Published layout in the index container::
     index/v000007/ingested.npy  ingest time of each row (UTC epoch seconds), for filters
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
+    index/v000007/class_offsets.npy, class_rows.npy, class_probs.npy, class_mass.npy   the rows of
+                                each ImageNet class, most probable first (:mod:`shared.class_lists`):
+                                text search reads these instead of scoring every row
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/trained.faiss the same index with empty lists (PCA, centroids, codebook): what adding
                                 rows to it needs, read by the job instead of the whole index
@@ -63,6 +66,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists, SegmentLists, TopRows
 from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
@@ -90,6 +94,7 @@ FILES = (
     CODES_FILE,
     CODEC_FILE,
     *CAPTION_FILES,
+    *LIST_FILES,
 )
 # absent from older versions (and the re-ranking codes from every kind but ivf_pq)
 OPTIONAL_FILES = (
@@ -100,6 +105,7 @@ OPTIONAL_FILES = (
     CODES_FILE,
     CODEC_FILE,
     *CAPTION_FILES,
+    *LIST_FILES,
 )
 
 
@@ -197,15 +203,22 @@ class ClusterIndex:
         self.l2 = self.ivf.metric_type == faiss.METRIC_L2
         self.ids = ids if isinstance(ids, IdTable) else IdTable([(compact_ids(ids), order)])
         self.clusters = clusters
-        self.labels = labels
         n = len(self.ids)
         self.class_top = class_top if class_top is not None else np.zeros((n, 0), np.int16)
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.label_names)
-        # As built; the search service lays the label log and the classifier's predictions over them.
+        # As built, never changed; the search service lays the label log over them as a small sorted
+        # (rows, codes) pair (see overlay_labels), and the classifier's predictions beside them.
         self.built_labels = labels
         self.built_label_names = list(self.label_names)
+        self._overlay: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int32))
+        self._labelled_cache: tuple[Any, ...] = ()  # (overlay, rows, codes) computed from that overlay
+        self._column_cache: tuple[Any, ...] = ()  # (overlay, labels column)
+        self._built_labelled: np.ndarray | None = None  # rows labelled as built, found on first use
+        # text search's per-class lists (shared.class_lists): loaded with the version, else built on first use
+        self.class_lists: TopRows | None = None
+        self._prediction_lists: tuple[Any, ...] = ()
         self.predicted = np.full(n, -1, np.int32)  # code into predicted_names, -1: no prediction
         self.predicted_prob = np.zeros(n, np.float32)
         self.predicted_names: list[str] = []
@@ -229,21 +242,100 @@ class ClusterIndex:
         """Take each image's current label (image id -> label) over the labels it was built with.
 
         ``extra_names`` (the label set's classes) join the label names even while no image has them.
-
-        New arrays are swapped in whole, so a query running meanwhile sees the old labels or the new.
+        The built codes are left as they are: the overlay is a sorted (rows, codes) pair of the rows
+        in ``current``, applied where labels are read (:meth:`label_of`, :meth:`labelled`,
+        :attr:`labels`), so a new label costs O(labelled), not O(n). The pair is swapped in whole,
+        so a query running meanwhile sees the old labels or the new (the names only ever grow).
         """
         names = list(self.built_label_names)
-        extra = sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in set(names)})
-        names += extra
+        known = set(names)
+        names += sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in known})
         code = {name: i for i, name in enumerate(names)}
-        labels = np.array(self.built_labels, dtype=np.int32, copy=True)
         ids = list(current)
         rows = self.rows_of(ids)
         found = rows >= 0
-        if found.any():
-            labels[rows[found]] = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        codes = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        rows = rows[found]
+        order = np.argsort(rows, kind="stable")
         self.label_names = names
-        self.labels = labels
+        self._overlay = (rows[order].astype(np.int64), codes[order])
+
+    def label_codes(self, rows: np.ndarray) -> np.ndarray:
+        """int32 (m,) the label code of each of ``rows`` now (-1: none)."""
+        rows = np.asarray(rows, np.int64)
+        over_rows, over_codes = self._overlay
+        codes = np.asarray(self.built_labels[rows], np.int32)
+        if len(over_rows) and len(rows):
+            pos = np.minimum(np.searchsorted(over_rows, rows), len(over_rows) - 1)
+            hit = over_rows[pos] == rows
+            codes = np.where(hit, over_codes[pos], codes).astype(np.int32)
+        return codes
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that have a label now (int64, ascending) and their codes (int32).
+
+        The rows labelled as built are found once per index (O(n) on first use); after that this
+        costs O(labelled) once per change of the overlay.
+        """
+        overlay = self._overlay
+        cached = self._labelled_cache
+        if cached and cached[0] is overlay:
+            return cached[1], cached[2]
+        if self._built_labelled is None:
+            self._built_labelled = np.flatnonzero(np.asarray(self.built_labels) >= 0).astype(np.int64)
+        over_rows, over_codes = overlay
+        built = self._built_labelled
+        if len(over_rows):
+            pos = np.minimum(np.searchsorted(over_rows, built), len(over_rows) - 1)
+            built = built[over_rows[pos] != built]
+        rows = np.concatenate([built, over_rows])
+        codes = np.concatenate([np.asarray(self.built_labels[built], np.int32), over_codes])
+        order = np.argsort(rows, kind="stable")
+        rows, codes = rows[order], codes[order]
+        self._labelled_cache = (overlay, rows, codes)
+        return rows, codes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 (n,) every row's label code now (-1: none): the whole column, O(n) once per change of
+        the overlay; the query path reads :meth:`label_codes` and :meth:`labelled` instead."""
+        overlay = self._overlay
+        cached = self._column_cache
+        if cached and cached[0] is overlay:
+            return cached[1]
+        rows, codes = overlay
+        if not len(rows):
+            return self.built_labels
+        column = np.array(self.built_labels, dtype=np.int32, copy=True)
+        column[rows] = codes
+        self._column_cache = (overlay, column)
+        return column
+
+    def text_lists(self) -> TopRows:
+        """The per-class lists text search reads: the version's own, or built here (and kept) when it
+        has none (a version published before them, or an index built in this process)."""
+        lists = self.class_lists
+        if lists is None:
+            log.info("index %s has no class lists: building them in memory", self.manifest.version)
+            lists = ClassLists.build(self.class_top, self.class_prob, IMAGENET_CLASSES)
+            self.class_lists = lists
+        return lists
+
+    def prediction_lists(self) -> ClassLists:
+        """The classifier's predictions as lists (one per predicted class, most probable first), built
+        on first use after :meth:`set_predictions`."""
+        predicted, prob = self.predicted, self.predicted_prob
+        cached = self._prediction_lists
+        if cached and cached[0] is predicted:
+            return cached[1]
+        has = predicted >= 0
+        lists = ClassLists.build(
+            np.where(has, predicted, 0)[:, None],
+            np.where(has, prob, 0.0).astype(np.float32)[:, None],
+            max(len(self.predicted_names), 1),
+        )
+        self._prediction_lists = (predicted, lists)
+        return lists
 
     def set_predictions(self, names: list[str], codes: np.ndarray, probs: np.ndarray) -> None:
         """The classifier's prediction per row: ``codes`` int (n,) into ``names`` (-1: none), ``probs`` (n,)."""
@@ -365,9 +457,14 @@ class ClusterIndex:
             if filters.label not in self.label_names:
                 known = ", ".join(self.label_names[:20]) or "none"
                 raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
-            mask &= self.labels == self.label_names.index(filters.label)
+            rows, codes = self.labelled()
+            wanted = np.zeros(len(mask), dtype=bool)
+            wanted[rows[codes == self.label_names.index(filters.label)]] = True
+            mask &= wanted
         if filters.labelled is not None:
-            mask &= (self.labels >= 0) == filters.labelled
+            has = np.zeros(len(mask), dtype=bool)
+            has[self.labelled()[0]] = True
+            mask &= has == filters.labelled
         if filters.predicted is not None:
             if filters.predicted not in self.predicted_names:
                 known = ", ".join(self.predicted_names[:20]) or "none: no classifier has been trained yet"
@@ -536,7 +633,7 @@ class ClusterIndex:
         return self._caption_of.get(row)
 
     def label_of(self, row: int) -> str | None:
-        code = int(self.labels[row])
+        code = int(self.label_codes(np.array([row]))[0])
         return self.label_names[code] if code >= 0 else None
 
 
@@ -647,7 +744,12 @@ def load_version(
         )
         for seg in segments
     ]
-    return parts[0] if len(parts) == 1 else join_segments(parts, manifest)
+    if len(parts) > 1:
+        return join_segments(parts, manifest)
+    loaded = parts[0]
+    if loaded.class_top.shape[1]:
+        loaded.text_lists()  # a version from before the lists: built now, not on the first text query
+    return loaded
 
 
 def load_segments(
@@ -750,6 +852,8 @@ def load_folder(
         codec=codec,
     )
     loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
+    if all(name in paths for name in LIST_FILES[:3]) and loaded.class_top.shape[1]:
+        loaded.class_lists = ClassLists.from_files(paths)
     return loaded
 
 
@@ -790,6 +894,8 @@ def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluster
     joined.segment_files = [p.mapped for p in parts]
     joined.duplicates = ids.repeats()
     joined.hidden = joined.duplicates
+    if joined.class_top.shape[1]:
+        joined.class_lists = _segment_lists(parts, joined)
     return joined
 
 
@@ -861,6 +967,8 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
         [(k, o) for p in parts for k, o in zip(p.ids.keys, p.ids.orders, strict=True)]
     ).repeats()
     merged.hidden = merged.duplicates
+    if merged.class_top.shape[1]:
+        merged.class_lists = _segment_lists(parts, merged)
     return merged
 
 
@@ -874,6 +982,17 @@ def list_of_rows(ivf: Any) -> np.ndarray:
         if size:
             out[faiss.rev_swig_ptr(invlists.get_ids(lst), size)] = lst
     return out
+
+
+def _segment_lists(parts: list[ClusterIndex], merged: ClusterIndex) -> TopRows:
+    """Each part's own lists (as published with its segment), or, where one has none, lists built in memory
+    for all the merged rows."""
+    starts = np.cumsum([0] + [len(p.ids) for p in parts])
+    own = [(int(start), p.class_lists) for p, start in zip(parts, starts, strict=False)]
+    if all(isinstance(lists, ClassLists) for _, lists in own):
+        return SegmentLists([(start, lists) for start, lists in own if isinstance(lists, ClassLists)], len(merged.ids))
+    log.info("a segment of index %s has no class lists: building them in memory", merged.manifest.version)
+    return ClassLists.build(merged.class_top, merged.class_prob, IMAGENET_CLASSES)
 
 
 def _read_faiss(path: Path) -> tuple[Any, bool]:

@@ -52,8 +52,9 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
     index = live.get()
     live.refresh_labels()
     view = live.overlay.classifier()
-    labelled = index.labels >= 0
-    skip = labelled.copy()
+    labelled = index.labelled()[0]
+    skip = np.zeros(index.count, dtype=bool)
+    skip[labelled] = True
     skip[index.hidden] = True
     picked: list[tuple[int, float | None, str]] = []
     if view is not None:
@@ -90,8 +91,8 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
         "strategy": strategy,
         "classifier": _classifier_summary(view, entries),
         "label_set": label_set.to_json() if label_set else None,
-        "labelled": int(labelled.sum()),
-        "unlabelled": int(index.count - labelled.sum() - len(index.hidden)),
+        "labelled": len(labelled),
+        "unlabelled": int(index.count - len(labelled) - len(index.hidden)),
     }
 
 
@@ -226,7 +227,7 @@ def label_summary(live: LiveIndex, limit: int = 20) -> dict[str, Any]:
     try:
         index = live.get()
         live.refresh_labels()  # reads the log's new batches and lays them over the index
-        codes, n = np.unique(index.labels[index.labels >= 0], return_counts=True)
+        codes, n = np.unique(index.labelled()[1], return_counts=True)
         counts = {index.label_names[int(c)]: int(k) for c, k in zip(codes, n, strict=True)}
         labelled = int(n.sum())
     except ClusterlensError:  # no index yet: the log alone

@@ -10,12 +10,14 @@ import pytest
 from job.embeddings import EmbeddingStore
 from job.index_build import IndexParams, build_index, extend_index, publish
 from job.reindex import reindex
+from shared.class_lists import SegmentLists
 from shared.errors import VersionMismatch
 from shared.features import power_normalize
 from shared.index import ClusterIndex, current_version, list_versions, load_current, pretransform
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
 from tests.conftest import Collection, make_settings
+from tests.test_text_search import assert_same_top
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +252,9 @@ def test_new_images_are_added_without_retraining(tmp_path: Path, collection: Col
     np.testing.assert_array_equal(grown.ivf.quantizer.reconstruct_n(0, grown.ivf.nlist), centroids)
     assert grown.label_of(int(grown.row_of(new_ids[0]))) == "New"  # type: ignore[arg-type]
     assert grown.label_of(int(grown.row_of(str(before.ids[0])))) == before.label_of(0)  # type: ignore[arg-type]
+    # text search reads each segment's own class lists (nothing rebuilt at load) and still ranks like a full scan
+    assert isinstance(grown.class_lists, SegmentLists) and len(grown.class_lists.parts) == 2
+    assert_same_top(grown, service.models.text(), ("a bag", "a cat", "a cup of coffee", "fire engine"), (1, 10, 100))
 
     # The live service picks it up and finds a new image by its own bytes, first.
     out = service.search_image(png_bytes(x[7]), 3)
