@@ -156,7 +156,11 @@ class ClassLists(TopRows):
             KeyError: if one of the three list files is not given.
         """
         mass_file = paths.get(MASS_FILE)
-        mass = float(np.load(mass_file)[0]) if mass_file is not None and Path(mass_file).is_file() else np.inf
+        mass = (
+            float(np.load(mass_file, allow_pickle=False)[0])
+            if mass_file is not None and Path(mass_file).is_file()
+            else np.inf
+        )
         return cls(
             np.load(paths[OFFSETS_FILE], allow_pickle=False),
             np.load(paths[ROWS_FILE], mmap_mode="r", allow_pickle=False),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,10 @@ class IdTable:
                 parts.append(np.asarray(keys, dtype="U64"))
         out = np.concatenate(parts) if parts else np.zeros(0, "U64")
         return out.astype(dtype) if dtype is not None else out
+
+    def __iter__(self) -> Iterator[str]:
+        """Every id (str), row order: O(n), for paths that need them all."""
+        return iter(np.asarray(self).tolist())
 
     def sort_key(self) -> np.ndarray:
         """int64 (n,) each row's rank by id within its segment: sorts rows as their ids do (within a
