@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -10,7 +12,7 @@ from bench import http
 from job.datasets import FASHION_MNIST_CLASSES
 from job.embeddings import EmbeddingSet, EmbeddingStore
 from shared.features import power_normalize
-from tests.conftest import Collection
+from tests.conftest import Collection, png
 
 POWER = 0.5
 
@@ -61,3 +63,32 @@ def test_grown_rows_are_unit_draws_that_keep_their_class(
     # ... which the check would not report for rows whose labels say nothing.
     shuffled = list(np.random.default_rng(1).permutation(sample_labels))
     assert http.growth_check(train, test, sample, shuffled, POWER)["grown_1000"]["exact_precision_at_10"] < 0.3
+
+
+def test_a_grown_collection_is_served_and_measured_over_http(
+    collection: Collection,
+    held_out: tuple[np.ndarray, np.ndarray],
+    fashion_test: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    """The benchmark's own path at a small size: shards written, the product's reindex, the real server,
+    held-out PNG bodies; no errors, answers of the right class, and the real rows counted among them."""
+    train = EmbeddingStore(collection.storage, collection.encoder.version).load()
+    data_dir, info = tmp_path / "grown", tmp_path / "growth.json"
+    parts = http.grown_collection(train, _held_out_set(held_out), 3000, POWER, info)
+    built, manifest = http.served_collection(data_dir, collection.encoder.version, parts, rebuild=False)
+    assert built.count == 3000 and manifest["count"] == 3000
+    assert json.loads(info.read_text())["grown"] == 2000
+    again, _ = http.served_collection(data_dir, collection.encoder.version, parts, rebuild=False)
+    assert again.mode == "unchanged"  # the shards are written once, the index built once
+
+    x, y = fashion_test
+    bodies = [png(x[i]) for i in range(40)]
+    labels = [FASHION_MNIST_CLASSES[int(c)] for c in y[:40]]
+    runs, rss = http.serve_and_query(data_dir, bodies, labels, {1: 10, 4: 40}, set(train.ids))
+    assert [(r["concurrency"], r["requests"], r["errors"]) for r in runs] == [(1, 10, 0), (4, 40, 0)]
+    assert all(r["results_per_query"] == 10 for r in runs)
+    assert runs[1]["precision_at_10"] > 0.6
+    assert 0 < runs[1]["real_share_of_results"] < 1
+    assert set(runs[1]["server_ms"]) == {"decode", "embed", "search", "total"}
+    assert rss is not None and rss > 100
