@@ -32,7 +32,8 @@ own split of each request (``timing_ms``: decode, embed, search, total) as p50 /
 the share of a query's 10 results whose label is the query's true class (a grown row counts by its
 grown label); for the 1M collection also the share of results that are real rows. The client runs on
 the same machine as the server, so at concurrency 8 both share its cores. ``server_peak_rss_mb`` is the
-serving process's peak resident memory over both runs.
+serving process's peak resident memory over both runs; ``bench_peak_rss_mb`` this process's (growing,
+writing and indexing included).
 
 The 1M collection's shards (~5 GB) and index are built once and reused (``--rebuild`` starts again).
 This is a benchmark, not a test: about 35 minutes on 2 CPU cores the first time (growing and indexing
@@ -47,6 +48,7 @@ import http.client
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -507,10 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     labels = [FASHION_MNIST_CLASSES[int(y_test[i])] for i in range(args.queries)]
     sizes = {c: min(args.latency_queries, args.queries) if c == 1 else args.queries for c in args.concurrency}
     real_ids = set(train.ids)
-    collections = []
+    collections: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     for name in args.collections:
         data_dir = CACHE / COLLECTIONS[name]
         extra: dict[str, Any] = {}
+        print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
         if name == "grown_1m":
             info_path = data_dir / "growth.json"
             parts = grown_collection(train, test, args.grown, power, info_path)
@@ -523,23 +527,24 @@ def main(argv: list[str] | None = None) -> int:
         collections.append(
             {"name": name, "index": index_summary(built, manifest), **extra, "runs": runs, "server_peak_rss_mb": rss}
         )
-    result = {
-        "what": "held-out Fashion-MNIST test images (never ingested or indexed) posted as PNG bodies to the real "
-        "server (`clusterlens serve`), against the 60,000 train images' embeddings and against those plus "
-        "grown rows; precision@10 = share of results with the query's class",
-        "encoder": encoder_version,
-        "queries": args.queries,
-        "queries_at_concurrency_1": sizes.get(1),
-        "k": K,
-        "collections": collections,
-        "errors_total": sum(r["errors"] for c in collections for r in c["runs"]),
-        "device": device(),
-        "bench_seconds": round(time.perf_counter() - started, 1),
-        "note": "client and server share the machine's cores; server_ms is the server's own timing_ms",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["errors_total"] == 0 else 1
+        result = {
+            "what": "held-out Fashion-MNIST test images (never ingested or indexed) posted as PNG bodies to the real "
+            "server (`clusterlens serve`), against the 60,000 train images' embeddings and against those plus "
+            "grown rows; precision@10 = share of results with the query's class",
+            "encoder": encoder_version,
+            "queries": args.queries,
+            "queries_at_concurrency_1": sizes.get(1),
+            "k": K,
+            "collections": collections,
+            "errors_total": sum(r["errors"] for c in collections for r in c["runs"]),
+            "device": device(),
+            "bench_seconds": round(time.perf_counter() - started, 1),
+            "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "note": "client and server share the machine's cores; server_ms is the server's own timing_ms",
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each collection: a late failure keeps it
+    return 0 if result.get("errors_total") == 0 else 1
 
 
 if __name__ == "__main__":
