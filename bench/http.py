@@ -434,6 +434,7 @@ def run_queries(
 
     for i in range(min(20, len(bodies))):  # warm-up: model and index loaded, connections open
         one(i)
+    load_before = os.getloadavg()[0]  # other work on the machine slows both client and server
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(one, range(len(bodies))))
@@ -456,6 +457,7 @@ def run_queries(
             for part, v in server.items()
             if v
         },
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "results_per_query": round(float(np.mean([len(h) for h in hits])), 2) if hits else None,
         "precision_at_10": round(float(np.mean(precision)), 4) if precision else None,
     }
