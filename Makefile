@@ -79,7 +79,7 @@ bench-embed: $(STAMP) models data
 bench-search: $(STAMP) models data
 	$(BIN)/python -m bench.search
 
-## bench-http: the real uvicorn server answering 1,000 image queries at concurrency 1 and 8 (70k index)
+## bench-http: the real uvicorn server answering the 10,000 held-out test images at concurrency 1 and 8, on the 60,000 train images and on 1M (grown from them)
 bench-http: $(STAMP) models data
 	$(BIN)/python -m bench.http
 

@@ -74,9 +74,9 @@ def test_a_missing_figure_is_an_error_not_a_blank(tmp_path: Path) -> None:
     results = tmp_path / "results"
     shutil.copytree(figures.RESULTS, results)
     http = json.loads((results / "http.json").read_text())
-    del http["runs"]
+    del http["collections"]
     (results / "http.json").write_text(json.dumps(http))
-    with pytest.raises(figures.FiguresError, match="http.json has no 'runs'"):
+    with pytest.raises(figures.FiguresError, match="http.json has no 'collections'"):
         figures.render_figures(results)
     with pytest.raises(figures.FiguresError, match="needs the lines"):
         figures.splice("# a README without markers\n", "table")
