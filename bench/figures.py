@@ -252,7 +252,9 @@ def _search_rows(c: dict[str, Any]) -> list[list[str]]:
                 f"{r['first_answer_s']['warm']:.2f} / {r['first_answer_s']['cold']:.2f}",
             ]
         )
-    e = c["exact"]
+    e = c.get("exact")
+    if e is None:  # a run cut short before exact search was timed
+        return rows
     rows.append(
         [
             e["system"],
@@ -273,7 +275,7 @@ def _search_rows(c: dict[str, Any]) -> list[list[str]]:
 
 def _bar_value(b: dict[str, Any]) -> str:
     value = b["value"]
-    shown = "n/a" if value is None else (f"{value:,.3f}" if isinstance(value, float) and value < 10 else num(value, 1))
+    shown = "n/a" if value is None else f"{value:,.{3 if b['target'] <= 1.5 else 1}f}"
     return f"{shown} ({met(bool(b['pass']))})"
 
 
@@ -295,11 +297,12 @@ def search_section(s: Result) -> list[str]:
     ]
     for name, c in collections.items():
         out += [f"### {name}", ""]
-        what = c.get("method") or f"{c.get('indexed', '')}; queries: {c.get('query_set', '')}"
+        what = c["method"]
         out += [
             f"{num(c['n'])} vectors of {c['input_dim']} dimensions; {what}. {num(c['queries'])} queries for recall, "
             f"{num(c['latency_queries'])} for warm latency, {num(c['cold_queries'])} cold. `auto` builds "
-            f"{KIND_NAMES.get(c['auto_kind'], c['auto_kind'])} here. Peers search {c['peer_space']}.",
+            f"{KIND_NAMES.get(c['auto_kind'], c['auto_kind'])} here. Peers search {c.get('peer_space', 'n/a')}."
+            + ("" if c["complete"] else " **Incomplete: the run was cut short after the systems below.**"),
             "",
         ]
         out += table(
@@ -335,11 +338,23 @@ def search_section(s: Result) -> list[str]:
         out += [""]
     bars = s["bars"]
     for name, kinds in bars.items():
-        keys = list(next(iter(kinds.values())))
-        out += [f"Bars on {name} ({num(collections[name]['n'])} vectors):", ""]
+        first = next(iter(kinds.values()))
+        keys = list(first)
+        n = collections[name]["n"]
+        scale = (
+            "" if n in (1_000_000, 10_000_000) else " (issue 22 sets them at 1,000,000 and 10,000,000: not that scale)"
+        )
+        out += [f"Bars on {name} ({num(n)} vectors){scale}:", ""]
         out += table(
-            ["bar", *(f"clusterlens {KIND_NAMES.get(k, k)}" for k in kinds)],
-            [[f"`{key}`", *(_bar_value(kinds[k][key]) if key in kinds[k] else "" for k in kinds)] for key in keys],
+            ["bar", "target", *(f"clusterlens {KIND_NAMES.get(k, k)}" for k in kinds)],
+            [
+                [
+                    f"`{key}`",
+                    "{} {:g}".format("≤" if first[key]["kind"] == "<=" else "≥", round(first[key]["target"], 3)),
+                    *(_bar_value(kinds[k][key]) if key in kinds[k] else "" for k in kinds),
+                ]
+                for key in keys
+            ],
         )
         out += [""]
     return out[:-1]

@@ -255,8 +255,12 @@ def first_answer(args: list[str], expect: list[int], files: list[Path]) -> dict[
     return out
 
 
-def serving(args: list[str], n: int) -> dict[str, Any]:
-    """Memory of a new process that opens the index and answers :data:`SERVE_QUERIES` queries."""
+def serving(args: list[str], n: int, files: list[Path]) -> dict[str, Any]:
+    """Memory of a new process that opens the index and answers :data:`SERVE_QUERIES` queries.
+
+    This process's own pages of ``files`` are dropped first: pages two processes map count half in
+    each one's PSS."""
+    evict(files)
     _, got = probe(args, serve=True)
     before, after = got["before"], got["after"]
     out: dict[str, Any] = {"queries": got["queries"], "process_rss_bytes": after["rss"]}
@@ -299,12 +303,15 @@ def latency_block(
 
 
 def cold_check(row: dict[str, Any]) -> str:
-    """Whether evicting made queries slower, and why not where it did not."""
+    """Whether evicting made queries slower, and why not where it could not."""
     warm, cold = row["warm_ms"]["p50"], row["cold_ms"]["p50"]
-    if cold > 1.1 * warm:
-        return f"cold slower ({cold / warm:.1f}x p50)"
     if not row["resident"]["mapped"]:
-        return "cold ~ warm: no file is memory-mapped (read whole into memory at open), nothing is read per query"
+        return (
+            f"memory-resident: no file is memory-mapped (read whole into memory at open), nothing is read per "
+            f"query, so eviction cannot make it cold (cold / warm p50 {cold / warm:.2f})"
+        )
+    if cold > 1.1 * warm:
+        return f"cold slower ({cold / warm:.1f}x p50): memory-mapped files read again from disk"
     return "cold NOT slower although files are memory-mapped: check the eviction"
 
 
@@ -335,6 +342,7 @@ def measure_ours(coll: Collection, kind: str, threads: int, auto_kind: str, keep
     }
 
     found = index.search(coll.queries, K).rows
+    rerank = int(getattr(index, "rerank", 0) or 0)
     space: np.ndarray | None
     if coll.params.pca_dim == 0:  # unit vectors without PCA: the index's space is the raw one (up to a rotation)
         space, truth_index = (coll.vectors if keep_space else None), coll.truth
@@ -345,7 +353,7 @@ def measure_ours(coll: Collection, kind: str, threads: int, auto_kind: str, keep
     row: dict[str, Any] = {
         "system": f"clusterlens {kind}" + (" (auto)" if kind == auto_kind else ""),
         "kind": m.kind,
-        "params": f"{m.factory}, nprobe {index.nprobe}" + (f", shortlist {K * index.rerank}" if index.rerank else ""),
+        "params": f"{m.factory}, nprobe {index.nprobe}" + (f", shortlist {K * rerank}" if rerank else ""),
         "factory": m.factory,
         "nlist": m.nlist,
         "nprobe": index.nprobe,
@@ -366,7 +374,7 @@ def measure_ours(coll: Collection, kind: str, threads: int, auto_kind: str, keep
     qfile = store / "queries.npy"
     np.save(qfile, coll.queries[:SERVE_QUERIES])
     args = ["clusterlens", str(store), str(qfile)]
-    row["serving"] = serving(args, n)
+    row["serving"] = serving(args, n, files)
     row["first_answer_s"] = first_answer(args, found[0].tolist(), files)
     print(json.dumps({k: v for k, v in row.items() if k != "gate_curve"}), flush=True)
     return Measured(row, space, index)
@@ -454,7 +462,7 @@ def measure_hnswlib(
     qfile = folder / "queries.npy"
     np.save(qfile, xq[:SERVE_QUERIES])
     args = ["hnswlib", str(path), str(qfile), "--ef", str(chosen)]
-    row["serving"] = serving(args, n)
+    row["serving"] = serving(args, n, [path])
     row["first_answer_s"] = first_answer(args, found[0].tolist(), [path])
     print(json.dumps(row), flush=True)
     return row
@@ -480,7 +488,7 @@ def measure_autofaiss(
         space,
         save_on_disk=False,
         max_index_memory_usage=budget,
-        current_memory_available="6G",
+        current_memory_available="4G",
         metric_type="ip",
         nb_cores=threads,
         verbose=logging.WARNING,
@@ -521,7 +529,7 @@ def measure_autofaiss(
     qfile = folder / "queries.npy"
     np.save(qfile, xq[:SERVE_QUERIES])
     args = ["faiss", str(path), str(qfile), "--params", params]
-    row["serving"] = serving(args, n)
+    row["serving"] = serving(args, n, [path])
     row["first_answer_s"] = first_answer(args, found[0].tolist(), [path])
     print(json.dumps(row), flush=True)
     return row
@@ -549,7 +557,7 @@ def real_collection(settings: Any, storage: LocalStorage, vectors: np.ndarray, i
         np.ascontiguousarray(vectors[test]),
         IndexParams.from_settings(settings),
         lambda x: power_normalize(x, power),
-        info={"indexed": "Fashion-MNIST train images", "queries": "Fashion-MNIST test images, never indexed"},
+        info={"method": "the Fashion-MNIST train images indexed; queries: the test images, never indexed"},
     )
     base = coll.raw_space(coll.vectors)
     coll.truth_sims, coll.truth = exact_knn(coll.raw_space(coll.queries), iter([base]), desc="exact raw")
@@ -588,45 +596,58 @@ def grown_collection(
     return coll
 
 
-def run_collection(coll: Collection, kinds: list[str], peers: list[str], threads: int) -> dict[str, Any]:
-    """Every system on one collection."""
+def run_collection(
+    coll: Collection,
+    kinds: list[str],
+    peers: list[str],
+    threads: int,
+    progress: Callable[[dict[str, Any]], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Every system on one collection; ``progress`` gets the summary so far after each system (so a run
+    cut short still leaves what it measured)."""
     auto_kind = coll.params.plan(coll.n, coll.vectors.shape[1], coll.params.pca_dim).kind
     space_kind = "ivf_flat" if "ivf_flat" in kinds else kinds[0]
-    rows, space, peer_index = [], None, None
-    for kind in kinds:
-        got = measure_ours(coll, kind, threads, auto_kind, keep_space=kind == space_kind)
-        rows.append(got.row)
-        if kind == space_kind:
-            space, peer_index = got.space, got.index
-        else:
-            del got
-        gc.collect()
-    assert space is not None and peer_index is not None
-    transform = peer_index.transform if coll.params.pca_dim != 0 else normalize
-    exact = measure_exact(coll, space, transform, threads)
-    for row in rows:
-        row["speedup_vs_exact_raw"] = round(exact["raw_ms"]["p50"] / row["warm_ms"]["p50"], 1)
-        row["speedup_vs_exact_index_space"] = round(exact["index_space_ms"]["p50"] / row["warm_ms"]["p50"], 1)
-    ours = next((r for r in rows if r["kind"] == auto_kind), rows[0])
-    if "hnswlib" in peers:
-        rows.append(measure_hnswlib(coll, space, transform, ours["recall_raw"], threads))
-        gc.collect()
-    pq = next((r for r in rows if r.get("kind") == "ivf_pq"), None)
-    if "autofaiss" in peers and pq is not None:
-        rows.append(measure_autofaiss(coll, space, transform, pq["serving"]["rss_bytes"], threads))
-        gc.collect()
-    return {
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
         "n": coll.n,
         "input_dim": int(coll.vectors.shape[1]),
         "queries": len(coll.queries),
         "latency_queries": min(LATENCY_QUERIES, len(coll.queries)),
         "cold_queries": min(COLD_QUERIES, len(coll.queries)),
         "auto_kind": auto_kind,
-        "peer_space": f"the clusterlens {space_kind} index's space ({rows[kinds.index(space_kind)]['factory']})",
         **coll.info,
         "systems": rows,
-        "exact": exact,
+        "complete": False,
     }
+    space, peer_index = None, None
+    for kind in kinds:
+        got = measure_ours(coll, kind, threads, auto_kind, keep_space=kind == space_kind)
+        rows.append(got.row)
+        if kind == space_kind:
+            space, peer_index = got.space, got.index
+            summary["peer_space"] = f"the clusterlens {space_kind} index's space ({got.row['factory']})"
+        del got
+        gc.collect()
+        progress(summary)
+    assert space is not None and peer_index is not None
+    transform = peer_index.transform if coll.params.pca_dim != 0 else normalize
+    exact = summary["exact"] = measure_exact(coll, space, transform, threads)
+    for row in rows:
+        row["speedup_vs_exact_raw"] = round(exact["raw_ms"]["p50"] / row["warm_ms"]["p50"], 1)
+        row["speedup_vs_exact_index_space"] = round(exact["index_space_ms"]["p50"] / row["warm_ms"]["p50"], 1)
+    progress(summary)
+    ours = next((r for r in rows if r["kind"] == auto_kind), rows[0])
+    if "hnswlib" in peers:
+        rows.append(measure_hnswlib(coll, space, transform, ours["recall_raw"], threads))
+        gc.collect()
+        progress(summary)
+    pq = next((r for r in rows if r.get("kind") == "ivf_pq"), None)
+    if "autofaiss" in peers and pq is not None:
+        rows.append(measure_autofaiss(coll, space, transform, pq["serving"]["rss_bytes"], threads))
+        gc.collect()
+    summary["complete"] = True
+    progress(summary)
+    return summary
 
 
 # -- bars ----------------------------------------------------------------------------------------
@@ -656,8 +677,8 @@ def bars(collections: dict[str, Any]) -> dict[str, Any]:
                 b["serving_rss_gb_le_3"] = bar(round(rss, 3), 3, at_most=True)
             else:
                 b["recall_raw_ge_0.95"] = bar(r["recall_raw"], 0.95)
-                b["speedup_vs_exact_index_space_ge_50"] = bar(r["speedup_vs_exact_index_space"], 50)
-                b["speedup_vs_exact_raw_ge_50"] = bar(r["speedup_vs_exact_raw"], 50)
+                b["speedup_vs_exact_index_space_ge_50"] = bar(r.get("speedup_vs_exact_index_space"), 50)
+                b["speedup_vs_exact_raw_ge_50"] = bar(r.get("speedup_vs_exact_raw"), 50)
                 b["serving_rss_gb_le_1.5"] = bar(round(rss, 3), 1.5, at_most=True)
                 if hnsw is not None:
                     b["p50_vs_hnswlib_le_1"] = bar(
@@ -705,15 +726,21 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "device": device(),
             "faiss": faiss.__version__,
-            "seconds": round(time.perf_counter() - started, 1),
+            "bench_seconds": round(time.perf_counter() - started, 1),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    def progress(name: str) -> Callable[[dict[str, Any]], None]:
+        def update(summary: dict[str, Any]) -> None:
+            collections[name] = summary
+            save()
+
+        return update
+
     if "real" in args.collections:
         coll = real_collection(settings, storage, emb.vectors, emb.ids)
-        collections[coll.name] = run_collection(coll, args.kinds, args.peers, threads)
-        save()
+        run_collection(coll, args.kinds, args.peers, threads, progress(coll.name))
         del coll
     if "1m" in args.collections:
         print(f"\n== fitting the growth model to {len(real_space):,} real embeddings", flush=True)
@@ -731,8 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.random.default_rng(7).choice(len(real_space), 1000, replace=False)
         coll.info["nn_cosine"]["real_70k"] = nn_cosine(real_space[rows], real_space, leave_one_out=True)
         del mixture
-        collections[name] = run_collection(coll, args.kinds, args.peers, threads)
-        save()
+        run_collection(coll, args.kinds, args.peers, threads, progress(name))
         del coll
     if "10m" in args.collections:
         pca = faiss.PCAMatrix(real_space.shape[1], 256)
@@ -745,8 +771,7 @@ def main(argv: list[str] | None = None) -> int:
             "grown directly in a 256-d space (PCA 256 of the real 70k, power 0.5, L2; the same low-rank mixture), "
             "so the index has no PCA and raw = index space; hnswlib and autofaiss left out (hours of build on 2 cores)"
         )
-        collections[name] = run_collection(coll, [coll.params.plan(coll.n, 256, 0).kind], [], threads)
-        save()
+        run_collection(coll, [coll.params.plan(coll.n, 256, 0).kind], [], threads, progress(name))
     save()
     print(json.dumps(bars(collections), indent=2))
     return 0
