@@ -334,7 +334,14 @@ def search_section(s: Result) -> list[str]:
                 )
             out.append(line)
         if "nn_cosine" in c:
-            out += ["", f"Realism, {neighbours(c['nn_cosine'])}."]
+            out += ["", f"Neighbourhoods, {neighbours(c['nn_cosine'])}."]
+        if "pca256_ceiling" in c:
+            ceiling = ", ".join(f"`{k}` {v:.3f}" for k, v in c["pca256_ceiling"].items())
+            out += [
+                "",
+                "What PCA to 256 dimensions costs before any index (recall@10 of exact search after the PCA, "
+                f"against exact search over the raw 1280-d vectors): {ceiling}.",
+            ]
         out += [""]
     bars = s["bars"]
     for name, kinds in bars.items():

@@ -21,7 +21,8 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_low_rank_mixture_draws_unit_vectors_of_the_input_dimension_near_the_real_ones(tmp_path: Path) -> None:
     real = _clustered(2000, 96)
     mixture = LowRankMixture.fit(real, components=8, rank=4)
-    assert mixture.dim == 96 and mixture.factors.shape == (8, 4, 96)
+    assert mixture.dim == 96 and mixture.factors.shape == (8, 4, 96) and mixture.noise.shape == (8, 96)
+    assert np.allclose(mixture.axes @ mixture.axes.T, np.eye(96), atol=1e-4)
     assert np.isclose(mixture.weights.sum(), 1)
     grown = write_draws(mixture, tmp_path / "g.npy", 3000, seed=1, desc="test")
     assert isinstance(grown, np.memmap) and grown.shape == (3000, 96) and grown.dtype == np.float32
