@@ -292,7 +292,7 @@ def search_section(s: Result) -> list[str]:
         "answers 1,000 queries; its RSS / PSS after, minus before opening, per vector. Disk: all files of the "
         "version per vector. First answer: a new process from start to its first answer (imports, open, one "
         f"query), median of 3, warm / cold. k = {s['k']}, {s['threads']} threads for batches, FAISS {s['faiss']}, "
-        f"encoder `{s['encoder']}`.",
+        f"encoder `{s['encoder']}`, code at commit `{s['commit']}`." + (f" {s['note']}" if s["note"] else ""),
         "",
     ]
     for name, c in collections.items():

@@ -86,7 +86,7 @@ WORK = ROOT / "bench" / "cache" / "search"  # indexes and grown vectors (``--wor
 K = 10
 LATENCY_QUERIES = 1000
 COLD_QUERIES = 200
-RAW_EXACT_QUERIES = 20  # single-query exact scans in the raw space (seconds each at 1M x 1280)
+RAW_EXACT_QUERIES = 10  # single-query exact scans in the raw space (~0.5 s each at 1M x 1280)
 SERVE_QUERIES = 1000
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 100
 HNSW_EF = (10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512)
@@ -157,11 +157,14 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = K) -> float:
 
 
 def timed_singles(
-    fn: Callable[[np.ndarray], Any], queries: np.ndarray, before: Callable[[], None] | None = None
+    fn: Callable[[np.ndarray], Any],
+    queries: np.ndarray,
+    before: Callable[[], None] | None = None,
+    warmup: int = 20,
 ) -> np.ndarray:
-    """Milliseconds of ``fn(query[None])`` for each query after a short warm-up; ``before`` runs
-    before each (untimed)."""
-    for q in queries[:20]:
+    """Milliseconds of ``fn(query[None])`` for each query after ``warmup`` untimed ones; ``before`` runs
+    before each timed one (untimed)."""
+    for q in queries[:warmup]:
         fn(q[None])
     out = np.empty(len(queries))
     for i, q in enumerate(queries):
@@ -391,7 +394,7 @@ def measure_exact(
     # grown vectors are stored unit length (the raw space already); real ones are normalised here
     base = coll.vectors if coll.raw_space is normalize else coll.raw_space(np.asarray(coll.vectors, np.float32))
     rq = coll.raw_space(coll.queries[:RAW_EXACT_QUERIES])
-    raw_ms = timed_singles(lambda q: faiss.knn(q, base, K, metric=faiss.METRIC_INNER_PRODUCT), rq)
+    raw_ms = timed_singles(lambda q: faiss.knn(q, base, K, metric=faiss.METRIC_INNER_PRODUCT), rq, warmup=2)
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     faiss.knn(transform(coll.queries), space, K, metric=faiss.METRIC_INNER_PRODUCT)
@@ -710,11 +713,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_pq"], choices=["ivf_flat", "ivf_pq"])
     parser.add_argument("--peers", nargs="*", default=["hnswlib", "autofaiss"], choices=["hnswlib", "autofaiss"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
+    parser.add_argument("--note", default="", help="a line on what this run measured, kept in the JSON")
     parser.add_argument("--work", type=Path, default=WORK, help="where indexes and grown vectors are written")
     args = parser.parse_args(argv)
     WORK = args.work
     logging.basicConfig(level=logging.WARNING)
     threads = faiss.omp_get_max_threads()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
 
     settings, storage, encoder, emb = real_embeddings()
     real_space = power_normalize(emb.vectors, IndexParams.from_settings(settings).power)
@@ -730,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "device": device(),
             "faiss": faiss.__version__,
+            "commit": commit.strip(),
+            "note": args.note,
             "bench_seconds": round(time.perf_counter() - started, 1),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
