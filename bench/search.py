@@ -598,8 +598,11 @@ def grown_collection(
                 "nn10": round(float(coll.truth_sims[:, K - 1].mean()), 4),
             },
         },
-        "pca256_ceiling": {f"grown_first_{min(n, 60000)}": pca_ceiling(queries, np.asarray(vectors[:60000]))},
     }
+    if mixture.dim > 256:
+        coll.info["pca256_ceiling"] = {
+            f"grown_first_{min(n, 60000)}": pca_ceiling(queries, np.asarray(vectors[:60000]))
+        }
     return coll
 
 
@@ -762,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         coll = grown_collection(name, mixture, args.grown, settings, pca_dim=None, seed=1)
         coll.info["method"] = (
             f"1280-d Gaussian mixture fitted to the real {len(real_space):,} (power 0.5, L2): spherical k-means into "
-            f"{len(mixture.weights)} components, each its top {GROWN_RANK} principal directions plus isotropic noise "
-            "with the variance they leave; L2-normalised draws, stored power-normalised (built with power 1)"
+            f"{len(mixture.weights)} components, each its top {GROWN_RANK} principal directions plus, for the rest, "
+            "its residual variance along each of the real collection's principal axes; L2-normalised draws, stored "
+            "power-normalised (built with power 1)"
         )
         coll.info["fit_s"] = round(fit_s, 1)
         rows = np.random.default_rng(7).choice(len(real_space), 1000, replace=False)
