@@ -98,6 +98,10 @@ class LatencyStorage(LocalStorage):
         self._wait("list", container, prefix)
         return super().list(container, prefix)
 
+    def sizes(self, container: str, prefix: str) -> dict[str, int]:
+        self._wait("list", container, prefix)
+        return super().sizes(container, prefix)
+
     def delete(self, container: str, name: str) -> bool:
         self._wait("delete", container, name)
         return super().delete(container, name)

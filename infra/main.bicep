@@ -77,6 +77,14 @@ param principalType string = 'User'
 @description('Replication SKU of the storage accounts.')
 param storageSku string = 'Standard_ZRS'
 
+// A 10M-image IVF-PQ version is about 10 GB of files (ids, codes, re-ranking vectors); the share holds the
+// kept versions (CLUSTERLENS_INDEX_KEEP_VERSIONS, 3), a base segment they may share and the one being
+// published. Standard (pay-as-you-go) shares bill the bytes stored, not the quota: this is a ceiling.
+@description('Quota of the `index` Azure Files share in GiB (published index versions, opened in place by the function app).')
+@minValue(1)
+@maxValue(102400)
+param indexShareQuotaGb int = 50
+
 var name = '${namePrefix}${substring(uniqueString(resourceGroup().id), 0, 6)}'
 var tags = {
   app: 'clusterlens'
@@ -118,6 +126,7 @@ module storage 'modules/storage.bicep' = {
     location: location
     tags: tags
     storageSku: storageSku
+    indexShareQuotaGb: indexShareQuotaGb
     workspaceId: monitoring.outputs.workspaceId
     identityId: identity.outputs.id
     identityPrincipalId: identity.outputs.principalId

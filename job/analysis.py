@@ -206,7 +206,7 @@ def _index_space(
 
     if current_version(storage) is None:
         return None, ""
-    index = load_current(storage, settings.data_dir / "cache")
+    index = load_current(storage, settings.data_dir / "cache" / "index", mount=settings.index_mount)
     if index.manifest.encoder_version != encoder_version:
         return None, ""
     found = index.rows_of(ids)

@@ -23,18 +23,31 @@ import faiss
 import numpy as np
 
 from job.embeddings import TOP_CLASSES
+from job.share import mirror_published, share_pruner
+from shared.class_lists import write_class_lists
 from shared.errors import NotReady
 from shared.features import power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
-from shared.index import FILES, Captions, ClusterIndex, SearchHits, merge_segments, pretransform, read_manifest
+from shared.index import (
+    FILES,
+    Captions,
+    ClusterIndex,
+    SearchHits,
+    list_of_rows,
+    merge_segments,
+    pretransform,
+    read_manifest,
+)
 from shared.manifests import IndexManifest, RecallReport
+from shared.refine import CODEC_FILE, CODES_FILE, RefineCodec
+from shared.rows import compact_ids, id_order
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
 from shared.versions import claim_next, prune, swap_pointer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # bump when the files of a version change, so an up-to-date check rebuilds
+FORMAT = 4  # bump when the files of a version change, so an up-to-date check rebuilds
 KINDS = ("flat", "ivf_flat", "ivf_pq")
 TRAINED_FILE = "trained.faiss"
 ID_BYTES = 8  # FAISS keeps an int64 id beside each code in the inverted lists
@@ -43,6 +56,8 @@ DIRECT_MAP_BYTES = 8  # IVF-Flat's row -> (list, offset) map, for reconstructing
 # 10 iterations instead of FAISS's 256 and 25: at 1M vectors in 4,000 lists that is ~1 minute on
 # 2 cores instead of ~15; the recall gate measures what the index loses by it.
 LARGE_TRAINING = 5e7
+PCA_SAMPLE = 100_000  # rows PCA is trained on (1280-d: 512 MB); also the least a training sample holds
+ADD_CHUNK = 65_536  # rows transformed and added at once
 
 
 @dataclass(frozen=True)
@@ -68,7 +83,7 @@ class IndexParams:
     memory_mb: float = 1024
     flat_max: int = 2000
     pq_m: int = 0
-    pq_nbits: int = 8
+    pq_nbits: int = 4
     rerank: int = 10
     pca_dim: int = 256
     power: float = 0.5
@@ -172,7 +187,7 @@ def plan_index(
     pca_dim: int = 256,
     nlist: int = 0,
     pq_m: int = 0,
-    pq_nbits: int = 8,
+    pq_nbits: int = 4,
     rerank: int = 10,
     flat_max: int = 2000,
     min_points_per_list: int = 39,
@@ -181,8 +196,10 @@ def plan_index(
 
     ``auto``: ``flat`` up to ``flat_max`` vectors (a full scan costs microseconds there); ``ivf_flat``
     while ``n`` full vectors (with their ids and direct-map entries) fit in ``memory_mb``; ``ivf_pq``
-    beyond, with the largest code of at most 56 bytes (64 with its id) that fits the budget. Any
-    parameter given (non-zero) is kept as is.
+    beyond, with the largest code of at most 64 bytes that fits the budget with its id (4-bit fast-scan
+    codes: up to one sub-quantiser per two dimensions; 8-bit: up to 56 bytes). Its 8-bit re-ranking codes
+    (``dim`` bytes a vector, :mod:`shared.refine`) are budgeted apart, on the query side. Any parameter
+    given (non-zero) is kept as is.
 
     Args:
         n: vectors to index; input_dim: their dimension before PCA.
@@ -214,8 +231,10 @@ def plan_index(
     if kind != "ivf_pq":
         return IndexPlan(kind, dim, dim if use_pca else 0, nlist, bytes_per_vector=full, reason=reason)
     if not pq_m:
-        room = min(56.0, budget / n - ID_BYTES) * 8 / pq_nbits  # sub-quantisers the budget allows
-        fits = [m for m in (64, 56, 48, 32, 24, 16, 8, 4, 2, 1) if dim % m == 0 and m <= min(room, dim)]
+        most = 64.0 if pq_nbits == 4 else 56.0
+        room = min(most, budget / n - ID_BYTES) * 8 / pq_nbits  # sub-quantisers the budget allows
+        sizes = (128, 64, 32, 16, 8, 4, 2) if pq_nbits == 4 else (64, 56, 48, 32, 24, 16, 8, 4, 2, 1)
+        fits = [m for m in sizes if dim % m == 0 and m <= min(room, dim)]
         pq_m = fits[0] if fits else min(m for m in (8, 4, 2, 1) if dim % m == 0)
     if dim % pq_m:
         raise ValueError(f"IVF-PQ needs pq_m to divide the dimension {dim}; {pq_m} does not")
@@ -228,14 +247,21 @@ def plan_index(
 def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
     """An untrained FAISS index for ``plan`` over ``d``-dimensional input (n vectors to come), with its
     training settings; and its factory string."""
+    metric = faiss.METRIC_INNER_PRODUCT
     if plan.kind == "ivf_pq":
         # A random rotation spreads the variance (PCA puts most of it in the first dimensions)
         # evenly over the sub-quantisers: recall@10 0.89 -> 0.98 on the real 70k, same code size.
         pre = f"PCAR{plan.pca_dim},L2norm," if plan.pca_dim else f"RR{d},"
-        desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x{plan.pq_nbits}"
+        if plan.pq_nbits == 4:
+            # 4-bit codes scanned with SIMD (fast-scan); ranked by L2 on unit vectors, which orders
+            # them as cosine does (FAISS 1.15's 4-bit inner-product scan stalled at ~0.77 recall@10)
+            desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x4fs"
+            metric = faiss.METRIC_L2
+        else:
+            desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x{plan.pq_nbits}"
     else:
         desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"IVF{plan.nlist},Flat"
-    index = faiss.index_factory(d, desc, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(d, desc, metric)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True
     ivf.cp.seed = seed
@@ -245,9 +271,10 @@ def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
     if plan.kind == "ivf_pq":
         ivfpq: Any = faiss.downcast_index(ivf)
         ivfpq.pq.cp.min_points_per_centroid = 1  # the recall gate judges the codes
-        # index_factory turns on polysemous training (code reordering for Hamming filtering, which
-        # is not used here); it took 49 s of a 1,000-vector build and half of a 1M one.
-        ivfpq.do_polysemous_training = False
+        if plan.pq_nbits != 4:
+            # index_factory turns on polysemous training (code reordering for Hamming filtering, which
+            # is not used here); it took 49 s of a 1,000-vector build and half of a 1M one.
+            ivfpq.do_polysemous_training = False
     return index, desc
 
 
@@ -343,22 +370,42 @@ def build_index(
     power, pca_dim, seed = p.power, p.pca_dim, p.seed
     t0 = time.perf_counter()
     if head is not None:
-        x = head.apply(vectors).embedding
         power, pca_dim = 1.0, 0
-    else:
-        x = power_normalize(vectors, power)
+
+    def features(raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float32)
+        return head.apply(raw).embedding if head is not None else power_normalize(raw, power)
+
+    # Trained on a seeded sample (every row up to PCA_SAMPLE), then filled chunk by chunk: the
+    # transformed vectors are never all in memory at once (``vectors`` may be a memory map).
+    sample = training_rows(n, choose_nlist(n, p.min_points_per_list) if not p.nlist else p.nlist, seed)
+    x = features(vectors[sample] if len(sample) < n else vectors)
     plan = p.plan(n, x.shape[1], pca_dim)
     nlist = plan.nlist
     index, desc = new_index(plan, x.shape[1], n, seed)
     ivf = faiss.extract_index_ivf(index)
     index.train(x)
     trained = faiss.serialize_index(index)  # no rows yet: what an incremental reindex adds to
-    t_train = time.perf_counter() - t0
-    index.add(x)
-    if plan.kind != "ivf_pq":  # IVF-PQ reads exact vectors from its re-ranking file instead
-        ivf.make_direct_map()
-    xt = pretransform(index, x)
+    codec = RefineCodec.train(pretransform(index, x)) if plan.kind == "ivf_pq" else None
     del x
+    t_train = time.perf_counter() - t0
+    k = min(10, n - 1)
+    gate_rows = recall_rows(n, p.recall_sample, seed) if k >= 1 else np.zeros(0, np.int64)
+    queries = pretransform(index, features(vectors[gate_rows])) if len(gate_rows) else None
+    truth = faiss.ResultHeap(len(gate_rows), k + 1, keep_max=True) if queries is not None else None
+    codes = np.empty((n, int(ivf.d)), np.uint8) if codec is not None else None
+    for start in range(0, n, ADD_CHUNK):
+        xt = pretransform(index, features(vectors[start : start + ADD_CHUNK]))
+        add_transformed(index, xt)
+        if codes is not None and codec is not None:
+            codes[start : start + len(xt)] = codec.encode(xt)
+        if truth is not None and queries is not None:
+            scores, found = faiss.knn(queries, xt, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
+            truth.add_result(scores, found + start)
+    if truth is not None:
+        truth.finalize()
+    if plan.kind != "ivf_pq":  # IVF-PQ re-ranks from its codes instead
+        ivf.make_direct_map()
     clusters = list_of_rows(ivf)
     names, label_codes = label_codes_of(labels)
     manifest = new_manifest(
@@ -374,7 +421,7 @@ def build_index(
         captions=captions,
         clusters=clusters,
         train_seconds=t_train,
-        train_points=min(n, int(ivf.cp.max_points_per_centroid) * nlist),
+        train_points=min(len(sample), int(ivf.cp.max_points_per_centroid) * nlist),
         started=t0,
         source=source,
     )
@@ -384,7 +431,7 @@ def build_index(
         raise ValueError("class_top and class_prob must be (n, t) arrays of the same shape")
     built = ClusterIndex(
         index,
-        np.array(ids),
+        np.asarray(ids),
         clusters,
         label_codes,
         manifest,
@@ -393,16 +440,51 @@ def build_index(
         head,
         captions,
         None if ingested is None else np.asarray(ingested, dtype=np.int64),
-        xt if plan.kind == "ivf_pq" else None,
+        codes,
+        codec=codec,
     )
     built.trained = bytes(trained)
     t1 = time.perf_counter()
     nprobe = nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
-    recall = tune_nprobe(built, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=seed)
+    exact = truth.I if truth is not None else np.zeros((0, k + 1), np.int64)
+    recall = tune_against(
+        built,
+        gate_rows,
+        queries if queries is not None else np.zeros((0, int(ivf.d)), np.float32),
+        exact,
+        n,
+        target=p.recall_target,
+        nprobe=nprobe,
+    )
     recall.seconds = round(time.perf_counter() - t1, 3)
     manifest.nprobe, manifest.rerank, manifest.recall = built.nprobe, built.rerank, recall
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return built
+
+
+def add_transformed(index: Any, xt: np.ndarray) -> None:
+    """Add vectors already in the index's space (transformed once, for the lists, the re-ranking codes and
+    the gate alike) to its lists."""
+    if isinstance(index, faiss.IndexPreTransform):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.add(xt)
+        index.ntotal = ivf.ntotal
+    else:
+        index.add(xt)
+
+
+def training_points(n: int, nlist: int) -> int:
+    """Points k-means trains on for ``n`` vectors in ``nlist`` lists, as :func:`new_index` sets FAISS up."""
+    return min(n, (64 if n * nlist > LARGE_TRAINING else 256) * nlist)
+
+
+def training_rows(n: int, nlist: int, seed: int) -> np.ndarray:
+    """int64 the rows (ascending) an index of ``n`` vectors trains on: every row up to ``PCA_SAMPLE`` (and
+    as many as k-means takes), else a seeded sample of that many."""
+    want = max(training_points(n, nlist), min(PCA_SAMPLE, n))
+    if want >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=want, replace=False)).astype(np.int64)
 
 
 def extend_index(
@@ -442,21 +524,19 @@ def extend_index(
     t0 = time.perf_counter()
     n = base.count
     x = base.head.apply(vectors).embedding if base.head else power_normalize(vectors, base.manifest.power)
-    if base.mapped is not None:  # a mapped copy would write back into the published file: read it whole
-        index = faiss.read_index(str(base.mapped))
-    else:
-        index = faiss.deserialize_index(faiss.serialize_index(base.index))  # clone_index lacks L2norm
+    index = base.lists_copy()  # every segment's rows in one set of lists, read whole (never the published file)
     index.add(x)
     ivf = faiss.extract_index_ivf(index)
     if base.vectors is None:
         ivf.make_direct_map()
     xt_new = pretransform(index, x)
     assign = list_of_rows(ivf)[n:]
+    codec = base.codec
     names = sorted(set(base.label_names) | {lab for lab in labels if lab is not None})
     code = {name: i for i, name in enumerate(names)}
-    old = np.array([code[name] for name in base.label_names] + [-1], dtype=np.int32)[base.labels]
+    old = np.array([code[name] for name in base.label_names] + [-1], dtype=np.int32)[np.asarray(base.labels)]
     new = np.array([code[lab] if lab is not None else -1 for lab in labels], dtype=np.int32)
-    clusters = np.concatenate([base.clusters, assign])
+    clusters = np.concatenate([np.asarray(base.clusters), assign])
     t = base.class_top.shape[1]
     if class_top is None or class_prob is None or class_top.shape[1] != t:
         class_top, class_prob = np.zeros((m, t), np.int16), np.zeros((m, t), np.float32)
@@ -470,7 +550,7 @@ def extend_index(
         captions = base.captions
     times = None
     if base.ingested is not None and ingested is not None:
-        times = np.concatenate([base.ingested, np.asarray(ingested, dtype=np.int64)])
+        times = np.concatenate([np.asarray(base.ingested), np.asarray(ingested, dtype=np.int64)])
     manifest = base.manifest.model_copy(
         deep=True,
         update=dict(
@@ -492,16 +572,19 @@ def extend_index(
     trained.reset()  # lists emptied: the next incremental reindex adds its delta to this
     grown = ClusterIndex(
         index,
-        np.concatenate([base.ids.astype("U64"), np.array(ids, dtype="U64")]),
+        np.concatenate([np.asarray(base.ids), np.array(ids, dtype="U64")]),
         clusters,
         np.concatenate([old, new]),  # old codes remapped to the merged names; -1 stays -1
         manifest,
-        np.concatenate([base.class_top, class_top.astype(np.int16)]),
-        np.concatenate([base.class_prob, class_prob.astype(np.float32)]),
+        np.concatenate([np.asarray(base.class_top), class_top.astype(np.int16)]),
+        np.concatenate([np.asarray(base.class_prob), class_prob.astype(np.float32)]),
         base.head,
         captions,
         times,
-        None if base.vectors is None else np.concatenate([base.vectors, xt_new]),
+        None
+        if base.vectors is None or codec is None
+        else np.concatenate([np.asarray(base.vectors), codec.encode(xt_new)]),
+        codec=codec,
     )
     grown.trained = bytes(faiss.serialize_index(trained))
     xt = grown.all_vectors()
@@ -524,6 +607,7 @@ def build_delta(
     class_prob: np.ndarray | None = None,
     captions: Captions | None = None,
     ingested: np.ndarray | None = None,
+    codec: RefineCodec | None = None,
 ) -> ClusterIndex:
     """A delta segment: new rows added to a copy of the base's trained index (``trained.faiss``), alone.
 
@@ -534,16 +618,24 @@ def build_delta(
         trained: the base's index before any row was added (PCA, centroids, codebook).
         manifest: the current version's manifest (its power, kind and dimension are used).
         vectors: float32 (m, input_dim) raw embeddings; the rest as for :func:`build_index`.
+        codec: IVF-PQ: the base's re-ranking codec (``refine_codec.npy``), which the new rows are coded with.
+
+    Raises:
+        ValueError: on mismatched lengths, or an IVF-PQ delta without the base's codec.
     """
     m = len(ids)
     if vectors.ndim != 2 or len(vectors) != m or len(labels) != m or (m and vectors.shape[1] != manifest.input_dim):
         raise ValueError(f"vectors {vectors.shape}, {m} ids and {len(labels)} labels do not fit this index")
+    if manifest.kind == "ivf_pq" and codec is None:
+        raise ValueError("an IVF-PQ delta needs the base's re-ranking codec")
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     ivf = faiss.extract_index_ivf(index)
     x = np.zeros((0, int(index.d)), np.float32)
     if m:
         x = head.apply(vectors).embedding if head is not None else power_normalize(vectors, manifest.power)
         index.add(x)
+    if manifest.kind != "ivf_pq":
+        ivf.make_direct_map()  # a stored row's vector is read back from the lists (search by id)
     names, codes = label_codes_of(labels)
     if class_top is None or class_prob is None:  # as wide as the shards' (a narrower part drops them on load)
         class_top, class_prob = np.zeros((m, TOP_CLASSES), np.int16), np.zeros((m, TOP_CLASSES), np.float32)
@@ -559,7 +651,8 @@ def build_delta(
         head,
         captions,
         None if ingested is None else np.asarray(ingested, dtype=np.int64),
-        pretransform(index, x) if manifest.kind == "ivf_pq" else None,
+        codec.encode(pretransform(index, x)) if codec is not None and manifest.kind == "ivf_pq" else None,
+        codec=codec if manifest.kind == "ivf_pq" else None,
     )
     return delta
 
@@ -613,12 +706,13 @@ def tune_nprobe(
     Leave-one-out on ``sample`` stored vectors: each is a query against all the others, and its
     true 10 neighbours come from exact (flat) search over the same vectors the index holds, so
     this measures what cluster routing (and PQ) loses (PCA is part of the space, not of the error).
-    nprobe is tried at 1, 2, 4, ... up to ``nlist`` (which is exact), or only at ``nprobe`` if given.
+    nprobe is doubled from 1 until the target is reached (up to ``nlist``, which is exact), then the
+    smallest nprobe that reaches it is found by bisection; or only ``nprobe`` is tried, if given.
 
     For IVF-PQ the re-ranked shortlist is tuned with it: at each nprobe the shortlist factor is
     tried at 1, 2 and 4 times the plan's ``rerank`` (a shorter shortlist is a prefix of a longer
-    one, so one scan serves all three), and the smallest nprobe, then the smallest factor, that
-    reaches the target is kept.
+    one, so one scan serves all three); an nprobe reaches the target when its longest shortlist
+    does, and at the smallest such nprobe the smallest factor that reaches it is kept.
 
     Args:
         index: the index to tune (its ``nprobe`` and re-rank factor are set).
@@ -667,10 +761,6 @@ def tune_against(
         index.ivf.nprobe = 1
         return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
     truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
-    if nprobe:
-        candidates = [min(nprobe, nlist)]
-    else:
-        candidates = sorted({min(2**i, nlist) for i in range(int(np.ceil(np.log2(max(nlist, 1)))) + 1)})
     base = int(index.manifest.plan.get("rerank", index.rerank)) if index.vectors is not None else 0
     factors = [base, 2 * base, 4 * base] if base else [0]
 
@@ -678,39 +768,81 @@ def tune_against(
         found = [set(g[(g != row) & (g >= 0)][:k]) for g, row in zip(got, rows, strict=True)]
         return float(np.mean([len(f & t) / k for f, t in zip(found, truth, strict=True)]))
 
-    curve: list[dict[str, Any]] = []
-    recall = 0.0
-    for p in candidates:
-        t0 = time.perf_counter()
-        if not base:
-            got = index.search_transformed(queries, k + 1, p).rows
-            ms = (time.perf_counter() - t0) * 1000 / len(rows)
-            recall = recall_of(got)
-            curve.append({"nprobe": p, "recall_at_10": round(recall, 4), "ms_per_query": round(ms, 4)})
-            if recall >= target:
-                break
-            continue
-        # The raw PQ shortlist at the longest length, re-ranked by prefix below.
-        probe_scores, probe = index.ivf.quantizer.search(queries, p)
-        longest = index.scan(queries, min((k + 1) * factors[-1], n), probe, probe_scores, faiss.SearchParametersIVF())
-        scan_ms = (time.perf_counter() - t0) * 1000 / len(rows)
-        for r in factors:
-            t1 = time.perf_counter()
-            width = min((k + 1) * r, n)
-            prefix = SearchHits(longest.scores[:, :width], longest.rows[:, :width], longest.probe, longest.probe_scores)
-            recall = recall_of(index.rerank_shortlist(queries, prefix, k + 1).rows)
-            ms = scan_ms + (time.perf_counter() - t1) * 1000 / len(rows)
-            curve.append({"nprobe": p, "rerank": r, "recall_at_10": round(recall, 4), "ms_per_query": round(ms, 4)})
-            if recall >= target:
-                break
-        if recall >= target:
-            break
-    index.ivf.nprobe = int(curve[-1]["nprobe"])
+    measured: dict[int, list[dict[str, Any]]] = {}  # nprobe -> one entry per shortlist factor
+
+    def reaches(p: int) -> bool:
+        """Measure at ``p`` lists (once) and say whether its best setting reaches the target."""
+        if p not in measured:
+            measured[p] = _measure(index, queries, p, k, n, factors, recall_of)
+        return max(e["recall"] for e in measured[p]) >= target
+
+    if nprobe:
+        chosen = min(nprobe, nlist)
+        reaches(chosen)
+    else:
+        # Doubling brackets the smallest nprobe that reaches the target, then bisection finds it, so the
+        # gate stops at e.g. 22 rather than 32: recall is close to monotone in nprobe.
+        low, p = 0, 1
+        while not reaches(p) and p < nlist:
+            low, p = p, min(2 * p, nlist)
+        high = p
+        while high - low > 1 and reaches(high):
+            mid = (low + high) // 2
+            if reaches(mid):
+                high = mid
+            else:
+                low = mid
+        chosen = high
+    entries = measured[chosen]
+    good = [e for e in entries if e["recall"] >= target]
+    pick = good[0] if good else max(entries, key=lambda e: e["recall"])
+    index.ivf.nprobe = chosen
     if base:
-        index.rerank = int(curve[-1]["rerank"])
+        index.rerank = int(pick["rerank"])
+    curve = [
+        {**{key: v for key, v in e.items() if key != "recall"}, "recall_at_10": round(e["recall"], 4)}
+        for p_ in sorted(measured)
+        for e in measured[p_]
+    ]
     return RecallReport(
-        target=target, at_10=curve[-1]["recall_at_10"], meets_target=recall >= target, sample=len(rows), curve=curve
+        target=target,
+        at_10=round(pick["recall"], 4),
+        meets_target=pick["recall"] >= target,
+        sample=len(rows),
+        curve=curve,
+        nprobe=chosen,
+        rerank=int(pick["rerank"]) if base else None,
     )
+
+
+def _measure(
+    index: ClusterIndex,
+    queries: np.ndarray,
+    p: int,
+    k: int,
+    n: int,
+    factors: list[int],
+    recall_of: Callable[[np.ndarray], float],
+) -> list[dict[str, Any]]:
+    """The gate's measurements at ``p`` lists: one per shortlist factor (IVF-PQ; prefixes of one scan of the
+    longest shortlist), or one (``factors == [0]``)."""
+    t0 = time.perf_counter()
+    if factors == [0]:
+        got = index.search_transformed(queries, k + 1, p).rows
+        ms = (time.perf_counter() - t0) * 1000 / len(queries)
+        return [{"nprobe": p, "recall": recall_of(got), "ms_per_query": round(ms, 4)}]
+    probe_scores, probe = index.ivf.quantizer.search(queries, p)
+    longest = index.scan(queries, min((k + 1) * factors[-1], n), probe, probe_scores, faiss.SearchParametersIVF())
+    scan_ms = (time.perf_counter() - t0) * 1000 / len(queries)
+    out = []
+    for r in factors:
+        t1 = time.perf_counter()
+        width = min((k + 1) * r, n)
+        prefix = SearchHits(longest.scores[:, :width], longest.rows[:, :width], longest.probe, longest.probe_scores)
+        recall = recall_of(index.rerank_shortlist(queries, prefix, k + 1).rows)
+        ms = scan_ms + (time.perf_counter() - t1) * 1000 / len(queries)
+        out.append({"nprobe": p, "rerank": r, "recall": recall, "ms_per_query": round(ms, 4)})
+    return out
 
 
 def _sizes(sizes: np.ndarray) -> dict[str, int]:
@@ -729,18 +861,6 @@ def _head_summary(head: ProjectionHead | None) -> dict[str, Any] | None:
         "val_accuracy": m.train.get("val_accuracy"),
         "val_knn10_accuracy": m.train.get("val_knn10_accuracy"),
     }
-
-
-def list_of_rows(ivf: Any) -> np.ndarray:
-    """int32 (ntotal,) the IVF list (cluster) each row was added to, read from the lists themselves
-    (assigning every vector to its nearest centroid again would cost as much as adding them)."""
-    out = np.full(int(ivf.ntotal), -1, dtype=np.int32)
-    invlists = ivf.invlists
-    for lst in range(int(ivf.nlist)):
-        size = int(invlists.list_size(lst))
-        if size:
-            out[faiss.rev_swig_ptr(invlists.get_ids(lst), size)] = lst
-    return out
 
 
 # -- publishing ----------------------------------------------------------------------------------
@@ -763,12 +883,21 @@ def _referenced(storage: Storage, kept: list[str]) -> set[str]:
     return out
 
 
-def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Callable[[], bool] | None = None) -> str:
+def publish(
+    storage: Storage,
+    built: ClusterIndex,
+    keep: int = 3,
+    *,
+    swap_if: Callable[[], bool] | None = None,
+    share_dir: Path | None = None,
+) -> str:
     """Write a new version, then swap the pointer to it; prune versions beyond ``keep``.
 
     Args:
         swap_if: asked right before the swap; False leaves the version written (complete, kept
             for rollback) but not current, and sets ``manifest["published"]`` to False.
+        share_dir: the index share's mount (``job/share.py``): the version is copied there before its
+            manifest is written, and pruned versions are removed from it.
 
     Returns:
         the new version name.
@@ -778,26 +907,34 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
     manifest = built.manifest.model_copy(update={"version": version, "segments": segments})
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
-        if "ids.npy" not in built.files:  # a streamed build has written it (and vectors.npy) already
-            np.save(Path(tmp) / "ids.npy", built.ids.astype("U64"))
-        np.save(Path(tmp) / "clusters.npy", built.clusters)
-        np.save(Path(tmp) / "labels.npy", built.labels)
-        np.save(Path(tmp) / "class_top.npy", built.class_top)
-        np.save(Path(tmp) / "class_prob.npy", built.class_prob)
-        ingested = built.ingested if built.ingested is not None else np.zeros(0, np.int64)
+        if "ids.npy" not in built.files:  # a streamed build has written it (and refine.npy) already
+            keys = built.ids.keys[0] if len(built.ids.keys) == 1 else compact_ids(np.asarray(built.ids))
+            np.save(Path(tmp) / "ids.npy", keys)
+            order = built.ids.orders[0] if len(built.ids.keys) == 1 else id_order(keys)
+            np.save(Path(tmp) / "order.npy", np.asarray(order))
+        np.save(Path(tmp) / "clusters.npy", np.asarray(built.clusters))
+        np.save(Path(tmp) / "labels.npy", np.asarray(built.built_labels))
+        np.save(Path(tmp) / "class_top.npy", np.asarray(built.class_top))
+        np.save(Path(tmp) / "class_prob.npy", np.asarray(built.class_prob))
+        # text search reads these, not all rows
+        write_class_lists(Path(tmp), np.asarray(built.class_top), np.asarray(built.class_prob))
+        ingested = np.asarray(built.ingested) if built.ingested is not None else np.zeros(0, np.int64)
         np.save(Path(tmp) / "ingested.npy", ingested)
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))
         np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
         np.save(Path(tmp) / "captions.npy", built.captions.text)
-        np.save(Path(tmp) / "order.npy", built.order.astype(np.int64))
-        if built.vectors is not None and "vectors.npy" not in built.files:
-            np.save(Path(tmp) / "vectors.npy", np.asarray(built.vectors, dtype=np.float32))
+        if built.vectors is not None and CODES_FILE not in built.files:
+            np.save(Path(tmp) / CODES_FILE, np.asarray(built.vectors, dtype=np.uint8))
+        if built.codec is not None:
+            np.save(Path(tmp) / CODEC_FILE, built.codec.to_array())
         if built.trained is not None:
             (Path(tmp) / TRAINED_FILE).write_bytes(built.trained)
         for name in (*FILES, TRAINED_FILE):
             path = built.files.get(name, Path(tmp) / name)
             if path.is_file():
                 storage.upload_file(INDEX, f"{version}/{name}", path)
+        if share_dir is not None:  # on the share before the manifest and pointer name the version
+            mirror_published(share_dir, version, Path(tmp), built, manifest)
     if built.head is not None:
         storage.upload_file(INDEX, f"{version}/{HEAD_FILE}", built.head.path)
         storage.put_json(INDEX, f"{version}/head.json", built.head.manifest.to_json())
@@ -808,6 +945,6 @@ def publish(storage: Storage, built: ClusterIndex, keep: int = 3, *, swap_if: Ca
         log.warning("index %s written but not published: a newer build is current", version)
         return version
     swap_pointer(storage, INDEX, version)
-    prune(storage, INDEX, keep, current=version, referenced=_referenced)
+    prune(storage, INDEX, keep, current=version, referenced=_referenced, on_delete=share_pruner(share_dir))
     log.info("published index %s (%d vectors, %d clusters)", version, built.count, manifest.nlist)
     return version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from shared.errors import ClusterlensError, NotReady, QualityGate, VersionMismat
 from shared.head import ProjectionHead, load_head
 from shared.index import Captions, ClusterIndex, current_version, load_segments, load_version, read_manifest
 from shared.manifests import IndexManifest
+from shared.refine import CODEC_FILE, RefineCodec
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, BlobNotFound, Storage
 
@@ -49,7 +51,7 @@ def embed_caption_texts(settings: Settings, rows: np.ndarray, texts: list[str]) 
     from shared.text_encoder import TextEncoder
 
     try:
-        encoder = TextEncoder.from_settings(settings)
+        encoder = TextEncoder.from_settings(settings, verify="sha256")
     except NotReady as exc:
         log.warning("captions left out of the index: %s", exc.message)
         return None
@@ -242,6 +244,13 @@ def _try_incremental(
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
         return None
     new = fill_records(catalog, new)
+    codec = None
+    if manifest.kind == "ivf_pq":
+        try:
+            codec = RefineCodec.from_array(np.load(io.BytesIO(storage.get(INDEX, f"{base}/{CODEC_FILE}"))))
+        except BlobNotFound:  # an IVF-PQ base from before re-ranking codes: build it again
+            log.info("the current IVF-PQ version has no re-ranking codes: a full build")
+            return None
     delta = build_delta(
         trained,
         manifest,
@@ -253,6 +262,7 @@ def _try_incremental(
         class_prob=new.top_prob if new.ids else None,
         captions=embed_captions(settings, new.captions),
         ingested=new.ingested if new.ids else None,
+        codec=codec,
     )
     # Deltas merge like a binary counter: the newest absorbs older ones no bigger than what it holds,
     # so a version has O(log growth) segments and a row is rewritten O(log growth) times, never the base.
@@ -262,7 +272,9 @@ def _try_incremental(
     while len(keep) > 1 and int(keep[-1]["rows"]) <= max(rows, 1):
         absorb.insert(0, keep.pop())
         rows += int(absorb[0]["rows"])
-    parts = load_segments(storage, absorb, settings.data_dir / "cache" / "index", manifest, head=head)
+    parts = load_segments(
+        storage, absorb, settings.data_dir / "cache" / "index", manifest, head=head, mount=settings.index_mount
+    )
     return grow_version(manifest, [*parts, delta], keep, source, added=len(new.ids))
 
 
@@ -280,8 +292,14 @@ def _extend_copy(
 ) -> ClusterIndex | None:
     """The current version read whole plus the new rows, published whole (versions without trained.faiss)."""
     old_shards = manifest.shard_names
-    cur = load_version(storage, current, settings.data_dir / "cache" / "index", providers=settings.ort_providers)
-    new = store.load(sorted(set(shards) - old_shards), skip=set(cur.ids.tolist()) | deleted)
+    cur = load_version(
+        storage,
+        current,
+        settings.data_dir / "cache" / "index",
+        providers=settings.ort_providers,
+        mount=settings.index_mount,
+    )
+    new = store.load(sorted(set(shards) - old_shards), skip=set(np.asarray(cur.ids).tolist()) | deleted)
     trained = manifest.trained_count or manifest.count
     if cur.count + len(new.ids) > trained * (1 + settings.index_retrain_fraction):
         log.info("collection grew past %.0f%% since training: retraining", 100 * settings.index_retrain_fraction)
@@ -315,7 +333,13 @@ def _publish(storage: Storage, settings: Settings, built: ClusterIndex, force: b
                 code="recall_below_target",
             )
         log.warning("publishing an index below its recall target (forced): %s", recall.at_10)
-    version = publish(storage, built, keep=settings.index_keep_versions, swap_if=lambda: _still_newest(storage, built))
+    version = publish(
+        storage,
+        built,
+        keep=settings.index_keep_versions,
+        swap_if=lambda: _still_newest(storage, built),
+        share_dir=settings.index_share_dir,
+    )
     if built.manifest.published is False:
         return _result(version, True, built.manifest, mode="superseded")
     return _result(version, True, built.manifest, mode=mode)

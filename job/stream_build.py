@@ -10,12 +10,12 @@ with a sample and chunks:
 2. **Train** PCA on up to :data:`PCA_SAMPLE` of the sampled rows, then the centroids (and PQ codes) on the
    whole sample in the index's space. The recall gate's query rows are drawn from the sample too.
 3. **Add** the shards again, one at a time: each chunk is power-normalised, transformed, added to the
-   lists, appended to the IVF-PQ re-ranking file (``vectors.npy``) and scanned exactly for the gate's
+   lists, coded into the IVF-PQ re-ranking file (``refine.npy``) and scanned exactly for the gate's
    queries (their true neighbours are merged chunk by chunk), so no step holds every vector.
 
 What stays in memory is what the index keeps per row anyway (codes or vectors, cluster, label, classes,
 ingest time) plus the ids as bytes while they are sorted; ``ids.npy`` (as the query side reads it) and
-``vectors.npy`` go to files that :func:`job.index_build.publish` uploads as they are. Up to
+``refine.npy`` go to files that :func:`job.index_build.publish` uploads as they are. Up to
 :data:`PCA_SAMPLE` rows, and ``64 * nlist`` (or ``256 * nlist``) training points, the sample is every
 row and the build trains on exactly what ``build_index`` would.
 
@@ -42,25 +42,28 @@ import numpy as np
 from job.embeddings import EmbeddingSet, EmbeddingStore, embedding_set, fill_records, fixed_list, rows_in_name
 from job.embeddings import shard_table as to_shard_table
 from job.index_build import (
-    LARGE_TRAINING,
+    PCA_SAMPLE,
     IndexParams,
+    add_transformed,
     choose_nlist,
     label_codes_of,
     list_of_rows,
     new_index,
     new_manifest,
     recall_rows,
+    training_points,
     tune_against,
 )
 from shared.catalog import Catalog
 from shared.features import power_normalize
 from shared.head import ProjectionHead
 from shared.index import Captions, ClusterIndex, pretransform
+from shared.refine import CODES_FILE, RefineCodec
+from shared.rows import DIGEST, FileRows
 from shared.storage import EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
-PCA_SAMPLE = 100_000  # rows PCA is trained on (1280-d: 512 MB); also the least the sample holds
 CHUNK_ROWS = 16_384  # rows of the sample file read at once
 UNNAMED_SHARD_ROWS = 4096  # assumed for a shard whose name does not say its rows (the default shard size)
 
@@ -108,39 +111,6 @@ class NpyWriter:
         if self.rows != self.shape[0]:
             raise ValueError(f"{self.path.name}: wrote {self.rows} rows, announced {self.shape[0]}")
         return self.path
-
-
-class RowFile:
-    """The rows of a 2-d ``.npy`` file, read on demand with plain reads (``vectors[rows]`` as on an array).
-
-    Not a memory map: pages a map touches stay resident in the process, and the recall gate touches a
-    shortlist of every query; these reads leave them to the page cache.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-            self.offset = f.tell()
-        self.shape: tuple[int, ...] = shape
-        self.dtype = np.dtype(dtype)
-        self.row_bytes = int(shape[1]) * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return int(self.shape[0])
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        one = np.ndim(rows) == 0
-        wanted = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = b"".join(os.pread(fd, self.row_bytes, self.offset + int(r) * self.row_bytes) for r in wanted)
-        finally:
-            os.close(fd)
-        out = np.frombuffer(data, dtype=self.dtype).reshape(len(wanted), self.shape[1])
-        return out[0] if one else out
 
 
 class ShardRewriter:
@@ -195,9 +165,10 @@ def compaction_plan(shards: list[str], compact_rows: int) -> list[str]:
     return small
 
 
-def training_points(n: int, nlist: int) -> int:
-    """Points k-means trains on for ``n`` vectors in ``nlist`` lists, as ``build_index`` sets FAISS up."""
-    return min(n, (64 if n * nlist > LARGE_TRAINING else 256) * nlist)
+def _is_hex(ids: np.ndarray) -> bool:
+    """Whether every id (ASCII bytes) is lowercase hex."""
+    text = b"".join(ids.tolist())
+    return not text.translate(None, b"0123456789abcdef")
 
 
 def build_streaming(
@@ -271,12 +242,24 @@ def build_streaming(
         raise ValueError("nothing to index: embed some images first")
     kept_ids = all_ids[keep]
     del all_ids
-    id_order = np.argsort(kept_ids, kind="stable")  # ASCII bytes sort as the strings do
-    ids_file = NpyWriter(workdir / "ids.npy", "U64", (n,))
+    # ASCII bytes sort as the strings do; lowercase hex sorts as the bytes it spells
+    id_order = np.argsort(kept_ids, kind="stable").astype(np.int32 if n < 2**31 else np.int64)
+    binary = bool(np.all(np.char.str_len(kept_ids) == 2 * DIGEST)) and all(
+        _is_hex(kept_ids[start : start + (1 << 20)]) for start in range(0, n, 1 << 20)
+    )
+    ids_file = NpyWriter(workdir / "ids.npy", "uint8" if binary else "U64", (n, DIGEST) if binary else (n,))
     step = 1 << 20
     for start in range(0, n, step):
-        ids_file.append(kept_ids[start : start + step].astype("U64"))
+        part = kept_ids[start : start + step]
+        if binary:
+            ids_file.append(
+                np.frombuffer(bytes.fromhex(b"".join(part.tolist()).decode()), np.uint8).reshape(-1, DIGEST)
+            )
+        else:
+            ids_file.append(part.astype("U64"))
     ids_path = ids_file.close()
+    order_path = workdir / "order.npy"
+    np.save(order_path, id_order)
     del kept_ids
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     seconds["scan"] = time.perf_counter() - t0
@@ -327,6 +310,7 @@ def build_streaming(
         del x
     xt_train = read_sample(usable, transform=True)
     ivf.train(xt_train)
+    codec = RefineCodec.train(xt_train) if plan.kind == "ivf_pq" else None
     index.is_trained = True
     k = min(10, n - 1)
     gate_pick = recall_rows(m, p.recall_sample, p.seed) if k >= 1 else np.zeros(0, np.int64)
@@ -339,7 +323,7 @@ def build_streaming(
 
     # 3. add, shard by shard; compact the small ones on the way
     t2 = time.perf_counter()
-    pq_file = NpyWriter(workdir / "vectors.npy", "float32", (n, int(ivf.d))) if plan.kind == "ivf_pq" else None
+    pq_file = NpyWriter(workdir / CODES_FILE, "uint8", (n, int(ivf.d))) if codec is not None else None
     truth = faiss.ResultHeap(len(gate_rows), k + 1, keep_max=True) if len(gate_rows) else None
     rewriter = ShardRewriter(store, compact_rows, workdir) if small else None
     class_top: np.ndarray | None = None
@@ -362,13 +346,9 @@ def build_streaming(
         if not take.any():
             continue
         xt = pretransform(index, features(chunk.vectors[take]))
-        if isinstance(index, faiss.IndexPreTransform):
-            ivf.add(xt)  # transformed once, for the lists, the re-ranking file and the gate alike
-            index.ntotal = ivf.ntotal
-        else:
-            index.add(xt)
-        if pq_file is not None:
-            pq_file.append(xt)
+        add_transformed(index, xt)
+        if pq_file is not None and codec is not None:
+            pq_file.append(codec.encode(xt))
         if truth is not None:
             scores, found = faiss.knn(queries, xt, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
             truth.add_result(scores, found + row)
@@ -392,7 +372,7 @@ def build_streaming(
     if rewriter is not None:
         written = rewriter.close()
         compaction = Compaction(small, written, rewriter.rows)
-    if plan.kind != "ivf_pq":  # IVF-PQ reads exact vectors from its re-ranking file instead
+    if plan.kind != "ivf_pq":  # IVF-PQ re-ranks from its codes instead
         ivf.make_direct_map()
     vectors_path = pq_file.close() if pq_file is not None else None
     if truth is not None:
@@ -431,11 +411,12 @@ def build_streaming(
         head,
         captions,
         ingested,
-        RowFile(vectors_path) if vectors_path is not None else None,  # type: ignore[arg-type]  # indexed like one
+        FileRows(vectors_path) if vectors_path is not None else None,  # read per row, never mapped
         id_order,
+        codec=codec,
     )
     built.trained = bytes(trained)
-    built.files = {"ids.npy": ids_path, **({"vectors.npy": vectors_path} if vectors_path else {})}
+    built.files = {"ids.npy": ids_path, "order.npy": order_path, **({CODES_FILE: vectors_path} if vectors_path else {})}
     t3 = time.perf_counter()
     nprobe = plan.nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
     exact = truth.I if truth is not None else np.zeros((0, k + 1), np.int64)

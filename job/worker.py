@@ -398,7 +398,7 @@ class Worker:
         if self._encoder is None:
             from shared.encoder import ImageEncoder
 
-            self._encoder = ImageEncoder.from_settings(self.settings)
+            self._encoder = ImageEncoder.from_settings(self.settings, verify="sha256")  # once per job process
             log.info("image encoder %s on %s", self._encoder.version, self._encoder.providers[0])
         return self._encoder
 

@@ -94,6 +94,16 @@ def modules_match(modules: dict[str, str]) -> bool:
     return all((ROOT / rel).is_file() and sha256(ROOT / rel) == want for rel, want in modules.items())
 
 
+def verify() -> None:
+    """Hash every model in models/ against its manifest (sha256 and byte size): the one full check, here and
+    before the upload to the share (docs/deploy.md); the query side then checks only the size at start."""
+    for name in OUTPUTS:
+        manifest = json.loads((MODELS / name / "manifest.json").read_text())
+        path = MODELS / name / manifest["file"]
+        if sha256(path) != manifest["sha256"] or path.stat().st_size != manifest.get("bytes", path.stat().st_size):
+            raise SystemExit(f"models: {path} does not match its manifest (run `make models` with --no-cache)")
+
+
 def present() -> bool:
     return all((MODELS / name / "manifest.json").is_file() for name in OUTPUTS)
 
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_cache and present() and STAMP.is_file():
         stamp = json.loads(STAMP.read_text())
         if stamp.get("base") == base and modules_match(stamp.get("modules", {})):
-            print(f"models: up to date ({base})")
+            verify()
+            print(f"models: up to date ({base}), sha256 checked")
             return 0
     root = cache_root()
     entries = root / base
@@ -182,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             prune(root)
         except OSError as exc:  # a read-only or full cache: the export itself is done
             how = f"exported (not cached: {exc})"
+    verify()
     STAMP.write_text(json.dumps({"base": base, "modules": modules}, indent=1, sort_keys=True) + "\n")
-    print(f"models: {how} in {time.perf_counter() - started:.1f} s")
+    print(f"models: {how} in {time.perf_counter() - started:.1f} s, sha256 checked")
     return 0
 
 

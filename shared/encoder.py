@@ -17,7 +17,7 @@ from PIL import Image
 
 from shared.imaging import preprocess
 from shared.manifests import EncoderManifest
-from shared.sessions import open_session, session_options, verify_file
+from shared.sessions import Verify, open_session, session_options, verify_file
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -41,7 +41,8 @@ class ImageEncoder:
         size: input side in pixels (must equal the manifest's unless the model has dynamic size).
         providers: preferred execution providers; only available ones are used.
         intra_op_threads: ONNX Runtime thread count, 0 for its default.
-        verify: check the ONNX file's sha256 against the manifest.
+        verify: check the ONNX file against the manifest by its byte size (``"size"``, a stat: the query
+            side's cold start), its sha256 (``"sha256"``: the export and the jobs) or not (``"none"``).
     """
 
     def __init__(
@@ -51,11 +52,12 @@ class ImageEncoder:
         size: int | None = None,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
-        verify: bool = True,
+        verify: Verify = "size",
     ):
         self.folder = Path(folder)
         self.manifest = EncoderManifest.read(self.folder / "manifest.json")
-        path = verify_file(self.folder / self.manifest.file, self.manifest.sha256 if verify else None)
+        m = self.manifest
+        path = verify_file(self.folder / m.file, m.sha256, size=m.bytes, verify=verify)
         self.size = size or self.manifest.input.size
         if self.size != self.manifest.input.size and not self.manifest.input.dynamic_size:
             raise ValueError(f"this encoder takes {self.manifest.input.size} px input only")
@@ -64,13 +66,14 @@ class ImageEncoder:
         log.info("loaded encoder %s at %d px on %s", self.manifest.version, self.size, self.providers)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, size: int | None = None) -> ImageEncoder:
-        """The encoder the settings name, at their image size (or ``size``), on their providers.
+    def from_settings(cls, settings: Settings, *, size: int | None = None, verify: Verify = "size") -> ImageEncoder:
+        """The encoder the settings name, at their image size (or ``size``), on their providers, its file
+        checked by ``verify``.
 
         Raises:
             NotReady: the model has not been exported (``make models``) or does not match its manifest.
         """
-        return cls(settings.encoder_dir, size=size or settings.image_size, **session_options(settings))
+        return cls(settings.encoder_dir, size=size or settings.image_size, verify=verify, **session_options(settings))
 
     @property
     def version(self) -> str:

@@ -7,16 +7,23 @@ assigned to its ``nprobe`` nearest centroids and compared only with the images i
 Published layout in the index container::
 
     index/v000007/index.faiss   IndexPreTransform(PCA, L2norm) + IndexIVFFlat with a direct map, or for
-                                IVF-PQ IndexPreTransform(PCA + random rotation, L2norm) + IndexIVFPQ
-    index/v000007/ids.npy       image id of each row; order.npy: the rows sorted by id (id lookups)
-    index/v000007/vectors.npy   IVF-PQ only: every row's exact vector in the index's space (float32),
-                                memory-mapped and read only for the shortlist a query re-ranks
+                                IVF-PQ IndexPreTransform(PCA + random rotation, L2norm) + IndexIVFPQFastScan
+                                (4-bit codes, L2 on unit vectors)
+    index/v000007/ids.npy       image id of each row: uint8 (n, 32), a content hash's bytes (strings
+                                ``U64`` only for ids that are not 64-character hex); order.npy: the rows
+                                sorted by id (int32), for lookups by id. Both memory-mapped.
+    index/v000007/refine.npy    IVF-PQ only: every row's 8-bit re-ranking code (uint8 (n, dim)) and
+    index/v000007/refine_codec.npy  its per-dimension range (see shared.refine): held in memory up to
+                                ``index_refine_memory_mb``, else read per query (pread) for the shortlist
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
     index/v000007/ingested.npy  ingest time of each row (UTC epoch seconds), for filters
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
+    index/v000007/class_offsets.npy, class_rows.npy, class_probs.npy, class_mass.npy   the rows of
+                                each ImageNet class, most probable first (:mod:`shared.class_lists`):
+                                text search reads these instead of scoring every row
     index/v000007/head.onnx, head.json   the projection head, for an index in the head's space
     index/v000007/trained.faiss the same index with empty lists (PCA, centroids, codebook): what adding
                                 rows to it needs, read by the job instead of the whole index
@@ -26,17 +33,19 @@ Published layout in the index container::
 A version can also be a base plus delta segments: an incremental reindex writes only the new rows
 (the same files, holding only them) in its own folder, and its manifest's ``segments`` lists the
 folders that make up the version, base first (each with its row count and the label names its
-codes refer to). Loading concatenates them (:func:`merge_segments`); the job merges small deltas
-into bigger ones as they accumulate, and a full build (past ``index_retrain_fraction`` of growth)
+codes refer to). The query side opens each folder and searches their lists side by side with the
+same probes (:func:`join_segments`; per-row arrays through :class:`shared.rows.Column`), so opening a
+new version reads its delta, never the base again; the job merges small deltas into bigger ones as
+they accumulate (:func:`merge_segments`), and a full build (past ``index_retrain_fraction`` of growth)
 starts a new base. Earlier versions' folders a kept version refers to are never pruned.
 
 Three kinds, chosen by :func:`plan_index` from the collection size and a memory budget:
 
 - ``flat``: small collections. The same clustered lists, but every list is searched: exact.
 - ``ivf_flat``: the default. Full vectors in the lists; a query scans its ``nprobe`` nearest lists.
-- ``ivf_pq``: large collections. The lists hold product-quantised codes (``m`` bytes a vector at 8
-  bits); a query scans them for a shortlist of ``k * rerank`` rows, which are re-ranked exactly with
-  their full vectors from ``vectors.npy`` (on disk, memory-mapped: only the shortlist is read).
+- ``ivf_pq``: large collections. The lists hold 4-bit product-quantised codes scanned with SIMD
+  (FAISS fast-scan: ``dim / 4`` bytes a vector at one sub-quantiser per two dimensions); a query
+  scans them for a shortlist of ``k * rerank`` rows, re-ranked with their 8-bit codes.
 
 An index lives in one of two spaces, recorded as ``space`` in its manifest: ``backbone`` (the raw
 1280-d embeddings, power-normalised, PCA) or ``head`` (the 64-d output of a trained projection head).
@@ -57,11 +66,15 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists, SegmentLists, TopRows
 from shared.errors import BadRequest, NotFound, NotReady
 from shared.features import power_normalize
 from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
+from shared.index_files import folder_sizes, version_file
 from shared.manifests import HeadManifest, IndexManifest
+from shared.refine import CODEC_FILE, CODES_FILE, RefineCodec, rerank_scores
+from shared.rows import Column, FileRows, IdTable, column, compact_ids
 from shared.storage import INDEX, Storage
 from shared.versions import list_versions as _list_versions
 from shared.versions import read_pointer, swap_pointer
@@ -78,11 +91,22 @@ FILES = (
     "class_prob.npy",
     "ingested.npy",
     "order.npy",
-    "vectors.npy",
+    CODES_FILE,
+    CODEC_FILE,
     *CAPTION_FILES,
+    *LIST_FILES,
 )
-# absent from older versions (and vectors.npy from every kind but ivf_pq)
-OPTIONAL_FILES = ("class_top.npy", "class_prob.npy", "ingested.npy", "order.npy", "vectors.npy", *CAPTION_FILES)
+# absent from older versions (and the re-ranking codes from every kind but ivf_pq)
+OPTIONAL_FILES = (
+    "class_top.npy",
+    "class_prob.npy",
+    "ingested.npy",
+    "order.npy",
+    CODES_FILE,
+    CODEC_FILE,
+    *CAPTION_FILES,
+    *LIST_FILES,
+)
 
 
 @dataclass
@@ -121,6 +145,14 @@ class SearchHits:
     probe_scores: np.ndarray
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The rows a search may return: ``rows`` (int64, global row numbers), or every row but them (``negate``)."""
+
+    negate: bool
+    rows: np.ndarray
+
+
 class ClusterIndex:
     """A built index with its row metadata: built by :func:`job.index_build.build_index`, loaded by
     :func:`load_version`, searched here."""
@@ -128,21 +160,24 @@ class ClusterIndex:
     def __init__(
         self,
         index: Any,
-        ids: np.ndarray,
-        clusters: np.ndarray,
-        labels: np.ndarray,
+        ids: np.ndarray | IdTable,
+        clusters: Any,
+        labels: Any,
         manifest: IndexManifest,
         class_top: np.ndarray | None = None,
         class_prob: np.ndarray | None = None,
         head: ProjectionHead | None = None,
         captions: Captions | None = None,
         ingested: np.ndarray | None = None,
-        vectors: np.ndarray | None = None,
+        vectors: Any = None,
         order: np.ndarray | None = None,
+        codec: RefineCodec | None = None,
     ):
         self.index = index
-        # IVF-PQ: exact vectors (n, dim) in the index's space for re-ranking; None for other kinds
+        # IVF-PQ: every row's 8-bit re-ranking code (uint8 (n, dim): an array, Column or FileRows) and
+        # their codec; None for other kinds (see shared.refine)
         self.vectors = vectors
+        self.codec = codec
         self.rerank = manifest.rerank if vectors is not None else 0
         self.head = head
         self.ingested = ingested
@@ -151,34 +186,49 @@ class ClusterIndex:
         self.duplicates = np.zeros(0, np.int64)
         self.trained: bytes | None = None  # job side: the index before any row was added (trained.faiss)
         self.mapped: Path | None = None  # the file the FAISS lists are memory-mapped from, if they are
-        # files of a version written already (a streamed build's ids and re-ranking vectors), by name
+        # files of a version written already (a streamed build's ids and re-ranking codes), by name
         self.files: dict[str, Path] = {}
         self.captions = captions or Captions.empty()
         self._caption_of = {int(r): str(t) for r, t in zip(self.captions.rows, self.captions.text, strict=True)}
         # Stored as float16; widened once here rather than on every text query.
         self.caption_vectors = self.captions.vectors.astype(np.float32)
         self.ivf = faiss.extract_index_ivf(index)
-        self.ids = ids
+        # The lists of each segment (the base's first), searched side by side with the same probes:
+        # (IVF index, first row). One segment unless loaded from a version with deltas.
+        self.segments: list[tuple[Any, int]] = [(self.ivf, 0)]
+        self.owners: list[Any] = []  # the FAISS objects that own the segments' lists (freed with them)
+        self.segment_files: list[Path | None] = []  # each segment's memory-mapped FAISS file, if mapped
+        # fast-scan PQ lists rank by L2 on unit vectors (FAISS's 4-bit inner-product scan loses
+        # recall); their distances are turned into cosine similarity: 1 - d / 2
+        self.l2 = self.ivf.metric_type == faiss.METRIC_L2
+        self.ids = ids if isinstance(ids, IdTable) else IdTable([(compact_ids(ids), order)])
         self.clusters = clusters
-        self.labels = labels
-        n = len(ids)
+        n = len(self.ids)
         self.class_top = class_top if class_top is not None else np.zeros((n, 0), np.int16)
         self.class_prob = class_prob if class_prob is not None else np.zeros((n, 0), np.float32)
         self.manifest = manifest
         self.label_names: list[str] = list(manifest.label_names)
-        # As built; the search service lays the label log and the classifier's predictions over them.
+        # As built, never changed; the search service lays the label log over them as a small sorted
+        # (rows, codes) pair (see overlay_labels), and the classifier's predictions beside them.
         self.built_labels = labels
         self.built_label_names = list(self.label_names)
+        self._overlay: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int32))
+        self._labelled_cache: tuple[Any, ...] = ()  # (overlay, rows, codes) computed from that overlay
+        self._column_cache: tuple[Any, ...] = ()  # (overlay, labels column)
+        self._built_labelled: np.ndarray | None = None  # rows labelled as built, found on first use
+        # text search's per-class lists (shared.class_lists): loaded with the version, else built on first use
+        self.class_lists: TopRows | None = None
+        self._prediction_lists: tuple[Any, ...] = ()
         self.predicted = np.full(n, -1, np.int32)  # code into predicted_names, -1: no prediction
         self.predicted_prob = np.zeros(n, np.float32)
         self.predicted_names: list[str] = []
-        self.order = order if order is not None and len(order) == len(ids) else np.argsort(ids)
 
     # -- building -----------------------------------------------------------------------------
 
     @property
     def count(self) -> int:
-        return int(self.index.ntotal)
+        """Rows in every segment."""
+        return sum(int(ivf.ntotal) for ivf, _ in self.segments)
 
     @property
     def nprobe(self) -> int:
@@ -186,32 +236,106 @@ class ClusterIndex:
 
     def rows_of(self, image_ids: list[str]) -> np.ndarray:
         """int64 (m,) rows of ids, -1 for ids not indexed."""
-        if not len(image_ids) or not len(self.ids):
-            return np.full(len(image_ids), -1, np.int64)
-        keys = np.asarray(image_ids, dtype="U64")
-        pos = np.minimum(np.searchsorted(self.ids, keys, sorter=self.order), len(self.ids) - 1)
-        rows = self.order[pos]
-        return np.where(self.ids[rows] == keys, rows, -1).astype(np.int64)
+        return self.ids.rows_of(image_ids)
 
     def overlay_labels(self, current: dict[str, str], extra_names: list[str] | None = None) -> None:
         """Take each image's current label (image id -> label) over the labels it was built with.
 
         ``extra_names`` (the label set's classes) join the label names even while no image has them.
-
-        New arrays are swapped in whole, so a query running meanwhile sees the old labels or the new.
+        The built codes are left as they are: the overlay is a sorted (rows, codes) pair of the rows
+        in ``current``, applied where labels are read (:meth:`label_of`, :meth:`labelled`,
+        :attr:`labels`), so a new label costs O(labelled), not O(n). The pair is swapped in whole,
+        so a query running meanwhile sees the old labels or the new (the names only ever grow).
         """
         names = list(self.built_label_names)
-        extra = sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in set(names)})
-        names += extra
+        known = set(names)
+        names += sorted({lab for lab in [*current.values(), *(extra_names or [])] if lab not in known})
         code = {name: i for i, name in enumerate(names)}
-        labels = np.array(self.built_labels, dtype=np.int32, copy=True)
         ids = list(current)
         rows = self.rows_of(ids)
         found = rows >= 0
-        if found.any():
-            labels[rows[found]] = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        codes = np.array([code[current[i]] for i, f in zip(ids, found, strict=True) if f], np.int32)
+        rows = rows[found]
+        order = np.argsort(rows, kind="stable")
         self.label_names = names
-        self.labels = labels
+        self._overlay = (rows[order].astype(np.int64), codes[order])
+
+    def label_codes(self, rows: np.ndarray) -> np.ndarray:
+        """int32 (m,) the label code of each of ``rows`` now (-1: none)."""
+        rows = np.asarray(rows, np.int64)
+        over_rows, over_codes = self._overlay
+        codes = np.asarray(self.built_labels[rows], np.int32)
+        if len(over_rows) and len(rows):
+            pos = np.minimum(np.searchsorted(over_rows, rows), len(over_rows) - 1)
+            hit = over_rows[pos] == rows
+            codes = np.where(hit, over_codes[pos], codes).astype(np.int32)
+        return codes
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that have a label now (int64, ascending) and their codes (int32).
+
+        The rows labelled as built are found once per index (O(n) on first use); after that this
+        costs O(labelled) once per change of the overlay.
+        """
+        overlay = self._overlay
+        cached = self._labelled_cache
+        if cached and cached[0] is overlay:
+            return cached[1], cached[2]
+        if self._built_labelled is None:
+            self._built_labelled = np.flatnonzero(np.asarray(self.built_labels) >= 0).astype(np.int64)
+        over_rows, over_codes = overlay
+        built = self._built_labelled
+        if len(over_rows):
+            pos = np.minimum(np.searchsorted(over_rows, built), len(over_rows) - 1)
+            built = built[over_rows[pos] != built]
+        rows = np.concatenate([built, over_rows])
+        codes = np.concatenate([np.asarray(self.built_labels[built], np.int32), over_codes])
+        order = np.argsort(rows, kind="stable")
+        rows, codes = rows[order], codes[order]
+        self._labelled_cache = (overlay, rows, codes)
+        return rows, codes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int32 (n,) every row's label code now (-1: none): the whole column, O(n) once per change of
+        the overlay; the query path reads :meth:`label_codes` and :meth:`labelled` instead."""
+        overlay = self._overlay
+        cached = self._column_cache
+        if cached and cached[0] is overlay:
+            return cached[1]
+        rows, codes = overlay
+        if not len(rows):
+            return self.built_labels
+        column = np.array(self.built_labels, dtype=np.int32, copy=True)
+        column[rows] = codes
+        self._column_cache = (overlay, column)
+        return column
+
+    def text_lists(self) -> TopRows:
+        """The per-class lists text search reads: the version's own, or built here (and kept) when it
+        has none (a version published before them, or an index built in this process)."""
+        lists = self.class_lists
+        if lists is None:
+            log.info("index %s has no class lists: building them in memory", self.manifest.version)
+            lists = ClassLists.build(self.class_top, self.class_prob, IMAGENET_CLASSES)
+            self.class_lists = lists
+        return lists
+
+    def prediction_lists(self) -> ClassLists:
+        """The classifier's predictions as lists (one per predicted class, most probable first), built
+        on first use after :meth:`set_predictions`."""
+        predicted, prob = self.predicted, self.predicted_prob
+        cached = self._prediction_lists
+        if cached and cached[0] is predicted:
+            return cached[1]
+        has = predicted >= 0
+        lists = ClassLists.build(
+            np.where(has, predicted, 0)[:, None],
+            np.where(has, prob, 0.0).astype(np.float32)[:, None],
+            max(len(self.predicted_names), 1),
+        )
+        self._prediction_lists = (predicted, lists)
+        return lists
 
     def set_predictions(self, names: list[str], codes: np.ndarray, probs: np.ndarray) -> None:
         """The classifier's prediction per row: ``codes`` int (n,) into ``names`` (-1: none), ``probs`` (n,)."""
@@ -229,10 +353,7 @@ class ClusterIndex:
 
     def row_of(self, image_id: str) -> int | None:
         """Row of an image id, or None if it is not indexed."""
-        pos = int(np.searchsorted(self.ids, image_id, sorter=self.order))
-        if pos < len(self.ids) and self.ids[self.order[pos]] == image_id:
-            return int(self.order[pos])
-        return None
+        return self.ids.row_of(image_id)
 
     def search(
         self, queries: np.ndarray, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
@@ -272,16 +393,56 @@ class ClusterIndex:
         return self.search_transformed(self.vector_of(row)[None, :], k, nprobe, filters)
 
     def vector_of(self, row: int) -> np.ndarray:
-        """float32 (dim,) an indexed row's vector in the index's space (exact, also for IVF-PQ)."""
-        if self.vectors is not None:
-            return np.array(self.vectors[int(row)], dtype=np.float32)
-        return np.asarray(self.ivf.reconstruct(int(row)), dtype=np.float32)
+        """float32 (dim,) an indexed row's vector in the index's space (IVF-PQ: decoded from its 8-bit
+        re-ranking code)."""
+        if self.vectors is not None and self.codec is not None:
+            return self.codec.decode(np.asarray(self.vectors[np.array([int(row)])]))[0]
+        ivf, start = self.segment_of(int(row))
+        return np.asarray(ivf.reconstruct(int(row) - start), dtype=np.float32)
 
     def all_vectors(self) -> np.ndarray:
-        """float32 (n, dim) every indexed vector in the index's space, row order (exact)."""
-        if self.vectors is not None:
-            return np.ascontiguousarray(self.vectors, dtype=np.float32)
-        return np.ascontiguousarray(self.ivf.reconstruct_n(0, self.count), dtype=np.float32)
+        """float32 (n, dim) every indexed vector in the index's space, row order (IVF-PQ: decoded)."""
+        if self.vectors is not None and self.codec is not None:
+            return self.codec.decode(np.asarray(self.vectors))
+        return np.concatenate(
+            [np.asarray(ivf.reconstruct_n(0, int(ivf.ntotal)), dtype=np.float32) for ivf, _ in self.segments]
+        )
+
+    def lists_copy(self) -> Any:
+        """A new FAISS index, in memory, holding every segment's rows in one set of lists (job side: what
+        rows are added to). A published (memory-mapped) file is never written into."""
+
+        def whole(index: Any, mapped: Path | None) -> Any:
+            if mapped is not None:
+                return faiss.read_index(str(mapped))
+            return faiss.deserialize_index(faiss.serialize_index(index))  # clone_index lacks L2norm
+
+        files = self.segment_files or [self.mapped]
+        first = whole(self.index, files[0])
+        ivf = faiss.extract_index_ivf(first)
+        fast_scan = isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+        for (seg, start), path in zip(self.segments[1:], files[1:], strict=True):
+            if fast_scan:  # FAISS cannot merge fast-scan lists: add the rows again from their codes
+                assert self.codec is not None and self.vectors is not None
+                rows = np.arange(start, start + int(seg.ntotal))
+                ivf.add(self.codec.decode(np.asarray(self.vectors[rows])))
+                continue
+            owner = whole(seg, path)  # owns the lists extracted below: kept referenced while they are merged
+            other = faiss.extract_index_ivf(owner)
+            if ivf.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+                ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+            if other.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+                other.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+            ivf.merge_from(other, int(ivf.ntotal))
+        first.ntotal = ivf.ntotal
+        return first
+
+    def segment_of(self, row: int) -> tuple[Any, int]:
+        """(IVF index, first row) of the segment holding ``row``."""
+        for ivf, start in reversed(self.segments):
+            if row >= start:
+                return ivf, start
+        raise IndexError(row)
 
     def select(self, filters: SearchFilters | None) -> np.ndarray | None:
         """Rows meeting ``filters`` (int64, ascending), or None when there is nothing to filter.
@@ -296,9 +457,14 @@ class ClusterIndex:
             if filters.label not in self.label_names:
                 known = ", ".join(self.label_names[:20]) or "none"
                 raise BadRequest(f"unknown label {filters.label!r} (labels: {known})", code="unknown_label")
-            mask &= self.labels == self.label_names.index(filters.label)
+            rows, codes = self.labelled()
+            wanted = np.zeros(len(mask), dtype=bool)
+            wanted[rows[codes == self.label_names.index(filters.label)]] = True
+            mask &= wanted
         if filters.labelled is not None:
-            mask &= (self.labels >= 0) == filters.labelled
+            has = np.zeros(len(mask), dtype=bool)
+            has[self.labelled()[0]] = True
+            mask &= has == filters.labelled
         if filters.predicted is not None:
             if filters.predicted not in self.predicted_names:
                 known = ", ".join(self.predicted_names[:20]) or "none: no classifier has been trained yet"
@@ -340,15 +506,12 @@ class ClusterIndex:
         n = len(xt)
         allowed = self.select(filters)
         params = faiss.SearchParametersIVF()
-        keep_alive: list[Any] = []  # SWIG selectors hold raw pointers: keep them referenced
         hidden_rows = self.hidden  # read once: a delete may swap it meanwhile
+        selection: Selection | None = None
         if allowed is None and len(hidden_rows):
-            hidden = faiss.IDSelectorBatch(len(hidden_rows), faiss.swig_ptr(hidden_rows))
-            keep_alive += [hidden, faiss.IDSelectorNot(hidden)]
-            params.sel = keep_alive[-1]
+            selection = Selection(True, hidden_rows)
         if allowed is not None:
-            keep_alive.append(faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed)))
-            params.sel = keep_alive[-1]
+            selection = Selection(False, allowed)
             if len(allowed) == 0:
                 empty = np.full((n, k), -1, dtype=np.int64)
                 return SearchHits(
@@ -357,38 +520,40 @@ class ClusterIndex:
         if filters is not None and filters.cluster is not None:
             centroid = self.ivf.quantizer.reconstruct(int(filters.cluster))
             probe = np.full((n, 1), filters.cluster, dtype=np.int64)
-            probe_scores = (xt @ centroid)[:, None].astype(np.float32)
-            return self.search_probed(xt, k, probe, probe_scores, params)
+            if self.l2:  # what the quantiser would give: a squared distance
+                probe_scores = np.asarray(((xt - centroid) ** 2).sum(1)[:, None], dtype=np.float32)
+            else:
+                probe_scores = (xt @ centroid)[:, None].astype(np.float32)
+            return self.search_probed(xt, k, probe, probe_scores, params, selection)
         if allowed is not None:
             nprobe = min(nlist, int(np.ceil(nprobe * self.count / len(allowed))))
         probe_scores, probe = self.ivf.quantizer.search(xt, nprobe)
-        hits = self.search_probed(xt, k, probe, probe_scores, params)
+        hits = self.search_probed(xt, k, probe, probe_scores, params, selection)
         if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
             probe_scores, probe = self.ivf.quantizer.search(xt, nlist)
-            hits = self.search_probed(xt, k, probe, probe_scores, params)
-        del keep_alive  # the searches above are done
+            hits = self.search_probed(xt, k, probe, probe_scores, params, selection)
         return hits
 
     def search_probed(
-        self, xt: np.ndarray, k: int, probe: np.ndarray, probe_scores: np.ndarray, params: Any
+        self,
+        xt: np.ndarray,
+        k: int,
+        probe: np.ndarray,
+        probe_scores: np.ndarray,
+        params: Any,
+        selection: Selection | None = None,
     ) -> SearchHits:
         if self.vectors is None or not self.rerank:
-            return self.scan(xt, k, probe, probe_scores, params)
-        shortlist = self.scan(xt, min(k * self.rerank, self.count), probe, probe_scores, params)
+            return self.scan(xt, k, probe, probe_scores, params, selection)
+        shortlist = self.scan(xt, min(k * self.rerank, self.count), probe, probe_scores, params, selection)
         return self.rerank_shortlist(xt, shortlist, k)
 
     def rerank_shortlist(self, xt: np.ndarray, shortlist: SearchHits, k: int) -> SearchHits:
-        """Exact inner products of the shortlist's full vectors; the best ``k`` of each query."""
+        """Inner products of the shortlist's re-ranking codes; the best ``k`` of each query."""
+        assert self.codec is not None  # an index with re-ranking codes has their codec
         n, s = shortlist.rows.shape
         rows = shortlist.rows
-        scores = np.full((n, s), -np.inf, dtype=np.float32)
-        valid = rows >= 0
-        if valid.any():
-            wanted = np.unique(rows[valid])  # ascending: the memory-mapped file is read in order
-            vecs = np.asarray(self.vectors[wanted], dtype=np.float32)  # type: ignore[index]
-            where = np.searchsorted(wanted, np.where(valid, rows, wanted[0]))
-            scores = np.einsum("nsd,nd->ns", vecs[where], xt, dtype=np.float32)
-            scores[~valid] = -np.inf
+        scores = rerank_scores(self.codec, self.vectors, rows, xt)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         out_scores = np.take_along_axis(scores, top, 1)
         out_rows = np.take_along_axis(rows, top, 1)
@@ -398,34 +563,77 @@ class ClusterIndex:
             out_rows = np.pad(out_rows, ((0, 0), (0, k - s)), constant_values=-1)
         return SearchHits(out_scores.astype(np.float32), out_rows, shortlist.probe, shortlist.probe_scores)
 
-    def scan(self, xt: np.ndarray, k: int, probe: np.ndarray, probe_scores: np.ndarray, params: Any) -> SearchHits:
+    def scan(
+        self,
+        xt: np.ndarray,
+        k: int,
+        probe: np.ndarray,
+        probe_scores: np.ndarray,
+        params: Any,
+        selection: Selection | None = None,
+    ) -> SearchHits:
+        """The best ``k`` rows in the ``probe`` lists of every segment (scores: cosine similarity)."""
         n = len(xt)
         probe = np.ascontiguousarray(probe, dtype=np.int64)
         probe_scores = np.ascontiguousarray(probe_scores, dtype=np.float32)
         # The Python wrapper of search_preassigned insists on the index's own nprobe; the C++ call
         # takes it per query through SearchParametersIVF, so concurrent queries never share state.
         params.nprobe = probe.shape[1]
-        scores = np.empty((n, k), dtype=np.float32)
-        rows = np.empty((n, k), dtype=np.int64)
-        ivf: Any = self.ivf  # search_preassigned_c is the SWIG entry point, absent from faiss's stubs
-        ivf.search_preassigned_c(
-            n,
-            faiss.swig_ptr(xt),
-            k,
-            faiss.swig_ptr(probe),
-            faiss.swig_ptr(probe_scores),
-            faiss.swig_ptr(scores),
-            faiss.swig_ptr(rows),
-            False,
-            params,
-        )
+        found_scores, found_rows = [], []
+        for ivf, start in self.segments:
+            seg_params, keep_alive = self._segment_params(params, selection, start, int(ivf.ntotal))
+            scores = np.empty((n, k), dtype=np.float32)
+            rows = np.empty((n, k), dtype=np.int64)
+            ivf.search_preassigned_c(
+                n,
+                faiss.swig_ptr(xt),
+                k,
+                faiss.swig_ptr(probe),
+                faiss.swig_ptr(probe_scores),
+                faiss.swig_ptr(scores),
+                faiss.swig_ptr(rows),
+                False,
+                seg_params,
+            )
+            del keep_alive
+            if self.l2:
+                scores = np.asarray(1 - scores / 2, dtype=np.float32)
+            scores[rows < 0] = -np.inf
+            found_scores.append(scores)
+            found_rows.append(np.where(rows >= 0, rows + start, -1))
+        if len(found_scores) == 1:
+            scores, rows = found_scores[0], found_rows[0]
+        else:
+            all_scores, all_rows = np.concatenate(found_scores, 1), np.concatenate(found_rows, 1)
+            top = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+            scores, rows = np.take_along_axis(all_scores, top, 1), np.take_along_axis(all_rows, top, 1)
+        if self.l2:  # report centroid similarity, not distance
+            probe_scores = (1 - probe_scores / 2).astype(np.float32)
         return SearchHits(scores=scores, rows=rows, probe=probe, probe_scores=probe_scores)
+
+    @staticmethod
+    def _segment_params(params: Any, selection: Selection | None, start: int, count: int) -> tuple[Any, list[Any]]:
+        """``params`` for one segment, with ``selection`` as a selector in the segment's own row numbers.
+        SWIG selectors hold raw pointers: what is returned beside them keeps their arrays alive."""
+        if selection is None:
+            return params, []
+        out = faiss.SearchParametersIVF()
+        out.nprobe = params.nprobe
+        rows = selection.rows
+        local = rows[(rows >= start) & (rows < start + count)] - start
+        local = np.ascontiguousarray(local, dtype=np.int64)
+        batch = faiss.IDSelectorBatch(len(local), faiss.swig_ptr(local))
+        keep_alive: list[Any] = [local, batch]
+        if selection.negate:
+            keep_alive.append(faiss.IDSelectorNot(batch))
+        out.sel = keep_alive[-1]
+        return out, keep_alive
 
     def caption_of(self, row: int) -> str | None:
         return self._caption_of.get(row)
 
     def label_of(self, row: int) -> str | None:
-        code = int(self.labels[row])
+        code = int(self.label_codes(np.array([row]))[0])
         return self.label_names[code] if code >= 0 else None
 
 
@@ -496,13 +704,22 @@ def read_manifest(storage: Storage, version: str) -> IndexManifest:
 
 
 def load_version(
-    storage: Storage, version: str, cache_dir: Path, *, providers: list[str] | None = None
+    storage: Storage,
+    version: str,
+    cache_dir: Path,
+    *,
+    providers: list[str] | None = None,
+    refine_memory_mb: float = 1024,
+    mount: Path | None = None,  # the index share's mount (shared/index_files.py)
 ) -> ClusterIndex:
-    """Load a published version, reading files in place when storage is local.
+    """Open a published version, reading files in place when storage is local.
 
-    A version made of segments (see the module docstring) reads each segment's folder, its base's
-    files cached under ``cache_dir`` like any version's, so a new version costs downloading its
-    delta only.
+    A version made of segments (see the module docstring) opens each segment's folder and searches
+    their lists side by side: nothing of the base is read again, so a new version costs its delta.
+
+    Args:
+        refine_memory_mb: IVF-PQ re-ranking codes up to this size are held in memory; larger ones
+            are read per query from their file (see :mod:`shared.refine`).
 
     Raises:
         NotReady: if the version is incomplete or missing.
@@ -514,9 +731,25 @@ def load_version(
         path = storage.local_path(INDEX, blob) or storage.download_file(INDEX, blob, Path(cache_dir) / blob)
         head_manifest = HeadManifest.parse(storage.get_json(INDEX, f"{version}/head.json"), f"index {version} head")
         head = ProjectionHead(path, head_manifest, providers=providers)
-    if not manifest.segments:
-        return load_folder(storage, version, cache_dir, manifest, head=head)
-    return merge_segments(load_segments(storage, manifest.segments, cache_dir, manifest, head=head), manifest)
+    segments = manifest.segments or [{"version": version, "label_names": manifest.label_names}]
+    parts = [
+        load_folder(
+            storage,
+            seg["version"],
+            cache_dir,
+            manifest.model_copy(update={"label_names": seg["label_names"]}),
+            head=head,
+            refine_memory_mb=refine_memory_mb / len(segments),
+            mount=mount,
+        )
+        for seg in segments
+    ]
+    if len(parts) > 1:
+        return join_segments(parts, manifest)
+    loaded = parts[0]
+    if loaded.class_top.shape[1]:
+        loaded.text_lists()  # a version from before the lists: built now, not on the first text query
+    return loaded
 
 
 def load_segments(
@@ -526,9 +759,10 @@ def load_segments(
     manifest: IndexManifest,
     *,
     head: ProjectionHead | None = None,
+    mount: Path | None = None,
 ) -> list[ClusterIndex]:
     """The rows of each of ``segments`` (entries of a manifest's ``segments``), each read whole, not mapped:
-    what :func:`merge_segments` merges (the first part's lists take the others' rows)."""
+    what :func:`merge_segments` merges (the job side)."""
     return [
         load_folder(
             storage,
@@ -537,6 +771,7 @@ def load_segments(
             manifest.model_copy(update={"label_names": seg["label_names"]}),
             head=head,
             mapped=False,
+            mount=mount,
         )
         for seg in segments
     ]
@@ -550,36 +785,50 @@ def load_folder(
     *,
     head: ProjectionHead | None = None,
     mapped: bool = True,
+    refine_memory_mb: float = float("inf"),
+    mount: Path | None = None,
 ) -> ClusterIndex:
-    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names)."""
+    """The rows stored in one version folder, described by ``manifest`` (for a segment, its label names);
+    each file read in place (local storage, the index share at ``mount``) or downloaded once to ``cache_dir``."""
     paths = {}
+    sizes = folder_sizes(storage, folder)  # one listing gives every file's size and existence
     for name in FILES:
-        blob = f"{folder}/{name}"
-        if name in OPTIONAL_FILES and not storage.exists(INDEX, blob):
-            continue  # an older version: similarity search works, text search asks for a reindex
-        cached = Path(cache_dir) / folder / name
-        paths[name] = (
-            storage.local_path(INDEX, blob)
-            or (cached if cached.is_file() else None)  # a base segment, downloaded for an earlier version
-            or storage.download_file(INDEX, blob, cached)
-        )
+        path = version_file(storage, folder, name, mount=mount, cache_dir=cache_dir, sizes=sizes)
+        if path is not None:
+            paths[name] = path
+        elif name not in OPTIONAL_FILES:  # (an optional one missing: an older version; text search asks to reindex)
+            raise NotReady(f"index version {folder} has no {name}", code="index_missing")
     if mapped:
         index, is_mapped = _read_faiss(paths["index.faiss"])
     else:
         index, is_mapped = faiss.read_index(str(paths["index.faiss"])), False
 
+    ivf = faiss.extract_index_ivf(index)
+    if manifest.kind != "ivf_pq" and ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+        ivf.make_direct_map()  # a delta written without one: rows are reconstructed from the lists
+
     def load(name: str) -> np.ndarray | None:
         # Memory-mapped like the lists: a cold worker reads only the pages a query touches.
         return np.load(paths[name], mmap_mode="r", allow_pickle=False) if name in paths else None
 
-    ids, clusters, labels = load("ids.npy"), load("clusters.npy"), load("labels.npy")
-    assert ids is not None and clusters is not None and labels is not None  # required files
+    keys, clusters, labels = load("ids.npy"), load("clusters.npy"), load("labels.npy")
+    assert keys is not None and clusters is not None and labels is not None  # required files
     class_top, class_prob, ingested = load("class_top.npy"), load("class_prob.npy"), load("ingested.npy")
-    if ingested is not None and len(ingested) != len(ids):
+    if ingested is not None and len(ingested) != len(keys):
         ingested = None  # written empty by a build that had no times
-    vectors = load("vectors.npy") if manifest.kind == "ivf_pq" else None
-    if manifest.kind == "ivf_pq" and vectors is None:
-        raise NotReady(f"index version {folder} has no re-ranking vectors", code="index_missing")
+    vectors: Any = None
+    codec = None
+    if manifest.kind == "ivf_pq":
+        if CODES_FILE not in paths or CODEC_FILE not in paths:
+            raise NotReady(
+                f"index version {folder} has no re-ranking codes (an older format): reindex", code="index_outdated"
+            )
+        codec = RefineCodec.from_array(np.load(paths[CODEC_FILE], allow_pickle=False))
+        codes_path = Path(paths[CODES_FILE])
+        if mapped and codes_path.stat().st_size > refine_memory_mb * 2**20:
+            vectors = FileRows(codes_path)  # read per query, outside this process's memory
+        else:  # mapped: resident as queries touch them, shared between workers
+            vectors = np.load(codes_path, mmap_mode="r", allow_pickle=False)
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
@@ -589,60 +838,122 @@ def load_folder(
         )
     order = load("order.npy")
     loaded = ClusterIndex(
-        index, ids, clusters, labels, manifest, class_top, class_prob, head, captions, ingested, vectors, order
+        index,
+        IdTable([(keys, order)]),
+        clusters,
+        labels,
+        manifest,
+        class_top,
+        class_prob,
+        head,
+        captions,
+        ingested,
+        vectors,
+        codec=codec,
     )
     loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
+    if all(name in paths for name in LIST_FILES[:3]) and loaded.class_top.shape[1]:
+        loaded.class_lists = ClassLists.from_files(paths)
     return loaded
 
 
-def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
-    """One index holding the rows of ``parts`` in order (the first part's index takes the others' lists,
-    which are emptied). Label codes are mapped onto ``manifest.label_names``; an id stored in more than
-    one part keeps its first row, the later ones go to ``duplicates`` (never answered).
-
-    Raises:
-        ValueError: if the parts do not share the same trained index (dimension, lists).
+def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
+    """One index over ``parts`` (a base and its deltas) without copying their rows: their lists are
+    searched side by side, their per-row arrays read through :class:`shared.rows.Column`. Label codes
+    are mapped onto ``manifest.label_names``; an id stored in more than one part keeps its first row,
+    the later ones go to ``duplicates`` (never answered).
     """
     first = parts[0]
-    index = first.index
-    ivf = faiss.extract_index_ivf(index)
-    if parts[1:] and ivf.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
-        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]  # merged only without one
-    offset = int(ivf.ntotal)
-    for part in parts[1:]:
-        other = faiss.extract_index_ivf(part.index)
-        if other.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
-            other.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
-        ivf.merge_from(other, offset)
-        offset = int(ivf.ntotal)
-    index.ntotal = ivf.ntotal  # an IndexPreTransform keeps its own count
-    if manifest.kind != "ivf_pq" and parts[1:]:
-        ivf.make_direct_map()
-    names = list(manifest.label_names)
-    code = {name: i for i, name in enumerate(names)}
-
-    def remap(part: ClusterIndex) -> np.ndarray:
-        table = np.array([code[name] for name in part.label_names] + [-1], dtype=np.int32)
-        return table[np.asarray(part.labels)]
-
-    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-        return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
-
-    starts = np.cumsum([0] + [len(p.ids) for p in parts])
+    starts = np.cumsum([0] + [p.count for p in parts]).astype(np.int64)
     widths = {p.class_top.shape[1] for p in parts}
-    class_top = np.concatenate([p.class_top for p in parts]) if len(widths) == 1 else None
-    class_prob = np.concatenate([p.class_prob for p in parts]) if len(widths) == 1 else None
+    class_top = column([p.class_top for p in parts]) if len(widths) == 1 else None
+    class_prob = column([p.class_prob for p in parts]) if len(widths) == 1 else None
     captions = Captions(
         np.concatenate([p.captions.rows + start for p, start in zip(parts, starts, strict=False)]).astype(np.int64),
         np.concatenate([p.captions.vectors for p in parts]),
         np.concatenate([p.captions.text for p in parts]),
     )
-    ids = np.concatenate([np.asarray(p.ids, dtype="U64") for p in parts])
+    ingested = None if any(p.ingested is None for p in parts) else column([p.ingested for p in parts])
+    ids = IdTable([(k, o) for p in parts for k, o in zip(p.ids.keys, p.ids.orders, strict=True)])
+    joined = ClusterIndex(
+        first.index,
+        ids,
+        Column([p.clusters for p in parts]),
+        Column([_remap_labels(p, manifest.label_names) for p in parts]),
+        manifest,
+        class_top,
+        class_prob,
+        first.head,
+        captions if len(captions.rows) else None,
+        ingested,
+        Column([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
+        codec=first.codec,
+    )
+    joined.segments = [(p.ivf, int(start)) for p, start in zip(parts, starts, strict=False)]
+    joined.owners = [p.index for p in parts]  # each IVF index is owned by its segment's wrapper: keep them
+    joined.segment_files = [p.mapped for p in parts]
+    joined.duplicates = ids.repeats()
+    joined.hidden = joined.duplicates
+    if joined.class_top.shape[1]:
+        joined.class_lists = _segment_lists(parts, joined)
+    return joined
+
+
+def _remap_labels(part: ClusterIndex, names: list[str]) -> np.ndarray:
+    """A part's label codes in terms of ``names`` (the part's own array when they already are)."""
+    if list(part.label_names) == list(names[: len(part.label_names)]):
+        return part.labels  # the same codes: no copy
+    code = {name: i for i, name in enumerate(names)}
+    table = np.array([code[name] for name in part.label_names] + [-1], dtype=np.int32)
+    return table[np.asarray(part.labels)]
+
+
+def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
+    """One index holding the rows of ``parts`` in order, in one set of lists (the job side, when deltas
+    merge). Label codes are mapped onto ``manifest.label_names``; an id stored in more than one part keeps
+    its first row, the later ones go to ``duplicates``.
+
+    Fast-scan PQ lists cannot be merged by FAISS: the later parts' rows are added again from their
+    decoded re-ranking codes (their PQ codes come out the same up to that 8-bit rounding).
+    """
+    first = parts[0]
+    index = first.index
+    ivf = faiss.extract_index_ivf(index)
+    fast_scan = isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+    if parts[1:] and not fast_scan and ivf.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]  # merged only without one
+    for part in parts[1:]:
+        if fast_scan:
+            assert part.codec is not None and part.vectors is not None
+            ivf.add(part.codec.decode(np.asarray(part.vectors)))
+            continue
+        other = faiss.extract_index_ivf(part.index)
+        if other.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+            other.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+        ivf.merge_from(other, int(ivf.ntotal))
+    index.ntotal = ivf.ntotal  # an IndexPreTransform keeps its own count
+    if manifest.kind != "ivf_pq" and parts[1:]:
+        ivf.make_direct_map()
+
+    def cat(arrays: list[Any]) -> np.ndarray | None:
+        return None if any(a is None for a in arrays) else np.concatenate([np.asarray(a) for a in arrays])
+
+    starts = np.cumsum([0] + [p.count for p in parts])
+    widths = {p.class_top.shape[1] for p in parts}
+    class_top = cat([p.class_top for p in parts]) if len(widths) == 1 else None
+    class_prob = cat([p.class_prob for p in parts]) if len(widths) == 1 else None
+    captions = Captions(
+        np.concatenate([p.captions.rows + start for p, start in zip(parts, starts, strict=False)]).astype(np.int64),
+        np.concatenate([p.captions.vectors for p in parts]),
+        np.concatenate([p.captions.text for p in parts]),
+    )
+    clusters: Any = list_of_rows(ivf) if fast_scan else cat([p.clusters for p in parts])
+    ids = np.concatenate([np.asarray(p.ids) for p in parts])
     merged = ClusterIndex(
         index,
         ids,
-        np.concatenate([p.clusters for p in parts]),
-        np.concatenate([remap(p) for p in parts]),
+        clusters,
+        np.concatenate([_remap_labels(p, manifest.label_names) for p in parts]),
         manifest,
         class_top,
         class_prob,
@@ -650,13 +961,38 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
         captions if len(captions.rows) else None,
         cat([p.ingested for p in parts]),
         cat([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
-        np.argsort(ids, kind="stable"),
+        codec=first.codec,
     )
-    sorted_ids = ids[merged.order]
-    repeat = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1]) + 1
-    merged.duplicates = np.sort(merged.order[repeat]).astype(np.int64)
+    merged.duplicates = IdTable(
+        [(k, o) for p in parts for k, o in zip(p.ids.keys, p.ids.orders, strict=True)]
+    ).repeats()
     merged.hidden = merged.duplicates
+    if merged.class_top.shape[1]:
+        merged.class_lists = _segment_lists(parts, merged)
     return merged
+
+
+def list_of_rows(ivf: Any) -> np.ndarray:
+    """int32 (ntotal,) the IVF list (cluster) each row was added to, read from the lists themselves
+    (assigning every vector to its nearest centroid again would cost as much as adding them)."""
+    out = np.full(int(ivf.ntotal), -1, dtype=np.int32)
+    invlists = ivf.invlists
+    for lst in range(int(ivf.nlist)):
+        size = int(invlists.list_size(lst))
+        if size:
+            out[faiss.rev_swig_ptr(invlists.get_ids(lst), size)] = lst
+    return out
+
+
+def _segment_lists(parts: list[ClusterIndex], merged: ClusterIndex) -> TopRows:
+    """Each part's own lists (as published with its segment), or, where one has none, lists built in memory
+    for all the merged rows."""
+    starts = np.cumsum([0] + [len(p.ids) for p in parts])
+    own = [(int(start), p.class_lists) for p, start in zip(parts, starts, strict=False)]
+    if all(isinstance(lists, ClassLists) for _, lists in own):
+        return SegmentLists([(start, lists) for start, lists in own if isinstance(lists, ClassLists)], len(merged.ids))
+    log.info("a segment of index %s has no class lists: building them in memory", merged.manifest.version)
+    return ClassLists.build(merged.class_top, merged.class_prob, IMAGENET_CLASSES)
 
 
 def _read_faiss(path: Path) -> tuple[Any, bool]:
@@ -669,7 +1005,7 @@ def _read_faiss(path: Path) -> tuple[Any, bool]:
         return faiss.read_index(str(path)), False
 
 
-def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
+def load_current(storage: Storage, cache_dir: Path, *, mount: Path | None = None) -> ClusterIndex:
     """Load the published version.
 
     Raises:
@@ -680,4 +1016,4 @@ def load_current(storage: Storage, cache_dir: Path) -> ClusterIndex:
         raise NotReady(
             "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`", code="index_missing"
         )
-    return load_version(storage, version, cache_dir)
+    return load_version(storage, version, cache_dir, mount=mount)

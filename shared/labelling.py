@@ -30,8 +30,9 @@ MAX_QUEUE_N = 200
 def _cold_order(index: ClusterIndex) -> np.ndarray:
     """Rows round-robin over clusters (first of each cluster, then second, ...); within a cluster,
     id order, which for content hashes is a fixed random order."""
-    by_cluster = np.lexsort((index.ids, index.clusters))
-    clusters = index.clusters[by_cluster]
+    clusters = np.asarray(index.clusters)
+    by_cluster = np.lexsort((index.ids.sort_key(), clusters))
+    clusters = clusters[by_cluster]
     starts = np.searchsorted(clusters, clusters, side="left")
     rank = np.arange(len(by_cluster)) - starts
     return np.asarray(by_cluster[np.lexsort((clusters, rank))], dtype=np.int64)
@@ -51,8 +52,9 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
     index = live.get()
     live.refresh_labels()
     view = live.overlay.classifier()
-    labelled = index.labels >= 0
-    skip = labelled.copy()
+    labelled = index.labelled()[0]
+    skip = np.zeros(index.count, dtype=bool)
+    skip[labelled] = True
     skip[index.hidden] = True
     picked: list[tuple[int, float | None, str]] = []
     if view is not None:
@@ -89,8 +91,8 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
         "strategy": strategy,
         "classifier": _classifier_summary(view, entries),
         "label_set": label_set.to_json() if label_set else None,
-        "labelled": int(labelled.sum()),
-        "unlabelled": int(index.count - labelled.sum() - len(index.hidden)),
+        "labelled": len(labelled),
+        "unlabelled": int(index.count - len(labelled) - len(index.hidden)),
     }
 
 
@@ -225,7 +227,7 @@ def label_summary(live: LiveIndex, limit: int = 20) -> dict[str, Any]:
     try:
         index = live.get()
         live.refresh_labels()  # reads the log's new batches and lays them over the index
-        codes, n = np.unique(index.labels[index.labels >= 0], return_counts=True)
+        codes, n = np.unique(index.labelled()[1], return_counts=True)
         counts = {index.label_names[int(c)]: int(k) for c, k in zip(codes, n, strict=True)}
         labelled = int(n.sum())
     except ClusterlensError:  # no index yet: the log alone

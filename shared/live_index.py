@@ -16,6 +16,7 @@ import numpy as np
 from shared.catalog import Catalog, ImageRecord
 from shared.errors import NotReady
 from shared.index import ClusterIndex, current_version, load_version
+from shared.index_files import prune_cache, served_folders
 from shared.overlay import LabelOverlay
 from shared.settings import Settings
 from shared.storage import Storage
@@ -81,11 +82,22 @@ class LiveIndex:
                 "no index has been built yet: run `clusterlens embed` then `clusterlens reindex`", code="index_missing"
             )
         if version != self._version:
+            cache_dir = self.settings.data_dir / "cache" / "index"
             self._index = load_version(
-                self.storage, version, self.settings.data_dir / "cache" / "index", providers=self.settings.ort_providers
+                self.storage,
+                version,
+                cache_dir,
+                providers=self.settings.ort_providers,
+                mount=self.settings.index_mount,
+                refine_memory_mb=self.settings.index_refine_memory_mb,
             )
             self._version = version
             log.info("serving index %s", version)
+            # Downloads of versions no longer served go (a long-lived worker's disk stayed full of them).
+            try:
+                prune_cache(cache_dir, served_folders(self._index.manifest))
+            except OSError:
+                log.exception("pruning the index download cache failed; serving %s", version)
 
     def _hide_deleted(self, index: ClusterIndex) -> None:
         """Leave deleted images (tombstones in storage) out of this index's answers."""

@@ -92,6 +92,7 @@ class EncoderManifest(Manifest):
     version: str
     file: str
     sha256: str
+    bytes: int | None = None  # the file's size, checked at start instead of its hash (shared/sessions.py)
     opset: int
     input: EncoderInput
     normalisation: Normalisation
@@ -115,6 +116,7 @@ class TextEncoderManifest(Manifest):
     version: str
     file: str
     sha256: str
+    bytes: int | None = None  # the file's size, checked at start instead of its hash (shared/sessions.py)
     opset: int
     tokenizer: TokenizerFile
     outputs: dict[str, int]
@@ -148,6 +150,9 @@ class RecallReport(Part):
     sample: int = 0
     curve: list[dict[str, Any]] = []
     seconds: float | None = None
+    # the setting chosen (absent from reports written before the gate bisected)
+    nprobe: int | None = None
+    rerank: int | None = None
 
 
 class IndexManifest(Manifest):

@@ -38,27 +38,31 @@ class LabelOverlay:
         return self._classifier
 
     def apply(self, index: ClusterIndex) -> None:
-        """Lay the current labels and predictions over ``index`` (nothing to do when none changed)."""
+        """Lay the current labels and predictions over ``index`` (nothing to do when none changed).
+
+        New labels cost O(labelled) (see :meth:`ClusterIndex.overlay_labels`); the predictions, one per
+        row, are looked up again only when the classifier or the index changed.
+        """
         self.labels.refresh()
         view = self.classifier()
         label_set = self.labels.label_set()
-        state = (
-            id(index),
-            index.manifest.version,
-            self.labels.batches(),
-            view.version if view else None,
-            label_set.version if label_set else None,
-        )
+        predictions = (id(index), index.manifest.version, view.version if view else None)
+        state = (*predictions, self.labels.batches(), label_set.version if label_set else None)
         if state == self._state:
             return
         current = {image_id: e.label for image_id, e in self.labels.current().items()}
         classes = view.classes if view else []
         index.overlay_labels(current, [*(label_set.classes if label_set else []), *classes])
-        if view is not None:
-            pos = view.lookup(index.ids)
-            codes = np.where(pos >= 0, view.pred[pos].astype(np.int32), -1)
-            probs = np.where(pos >= 0, view.prob[pos], 0.0)
-            index.set_predictions(classes, codes, probs)
-        else:
-            index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
+        if predictions != self._state[:3]:
+            if view is not None:
+                # one lookup per prediction (binary ids, vectorised), no string per indexed row
+                rows = index.ids.rows_of_hex(view.ids)
+                found = rows >= 0
+                codes = np.full(index.count, -1, np.int32)
+                probs = np.zeros(index.count, np.float32)
+                codes[rows[found]] = view.pred[found]
+                probs[rows[found]] = view.prob[found]
+                index.set_predictions(classes, codes, probs)
+            else:
+                index.set_predictions([], np.full(index.count, -1), np.zeros(index.count))
         self._state = state

@@ -28,7 +28,8 @@ from shared.models import Models
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from shared.text_encoder import TextEncoder
-from shared.text_search import text_scores
+from shared.text_rank import rank_text
+from shared.text_search import query_weights
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ class SearchService:
     def search_text(self, text: str, k: int | None = None, filters: SearchFilters | None = None) -> dict[str, Any]:
         """Images matching a text query, without a joint image-text model (an approximation of CLIP).
 
-        See :mod:`shared.text_search` for how images are scored.
+        See :mod:`shared.text_search` for how images are scored and :mod:`shared.text_rank` for how
+        the best are found without scoring every row.
 
         Raises:
             BadRequest: empty or over-long text, bad ``k``. NotReady: no model, or an index without
@@ -169,37 +171,23 @@ class SearchService:
             raise NotReady("this index has no class predictions: run `clusterlens reindex`", code="index_outdated")
         query = encoder.encode([text.strip()])[0]
         t1 = time.perf_counter()
-        scores, class_w = text_scores(
+        weights = query_weights(
             text,
             query,
             encoder.imagenet_classes(),
             index.label_names,
             self._label_vectors_for(index, encoder),
-            index.class_top,
-            index.class_prob,
-            index.labels,
             self.settings.text_temperature,
-            index.captions.rows,
-            index.caption_vectors @ query if len(index.captions.rows) else None,
-            *self._predicted_labels(index),
         )
-        allowed = index.select(filters)
-        if allowed is not None:
-            keep = np.zeros(len(scores), dtype=bool)
-            keep[allowed] = True
-            scores = np.where(keep, scores, 0.0).astype(np.float32)
-        elif len(index.hidden):
-            scores = scores.copy()
-            scores[index.hidden] = 0.0
-        k_eff = min(k, len(scores))
-        rows = np.argpartition(-scores, k_eff - 1)[:k_eff]
-        rows = rows[np.argsort(-scores[rows], kind="stable")]
-        rows = rows[scores[rows] >= self.settings.text_min_score]  # no filler: fewer than k if few match
+        caption_sims = index.caption_vectors @ query if len(index.captions.rows) else None
+        ranked = rank_text(index, weights, k, caption_sims, index.select(filters))
+        keep = ranked.scores >= self.settings.text_min_score  # no filler: fewer than k if few match
+        rows, scores = ranked.rows[keep], ranked.scores[keep]
         t2 = time.perf_counter()
         out = self._response(
             index,
             SearchHits(
-                scores=scores[rows][None, :],
+                scores=scores[None, :],
                 rows=rows[None, :],
                 probe=np.zeros((1, 0), np.int64),
                 probe_scores=np.zeros((1, 0), np.float32),
@@ -207,17 +195,11 @@ class SearchService:
             {"embed": t1 - t0, "search": t2 - t1, "total": t2 - t0},
             filters,
         )
+        class_w = weights.classes
         top_classes = np.argsort(-class_w)[:5]
         out["query_classes"] = [{"class": int(c), "weight": round(float(class_w[c]), 4)} for c in top_classes]
+        log.debug("text query scored %d of %d rows", ranked.scored, index.count)
         return out
-
-    @staticmethod
-    def _predicted_labels(index: ClusterIndex) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Predicted classes as codes into the index's label names (-1: none), and their probabilities."""
-        if not index.predicted_names:
-            return None, None
-        to_label = np.array([index.label_names.index(n) for n in index.predicted_names] + [-1], np.int32)
-        return to_label[index.predicted], index.predicted_prob
 
     def _label_vectors_for(self, index: ClusterIndex, encoder: TextEncoder) -> np.ndarray:
         """The index's label names embedded, cached per index version."""

@@ -1,5 +1,6 @@
 """One way to open an ONNX model: the providers this installation has (CUDA first where present),
-the thread count, quiet logs, and the file's hash checked against its manifest.
+the thread count, quiet logs, and the file checked against its manifest (its sha256, or at a cold start of
+the query side only its byte size: see :func:`verify_file`).
 
 Every model (image encoder, text encoder, projection head, label classifier) opens through
 :func:`open_session`, so a GPU node and a CPU node differ only in what ONNX Runtime reports.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared.errors import NotReady
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CPU = ["CPUExecutionProvider"]
+# How a model file is checked against its manifest: "size" (a stat: what the query side does at every cold
+# start), "sha256" (reads the whole file: the export, `make models` and the jobs), "none".
+Verify = Literal["size", "sha256", "none"]
 
 
 def file_sha256(path: Path) -> str:
@@ -30,17 +34,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: Path, sha256: str | None, *, fix: str = "rebuild with `make models`") -> Path:
-    """``path`` if it exists and (when ``sha256`` is given) matches it.
+def verify_file(
+    path: Path,
+    sha256: str | None,
+    *,
+    size: int | None = None,
+    verify: Verify = "sha256",
+    fix: str = "rebuild with `make models`",
+) -> Path:
+    """``path`` if it exists and matches its manifest.
+
+    The sha256 was computed once, when the model was exported; hashing the whole file again at every cold
+    start of the query side (18 MB to 90 MB per model, read from the models share) costs more than the
+    start itself, so ``verify="size"`` compares the byte size the manifest records, which catches a file
+    cut short or replaced by another export. A manifest without a size is checked by its sha256.
+
+    Args:
+        sha256: the manifest's hash (None: not checked).
+        size: the manifest's byte size, if it records one.
+        verify: ``"size"``, ``"sha256"`` or ``"none"`` (existence only).
 
     Raises:
         NotReady: missing (``model_missing``) or not matching (``model_corrupt``).
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise NotReady(f"model file {path} is missing; {fix}", code="model_missing")
-    if sha256 is not None and file_sha256(Path(path)) != sha256:
+    if verify == "none":
+        return path
+    if verify == "size" and size is not None:
+        if path.stat().st_size != size:
+            raise NotReady(f"{path} is not the {size} bytes its manifest records; {fix}", code="model_corrupt")
+        return path
+    if sha256 is not None and file_sha256(path) != sha256:
         raise NotReady(f"{path} does not match its manifest's sha256; {fix}", code="model_corrupt")
-    return Path(path)
+    return path
 
 
 def pick_providers(preferred: list[str] | None) -> list[str]:

@@ -113,9 +113,16 @@ class Settings(BaseSettings):
     )
     index_flat_max: int = Field(default=2000, ge=0, description="auto: exact search up to this many images.")
     index_pq_m: int = Field(default=0, ge=0, description="IVF-PQ sub-quantisers (code bytes); 0 chooses.")
-    index_pq_nbits: int = Field(default=8, ge=4, le=12, description="IVF-PQ bits per sub-quantiser.")
+    index_pq_nbits: int = Field(
+        default=4, ge=4, le=12, description="IVF-PQ bits per sub-quantiser; 4 scans the codes with SIMD (fast-scan)."
+    )
     index_rerank: int = Field(
         default=10, ge=1, le=100, description="IVF-PQ: k times this many candidates are re-ranked exactly."
+    )
+    index_refine_memory_mb: float = Field(
+        default=1024,
+        ge=0,
+        description="IVF-PQ: re-ranking codes up to this size are held in memory; larger ones are read per query.",
     )
     index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
     index_power: float = Field(default=0.5, gt=0, le=1, description="Power normalisation; 1 turns it off.")
@@ -132,6 +139,17 @@ class Settings(BaseSettings):
         default="backbone", description="Index the 1280-d backbone embeddings or the trained 64-d head's."
     )
     index_refresh_seconds: float = Field(default=5.0, ge=0)
+    index_mount: Path | None = Field(
+        default=None,
+        description="A folder holding published index versions as <version>/<file> (in Azure the function app's "
+        "mount of the index share, /mounts/index): a version found there with its blobs' sizes is opened in "
+        "place, not downloaded; unset: versions are downloaded to data_dir/cache/index.",
+    )
+    index_share_dir: Path | None = Field(
+        default=None,
+        description="Where the publisher copies each new index version before it swaps the pointer (in Azure the "
+        "jobs' read-write mount of the index share, /mounts/index); pruned versions go from it too; unset: no copy.",
+    )
     search_threads: int = Field(
         default=1,
         ge=0,
@@ -234,6 +252,11 @@ class Settings(BaseSettings):
         if not isinstance(raw, str) or not 16 <= len(raw) <= 256 or not raw.isascii() or not raw.isprintable():
             raise ValueError("an access key is 16 to 256 printable ASCII characters")
         return raw
+
+    @field_validator("index_mount", "index_share_dir", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("cors_origins")
     @classmethod

@@ -124,6 +124,11 @@ class Storage(ABC):
         """Blob names in a container starting with ``prefix``, in lexical order."""
 
     @abstractmethod
+    def sizes(self, container: str, prefix: str) -> dict[str, int]:
+        """``{name: size in bytes}`` of the blobs starting with ``prefix``: one listing (Blob Storage returns
+        sizes with names), where a size or existence check per blob would be one request each."""
+
+    @abstractmethod
     def delete(self, container: str, name: str) -> bool:
         """Delete a blob and its metadata. Returns whether it existed."""
 
@@ -299,6 +304,16 @@ class LocalStorage(Storage):
                 if name.startswith(prefix):
                     names.append(name)
         yield from sorted(names)
+
+    def sizes(self, container: str, prefix: str) -> dict[str, int]:
+        base = self._container_dir(container)
+        out = {}
+        for name in self.list(container, prefix):
+            try:
+                out[name] = (base / name).stat().st_size
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+        return out
 
     def delete(self, container: str, name: str) -> bool:
         path = self._path(container, name)
@@ -504,6 +519,10 @@ class AzureBlobStorage(Storage):
     def list(self, container: str, prefix: str = "") -> Iterator[str]:
         # Blob Storage lists in lexical (UTF-8 byte) order, page by page.
         yield from self._container(container).list_blob_names(name_starts_with=prefix or None)
+
+    def sizes(self, container: str, prefix: str) -> dict[str, int]:
+        blobs = self._container(container).list_blobs(name_starts_with=prefix or None)
+        return {str(blob.name): int(blob.size) for blob in blobs}
 
     def delete(self, container: str, name: str) -> bool:
         from azure.core.exceptions import ResourceNotFoundError

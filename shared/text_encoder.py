@@ -14,7 +14,7 @@ import numpy as np
 
 from shared.errors import NotReady
 from shared.manifests import TextEncoderManifest
-from shared.sessions import open_session, session_options, verify_file
+from shared.sessions import Verify, open_session, session_options, verify_file
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -34,13 +34,19 @@ class TextEncoder:
     """
 
     def __init__(
-        self, folder: Path, *, providers: list[str] | None = None, intra_op_threads: int = 0, verify: bool = True
+        self,
+        folder: Path,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+        verify: Verify = "size",
     ):
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.manifest = TextEncoderManifest.read(self.folder / "manifest.json")
-        path = verify_file(self.folder / self.manifest.file, self.manifest.sha256 if verify else None)
+        m = self.manifest
+        path = verify_file(self.folder / m.file, m.sha256, size=m.bytes, verify=verify)
         self.max_tokens = self.manifest.tokenizer.max_tokens
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer.file))
         self.tokenizer.enable_truncation(max_length=self.max_tokens)
@@ -49,13 +55,13 @@ class TextEncoder:
         self.providers: list[str] = self._session.get_providers()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TextEncoder:
-        """The text encoder the settings name, on their providers.
+    def from_settings(cls, settings: Settings, *, verify: Verify = "size") -> TextEncoder:
+        """The text encoder the settings name, on their providers, its file checked by ``verify``.
 
         Raises:
             NotReady: the model has not been exported (``make models``) or does not match its manifest.
         """
-        return cls(settings.text_encoder_dir, **session_options(settings))
+        return cls(settings.text_encoder_dir, verify=verify, **session_options(settings))
 
     @property
     def version(self) -> str:

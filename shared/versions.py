@@ -67,6 +67,7 @@ def prune(
     *,
     now: datetime | None = None,
     referenced: Callable[[Storage, list[str]], set[str]] | None = None,
+    on_delete: Callable[[str], None] | None = None,
 ) -> None:
     """Delete the oldest complete versions beyond ``keep``, never the current one, and what a builder
     that died left: a version without a manifest whose claim is ``ABANDONED_AFTER`` old, or that has
@@ -75,6 +76,9 @@ def prune(
     A version's manifest is deleted first, so a prune cut short (the worker killed) leaves files
     that are no longer listed as a complete version, never a listed version that lacks files; its
     claim goes next, so the next prune clears what is left.
+
+    ``on_delete`` is called with each version deleted (the index's copies on the Azure Files share go
+    with their blobs, by the same rule: never the current version, never one a kept version is made of).
     """
     versions = list_versions(storage, container, prefix)
     kept = [v for v in versions[max(0, len(versions) - keep) :]] + [current]
@@ -83,10 +87,14 @@ def prune(
     for old in versions[: max(0, len(versions) - keep)]:
         if old != current and old not in needed:
             _delete_version(storage, container, f"{prefix}{old}/")
+            if on_delete is not None:
+                on_delete(old)
     pointed = read_pointer(storage, container, prefix)
     for old in _abandoned(storage, container, prefix, (now or datetime.now(UTC)) - ABANDONED_AFTER):
         if old not in (current, pointed):
             _delete_version(storage, container, f"{prefix}{old}/")
+            if on_delete is not None:
+                on_delete(old)
 
 
 def _delete_version(storage: Storage, container: str, folder: str) -> None:

@@ -13,8 +13,9 @@ from job.embeddings import EmbeddingStore, embed_pending
 from job.index_build import IndexParams, build_index, plan_index, publish
 from job.reindex import reindex
 from shared.health import health
-from shared.index import ClusterIndex, load_current
+from shared.index import ClusterIndex, load_current, load_version
 from shared.ingest import IngestItem, ingest_bytes
+from shared.rows import FileRows
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
 from tests.conftest import Collection, make_settings
@@ -43,17 +44,20 @@ def test_plan_follows_size_and_memory_budget() -> None:
     mid = plan_index(70_000, 1280)
     assert mid.kind == "ivf_flat" and mid.bytes_per_vector == 4 * 256 + 16 and mid.nlist == 265
     big = plan_index(10_000_000, 1280)  # 10M x 1040 B is 9.7 GiB: over the 1 GiB default
-    assert big.kind == "ivf_pq" and big.bytes_per_vector <= 64 and 256 % big.pq_m == 0 and big.rerank == 10
+    assert big.kind == "ivf_pq" and big.rerank == 10
+    assert (big.pq_m, big.pq_nbits, big.bytes_per_vector) == (128, 4, 72)  # 4-bit fast-scan: 64 B + its id
     assert 10_000_000 * big.bytes_per_vector <= 1024 * 2**20
     assert big.nlist == round(4 * np.sqrt(10_000_000))  # more, smaller lists as the collection grows
     tight = plan_index(10_000_000, 1280, memory_mb=200)  # 20 bytes a vector: a smaller code
-    assert tight.kind == "ivf_pq" and tight.bytes_per_vector <= 21 and tight.pq_m == 8
+    assert tight.kind == "ivf_pq" and tight.bytes_per_vector <= 21 and tight.pq_m == 16
     head = plan_index(5_000_000, 64, pca_dim=0, memory_mb=100)
     assert head.kind == "ivf_pq" and head.pca_dim == 0 and 64 % head.pq_m == 0
     roomy = plan_index(1_000_000, 1280, memory_mb=4096)
     assert roomy.kind == "ivf_flat"
     forced = plan_index(50_000, 1280, kind="ivf_pq", pq_m=16, nlist=100)
-    assert (forced.kind, forced.pq_m, forced.nlist, forced.bytes_per_vector) == ("ivf_pq", 16, 100, 24)
+    assert (forced.kind, forced.pq_m, forced.nlist, forced.bytes_per_vector) == ("ivf_pq", 16, 100, 16)
+    eight = plan_index(50_000, 1280, kind="ivf_pq", pq_m=16, pq_nbits=8, nlist=100)
+    assert eight.bytes_per_vector == 24  # the classic 8-bit scan is still there
     with pytest.raises(ValueError, match="divide"):
         plan_index(50_000, 1280, kind="ivf_pq", pq_m=48)
     with pytest.raises(ValueError, match="kind"):
@@ -77,15 +81,15 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     labels: list[str | None] = [None] * len(ids)
     pq = build_index(vectors, ids, labels, encoder_version="t", params=IndexParams(kind="ivf_pq", pq_m=16, rerank=4))
     m = pq.manifest
-    assert m.kind == "ivf_pq" and m.factory.endswith("PQ16x8") and m.bytes_per_vector == 24
+    assert m.kind == "ivf_pq" and m.factory.endswith("PQ16x4fs") and m.bytes_per_vector == 16
     assert m.recall is not None and m.recall.meets_target and m.recall.at_10 >= 0.95
     tuned = pq.rerank  # the gate may widen the shortlist to 2 or 4 times the plan's
-    assert tuned in (4, 8, 16) and m.rerank == tuned and m.recall.curve[-1]["rerank"] == tuned
+    assert tuned in (4, 8, 16) and m.rerank == tuned and m.recall.rerank == tuned
     queries = vectors[1::20]
     _, truth = _exact(pq, queries, 10)
     hits = pq.search(queries, 10)
     assert _recall(hits.rows, truth) >= 0.93
-    # Scores are exact inner products of the full vectors, not PQ estimates.
+    # Scores are inner products of the 8-bit re-ranking codes, not PQ estimates.
     exact_scores = np.einsum("nkd,nd->nk", pq.all_vectors()[hits.rows], pq.transform(queries))
     np.testing.assert_allclose(hits.scores, exact_scores, atol=1e-5)
     # Without re-ranking (a shortlist of exactly k) the 16-byte codes alone find less.
@@ -94,17 +98,25 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     pq.rerank = tuned
     assert codes_only < _recall(hits.rows, truth) - 0.05, codes_only
 
-    # Published and loaded: the codes are memory-mapped, the exact vectors are a memory-mapped file.
+    # Published and loaded: the re-ranking codes in memory (under the budget) or read per query from
+    # their file (over it); ids are 32-byte digests, memory-mapped.
     storage = LocalStorage(tmp_path)
     version = publish(storage, pq)
-    assert (tmp_path / INDEX / version / "vectors.npy").is_file()
+    codes = tmp_path / INDEX / version / "refine.npy"
+    assert np.load(codes).dtype == np.uint8 and np.load(codes).shape == (len(ids), 256)
     loaded = load_current(storage, tmp_path / "cache")
-    assert isinstance(loaded.vectors, np.memmap) and loaded.mapped is not None and loaded.rerank == tuned
-    assert isinstance(loaded.ids, np.memmap) and loaded.row_of(ids[123]) == 123
+    assert isinstance(loaded.vectors, np.memmap) and loaded.rerank == tuned
+    assert loaded.ids.keys[0].shape == (len(ids), 32) and loaded.row_of(ids[123]) == 123 and loaded.ids[123] == ids[123]
     again = loaded.search(queries, 10)
     np.testing.assert_array_equal(again.rows, hits.rows)
-    own = loaded.search_row(7, 1)  # its exact stored vector: finds itself with cosine 1
-    assert own.rows[0, 0] == 7 and own.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(again.scores, hits.scores, atol=1e-6)
+    own = loaded.search_row(7, 1)  # its stored (decoded) vector: finds itself
+    assert own.rows[0, 0] == 7 and own.scores[0, 0] == pytest.approx(1.0, abs=0.02)
+    from_file = load_version(storage, version, tmp_path / "cache", refine_memory_mb=0)
+    assert isinstance(from_file.vectors, FileRows)
+    by_file = from_file.search(queries, 10)
+    np.testing.assert_array_equal(by_file.rows, hits.rows)
+    np.testing.assert_allclose(by_file.scores, hits.scores, atol=1e-6)
 
 
 def test_ivf_pq_collection_adds_finds_and_deletes(tmp_path: Path, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]

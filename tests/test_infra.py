@@ -474,6 +474,91 @@ def test_model_share_mount_path_is_the_one_the_settings_name() -> None:
     for text in (bicep()["text"], terraform()["text"], (ROOT / "job" / "Dockerfile").read_text()):
         paths = set(re.findall(r"/(?:mnt|mounts)/models", text))
         assert paths == {mount}, paths
+    for text in (bicep()["text"], terraform()["text"]):
+        assert set(re.findall(r"/(?:mnt|mounts)/index\b", text)) == {shared["CLUSTERLENS_INDEX_MOUNT"]}
+
+
+# --- the index share: written by the jobs, opened in place by the function app -------------------
+
+SHARE_MODES = {"models": "ReadOnly", "index": "ReadWrite"}  # the jobs' access to each share
+MOUNTS = {"models": "/mounts/models", "index": "/mounts/index"}
+
+
+def _bicep_resources(name: str) -> dict[str, Any]:
+    return dict(bicep()["parsed"][name]["resources"])
+
+
+def test_index_share_exists_with_a_parameterised_quota_in_both_trees() -> None:
+    shares = {_unquote(s["name"]): s for s in terraform()["blocks"]["azurerm_storage_share"]}
+    assert set(shares) == set(SHARE_MODES)
+    assert shares["index"]["quota"] == "${var.index_share_quota_gb}"
+    assert _tf_variable("index_share_quota_gb")["default"] >= 40  # ~10 GB a 10M-image version, 3 kept + 1 new
+    storage = _bicep_resources("storage.bicep")
+    bicep_shares = {
+        r["config"]["name"]: r["config"]
+        for r in storage.values()
+        if r["type"] == "Microsoft.Storage/storageAccounts/fileServices/shares"
+    }
+    assert set(bicep_shares) == set(SHARE_MODES)
+    assert bicep_shares["index"]["properties"]["shareQuota"] == "indexShareQuotaGb"
+    main = bicep()["parsed"]["main.bicep"]
+    assert main["parameters"]["indexShareQuotaGb"]["default"] == _tf_variable("index_share_quota_gb")["default"]
+    assert main["modules"]["storage"]["config"]["params"]["indexShareQuotaGb"] == "indexShareQuotaGb"
+
+
+def test_function_app_mounts_both_shares_at_the_paths_the_settings_name() -> None:
+    """One azurestorageaccounts config holds every mount (Terraform's PUT replaces the whole set)."""
+    shared = json.loads((INFRA / "app-settings.json").read_text())["settings"]
+    assert shared["CLUSTERLENS_MODEL_DIR"] == MOUNTS["models"]
+    assert shared["CLUSTERLENS_INDEX_MOUNT"] == MOUNTS["index"]
+    site = _bicep_resources("functions.bicep")["functionApp"]["config"]["properties"]["siteConfig"]
+    mounts = site["azureStorageAccounts"]
+    assert {k: (v["shareName"], v["mountPath"], v["type"]) for k, v in mounts.items()} == {
+        name: (name, path, "AzureFiles") for name, path in MOUNTS.items()
+    }
+    (action,) = [a for a in terraform()["blocks"]["azapi_resource_action"] if "storage_mounts" in str(a["resource_id"])]
+    assert action["method"] == '"PUT"'
+    body = action["body"]["properties"]
+    assert {k: (_unquote(v["mountPath"]), v["shareName"]) for k, v in body.items()} == {
+        name: (path, f"${{azurerm_storage_share.{name}.name}}") for name, path in MOUNTS.items()
+    }
+    assert set(action["sensitive_body"]["properties"]) == set(MOUNTS)
+    assert {k.strip('"') for k in action["sensitive_body_version"]} == {f"properties.{n}.accessKey" for n in MOUNTS}
+    # the function app never gets the publisher's setting: it only reads the share
+    assert "CLUSTERLENS_INDEX_SHARE_DIR" not in shared
+    assert "CLUSTERLENS_INDEX_SHARE_DIR" in json.loads((INFRA / "app-settings.json").read_text())["excluded"]
+
+
+def test_jobs_mount_models_read_only_and_index_read_write_in_both_trees() -> None:
+    storages = {_unquote(s["name"]): s for s in terraform()["blocks"]["azurerm_container_app_environment_storage"]}
+    assert {k: _unquote(v["access_mode"]) for k, v in storages.items()} == SHARE_MODES
+    assert {k: v["share_name"] for k, v in storages.items()} == {
+        k: f"${{azurerm_storage_share.{k}.name}}" for k in SHARE_MODES
+    }
+    (job,) = terraform()["blocks"]["azurerm_container_app_job"]
+    template = job["template"][0]
+    assert {_unquote(v["name"]): v["storage_name"] for v in template["volume"]} == {
+        k: f"${{azurerm_container_app_environment_storage.{k}.name}}" for k in SHARE_MODES
+    }
+    mounts = template["container"][0]["volume_mounts"]
+    assert {_unquote(m["name"]): _unquote(m["path"]) for m in mounts} == MOUNTS
+    job_env = re.search(r"job_env = merge\(local\.shared_settings, \{([^}]*)\}", (TERRAFORM / "main.tf").read_text())
+    assert job_env and re.search(r'CLUSTERLENS_INDEX_SHARE_DIR\s+= "/mounts/index"', job_env.group(1))
+
+    resources = _bicep_resources("containerapps.bicep")
+    env_storages = {
+        r["config"]["name"]: r["config"]["properties"]["azureFile"]
+        for r in resources.values()
+        if r["type"] == "Microsoft.App/managedEnvironments/storages"
+    }
+    assert {k: v["accessMode"] for k, v in env_storages.items()} == SHARE_MODES
+    assert {k: v["shareName"] for k, v in env_storages.items()} == {k: k for k in SHARE_MODES}
+    spec = resources["job"]["config"]["config"]["properties"]["template"]  # a loop: config.config
+    assert {v["name"] for v in spec["volumes"]} == set(SHARE_MODES)
+    (container,) = spec["containers"]
+    assert {m["volumeName"]: m["mountPath"] for m in container["volumeMounts"]} == MOUNTS
+    common = bicep()["parsed"]["containerapps.bicep"]["variables"]["commonSettings"]["value"]["function"]
+    assert common["parameters"]["arg_2"]["CLUSTERLENS_INDEX_SHARE_DIR"] == MOUNTS["index"]
 
 
 def test_hadolint_passes_on_the_job_dockerfile() -> None:

@@ -330,3 +330,50 @@ def test_cli_label_queue_label_and_retrain(pool: Pool) -> None:
     assert version is not None and ClassifierView(pool.storage, version).manifest.kind == "logistic"
     table = cli("label-queue", "--n", "2")
     assert table.returncode == 0 and f"classifier {version}" in table.stdout
+
+
+def test_the_label_overlay_is_a_sparse_pair_over_untouched_built_codes() -> None:
+    """New labels are held as sorted (rows, codes) beside the built codes, never a copy of all n: every
+    reader (label_of, labelled, label_codes, the filters, the whole column) sees the built codes with
+    the overlay laid on top."""
+    from job.index_build import IndexParams, build_index
+    from shared.filters import SearchFilters
+
+    n = 300
+    ids = [f"{i:064x}" for i in range(n)]
+    built = [("Bag" if i % 3 == 0 else "Coat") if i < 60 else None for i in range(n)]
+    index = build_index(
+        np.random.default_rng(2).normal(size=(n, 1280)).astype(np.float32),
+        ids,
+        built,
+        encoder_version="test",
+        params=IndexParams(kind="flat"),
+    )
+    codes_before = np.array(index.built_labels, copy=True)
+    column_before = index.labels
+    assert column_before is index.built_labels  # no overlay: the built column itself, not a copy
+    index.overlay_labels({ids[0]: "Coat", ids[100]: "Bag", ids[250]: "Shirt", "f" * 64: "Bag"}, ["Dress"])
+    np.testing.assert_array_equal(index.built_labels, codes_before)  # the built codes are left as they were
+    rows, codes = index._overlay
+    assert rows.tolist() == [0, 100, 250] and len(codes) == 3  # only the labelled rows, the unknown id dropped
+    assert index.label_names == ["Bag", "Coat", "Dress", "Shirt"]
+    assert [index.label_of(r) for r in (0, 3, 61, 100, 250)] == ["Coat", "Bag", None, "Bag", "Shirt"]
+    labelled_rows, labelled_codes = index.labelled()
+    assert labelled_rows.tolist() == [*range(60), 100, 250]
+    np.testing.assert_array_equal(index.label_codes(labelled_rows), labelled_codes)
+    column = index.labels
+    assert column is not index.built_labels and (column[labelled_rows] == labelled_codes).all()
+    assert (np.delete(column, labelled_rows) == -1).all() and index.labels is column  # kept until labels change
+    selected = {
+        name: index.select(f)
+        for name, f in (
+            ("bags", SearchFilters(label="Bag")),
+            ("labelled", SearchFilters(labelled=True)),
+            ("unlabelled", SearchFilters(labelled=False)),
+        )
+    }
+    assert all(rows is not None for rows in selected.values())
+    assert list(selected["bags"]) == [r for r in range(1, 60) if r % 3 == 0] + [100]  # type: ignore[arg-type]
+    assert len(selected["labelled"]) == 62 and len(selected["unlabelled"]) == n - 62  # type: ignore[arg-type]
+    index.overlay_labels({})  # a log emptied (another index version's labels): back to the built codes
+    assert index.label_of(0) == "Bag" and len(index.labelled()[0]) == 60

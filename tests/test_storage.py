@@ -36,6 +36,14 @@ def test_put_get_list_delete(storage: Storage) -> None:
         storage.get_metadata(UPLOADS, "a/b/c.png")
 
 
+def test_sizes_lists_every_blob_under_a_prefix_with_its_size(storage: Storage) -> None:
+    storage.put(UPLOADS, "v000001/a.npy", b"12345")
+    storage.put(UPLOADS, "v000001/b/c.npy", b"")
+    storage.put(UPLOADS, "v000002/a.npy", b"1")
+    assert storage.sizes(UPLOADS, "v000001/") == {"v000001/a.npy": 5, "v000001/b/c.npy": 0}
+    assert storage.sizes(UPLOADS, "v000009/") == {}
+
+
 def test_delete_many_deletes_what_exists_in_batches_and_skips_what_does_not(storage: Storage) -> None:
     names = [f"m/{i:04d}.json" for i in range(300)]  # more than one Blob batch (256)
     for name in names[:290]:

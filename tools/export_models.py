@@ -201,7 +201,7 @@ def export_int8(out_dir: Path, fp32_dir: Path | None = None) -> dict[str, Any]:
     from shared.encoder import ImageEncoder
 
     fp32_dir = fp32_dir or out_dir.parent / NAME
-    fp32 = ImageEncoder(fp32_dir, size=DEFAULT_SIZE)
+    fp32 = ImageEncoder(fp32_dir, size=DEFAULT_SIZE, verify="sha256")
     images = calibration_images()
     batches = [fp32.preprocess(images[i : i + 8]) for i in range(0, len(images), 8)]
 
@@ -406,7 +406,7 @@ def export_text(out_dir: Path) -> dict[str, Any]:
     # Embed the ImageNet class descriptions once, with the exported model itself.
     from shared.text_encoder import TextEncoder
 
-    encoder = TextEncoder(out_dir)
+    encoder = TextEncoder(out_dir, verify="sha256")
     classes = encoder.encode(class_descriptions())
     np.save(out_dir / "imagenet_classes.npy", classes.astype(np.float32))
     manifest["imagenet_classes"] = {

@@ -71,6 +71,9 @@ var placeholderImage = 'mcr.microsoft.com/k8se/quickstart-jobs:latest'
 // harmless), the identity-based storage URL and telemetry.
 var sharedSettings = loadJsonContent('../app-settings.json').settings
 var commonSettings = union(sharedSettings, {
+  // Jobs only: where the publisher mirrors each index version (the `index` share, read-write here); the
+  // function app mounts the same share and opens versions from CLUSTERLENS_INDEX_MOUNT.
+  CLUSTERLENS_INDEX_SHARE_DIR: '/mounts/index'
   AZURE_CLIENT_ID: identityClientId
   CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL: blobEndpoint
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
@@ -135,8 +138,9 @@ resource managedEnvironment 'Microsoft.App/managedEnvironments@2025-01-01' = {
   }
 }
 
-// The `models` Azure Files share, read-only. Environment storage mounts authenticate with the account key;
-// the key goes here only.
+// The Azure Files shares the jobs mount: `models` read-only, `index` read-write (the reindex job mirrors each
+// index version there before swapping the blob pointer, CLUSTERLENS_INDEX_SHARE_DIR). Environment storage
+// mounts authenticate with the account key; the key goes here only.
 resource modelsStorage 'Microsoft.App/managedEnvironments/storages@2025-01-01' = {
   parent: managedEnvironment
   name: 'models'
@@ -148,6 +152,23 @@ resource modelsStorage 'Microsoft.App/managedEnvironments/storages@2025-01-01' =
       accessMode: 'ReadOnly'
     }
   }
+}
+
+resource indexStorage 'Microsoft.App/managedEnvironments/storages@2025-01-01' = {
+  parent: managedEnvironment
+  name: 'index'
+  properties: {
+    azureFile: {
+      accountName: filesAccountName
+      accountKey: listKeys(resourceId('Microsoft.Storage/storageAccounts', filesAccountName), '2023-05-01').keys[0].value
+      shareName: 'index'
+      accessMode: 'ReadWrite'
+    }
+  }
+  // one environment update at a time
+  dependsOn: [
+    modelsStorage
+  ]
 }
 
 resource job 'Microsoft.App/jobs@2025-01-01' = [for spec in jobs: {
@@ -220,6 +241,10 @@ resource job 'Microsoft.App/jobs@2025-01-01' = [for spec in jobs: {
               volumeName: 'models'
               mountPath: '/mounts/models'
             }
+            {
+              volumeName: 'index'
+              mountPath: '/mounts/index'
+            }
           ]
         }
       ]
@@ -228,6 +253,11 @@ resource job 'Microsoft.App/jobs@2025-01-01' = [for spec in jobs: {
           name: 'models'
           storageType: 'AzureFile'
           storageName: modelsStorage.name
+        }
+        {
+          name: 'index'
+          storageType: 'AzureFile'
+          storageName: indexStorage.name
         }
       ]
     }

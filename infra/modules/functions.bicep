@@ -1,6 +1,6 @@
 // Flex Consumption plan + Function App (Python 3.11). Storage, queues and Application Insights are reached
 // with the user-assigned identity; the only key here is the files account key, used solely by the
-// Azure Files mount of the `models` share.
+// Azure Files mounts of the `models` and `index` shares.
 
 param planName string
 
@@ -22,7 +22,7 @@ param dataAccountName string
 @description('Primary blob endpoint of the data account (https://<account>.blob.core.windows.net/).')
 param blobEndpoint string
 
-@description('Files storage account holding the `models` share.')
+@description('Files storage account holding the `models` and `index` shares.')
 param filesAccountName string
 
 @description('Application Insights connection string (Entra ID ingestion: local auth is disabled).')
@@ -106,16 +106,27 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         name: setting.key
         value: setting.value
       }]
-      // The `models` Azure Files share, mounted at /mounts/models (CLUSTERLENS_MODEL_DIR). Azure Files mounts
-      // authenticate with the account key; the key goes here only, never into app settings or outputs.
-      // App Service storage mounts have no read-only flag (the Container Apps environment storage is
-      // ReadOnly); the app only reads the share.
+      // Two Azure Files shares: `models` at /mounts/models, CLUSTERLENS_MODEL_DIR, and `index` at /mounts/index,
+      // CLUSTERLENS_INDEX_MOUNT: published index versions, opened in place instead of downloaded. Azure Files
+      // mounts authenticate with the account key; the key goes here only, never into app settings or outputs.
+      // Read-only and mount-path rules: see the comment on the `index` entry.
       azureStorageAccounts: {
         models: {
           type: 'AzureFiles'
           accountName: filesAccountName
           shareName: 'models'
           mountPath: '/mounts/models'
+          protocol: 'Smb'
+          accessKey: listKeys(resourceId('Microsoft.Storage/storageAccounts', filesAccountName), '2023-05-01').keys[0].value
+        }
+        // App Service storage mounts have no read-only flag for Azure Files (only Azure Blob mounts are
+        // read-only, and they need a key on the data account, whose keys are off); the app only reads it.
+        // Mount paths must not be /, /home or /tmp; an app takes at most five mounts.
+        index: {
+          type: 'AzureFiles'
+          accountName: filesAccountName
+          shareName: 'index'
+          mountPath: '/mounts/index'
           protocol: 'Smb'
           accessKey: listKeys(resourceId('Microsoft.Storage/storageAccounts', filesAccountName), '2023-05-01').keys[0].value
         }

@@ -1,6 +1,7 @@
 // Two storage accounts:
 // - data (st<name>): blobs + the jobs queues, Entra ID only (shared-key access off).
-// - files (stf<name>): the Azure Files share `models`, mounted read-only by the Function App and the jobs.
+// - files (stf<name>): the Azure Files shares `models` (mounted read-only by the Function App and the jobs) and
+//   `index` (published index versions: written by the jobs, opened in place by the Function App).
 //   Azure Files mounts in Function Apps and Container Apps authenticate with the account key, so this
 //   account alone keeps shared-key access on.
 
@@ -14,6 +15,9 @@ param tags object
 
 @description('Replication SKU of both accounts.')
 param storageSku string
+
+@description('Quota of the `index` share in GiB.')
+param indexShareQuotaGb int
 
 @description('Log Analytics workspace that receives the blob and queue service logs.')
 param workspaceId string
@@ -32,7 +36,7 @@ param deployerPrincipalType string = 'User'
 
 // Roles of the identity here (names guid(scope, identity, role)). Blob Data Owner covers the app data, the
 // Flex deployment package and Event Grid dead-lettering; Queue Data Contributor covers send/receive/delete
-// and the KEDA scalers' queue-length reads. The models share needs no role: Azure Files mounts use the
+// and the KEDA scalers' queue-length reads. The models and index shares need no role: Azure Files mounts use the
 // files account's key.
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -165,7 +169,7 @@ resource queueDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-prev
 resource filesAccount 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   // checkov:skip=CKV_AZURE_35:Serverless design without a VNet: the Flex Consumption app and the Container Apps environment mount the share over the account's public endpoint.
   // checkov:skip=CKV_AZURE_59:Public network access is needed for the Azure Files mounts of the VNet-less Flex Consumption app and Container Apps environment (no private endpoints).
-  // checkov:skip=CKV_AZURE_206:Zone-redundant (Standard_ZRS) by design: the share only holds model files that are re-creatable from the packaged weights; set storageSku to Standard_GZRS where geo-redundancy is required.
+  // checkov:skip=CKV_AZURE_206:Zone-redundant (Standard_ZRS) by design: the shares only hold model files (re-creatable from the packaged weights) and copies of index versions that are kept in the data account's blobs; set storageSku to Standard_GZRS where geo-redundancy is required.
   // checkov:skip=CKV_AZURE_43:The name is built in main.bicep as 'stf' + namePrefix (3-11 lower-case letters/digits) + 6 characters of uniqueString(), i.e. always 12-20 lower-case alphanumerics; checkov cannot evaluate a module parameter.
   name: filesAccountName
   location: location
@@ -199,6 +203,16 @@ resource modelsShare 'Microsoft.Storage/storageAccounts/fileServices/shares@2023
   name: 'models'
   properties: {
     shareQuota: 10
+  }
+}
+
+// Published index versions (index/<version>/...), mirrored here by the reindex job before it swaps the blob
+// pointer, so the function app opens them from /mounts/index instead of downloading them (issue 22).
+resource indexShare 'Microsoft.Storage/storageAccounts/fileServices/shares@2023-05-01' = {
+  parent: fileService
+  name: 'index'
+  properties: {
+    shareQuota: indexShareQuotaGb
   }
 }
 
@@ -243,3 +257,4 @@ output blobEndpoint string = dataAccount.properties.primaryEndpoints.blob
 output filesAccountId string = filesAccount.id
 output filesAccountName string = filesAccount.name
 output modelsShareName string = modelsShare.name
+output indexShareName string = indexShare.name

@@ -38,7 +38,8 @@ resource "azurerm_container_app_environment" "main" {
   tags = var.tags
 }
 
-# The models share, mounted read-only by the jobs. The account key goes only here.
+# The shares the jobs mount: models read-only, index read-write (the reindex job mirrors each
+# index version there before swapping the blob pointer). The account key goes only here.
 resource "azurerm_container_app_environment_storage" "models" {
   name                         = "models"
   container_app_environment_id = azurerm_container_app_environment.main.id
@@ -46,6 +47,15 @@ resource "azurerm_container_app_environment_storage" "models" {
   share_name                   = azurerm_storage_share.models.name
   access_key                   = azurerm_storage_account.files.primary_access_key
   access_mode                  = "ReadOnly"
+}
+
+resource "azurerm_container_app_environment_storage" "index" {
+  name                         = "index"
+  container_app_environment_id = azurerm_container_app_environment.main.id
+  account_name                 = azurerm_storage_account.files.name
+  share_name                   = azurerm_storage_share.index.name
+  access_key                   = azurerm_storage_account.files.primary_access_key
+  access_mode                  = "ReadWrite"
 }
 
 # Two jobs running `python -m job`, each started by KEDA while its queue has messages
@@ -119,12 +129,23 @@ resource "azurerm_container_app_job" "worker" {
         name = "models"
         path = "/mounts/models"
       }
+
+      volume_mounts {
+        name = "index"
+        path = "/mounts/index"
+      }
     }
 
     volume {
       name         = "models"
       storage_type = "AzureFile"
       storage_name = azurerm_container_app_environment_storage.models.name
+    }
+
+    volume {
+      name         = "index"
+      storage_type = "AzureFile"
+      storage_name = azurerm_container_app_environment_storage.index.name
     }
   }
 

@@ -77,16 +77,21 @@ resource "azapi_resource_action" "key_vault_reference_identity" {
   }
 }
 
-# The models share at /mounts/models (CLUSTERLENS_MODEL_DIR), as azapi's own example for
-# sites/config azurestorageaccounts does it (a PUT: this config has no GET). Azure Files mounts
-# authenticate with the files account key, which is passed write-only (not kept in state).
+# The two shares, as azapi's own example for sites/config azurestorageaccounts does it (a PUT:
+# this config has no GET, and the PUT replaces the whole set, so both mounts go in this one
+# request): models at /mounts/models (CLUSTERLENS_MODEL_DIR) and index at /mounts/index
+# (CLUSTERLENS_INDEX_MOUNT: published index versions, opened in place instead of downloaded).
+# App Service storage mounts have no read-only flag for Azure Files (only Azure Blob mounts are
+# read-only, and they need a key on the data account, whose keys are off); the app only reads
+# both shares. Azure Files mounts authenticate with the files account key, which is passed
+# write-only (not kept in state).
 data "azapi_resource_id" "storage_mounts" {
   type      = "Microsoft.Web/sites/config@2024-04-01"
   parent_id = azurerm_function_app_flex_consumption.main.id
   name      = "azurestorageaccounts"
 }
 
-resource "azapi_resource_action" "models_mount" {
+resource "azapi_resource_action" "share_mounts" {
   type        = "Microsoft.Web/sites/config@2024-04-01"
   resource_id = data.azapi_resource_id.storage_mounts.id
   method      = "PUT"
@@ -99,6 +104,13 @@ resource "azapi_resource_action" "models_mount" {
         mountPath   = "/mounts/models"
         protocol    = "Smb"
       }
+      index = {
+        type        = "AzureFiles"
+        accountName = azurerm_storage_account.files.name
+        shareName   = azurerm_storage_share.index.name
+        mountPath   = "/mounts/index"
+        protocol    = "Smb"
+      }
     }
   }
   sensitive_body = {
@@ -106,10 +118,14 @@ resource "azapi_resource_action" "models_mount" {
       models = {
         accessKey = azurerm_storage_account.files.primary_access_key
       }
+      index = {
+        accessKey = azurerm_storage_account.files.primary_access_key
+      }
     }
   }
   # Bump to send a rotated key.
   sensitive_body_version = {
     "properties.models.accessKey" = "1"
+    "properties.index.accessKey"  = "1"
   }
 }

@@ -39,6 +39,9 @@ locals {
   app_insights_authentication_string = "ClientId=${azurerm_user_assigned_identity.main.client_id};Authorization=AAD"
 
   job_env = merge(local.shared_settings, {
+    # Jobs only: where the publisher mirrors each index version (the index share, read-write
+    # here); the function app mounts the same share and opens versions from CLUSTERLENS_INDEX_MOUNT.
+    CLUSTERLENS_INDEX_SHARE_DIR               = "/mounts/index"
     AZURE_CLIENT_ID                           = azurerm_user_assigned_identity.main.client_id
     CLUSTERLENS_AZURE_STORAGE_ACCOUNT_URL     = local.storage_account_url
     APPLICATIONINSIGHTS_CONNECTION_STRING     = azurerm_application_insights.main.connection_string

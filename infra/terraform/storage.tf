@@ -56,7 +56,7 @@ resource "azurerm_storage_queue" "data" {
   storage_account_id = azurerm_storage_account.data.id
 }
 
-# Files account: only the "models" share. Azure Files mounts in Function Apps and
+# Files account: the "models" and "index" shares. Azure Files mounts in Function Apps and
 # Container Apps authenticate with the account key, so shared keys stay on here.
 resource "azurerm_storage_account" "files" {
   #checkov:skip=CKV2_AZURE_40:Shared keys must stay on: Azure Files mounts in Function Apps (storage_account block) and Container Apps (environment storage) authenticate only with the account key
@@ -64,9 +64,9 @@ resource "azurerm_storage_account" "files" {
   #checkov:skip=CKV_AZURE_59:Public endpoint needed: the SMB mounts of the VNet-less function app and Container Apps environment reach it over the public endpoint
   #checkov:skip=CKV2_AZURE_33:No private endpoint: serverless VNet-less design (Flex Consumption without VNet integration, Container Apps environment without a VNet)
   #checkov:skip=CKV2_AZURE_1:Encrypted with Microsoft-managed keys; customer-managed keys need a Key Vault and key rotation this project does not run
-  #checkov:skip=CKV_AZURE_206:Zone-redundant (storage_sku, Standard_ZRS by default); the share holds model files that can be re-exported and re-uploaded, so geo-replication is left as a cost choice
-  #checkov:skip=CKV_AZURE_33:This account serves only the models file share; it has no queues to log
-  #checkov:skip=CKV2_AZURE_38:Blob soft delete is irrelevant: this account holds no blobs, only the models file share
+  #checkov:skip=CKV_AZURE_206:Zone-redundant (storage_sku, Standard_ZRS by default); the shares hold model files that can be re-exported and re-uploaded and copies of index versions kept in the data account's blobs, so geo-replication is left as a cost choice
+  #checkov:skip=CKV_AZURE_33:This account serves only the models and index file shares; it has no queues to log
+  #checkov:skip=CKV2_AZURE_38:Blob soft delete is irrelevant: this account holds no blobs, only the models and index file shares
   name                            = "stf${local.name}"
   resource_group_name             = var.resource_group_name
   location                        = var.location
@@ -91,4 +91,12 @@ resource "azurerm_storage_share" "models" {
   name               = "models"
   storage_account_id = azurerm_storage_account.files.id
   quota              = 10
+}
+
+# Published index versions (<version>/<file>), mirrored by the reindex job before it swaps the
+# blob pointer, so the function app opens them from /mounts/index instead of downloading them.
+resource "azurerm_storage_share" "index" {
+  name               = "index"
+  storage_account_id = azurerm_storage_account.files.id
+  quota              = var.index_share_quota_gb
 }

@@ -80,6 +80,17 @@ variable "storage_sku" {
   default     = "Standard_ZRS"
 }
 
+variable "index_share_quota_gb" {
+  description = "Quota of the index Azure Files share in GiB: about 10 GB per 10M-image version, times the kept versions (CLUSTERLENS_INDEX_KEEP_VERSIONS), a shared base segment and the one being published. Standard shares bill the bytes stored, not the quota."
+  type        = number
+  default     = 50
+
+  validation {
+    condition     = can(regex("^[1-9][0-9]{0,4}$", tostring(var.index_share_quota_gb)))
+    error_message = "index_share_quota_gb must be a whole number of GiB, 1 to 99999 (Azure Files takes up to 102400)."
+  }
+}
+
 variable "tags" {
   description = "Tags on every resource."
   type        = map(string)

@@ -1,0 +1,75 @@
+"""Re-ranking codes for IVF-PQ: every row's vector in the index's space, 8 bits a dimension.
+
+The lists hold 4-bit fast-scan PQ codes (``d / 4`` bytes a row at ``d / 2`` sub-quantisers): cheap to
+scan, too coarse to rank by. A query's shortlist (``k * rerank`` rows) is re-ranked with these codes
+instead: one byte a dimension (``refine.npy``, uint8 (n, d)), decoded as
+``x = low + (code + 0.5) * step`` with ``low`` and ``step`` per dimension (``refine_codec.npy``,
+float32 (2, d)), trained on the build's sample. The decoded inner product is
+``codes @ (step * q) + (low + step / 2) @ q``, so re-ranking a shortlist is one small matrix product.
+
+Memory-mapped when they fit the budget (``CLUSTERLENS_INDEX_REFINE_MEMORY_MB``: resident as queries touch
+them, so in steady state all of them); otherwise each query reads its shortlist's rows from the file
+(:class:`shared.rows.FileRows`: ``pread``, never mapped), so they stay in the page cache and out of the
+serving process's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CODES_FILE = "refine.npy"
+CODEC_FILE = "refine_codec.npy"
+
+
+class RefineCodec:
+    """8-bit scalar quantiser over the index's space (per-dimension range)."""
+
+    def __init__(self, low: np.ndarray, step: np.ndarray):
+        self.low = np.asarray(low, np.float32)
+        self.step = np.asarray(step, np.float32)
+
+    @classmethod
+    def train(cls, sample: np.ndarray) -> RefineCodec:
+        """Ranges from a sample of vectors (float32 (m, d)) in the index's space."""
+        lo = sample.min(axis=0).astype(np.float32)
+        hi = sample.max(axis=0).astype(np.float32)
+        return cls(lo, np.maximum(hi - lo, 1e-6) / 256)
+
+    @classmethod
+    def from_array(cls, arr: np.ndarray) -> RefineCodec:
+        return cls(arr[0], arr[1])
+
+    def to_array(self) -> np.ndarray:
+        return np.stack([self.low, self.step]).astype(np.float32)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """uint8 (m, d) codes of float32 (m, d) vectors (values outside the range are clipped)."""
+        return np.clip(np.floor((x - self.low) / self.step), 0, 255).astype(np.uint8)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """float32 (m, d) approximate vectors."""
+        return (codes.astype(np.float32) + 0.5) * self.step + self.low
+
+    def scores(self, codes: np.ndarray, xq: np.ndarray) -> np.ndarray:
+        """float32 (m,) inner products of one query (d,) with the decoded rows of ``codes`` (m, d)."""
+        return codes.astype(np.float32) @ (self.step * xq) + float((self.low + self.step / 2) @ xq)
+
+
+def rerank_scores(codec: RefineCodec, codes: Any, rows: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """float32 (nq, s) decoded inner products of each query with its shortlist ``rows`` (nq, s; -1 is none,
+    scored -inf). ``codes`` is anything indexed by a row array: an array, a :class:`shared.rows.Column`,
+    a :class:`shared.rows.FileRows`."""
+    nq, s = rows.shape
+    scores = np.full((nq, s), -np.inf, dtype=np.float32)
+    valid = rows >= 0
+    if not valid.any():
+        return scores
+    wanted = np.unique(rows[valid])  # ascending: a file is read in order, each row once
+    data = np.asarray(codes[wanted])
+    for i in range(nq):
+        ok = valid[i]
+        if ok.any():
+            scores[i, ok] = codec.scores(data[np.searchsorted(wanted, rows[i, ok])], xq[i])
+    return scores
