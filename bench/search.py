@@ -475,6 +475,7 @@ def measure_autofaiss(
     coll: Collection, space: np.ndarray, transform: Callable[[np.ndarray], np.ndarray], budget_bytes: int, threads: int
 ) -> dict[str, Any]:
     """autofaiss's ``build_index`` on ``space`` within ``budget_bytes`` of index memory, its own parameters."""
+    import autofaiss.indices.index_factory as autofaiss_factory
     from autofaiss import build_index as autofaiss_build
 
     n, dim = space.shape
@@ -487,15 +488,31 @@ def measure_autofaiss(
     t0 = time.perf_counter()
     # save_on_disk=False: with numpy 2 autofaiss fails writing its infos JSON (numpy float32 metrics);
     # the index is written here instead, and its choices come back in the returned infos.
-    built, infos = autofaiss_build(
-        space,
-        save_on_disk=False,
-        max_index_memory_usage=budget,
-        current_memory_available="4G",
-        metric_type="ip",
-        nb_cores=threads,
-        verbose=logging.WARNING,
-    )
+    # autofaiss 2.18 calls faiss.OPQMatrix(d, M=..., d2=...), keywords FAISS 1.15's wrapper refuses:
+    # its factory module is given a namespace whose OPQMatrix takes them (FAISS itself is left alone).
+    real_faiss = autofaiss_factory.faiss
+
+    class OpqShim:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_faiss, name)
+
+        @staticmethod
+        def OPQMatrix(d: int = 0, M: int = 1, d2: int = -1) -> Any:  # noqa: N802, N803 - FAISS's names
+            return real_faiss.OPQMatrix(d, M, d2)
+
+    autofaiss_factory.faiss = OpqShim()
+    try:
+        built, infos = autofaiss_build(
+            space,
+            save_on_disk=False,
+            max_index_memory_usage=budget,
+            current_memory_available="4G",
+            metric_type="ip",
+            nb_cores=threads,
+            verbose=logging.WARNING,
+        )
+    finally:
+        autofaiss_factory.faiss = real_faiss
     build_s = time.perf_counter() - t0
     if built is None or infos is None:
         raise RuntimeError(f"autofaiss built no index within {budget}")
