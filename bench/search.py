@@ -734,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="*", default=["hnswlib", "autofaiss"], choices=["hnswlib", "autofaiss"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     parser.add_argument("--note", default="", help="a line on what this run measured, kept in the JSON")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the collections in --out that this run does not measure"
+    )
     parser.add_argument("--work", type=Path, default=WORK, help="where indexes and grown vectors are written")
     args = parser.parse_args(argv)
     WORK = args.work
@@ -744,6 +747,12 @@ def main(argv: list[str] | None = None) -> int:
     settings, storage, encoder, emb = real_embeddings()
     real_space = power_normalize(emb.vectors, IndexParams.from_settings(settings).power)
     collections: dict[str, Any] = {}
+    if args.keep and args.out.is_file():  # each collection records the commit it was measured at
+        before = json.loads(args.out.read_text())
+        collections = {
+            name: {"commit": before.get("commit"), "note": before.get("note", "")} | c
+            for name, c in before["collections"].items()
+        }
     started = time.perf_counter()
 
     def save() -> None:
@@ -764,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(name: str) -> Callable[[dict[str, Any]], None]:
         def update(summary: dict[str, Any]) -> None:
-            collections[name] = summary
+            collections[name] = summary | {"commit": commit.strip(), "note": args.note}
             save()
 
         return update
