@@ -302,7 +302,12 @@ def search_section(s: Result) -> list[str]:
             f"{num(c['n'])} vectors of {c['input_dim']} dimensions; {what}. {num(c['queries'])} queries for recall, "
             f"{num(c['latency_queries'])} for warm latency, {num(c['cold_queries'])} cold. `auto` builds "
             f"{KIND_NAMES.get(c['auto_kind'], c['auto_kind'])} here. Peers search {c.get('peer_space', 'n/a')}."
-            + ("" if c["complete"] else " **Incomplete: the run was cut short after the systems below.**"),
+            + ("" if c["complete"] else " **Incomplete: the run was cut short after the systems below.**")
+            + (
+                f" Measured by an earlier run, at commit `{c['commit']}`" + (f": {c['note']}" if c.get("note") else ".")
+                if c.get("commit") and c["commit"] != s["commit"]
+                else ""
+            ),
             "",
         ]
         out += table(
