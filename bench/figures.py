@@ -363,6 +363,12 @@ def search_section(s: Result) -> list[str]:
             "" if n in (1_000_000, 10_000_000) else " (issue 22 sets them at 1,000,000 and 10,000,000: not that scale)"
         )
         out += [f"Bars on {name} ({num(n)} vectors){scale}:", ""]
+        if not any(r["system"] == "hnswlib" for r in collections[name]["systems"]):
+            out += [
+                "hnswlib was not measured on this collection, so the bars against it (p50 at equal recall, "
+                "RSS under load, build time) are not either.",
+                "",
+            ]
         out += table(
             ["bar", "target", *(f"clusterlens {KIND_NAMES.get(k, k)}" for k in kinds)],
             [
