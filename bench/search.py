@@ -47,8 +47,9 @@ at a time (:mod:`bench.load_probe`), minus its own figure before opening it, raw
 query; median of 3; cold evicts the files first). ``bars`` holds the targets of issue 22 with value,
 target and pass.
 
-This is a benchmark, not a test. At 1M on 2 cores: about 40 minutes (hnswlib's and autofaiss's builds
-are most of it), peak memory about 8 GB.
+This is a benchmark, not a test. On 2 shared cores the 1M collection took about 30 minutes without
+autofaiss (hnswlib's build 7 of them), peak memory about 8 GB; autofaiss's own parameter search ran over 8
+minutes at 60,000 vectors (``--peers hnswlib`` leaves it out; ``--keep`` measures one collection at a time).
 """
 
 from __future__ import annotations
