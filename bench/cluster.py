@@ -5,7 +5,7 @@ Run by ``make bench-cluster``; writes two files to ``bench/results/`` (``--only`
 - ``cluster.json``: 1,000,000 x 64 vectors grown from the benchmark collection's real embeddings
   (all 70,000 Fashion-MNIST images, see :mod:`bench.collection`): power normalisation 0.5, L2,
   PCA 64 (:class:`FeatureSpace`), L2 again, then a Gaussian mixture fitted to those 70k and sampled
-  (:func:`bench.search.fit_mixture` / :func:`bench.search.sample_mixture`; not uniform random data,
+  (:func:`bench.grow.fit_mixture` / :func:`bench.grow.sample_mixture`; not uniform random data,
   ``nn_cosine`` compares its neighbourhoods with the real ones). k = 1024, one run each, same thread
   count: ``faiss.Kmeans`` (10 and 20 iterations; FAISS trains on a random subsample of
   ``max_points_per_centroid`` x k = 262,144 points, by design) against scikit-learn's
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from bench.active_learning import split_data
 from bench.collection import real_embeddings
 from bench.embed import device
-from bench.search import fit_mixture, nn_cosine, sample_mixture
+from bench.grow import fit_mixture, nn_cosine, sample_mixture
 from job.classifier import FeatureSpace, make_classifier
 from job.datasets import FASHION_MNIST_CLASSES
 from job.embeddings import EmbeddingSet

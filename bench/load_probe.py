@@ -1,29 +1,96 @@
-"""A fresh process's first answer: load the published index (memory-mapped) and answer one query.
+"""A fresh process that opens a saved index and answers queries, as a serving worker would.
 
-``python -m bench.load_probe STORE QUERY.npy`` prints the result rows as JSON. :mod:`bench.search`
-times it from process start to that line (``load_s``). It imports what a query worker imports for
-search and nothing more.
+``python -m bench.load_probe SYSTEM PATH QUERIES.npy [--ef N] [--params P] [--serve]``
+
+- ``clusterlens``: PATH is a local store; the published version is loaded as the app loads it
+  (:func:`shared.index.load_current`, memory-mapped) and searched with raw embeddings.
+- ``hnswlib``: PATH is a saved ``hnswlib.Index`` (inner product), searched at ``--ef``.
+- ``faiss``: PATH is a FAISS index file (autofaiss's), opened memory-mapped where FAISS allows it,
+  with ``--params`` (FAISS ``ParameterSpace`` string, e.g. ``nprobe=16,efSearch=32``).
+
+Without ``--serve`` it answers the first query and prints its rows as JSON: :mod:`bench.search` times
+this from process start (first answer: imports, open, one query), so it imports nothing else. With
+``--serve`` it answers every query one at a time and prints the rows of the first query with the
+process's memory (RSS, PSS, USS from psutil) before opening the index (its libraries already imported,
+so the difference is the index's) and after the last answer.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from shared.index import load_current
-from shared.storage import LocalStorage
+K = 10
+LIBRARIES = {"clusterlens": ["faiss", "shared.index", "shared.storage"], "hnswlib": ["hnswlib"], "faiss": ["faiss"]}
 
 
-def main(argv: list[str]) -> int:
-    store, query_file = Path(argv[0]), Path(argv[1])
-    index = load_current(LocalStorage(store), store / "cache")
-    hits = index.search(np.load(query_file), 10)
-    print(json.dumps(hits.rows[0].tolist()))
+def open_index(system: str, path: Path, dim: int, ef: int, params: str) -> Any:
+    """A function (nq, d) float32 -> int64 (nq, K) rows, over the index saved at ``path``."""
+    if system == "clusterlens":
+        from shared.index import load_current
+        from shared.storage import LocalStorage
+
+        index = load_current(LocalStorage(path), path / "cache")
+        return lambda q: index.search(q, K).rows
+    if system == "hnswlib":
+        import hnswlib
+
+        h = hnswlib.Index(space="ip", dim=dim)
+        h.load_index(str(path))
+        h.set_ef(ef)
+        return lambda q: h.knn_query(q, k=K, num_threads=1)[0].astype(np.int64)
+    if system == "faiss":
+        import faiss
+
+        try:
+            f = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # not every index type can be mapped
+            f = faiss.read_index(str(path))
+        if params:
+            space: Any = faiss.ParameterSpace()  # its stubs type the parameter string as int
+        space.set_index_parameters(f, params)
+        return lambda q: f.search(q, K)[1]
+    raise ValueError(f"unknown system {system!r}")
+
+
+def memory() -> dict[str, int]:
+    """This process's RSS, PSS and USS in bytes."""
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"rss": int(info.rss), "pss": int(info.pss), "uss": int(info.uss)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("system", choices=["clusterlens", "hnswlib", "faiss"])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("queries", type=Path)
+    parser.add_argument("--ef", type=int, default=64)
+    parser.add_argument("--params", default="")
+    parser.add_argument("--serve", action="store_true")
+    args = parser.parse_args(argv)
+    queries = np.ascontiguousarray(np.load(args.queries), dtype=np.float32)
+    before = None
+    if args.serve:
+        for name in LIBRARIES[args.system]:
+            importlib.import_module(name)
+        before = memory()
+    search = open_index(args.system, args.path, queries.shape[1], args.ef, args.params)
+    first = search(queries[:1])[0].tolist()
+    if not args.serve:
+        print(json.dumps(first))
+        return 0
+    for q in queries:
+        search(q[None])
+    print(json.dumps({"rows": first, "queries": len(queries), "before": before, "after": memory()}))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

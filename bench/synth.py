@@ -4,7 +4,7 @@ real embeddings, with the catalogue columns filled (and, optionally, a catalogue
 There is no million-image set here, and embedding one would take days on 2 cores, so the vectors are
 **grown**: real Fashion-MNIST images are embedded with the product's encoder (64 px input, so it takes
 seconds), and new 1280-d vectors are drawn from a model fitted to them: their top principal components
-(:data:`COMPONENTS_DIM`) carry a Gaussian mixture (:func:`bench.search.fit_mixture`: k-means, shrunk full
+(:data:`COMPONENTS_DIM`) carry a Gaussian mixture (:func:`bench.grow.fit_mixture`: k-means, shrunk full
 covariances), and the rest of each dimension's variance is added as independent noise; like the real
 pooled activations they are clipped at 0. Not uniform random data: clusters and neighbourhoods follow the
 real set's. The top classes, labels (about 10%), captions (about 0.1%) and ingest times are made up.
@@ -50,7 +50,7 @@ class GrowthModel:
     @classmethod
     def fit(cls, real: np.ndarray, source: str, seed: int = 0) -> GrowthModel:
         """Fit to real embeddings, float32 (n, d)."""
-        from bench.search import fit_mixture
+        from bench.grow import fit_mixture
 
         x = real.astype(np.float64)
         mean = x.mean(0)
