@@ -62,7 +62,7 @@ from shared.catalog import Catalog
 from shared.index import FILES, current_version, list_versions, load_current
 from shared.jobs import FINISHED, JobMessage, JobStore, api_job, enqueue
 from shared.queues import JobQueue, JobQueues, open_job_queues, open_queue
-from shared.refine import CODEC_FILE, CODES_FILE
+from shared.refine import CODEC_FILE, CODES_FILE, RAW_CODEC_FILE, RAW_CODES_FILE
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, JOBS, MODELS, Storage, open_storage
 from shared.versions import list_versions as list_versioned
@@ -121,10 +121,15 @@ def version_problem(storage: Storage, version: str) -> str | None:
     if not storage.exists(INDEX, f"{version}/manifest.json"):
         return f"index {version} has no manifest"
     try:
-        kind = storage.get_json(INDEX, f"{version}/manifest.json").get("kind")
+        manifest = storage.get_json(INDEX, f"{version}/manifest.json")
     except Exception:  # noqa: BLE001 - deleted since: the caller sees the manifest gone
         return f"index {version} has no manifest"
-    expected = [f for f in FILES if f not in (CODES_FILE, CODEC_FILE) or kind == "ivf_pq"]  # re-ranking: IVF-PQ only
+    expected = [
+        f
+        for f in FILES
+        if (f not in (CODES_FILE, CODEC_FILE) or manifest.get("kind") == "ivf_pq")  # re-ranking codes: IVF-PQ only
+        and (f not in (RAW_CODES_FILE, RAW_CODEC_FILE) or manifest.get("raw_rerank"))  # raw codes: with PCA only
+    ]
     missing = [f for f in expected if not storage.exists(INDEX, f"{version}/{f}")]
     return f"index {version} lacks {', '.join(missing)}" if missing else None
 

@@ -222,7 +222,8 @@ def search_largest(s: Result, kind: str | None = None) -> tuple[int, dict[str, A
 def _gate_curve(r: dict[str, Any]) -> str:
     points = []
     for c in r["gate_curve"]:
-        at = f"{c['nprobe']}" if "rerank" not in c else f"{c['nprobe']}/{c['rerank']}"
+        factor = c.get("rerank", c.get("raw_rerank"))  # the shortlist factor tuned with nprobe, if any
+        at = f"{c['nprobe']}" if factor is None else f"{c['nprobe']}/{factor}"
         points.append(f"{at}: {c['recall_at_10']:.3f}")
     return ", ".join(points)
 

@@ -4,7 +4,10 @@
 
 - ``clusterlens``: PATH is a local store; the published version is loaded as the app loads it
   (:func:`shared.index.load_current`, memory-mapped) and searched with raw embeddings.
-- ``hnswlib``: PATH is a saved ``hnswlib.Index`` (inner product), searched at ``--ef``.
+- ``hnswlib``: PATH is a saved ``hnswlib.Index`` (inner product), searched at ``--ef``. With ``--raw DIR``
+  (a clusterlens version folder) its best ``K * --raw-rerank`` are re-ranked by raw cosine from that
+  folder's ``raw.npy`` (read per query, as clusterlens reads it beyond its budget); QUERIES then holds
+  each query's index-space vector and raw vector side by side.
 - ``faiss``: PATH is a FAISS index file (autofaiss's), opened memory-mapped where FAISS allows it,
   with ``--params`` (FAISS ``ParameterSpace`` string, e.g. ``nprobe=16,efSearch=32``).
 
@@ -26,10 +29,16 @@ from typing import Any
 import numpy as np
 
 K = 10
-LIBRARIES = {"clusterlens": ["faiss", "shared.index", "shared.storage"], "hnswlib": ["hnswlib"], "faiss": ["faiss"]}
+LIBRARIES = {
+    "clusterlens": ["faiss", "shared.index", "shared.storage"],
+    "hnswlib": ["hnswlib", "shared.refine", "shared.rows"],
+    "faiss": ["faiss"],
+}
 
 
-def open_index(system: str, path: Path, dim: int, ef: int, params: str) -> Any:
+def open_index(
+    system: str, path: Path, dim: int, ef: int, params: str, raw: Path | None = None, raw_rerank: int = 5
+) -> Any:
     """A function (nq, d) float32 -> int64 (nq, K) rows, over the index saved at ``path``."""
     if system == "clusterlens":
         from shared.index import load_current
@@ -40,10 +49,26 @@ def open_index(system: str, path: Path, dim: int, ef: int, params: str) -> Any:
     if system == "hnswlib":
         import hnswlib
 
+        if raw is not None:
+            from shared.refine import RAW_CODEC_FILE, RAW_CODES_FILE, RefineCodec
+            from shared.rows import FileRows
+
+            codes, codec = FileRows(raw / RAW_CODES_FILE), RefineCodec.from_array(np.load(raw / RAW_CODEC_FILE))
+            dim -= codes.shape[1]
         h = hnswlib.Index(space="ip", dim=dim)
         h.load_index(str(path))
         h.set_ef(ef)
-        return lambda q: h.knn_query(q, k=K, num_threads=1)[0].astype(np.int64)
+        if raw is None:
+            return lambda q: h.knn_query(q, k=K, num_threads=1)[0].astype(np.int64)
+
+        def reranked(q: np.ndarray) -> np.ndarray:
+            from shared.refine import rerank_scores
+
+            rows = h.knn_query(q[:, :dim], k=K * raw_rerank, num_threads=1)[0].astype(np.int64)
+            scores = rerank_scores(codec, codes, rows, q[:, dim:], unit=True)
+            return np.take_along_axis(rows, np.argsort(-scores, axis=1)[:, :K], 1)
+
+        return reranked
     if system == "faiss":
         import faiss
 
@@ -73,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("queries", type=Path)
     parser.add_argument("--ef", type=int, default=64)
     parser.add_argument("--params", default="")
+    parser.add_argument("--raw", type=Path, default=None, help="hnswlib: re-rank by raw cosine from this folder")
+    parser.add_argument("--raw-rerank", type=int, default=5)
     parser.add_argument("--serve", action="store_true")
     args = parser.parse_args(argv)
     queries = np.ascontiguousarray(np.load(args.queries), dtype=np.float32)
@@ -81,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in LIBRARIES[args.system]:
             importlib.import_module(name)
         before = memory()
-    search = open_index(args.system, args.path, queries.shape[1], args.ef, args.params)
+    search = open_index(args.system, args.path, queries.shape[1], args.ef, args.params, args.raw, args.raw_rerank)
     first = search(queries[:1])[0].tolist()
     if not args.serve:
         print(json.dumps(first))

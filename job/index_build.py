@@ -26,7 +26,7 @@ from job.embeddings import TOP_CLASSES
 from job.share import mirror_published, share_pruner
 from shared.class_lists import write_class_lists
 from shared.errors import NotReady
-from shared.features import power_normalize
+from shared.features import normalize, power_normalize
 from shared.head import HEAD_FILE, ProjectionHead
 from shared.index import (
     FILES,
@@ -37,9 +37,10 @@ from shared.index import (
     merge_segments,
     pretransform,
     read_manifest,
+    rerank_hits,
 )
 from shared.manifests import IndexManifest, RecallReport
-from shared.refine import CODEC_FILE, CODES_FILE, RefineCodec
+from shared.refine import CODEC_FILE, CODES_FILE, RAW_CODEC_FILE, RAW_CODES_FILE, RefineCodec
 from shared.rows import compact_ids, id_order
 from shared.settings import Settings
 from shared.storage import INDEX, Storage
@@ -47,7 +48,7 @@ from shared.versions import claim_next, prune, swap_pointer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # bump when the files of a version change, so an up-to-date check rebuilds
+FORMAT = 5  # bump when the files of a version change, so an up-to-date check rebuilds
 KINDS = ("flat", "ivf_flat", "ivf_pq")
 TRAINED_FILE = "trained.faiss"
 ID_BYTES = 8  # FAISS keeps an int64 id beside each code in the inverted lists
@@ -69,6 +70,7 @@ class IndexParams:
         memory_mb: budget for what the index holds in memory (codes and ids).
         flat_max: ``auto`` builds an exact index up to this many vectors.
         pq_m, pq_nbits, rerank: IVF-PQ code and shortlist factor (``pq_m`` 0 chooses).
+        raw_rerank: with PCA, ``k`` times this many candidates are re-ranked by raw cosine (0: none).
         pca_dim: reduce to this many dimensions first; 0 (or >= d, or n too small) skips PCA.
         power: power normalisation before L2 (see :func:`shared.features.power_normalize`); 1 is off.
         nlist: number of clusters; 0 chooses from the collection size (:func:`choose_nlist`).
@@ -85,6 +87,7 @@ class IndexParams:
     pq_m: int = 0
     pq_nbits: int = 4
     rerank: int = 10
+    raw_rerank: int = 5
     pca_dim: int = 256
     power: float = 0.5
     nlist: int = 0
@@ -105,6 +108,7 @@ class IndexParams:
             pq_m=s.index_pq_m,
             pq_nbits=s.index_pq_nbits,
             rerank=s.index_rerank,
+            raw_rerank=s.index_raw_rerank,
             pca_dim=s.index_pca_dim,
             power=s.index_power,
             nlist=s.index_nlist,
@@ -134,6 +138,7 @@ class IndexParams:
             pq_m=self.pq_m,
             pq_nbits=self.pq_nbits,
             rerank=self.rerank,
+            raw_rerank=self.raw_rerank,
             flat_max=self.flat_max,
             min_points_per_list=self.min_points_per_list,
         )
@@ -160,6 +165,7 @@ class IndexPlan:
         nlist: number of clusters (IVF lists).
         pq_m, pq_nbits: IVF-PQ code: ``pq_m`` sub-quantisers of ``pq_nbits`` bits (0 for other kinds).
         rerank: IVF-PQ shortlist factor: ``k * rerank`` candidates are re-ranked exactly (0 otherwise).
+        raw_rerank: with PCA, the best ``k * raw_rerank`` candidates are re-ranked by raw cosine (0: none).
         bytes_per_vector: memory the index holds per vector (code plus its id in the list).
         reason: one line on why this kind was chosen.
     """
@@ -173,6 +179,7 @@ class IndexPlan:
     rerank: int = 0
     bytes_per_vector: int = 0
     reason: str = ""
+    raw_rerank: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -189,12 +196,14 @@ def plan_index(
     pq_m: int = 0,
     pq_nbits: int = 4,
     rerank: int = 10,
+    raw_rerank: int = 5,
     flat_max: int = 2000,
     min_points_per_list: int = 39,
 ) -> IndexPlan:
     """Choose the index kind and its parameters from the collection size and a memory budget.
 
-    ``auto``: ``flat`` up to ``flat_max`` vectors (a full scan costs microseconds there); ``ivf_flat``
+    ``auto``: ``flat`` up to ``flat_max`` vectors (a full scan costs microseconds there; without PCA, so it is
+    exact in the raw space); ``ivf_flat``
     while ``n`` full vectors (with their ids and direct-map entries) fit in ``memory_mb``; ``ivf_pq``
     beyond, with the largest code of at most 64 bytes that fits the budget with its id (4-bit fast-scan
     codes: up to one sub-quantiser per two dimensions; 8-bit: up to 56 bytes). Its 8-bit re-ranking codes
@@ -206,6 +215,7 @@ def plan_index(
         kind: ``auto`` or one of :data:`KINDS`.
         memory_mb: budget for what the index holds in memory (codes and ids, not the re-ranking file).
         pca_dim: PCA before the coarse quantiser; 0 (or >= input_dim, or n too small) for none.
+        raw_rerank: with PCA, the last re-rank's factor in the raw space (kept only when PCA is used).
 
     Raises:
         ValueError: unknown kind, or an IVF-PQ code that does not divide the dimension.
@@ -227,9 +237,15 @@ def plan_index(
             kind, reason = "ivf_pq", f"{n} x {full} B = {n * full / 2**20:.0f} MiB exceeds the {memory_mb:g} MiB budget"
     else:
         reason = "set by CLUSTERLENS_INDEX_KIND"
+    if kind == "flat" and use_pca:  # every vector is compared anyway: in the raw space, exact
+        use_pca, dim = False, input_dim
+        full = 4 * dim + ID_BYTES + DIRECT_MAP_BYTES
     nlist = min(nlist or choose_nlist(n, min_points_per_list), n)
+    raw_rerank = raw_rerank if use_pca else 0
     if kind != "ivf_pq":
-        return IndexPlan(kind, dim, dim if use_pca else 0, nlist, bytes_per_vector=full, reason=reason)
+        return IndexPlan(
+            kind, dim, dim if use_pca else 0, nlist, bytes_per_vector=full, reason=reason, raw_rerank=raw_rerank
+        )
     if not pq_m:
         most = 64.0 if pq_nbits == 4 else 56.0
         room = min(most, budget / n - ID_BYTES) * 8 / pq_nbits  # sub-quantisers the budget allows
@@ -240,7 +256,7 @@ def plan_index(
         raise ValueError(f"IVF-PQ needs pq_m to divide the dimension {dim}; {pq_m} does not")
     code = (pq_m * pq_nbits + 7) // 8
     return IndexPlan(
-        "ivf_pq", dim, dim if use_pca else 0, nlist, pq_m, pq_nbits, max(1, rerank), code + ID_BYTES, reason
+        "ivf_pq", dim, dim if use_pca else 0, nlist, pq_m, pq_nbits, max(1, rerank), code + ID_BYTES, reason, raw_rerank
     )
 
 
@@ -313,6 +329,7 @@ def new_manifest(
         kind=plan.kind,
         plan=plan.to_json(),
         rerank=plan.rerank,
+        raw_rerank=plan.raw_rerank,
         bytes_per_vector=plan.bytes_per_vector,
         count=n,
         input_dim=input_dim,
@@ -387,20 +404,29 @@ def build_index(
     index.train(x)
     trained = faiss.serialize_index(index)  # no rows yet: what an incremental reindex adds to
     codec = RefineCodec.train(pretransform(index, x)) if plan.kind == "ivf_pq" else None
+    raw_codec = RefineCodec.train(x) if plan.raw_rerank else None
     del x
     t_train = time.perf_counter() - t0
     k = min(10, n - 1)
     gate_rows = recall_rows(n, p.recall_sample, seed) if k >= 1 else np.zeros(0, np.int64)
-    queries = pretransform(index, features(vectors[gate_rows])) if len(gate_rows) else None
+    gate_x = features(vectors[gate_rows]) if len(gate_rows) else None
+    queries = pretransform(index, gate_x) if gate_x is not None else None
+    # the gate's exact neighbours: in the raw space when the index re-ranks there, else in the index's
+    raw_queries = gate_x if raw_codec is not None else None
     truth = faiss.ResultHeap(len(gate_rows), k + 1, keep_max=True) if queries is not None else None
     codes = np.empty((n, int(ivf.d)), np.uint8) if codec is not None else None
+    raw_codes = np.empty((n, d), np.uint8) if raw_codec is not None else None
     for start in range(0, n, ADD_CHUNK):
-        xt = pretransform(index, features(vectors[start : start + ADD_CHUNK]))
+        xf = features(vectors[start : start + ADD_CHUNK])
+        xt = pretransform(index, xf)
         add_transformed(index, xt)
         if codes is not None and codec is not None:
             codes[start : start + len(xt)] = codec.encode(xt)
+        if raw_codes is not None and raw_codec is not None:
+            raw_codes[start : start + len(xf)] = raw_codec.encode(xf)
         if truth is not None and queries is not None:
-            scores, found = faiss.knn(queries, xt, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
+            q, xb = (raw_queries, xf) if raw_queries is not None else (queries, xt)
+            scores, found = faiss.knn(q, xb, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
             truth.add_result(scores, found + start)
     if truth is not None:
         truth.finalize()
@@ -442,6 +468,8 @@ def build_index(
         None if ingested is None else np.asarray(ingested, dtype=np.int64),
         codes,
         codec=codec,
+        raw=raw_codes,
+        raw_codec=raw_codec,
     )
     built.trained = bytes(trained)
     t1 = time.perf_counter()
@@ -455,9 +483,10 @@ def build_index(
         n,
         target=p.recall_target,
         nprobe=nprobe,
+        raw_queries=raw_queries,
     )
     recall.seconds = round(time.perf_counter() - t1, 3)
-    manifest.nprobe, manifest.rerank, manifest.recall = built.nprobe, built.rerank, recall
+    settle(manifest, built, recall)
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return built
 
@@ -585,12 +614,16 @@ def extend_index(
         if base.vectors is None or codec is None
         else np.concatenate([np.asarray(base.vectors), codec.encode(xt_new)]),
         codec=codec,
+        raw=None
+        if base.raw is None or base.raw_codec is None
+        else np.concatenate([np.asarray(base.raw), base.raw_codec.encode(x)]),
+        raw_codec=base.raw_codec,
     )
     grown.trained = bytes(faiss.serialize_index(trained))
     xt = grown.all_vectors()
     nprobe = int(ivf.nlist) if base.manifest.kind == "flat" else p.nprobe
     recall = tune_nprobe(grown, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=p.seed)
-    manifest.nprobe, manifest.rerank, manifest.recall = grown.nprobe, grown.rerank, recall
+    settle(manifest, grown, recall)
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return grown
 
@@ -608,6 +641,7 @@ def build_delta(
     captions: Captions | None = None,
     ingested: np.ndarray | None = None,
     codec: RefineCodec | None = None,
+    raw_codec: RefineCodec | None = None,
 ) -> ClusterIndex:
     """A delta segment: new rows added to a copy of the base's trained index (``trained.faiss``), alone.
 
@@ -619,6 +653,7 @@ def build_delta(
         manifest: the current version's manifest (its power, kind and dimension are used).
         vectors: float32 (m, input_dim) raw embeddings; the rest as for :func:`build_index`.
         codec: IVF-PQ: the base's re-ranking codec (``refine_codec.npy``), which the new rows are coded with.
+        raw_codec: the base's raw codec (``raw_codec.npy``), for a base with raw codes.
 
     Raises:
         ValueError: on mismatched lengths, or an IVF-PQ delta without the base's codec.
@@ -653,6 +688,8 @@ def build_delta(
         None if ingested is None else np.asarray(ingested, dtype=np.int64),
         codec.encode(pretransform(index, x)) if codec is not None and manifest.kind == "ivf_pq" else None,
         codec=codec if manifest.kind == "ivf_pq" else None,
+        raw=raw_codec.encode(x) if raw_codec is not None and manifest.raw_rerank else None,
+        raw_codec=raw_codec if manifest.raw_rerank else None,
     )
     return delta
 
@@ -705,7 +742,8 @@ def tune_nprobe(
 
     Leave-one-out on ``sample`` stored vectors: each is a query against all the others, and its
     true 10 neighbours come from exact (flat) search over the same vectors the index holds, so
-    this measures what cluster routing (and PQ) loses (PCA is part of the space, not of the error).
+    this measures what cluster routing (and PQ) loses; for an index with raw codes, over the decoded
+    raw vectors, so PCA's loss is counted too.
     nprobe is doubled from 1 until the target is reached (up to ``nlist``, which is exact), then the
     smallest nprobe that reaches it is found by bisection; or only ``nprobe`` is tried, if given.
 
@@ -729,8 +767,19 @@ def tune_nprobe(
         return tune_against(index, np.zeros(0, np.int64), xt[:0], np.zeros((0, 1), np.int64), n, target=target)
     rows = recall_rows(n, sample, seed)
     queries = np.ascontiguousarray(xt[rows])
-    _, exact = faiss.knn(queries, xt, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    return tune_against(index, rows, queries, exact, n, target=target, nprobe=nprobe)
+    if index.raw is None or index.raw_codec is None:
+        _, exact = faiss.knn(queries, xt, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+        return tune_against(index, rows, queries, exact, n, target=target, nprobe=nprobe)
+    # an index with raw codes: exact neighbours among the decoded raw vectors, chunk by chunk
+    codec = index.raw_codec
+    raw = normalize(codec.decode(np.asarray(index.raw[rows])))
+    heap = faiss.ResultHeap(len(rows), k + 1, keep_max=True)
+    for start in range(0, n, ADD_CHUNK):
+        chunk = normalize(codec.decode(np.asarray(index.raw[np.arange(start, min(n, start + ADD_CHUNK))])))
+        scores, found = faiss.knn(raw, chunk, min(k + 1, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, found + start)
+    heap.finalize()
+    return tune_against(index, rows, queries, heap.I, n, target=target, nprobe=nprobe, raw_queries=raw)
 
 
 def recall_rows(n: int, sample: int, seed: int) -> np.ndarray:
@@ -747,6 +796,7 @@ def tune_against(
     *,
     target: float = 0.95,
     nprobe: int = 0,
+    raw_queries: np.ndarray | None = None,
 ) -> RecallReport:
     """:func:`tune_nprobe` once the exact neighbours are known, however they were found.
 
@@ -754,6 +804,9 @@ def tune_against(
         rows: int64 (q,) the query rows; queries: float32 (q, dim) their vectors in the index's space.
         exact: int64 (q, k + 1) each query's exact nearest rows among all ``n``, best first (its own row
             among them), k = min(10, n - 1).
+        raw_queries: float32 (q, input_dim) the same queries in the raw space, for an index with raw codes
+            (``exact`` then holds the raw space's neighbours). Without re-ranking codes of its own (IVF-PQ's),
+            the raw shortlist factor is what is tuned with nprobe.
     """
     nlist = int(index.ivf.nlist)
     k = min(10, n - 1)
@@ -761,7 +814,10 @@ def tune_against(
         index.ivf.nprobe = 1
         return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
     truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
-    base = int(index.manifest.plan.get("rerank", index.rerank)) if index.vectors is not None else 0
+    raw = raw_queries if index.raw_rerank else None
+    # the shortlist factor tuned with nprobe: IVF-PQ's own, else the raw re-rank's, else none
+    tuned = "rerank" if index.vectors is not None else "raw_rerank" if raw is not None else ""
+    base = int(index.manifest.plan.get(tuned, getattr(index, tuned))) if tuned else 0
     factors = [base, 2 * base, 4 * base] if base else [0]
 
     def recall_of(got: np.ndarray) -> float:
@@ -773,7 +829,7 @@ def tune_against(
     def reaches(p: int) -> bool:
         """Measure at ``p`` lists (once) and say whether its best setting reaches the target."""
         if p not in measured:
-            measured[p] = _measure(index, queries, p, k, n, factors, recall_of)
+            measured[p] = _measure(index, queries, raw, p, k, n, factors, recall_of)
         return max(e["recall"] for e in measured[p]) >= target
 
     if nprobe:
@@ -798,9 +854,12 @@ def tune_against(
     pick = good[0] if good else max(entries, key=lambda e: e["recall"])
     index.ivf.nprobe = chosen
     if base:
-        index.rerank = int(pick["rerank"])
+        setattr(index, tuned, int(pick["factor"]))
     curve = [
-        {**{key: v for key, v in e.items() if key != "recall"}, "recall_at_10": round(e["recall"], 4)}
+        {
+            **{(tuned if key == "factor" else key): v for key, v in e.items() if key != "recall"},
+            "recall_at_10": round(e["recall"], 4),
+        }
         for p_ in sorted(measured)
         for e in measured[p_]
     ]
@@ -811,24 +870,33 @@ def tune_against(
         sample=len(rows),
         curve=curve,
         nprobe=chosen,
-        rerank=int(pick["rerank"]) if base else None,
+        rerank=index.rerank if index.vectors is not None else None,
+        raw_rerank=index.raw_rerank if raw is not None else None,
+        space="raw" if raw is not None else "index",
     )
+
+
+def settle(manifest: IndexManifest, index: ClusterIndex, recall: RecallReport) -> None:
+    """Record what the recall gate chose (and measured) in ``manifest``."""
+    manifest.nprobe, manifest.rerank, manifest.raw_rerank = index.nprobe, index.rerank, index.raw_rerank
+    manifest.recall = recall
 
 
 def _measure(
     index: ClusterIndex,
     queries: np.ndarray,
+    raw: np.ndarray | None,
     p: int,
     k: int,
     n: int,
     factors: list[int],
     recall_of: Callable[[np.ndarray], float],
 ) -> list[dict[str, Any]]:
-    """The gate's measurements at ``p`` lists: one per shortlist factor (IVF-PQ; prefixes of one scan of the
-    longest shortlist), or one (``factors == [0]``)."""
+    """The gate's measurements at ``p`` lists: one per shortlist factor (prefixes of one scan of the
+    longest shortlist, each finished as a search finishes it), or one (``factors == [0]``)."""
     t0 = time.perf_counter()
     if factors == [0]:
-        got = index.search_transformed(queries, k + 1, p).rows
+        got = index.search_transformed(queries, k + 1, p, raw=raw).rows
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         return [{"nprobe": p, "recall": recall_of(got), "ms_per_query": round(ms, 4)}]
     probe_scores, probe = index.ivf.quantizer.search(queries, p)
@@ -839,9 +907,13 @@ def _measure(
         t1 = time.perf_counter()
         width = min((k + 1) * r, n)
         prefix = SearchHits(longest.scores[:, :width], longest.rows[:, :width], longest.probe, longest.probe_scores)
-        recall = recall_of(index.rerank_shortlist(queries, prefix, k + 1).rows)
+        if index.vectors is not None:  # IVF-PQ's shortlist: finished as a search finishes it
+            got = index.finish(queries, prefix, k + 1, raw).rows
+        else:  # the raw re-rank's shortlist
+            assert index.raw_codec is not None and raw is not None
+            got = rerank_hits(index.raw_codec, index.raw, raw, prefix, k + 1, unit=True).rows
         ms = scan_ms + (time.perf_counter() - t1) * 1000 / len(queries)
-        out.append({"nprobe": p, "rerank": r, "recall": recall, "ms_per_query": round(ms, 4)})
+        out.append({"nprobe": p, "factor": r, "recall": recall_of(got), "ms_per_query": round(ms, 4)})
     return out
 
 
@@ -907,7 +979,7 @@ def publish(
     manifest = built.manifest.model_copy(update={"version": version, "segments": segments})
     with tempfile.TemporaryDirectory(prefix="clusterlens-index-") as tmp:
         faiss.write_index(built.index, str(Path(tmp) / "index.faiss"))
-        if "ids.npy" not in built.files:  # a streamed build has written it (and refine.npy) already
+        if "ids.npy" not in built.files:  # a streamed build has written it (and refine.npy, raw.npy) already
             keys = built.ids.keys[0] if len(built.ids.keys) == 1 else compact_ids(np.asarray(built.ids))
             np.save(Path(tmp) / "ids.npy", keys)
             order = built.ids.orders[0] if len(built.ids.keys) == 1 else id_order(keys)
@@ -927,6 +999,10 @@ def publish(
             np.save(Path(tmp) / CODES_FILE, np.asarray(built.vectors, dtype=np.uint8))
         if built.codec is not None:
             np.save(Path(tmp) / CODEC_FILE, built.codec.to_array())
+        if built.raw is not None and built.raw_codec is not None:
+            if RAW_CODES_FILE not in built.files:
+                np.save(Path(tmp) / RAW_CODES_FILE, np.asarray(built.raw, dtype=np.uint8))
+            np.save(Path(tmp) / RAW_CODEC_FILE, built.raw_codec.to_array())
         if built.trained is not None:
             (Path(tmp) / TRAINED_FILE).write_bytes(built.trained)
         for name in (*FILES, TRAINED_FILE):

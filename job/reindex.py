@@ -27,7 +27,7 @@ from shared.errors import ClusterlensError, NotReady, QualityGate, VersionMismat
 from shared.head import ProjectionHead, load_head
 from shared.index import Captions, ClusterIndex, current_version, load_segments, load_version, read_manifest
 from shared.manifests import IndexManifest
-from shared.refine import CODEC_FILE, RefineCodec
+from shared.refine import CODEC_FILE, RAW_CODEC_FILE, RefineCodec
 from shared.settings import Settings
 from shared.storage import EMBEDDINGS, INDEX, BlobNotFound, Storage
 
@@ -251,6 +251,13 @@ def _try_incremental(
         except BlobNotFound:  # an IVF-PQ base from before re-ranking codes: build it again
             log.info("the current IVF-PQ version has no re-ranking codes: a full build")
             return None
+    raw_codec = None
+    if manifest.raw_rerank:
+        try:
+            raw_codec = RefineCodec.from_array(np.load(io.BytesIO(storage.get(INDEX, f"{base}/{RAW_CODEC_FILE}"))))
+        except BlobNotFound:
+            log.info("the current version has no raw codes: a full build")
+            return None
     delta = build_delta(
         trained,
         manifest,
@@ -263,6 +270,7 @@ def _try_incremental(
         captions=embed_captions(settings, new.captions),
         ingested=new.ingested if new.ids else None,
         codec=codec,
+        raw_codec=raw_codec,
     )
     # Deltas merge like a binary counter: the newest absorbs older ones no bigger than what it holds,
     # so a version has O(log growth) segments and a row is rewritten O(log growth) times, never the base.

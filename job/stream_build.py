@@ -51,6 +51,7 @@ from job.index_build import (
     new_index,
     new_manifest,
     recall_rows,
+    settle,
     training_points,
     tune_against,
 )
@@ -58,7 +59,7 @@ from shared.catalog import Catalog
 from shared.features import power_normalize
 from shared.head import ProjectionHead
 from shared.index import Captions, ClusterIndex, pretransform
-from shared.refine import CODES_FILE, RefineCodec
+from shared.refine import CODES_FILE, RAW_CODES_FILE, RefineCodec
 from shared.rows import DIGEST, FileRows
 from shared.storage import EMBEDDINGS
 
@@ -171,6 +172,13 @@ def _is_hex(ids: np.ndarray) -> bool:
     return not text.translate(None, b"0123456789abcdef")
 
 
+def _picked(select: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """A mask over ``select``'s positions that is set at the ``pick``-th set positions of ``select``."""
+    out = np.zeros(len(select), bool)
+    out[np.flatnonzero(select)[pick]] = True
+    return out
+
+
 def build_streaming(
     store: EmbeddingStore,
     catalog: Catalog,
@@ -273,6 +281,7 @@ def build_streaming(
     power, pca_dim = (1.0, 0) if head is not None else (p.power, p.pca_dim)
     feature_dim = head.dim if head is not None else input_dim
     plan = p.plan(n, feature_dim, pca_dim)
+    raw_codec: RefineCodec | None = None
     index, desc = new_index(plan, feature_dim, n, p.seed)
     ivf = faiss.extract_index_ivf(index)
 
@@ -301,6 +310,7 @@ def build_streaming(
             keep_pca[np.random.default_rng(p.seed).choice(m, PCA_SAMPLE, replace=False)] = True
             for_pca[np.flatnonzero(usable)] = keep_pca
         x = read_sample(for_pca, transform=False)
+        raw_codec = RefineCodec.train(x) if plan.raw_rerank else None
         chain: Any = index.chain
         for i in range(chain.size()):
             step = chain.at(i)
@@ -317,6 +327,8 @@ def build_streaming(
     gate_rows = sample_rows[gate_pick]
     queries = np.ascontiguousarray(xt_train[gate_pick])
     del xt_train
+    # the gate's exact neighbours: in the raw space when the index re-ranks there
+    raw_queries = read_sample(_picked(usable, gate_pick), transform=False) if raw_codec is not None else None
     os.unlink(sample_path)
     trained = faiss.serialize_index(index)  # no rows yet: what an incremental reindex adds its delta to
     seconds["train"] = time.perf_counter() - t1
@@ -324,6 +336,7 @@ def build_streaming(
     # 3. add, shard by shard; compact the small ones on the way
     t2 = time.perf_counter()
     pq_file = NpyWriter(workdir / CODES_FILE, "uint8", (n, int(ivf.d))) if codec is not None else None
+    raw_file = NpyWriter(workdir / RAW_CODES_FILE, "uint8", (n, feature_dim)) if raw_codec is not None else None
     truth = faiss.ResultHeap(len(gate_rows), k + 1, keep_max=True) if len(gate_rows) else None
     rewriter = ShardRewriter(store, compact_rows, workdir) if small else None
     class_top: np.ndarray | None = None
@@ -345,12 +358,16 @@ def build_streaming(
         take = keep[bounds[s] : bounds[s + 1]][firsts]
         if not take.any():
             continue
-        xt = pretransform(index, features(chunk.vectors[take]))
+        xf = features(chunk.vectors[take])
+        xt = pretransform(index, xf)
         add_transformed(index, xt)
         if pq_file is not None and codec is not None:
             pq_file.append(codec.encode(xt))
+        if raw_file is not None and raw_codec is not None:
+            raw_file.append(raw_codec.encode(xf))
         if truth is not None:
-            scores, found = faiss.knn(queries, xt, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
+            q, xb = (raw_queries, xf) if raw_queries is not None else (queries, xt)
+            scores, found = faiss.knn(q, xb, min(k + 1, len(xt)), metric=faiss.METRIC_INNER_PRODUCT)
             truth.add_result(scores, found + row)
         m_rows = int(take.sum())
         if class_top is None:
@@ -375,6 +392,7 @@ def build_streaming(
     if plan.kind != "ivf_pq":  # IVF-PQ re-ranks from its codes instead
         ivf.make_direct_map()
     vectors_path = pq_file.close() if pq_file is not None else None
+    raw_path = raw_file.close() if raw_file is not None else None
     if truth is not None:
         truth.finalize()
     seconds["add"] = time.perf_counter() - t2
@@ -414,16 +432,22 @@ def build_streaming(
         FileRows(vectors_path) if vectors_path is not None else None,  # read per row, never mapped
         id_order,
         codec=codec,
+        raw=FileRows(raw_path) if raw_path is not None else None,
+        raw_codec=raw_codec,
     )
     built.trained = bytes(trained)
-    built.files = {"ids.npy": ids_path, "order.npy": order_path, **({CODES_FILE: vectors_path} if vectors_path else {})}
+    built.files = {"ids.npy": ids_path, "order.npy": order_path}
+    built.files |= {CODES_FILE: vectors_path} if vectors_path else {}
+    built.files |= {RAW_CODES_FILE: raw_path} if raw_path else {}
     t3 = time.perf_counter()
     nprobe = plan.nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
     exact = truth.I if truth is not None else np.zeros((0, k + 1), np.int64)
-    recall = tune_against(built, gate_rows, queries, exact, n, target=p.recall_target, nprobe=nprobe)
+    recall = tune_against(
+        built, gate_rows, queries, exact, n, target=p.recall_target, nprobe=nprobe, raw_queries=raw_queries
+    )
     recall.seconds = round(time.perf_counter() - t3, 3)
     seconds["gate"] = recall.seconds
-    manifest.nprobe, manifest.rerank, manifest.recall = built.nprobe, built.rerank, recall
+    settle(manifest, built, recall)
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     manifest.train |= {"sampled": m, "stage_seconds": {k_: round(v, 3) for k_, v in seconds.items()}}
     if compaction is not None:

@@ -15,6 +15,9 @@ Published layout in the index container::
     index/v000007/refine.npy    IVF-PQ only: every row's 8-bit re-ranking code (uint8 (n, dim)) and
     index/v000007/refine_codec.npy  its per-dimension range (see shared.refine): held in memory up to
                                 ``index_refine_memory_mb``, else read per query (pread) for the shortlist
+    index/v000007/raw.npy       with PCA: every row's power- and L2-normalised raw embedding, 8 bits a
+    index/v000007/raw_codec.npy dimension (uint8 (n, input_dim)): a query's last ``k * raw_rerank``
+                                candidates are re-ranked by raw cosine (see shared.refine)
     index/v000007/clusters.npy  cluster (IVF list) of each row
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
@@ -47,6 +50,10 @@ Three kinds, chosen by :func:`plan_index` from the collection size and a memory 
   (FAISS fast-scan: ``dim / 4`` bytes a vector at one sub-quantiser per two dimensions); a query
   scans them for a shortlist of ``k * rerank`` rows, re-ranked with their 8-bit codes.
 
+Whatever the kind, an index built with PCA ends with a re-rank in the raw space: the best
+``k * raw_rerank`` candidates are scored by raw cosine from 8-bit codes of the raw embeddings, so the
+results (and their scores) are those of the raw space, not PCA's (:mod:`shared.refine`).
+
 An index lives in one of two spaces, recorded as ``space`` in its manifest: ``backbone`` (the raw
 1280-d embeddings, power-normalised, PCA) or ``head`` (the 64-d output of a trained projection head).
 Either way it takes raw backbone embeddings in :meth:`ClusterIndex.search`; an index in the head's
@@ -68,12 +75,12 @@ import numpy as np
 
 from shared.class_lists import IMAGENET_CLASSES, LIST_FILES, ClassLists, SegmentLists, TopRows
 from shared.errors import BadRequest, NotFound, NotReady
-from shared.features import power_normalize
+from shared.features import normalize, power_normalize
 from shared.filters import SearchFilters
 from shared.head import HEAD_FILE, ProjectionHead
 from shared.index_files import folder_sizes, version_file
 from shared.manifests import HeadManifest, IndexManifest
-from shared.refine import CODEC_FILE, CODES_FILE, RefineCodec, rerank_scores
+from shared.refine import CODEC_FILE, CODES_FILE, RAW_CODEC_FILE, RAW_CODES_FILE, RefineCodec, rerank_scores
 from shared.rows import Column, FileRows, IdTable, column, compact_ids
 from shared.storage import INDEX, Storage
 from shared.versions import list_versions as _list_versions
@@ -93,6 +100,8 @@ FILES = (
     "order.npy",
     CODES_FILE,
     CODEC_FILE,
+    RAW_CODES_FILE,
+    RAW_CODEC_FILE,
     *CAPTION_FILES,
     *LIST_FILES,
 )
@@ -104,6 +113,8 @@ OPTIONAL_FILES = (
     "order.npy",
     CODES_FILE,
     CODEC_FILE,
+    RAW_CODES_FILE,
+    RAW_CODEC_FILE,
     *CAPTION_FILES,
     *LIST_FILES,
 )
@@ -172,6 +183,8 @@ class ClusterIndex:
         vectors: Any = None,
         order: np.ndarray | None = None,
         codec: RefineCodec | None = None,
+        raw: Any = None,
+        raw_codec: RefineCodec | None = None,
     ):
         self.index = index
         # IVF-PQ: every row's 8-bit re-ranking code (uint8 (n, dim): an array, Column or FileRows) and
@@ -179,6 +192,11 @@ class ClusterIndex:
         self.vectors = vectors
         self.codec = codec
         self.rerank = manifest.rerank if vectors is not None else 0
+        # with PCA: every row's raw embedding as 8-bit codes (uint8 (n, input_dim)) and their codec; the
+        # last k * raw_rerank candidates are re-ranked by raw cosine (see shared.refine)
+        self.raw = raw if raw_codec is not None else None
+        self.raw_codec = raw_codec
+        self.raw_rerank = manifest.raw_rerank if self.raw is not None else 0
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
@@ -369,11 +387,21 @@ class ClusterIndex:
         Raises:
             BadRequest: for a filter this index cannot meet (unknown label, cluster out of range).
         """
-        return self.search_transformed(self.transform(queries), k, nprobe, filters)
+        xt, raw = self.prepare(queries)
+        return self.search_transformed(xt, k, nprobe, filters, raw=raw)
 
     def transform(self, queries: np.ndarray) -> np.ndarray:
         """Raw embeddings (nq, input_dim) into the index's space (nq, dim): head or power
         normalisation, then PCA and L2 norm, exactly as the indexed vectors were.
+
+        Raises:
+            ValueError: for a wrong shape.
+        """
+        return self.prepare(queries)[0]
+
+    def prepare(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw embeddings (nq, input_dim) as a search takes them: in the index's space (as :meth:`transform`),
+        and, for an index with raw codes, power- and L2-normalised in the raw space (else None).
 
         Raises:
             ValueError: for a wrong shape.
@@ -384,13 +412,16 @@ class ClusterIndex:
             xq = self.head.apply(queries).embedding
         else:
             xq = power_normalize(queries, self.manifest.power)
-        return pretransform(self.index, xq)
+        return pretransform(self.index, xq), (xq if self.raw is not None else None)
 
     def search_row(
         self, row: int, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
     ) -> SearchHits:
-        """Search with an indexed image's own stored vector."""
-        return self.search_transformed(self.vector_of(row)[None, :], k, nprobe, filters)
+        """Search with an indexed image's own stored vector (and its raw one, for an index with raw codes)."""
+        raw = None
+        if self.raw is not None and self.raw_codec is not None:
+            raw = normalize(self.raw_codec.decode(np.asarray(self.raw[np.array([int(row)])])))
+        return self.search_transformed(self.vector_of(row)[None, :], k, nprobe, filters, raw=raw)
 
     def vector_of(self, row: int) -> np.ndarray:
         """float32 (dim,) an indexed row's vector in the index's space (IVF-PQ: decoded from its 8-bit
@@ -491,7 +522,13 @@ class ClusterIndex:
         return np.flatnonzero(mask).astype(np.int64)
 
     def search_transformed(
-        self, xt: np.ndarray, k: int, nprobe: int | None = None, filters: SearchFilters | None = None
+        self,
+        xt: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        filters: SearchFilters | None = None,
+        *,
+        raw: np.ndarray | None = None,
     ) -> SearchHits:
         """Assign to the nearest centroids, then search inside those clusters only.
 
@@ -499,6 +536,9 @@ class ClusterIndex:
         cluster; other filters widen nprobe by the inverse of their selectivity (so as many
         candidates are expected as without a filter) and fall back to every cluster when a query
         still finds fewer than ``k`` of the selected rows.
+
+        ``raw``: the queries in the raw space (:meth:`prepare`); given to an index with raw codes, the
+        candidates are re-ranked there (without it, results rank in the index's space).
         """
         nlist = int(self.ivf.nlist)
         nprobe = max(1, min(nprobe or self.nprobe, nlist))
@@ -524,14 +564,14 @@ class ClusterIndex:
                 probe_scores = np.asarray(((xt - centroid) ** 2).sum(1)[:, None], dtype=np.float32)
             else:
                 probe_scores = (xt @ centroid)[:, None].astype(np.float32)
-            return self.search_probed(xt, k, probe, probe_scores, params, selection)
+            return self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         if allowed is not None:
             nprobe = min(nlist, int(np.ceil(nprobe * self.count / len(allowed))))
         probe_scores, probe = self.ivf.quantizer.search(xt, nprobe)
-        hits = self.search_probed(xt, k, probe, probe_scores, params, selection)
+        hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
             probe_scores, probe = self.ivf.quantizer.search(xt, nlist)
-            hits = self.search_probed(xt, k, probe, probe_scores, params, selection)
+            hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         return hits
 
     def search_probed(
@@ -542,26 +582,37 @@ class ClusterIndex:
         probe_scores: np.ndarray,
         params: Any,
         selection: Selection | None = None,
+        raw: np.ndarray | None = None,
     ) -> SearchHits:
-        if self.vectors is None or not self.rerank:
-            return self.scan(xt, k, probe, probe_scores, params, selection)
-        shortlist = self.scan(xt, min(k * self.rerank, self.count), probe, probe_scores, params, selection)
-        return self.rerank_shortlist(xt, shortlist, k)
+        """The best ``k`` in the ``probe`` lists: a scan for as many candidates as the re-ranking stages
+        take, then :meth:`finish`."""
+        width = self.raw_width(k, raw)
+        if self.vectors is not None and self.rerank:
+            width = max(width, k * self.rerank)
+        shortlist = self.scan(xt, min(width, self.count), probe, probe_scores, params, selection)
+        return self.finish(xt, shortlist, k, raw)
+
+    def raw_width(self, k: int, raw: np.ndarray | None) -> int:
+        """Candidates the raw-space re-rank takes for ``k`` results (``k`` when there is none)."""
+        return k * self.raw_rerank if raw is not None and self.raw_rerank else k
+
+    def finish(self, xt: np.ndarray, shortlist: SearchHits, k: int, raw: np.ndarray | None = None) -> SearchHits:
+        """A scan's shortlist (best first) down to the best ``k``: IVF-PQ re-ranks it with its index-space
+        codes, then an index with raw codes re-ranks the best ``k * raw_rerank`` by raw cosine."""
+        keep = self.raw_width(k, raw)
+        hits = shortlist
+        if self.vectors is not None and self.rerank:
+            assert self.codec is not None  # an index with re-ranking codes has their codec
+            hits = rerank_hits(self.codec, self.vectors, xt, hits, min(keep, hits.rows.shape[1]))
+        if keep > k:
+            assert self.raw_codec is not None and raw is not None
+            return rerank_hits(self.raw_codec, self.raw, raw, hits, k, unit=True)
+        return top_k(hits, k)
 
     def rerank_shortlist(self, xt: np.ndarray, shortlist: SearchHits, k: int) -> SearchHits:
         """Inner products of the shortlist's re-ranking codes; the best ``k`` of each query."""
         assert self.codec is not None  # an index with re-ranking codes has their codec
-        n, s = shortlist.rows.shape
-        rows = shortlist.rows
-        scores = rerank_scores(self.codec, self.vectors, rows, xt)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out_scores = np.take_along_axis(scores, top, 1)
-        out_rows = np.take_along_axis(rows, top, 1)
-        out_rows[~np.isfinite(out_scores)] = -1
-        if k > s:  # fewer candidates than asked for: pad like FAISS does
-            out_scores = np.pad(out_scores, ((0, 0), (0, k - s)), constant_values=-np.inf)
-            out_rows = np.pad(out_rows, ((0, 0), (0, k - s)), constant_values=-1)
-        return SearchHits(out_scores.astype(np.float32), out_rows, shortlist.probe, shortlist.probe_scores)
+        return rerank_hits(self.codec, self.vectors, xt, shortlist, k)
 
     def scan(
         self,
@@ -824,11 +875,12 @@ def load_folder(
                 f"index version {folder} has no re-ranking codes (an older format): reindex", code="index_outdated"
             )
         codec = RefineCodec.from_array(np.load(paths[CODEC_FILE], allow_pickle=False))
-        codes_path = Path(paths[CODES_FILE])
-        if mapped and codes_path.stat().st_size > refine_memory_mb * 2**20:
-            vectors = FileRows(codes_path)  # read per query, outside this process's memory
-        else:  # mapped: resident as queries touch them, shared between workers
-            vectors = np.load(codes_path, mmap_mode="r", allow_pickle=False)
+        vectors, refine_memory_mb = _codes(Path(paths[CODES_FILE]), mapped, refine_memory_mb)
+    raw: Any = None
+    raw_codec = None
+    if RAW_CODES_FILE in paths and RAW_CODEC_FILE in paths and manifest.raw_rerank:
+        raw_codec = RefineCodec.from_array(np.load(paths[RAW_CODEC_FILE], allow_pickle=False))
+        raw, _ = _codes(Path(paths[RAW_CODES_FILE]), mapped, refine_memory_mb)  # within what the refine codes left
     captions = None
     if all(name in paths for name in CAPTION_FILES):
         captions = Captions(
@@ -850,11 +902,23 @@ def load_folder(
         ingested,
         vectors,
         codec=codec,
+        raw=raw,
+        raw_codec=raw_codec,
     )
     loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
     if all(name in paths for name in LIST_FILES[:3]) and loaded.class_top.shape[1]:
         loaded.class_lists = ClassLists.from_files(paths)
     return loaded
+
+
+def _codes(path: Path, mapped: bool, budget_mb: float) -> tuple[Any, float]:
+    """8-bit codes from ``path``: memory-mapped when they fit ``budget_mb`` (resident as queries touch them,
+    shared between workers), else read per query (:class:`FileRows`: ``pread``, outside this process's
+    memory); and the budget left."""
+    size = path.stat().st_size / 2**20
+    if mapped and size > budget_mb:
+        return FileRows(path), budget_mb
+    return np.load(path, mmap_mode="r", allow_pickle=False), max(0.0, budget_mb - size)
 
 
 def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
@@ -888,6 +952,8 @@ def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluster
         ingested,
         Column([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
         codec=first.codec,
+        raw=Column([p.raw for p in parts]) if all(p.raw is not None for p in parts) else None,
+        raw_codec=first.raw_codec,
     )
     joined.segments = [(p.ivf, int(start)) for p, start in zip(parts, starts, strict=False)]
     joined.owners = [p.index for p in parts]  # each IVF index is owned by its segment's wrapper: keep them
@@ -897,6 +963,32 @@ def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluster
     if joined.class_top.shape[1]:
         joined.class_lists = _segment_lists(parts, joined)
     return joined
+
+
+def rerank_hits(
+    codec: RefineCodec, codes: Any, xq: np.ndarray, shortlist: SearchHits, k: int, *, unit: bool = False
+) -> SearchHits:
+    """The best ``k`` of ``shortlist`` by the inner products (``unit``: cosines) of ``xq`` (nq, d) with the
+    rows' decoded ``codes`` (see :func:`shared.refine.rerank_scores`)."""
+    scores = rerank_scores(codec, codes, shortlist.rows, xq, unit=unit)
+    return top_k(SearchHits(scores, shortlist.rows, shortlist.probe, shortlist.probe_scores), k, sort=True)
+
+
+def top_k(hits: SearchHits, k: int, *, sort: bool = False) -> SearchHits:
+    """The first ``k`` of ``hits`` (best first already, or ``sort`` them by score), padded like FAISS pads
+    (-1 rows, -inf scores) when there are fewer."""
+    scores, rows = hits.scores, hits.rows
+    s = rows.shape[1]
+    if sort:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
+        rows = np.where(np.isfinite(scores), rows, -1)
+    else:
+        scores, rows = scores[:, :k], rows[:, :k]
+    if k > s:  # fewer candidates than asked for
+        scores = np.pad(scores, ((0, 0), (0, k - s)), constant_values=-np.inf)
+        rows = np.pad(rows, ((0, 0), (0, k - s)), constant_values=-1)
+    return SearchHits(np.asarray(scores, np.float32), rows, hits.probe, hits.probe_scores)
 
 
 def _remap_labels(part: ClusterIndex, names: list[str]) -> np.ndarray:
@@ -962,6 +1054,8 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
         cat([p.ingested for p in parts]),
         cat([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
         codec=first.codec,
+        raw=cat([p.raw for p in parts]),
+        raw_codec=first.raw_codec,
     )
     merged.duplicates = IdTable(
         [(k, o) for p in parts for k, o in zip(p.ids.keys, p.ids.orders, strict=True)]

@@ -153,6 +153,10 @@ class RecallReport(Part):
     # the setting chosen (absent from reports written before the gate bisected)
     nprobe: int | None = None
     rerank: int | None = None
+    raw_rerank: int | None = None
+    # what the exact neighbours were found in: "raw" (the power- and L2-normalised embeddings, for an
+    # index that re-ranks in the raw space) or "index" (the index's own space)
+    space: str = "index"
 
 
 class IndexManifest(Manifest):
@@ -167,6 +171,8 @@ class IndexManifest(Manifest):
     kind: str = "ivf_flat"
     plan: dict[str, Any] = {}
     rerank: int = 0
+    # with PCA: k times this many candidates are re-ranked by raw cosine (raw.npy); 0: none
+    raw_rerank: int = 0
     bytes_per_vector: int | None = None
     count: int
     input_dim: int

@@ -119,10 +119,19 @@ class Settings(BaseSettings):
     index_rerank: int = Field(
         default=10, ge=1, le=100, description="IVF-PQ: k times this many candidates are re-ranked exactly."
     )
+    index_raw_rerank: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="With PCA: k times this many candidates are re-ranked by raw cosine (8-bit raw codes); 0 is off.",
+    )
     index_refine_memory_mb: float = Field(
         default=1024,
         ge=0,
-        description="IVF-PQ: re-ranking codes up to this size are held in memory; larger ones are read per query.",
+        description=(
+            "Re-ranking codes (IVF-PQ's, then the raw ones) up to this size are held in memory; larger ones"
+            " are read per query."
+        ),
     )
     index_pca_dim: int = Field(default=256, ge=0, description="0 turns PCA off.")
     index_power: float = Field(default=0.5, gt=0, le=1, description="Power normalisation; 1 turns it off.")

@@ -12,6 +12,7 @@ from job.datasets import png_bytes
 from job.embeddings import EmbeddingStore, embed_pending
 from job.index_build import IndexParams, build_index, plan_index, publish
 from job.reindex import reindex
+from shared.features import power_normalize
 from shared.health import health
 from shared.index import ClusterIndex, load_current, load_version
 from shared.ingest import IngestItem, ingest_bytes
@@ -27,9 +28,13 @@ def real(collection: Collection) -> tuple[np.ndarray, list[str]]:
     return emb.vectors, emb.ids
 
 
-def _exact(index: ClusterIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute force over the index's own vectors, in its space: (scores, rows)."""
-    sims = index.transform(queries) @ index.all_vectors().T
+def _exact(index: ClusterIndex, queries: np.ndarray, k: int, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over the raw embeddings ``vectors`` (the index's rows) for an index that re-ranks in the
+    raw space, else over the index's own vectors in its space: (scores, rows)."""
+    if index.raw is not None:
+        sims = index.prepare(queries)[1] @ power_normalize(vectors, index.manifest.power).T
+    else:
+        sims = index.transform(queries) @ index.all_vectors().T
     rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, rows, 1), rows
 
@@ -40,7 +45,12 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def test_plan_follows_size_and_memory_budget() -> None:
     small = plan_index(1500, 1280)
-    assert small.kind == "flat" and small.pca_dim == 256
+    assert small.kind == "flat" and small.pca_dim == 0 and small.dim == 1280  # exact in the raw space
+    assert (small.raw_rerank, plan_index(70_000, 1280).raw_rerank, plan_index(70_000, 1280, pca_dim=0).raw_rerank) == (
+        0,
+        5,
+        0,
+    )
     mid = plan_index(70_000, 1280)
     assert mid.kind == "ivf_flat" and mid.bytes_per_vector == 4 * 256 + 16 and mid.nlist == 265
     big = plan_index(10_000_000, 1280)  # 10M x 1040 B is 9.7 GiB: over the 1 GiB default
@@ -70,7 +80,7 @@ def test_flat_kind_is_exact(real) -> None:  # type: ignore[no-untyped-def]
     assert index.manifest.kind == "flat" and index.nprobe == index.ivf.nlist  # 1,000 vectors: exact
     assert index.manifest.recall is not None and index.manifest.recall.at_10 == 1.0
     queries = vectors[::25]
-    scores, rows = _exact(index, queries, 10)
+    scores, rows = _exact(index, queries, 10, vectors)
     hits = index.search(queries, 10)
     assert _recall(hits.rows, rows) >= 0.99  # ties at the 10th place may swap
     np.testing.assert_allclose(hits.scores, scores, atol=1e-4)
@@ -86,16 +96,19 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     tuned = pq.rerank  # the gate may widen the shortlist to 2 or 4 times the plan's
     assert tuned in (4, 8, 16) and m.rerank == tuned and m.recall.rerank == tuned
     queries = vectors[1::20]
-    _, truth = _exact(pq, queries, 10)
+    _, truth = _exact(pq, queries, 10, vectors)
     hits = pq.search(queries, 10)
     assert _recall(hits.rows, truth) >= 0.93
-    # Scores are inner products of the 8-bit re-ranking codes, not PQ estimates.
-    exact_scores = np.einsum("nkd,nd->nk", pq.all_vectors()[hits.rows], pq.transform(queries))
+    # Scores are raw cosines from the 8-bit raw codes, not PQ estimates.
+    assert pq.raw is not None and pq.raw_codec is not None
+    decoded = pq.raw_codec.decode(np.asarray(pq.raw))
+    exact_scores = np.einsum("nkd,nd->nk", decoded[hits.rows], pq.prepare(queries)[1])
+    exact_scores /= np.linalg.norm(decoded[hits.rows], axis=2)
     np.testing.assert_allclose(hits.scores, exact_scores, atol=1e-5)
     # Without re-ranking (a shortlist of exactly k) the 16-byte codes alone find less.
-    pq.rerank = 1
+    pq.rerank, pq.raw_rerank = 1, 1
     codes_only = _recall(pq.search(queries, 10).rows, truth)
-    pq.rerank = tuned
+    pq.rerank, pq.raw_rerank = tuned, m.raw_rerank
     assert codes_only < _recall(hits.rows, truth) - 0.05, codes_only
 
     # Published and loaded: the re-ranking codes in memory (under the budget) or read per query from

@@ -66,6 +66,11 @@ def test_streamed_build_is_the_in_memory_build(
         rows = np.array([0, 5, 999])
         diff = streamed.vectors[rows].astype(int) - np.asarray(memory.vectors)[rows]  # type: ignore[index]
         assert np.abs(diff).max() <= 1  # the same 8-bit codes (a rounding apart at most)
+    # the raw codes (PCA is on): written to a file, the same codes, the gate judged in the raw space
+    assert isinstance(streamed.raw, FileRows) and streamed.raw_rerank == memory.raw_rerank > 0
+    assert streamed.manifest.recall.space == memory.manifest.recall.space == "raw"
+    raw_diff = streamed.raw[np.array([0, 5, 999])].astype(int) - np.asarray(memory.raw)[[0, 5, 999]]
+    assert np.abs(raw_diff).max() <= 1
     # published from its files as they are, loaded back like any version
     published = tmp_path / "published"
     publish(LocalStorage(published), streamed)
