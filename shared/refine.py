@@ -66,10 +66,14 @@ class RefineCodec:
     def scores(self, codes: np.ndarray, xq: np.ndarray, *, unit: bool = False) -> np.ndarray:
         """float32 (m,) inner products of one query (d,) with the decoded rows of ``codes`` (m, d); ``unit``:
         cosines (each decoded row's norm divided out: rounding changes its length, not only its direction)."""
-        if unit:
-            decoded = self.decode(codes)
-            return (decoded @ xq) / np.maximum(np.linalg.norm(decoded, axis=1), 1e-12)
-        return codes.astype(np.float32) @ (self.step * xq) + float((self.low + self.step / 2) @ xq)
+        c = codes.astype(np.float32)
+        centre = self.low + self.step / 2  # decoded = c * step + centre
+        dots = c @ (self.step * xq) + float(centre @ xq)
+        if not unit:
+            return dots
+        # |decoded|^2 = c^2 . step^2 + 2 c . (step * centre) + |centre|^2, without decoding
+        sq = (c * c) @ (self.step * self.step) + c @ (2 * self.step * centre) + float(centre @ centre)
+        return dots / np.sqrt(np.maximum(sq, 1e-24))
 
 
 def rerank_scores(

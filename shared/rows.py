@@ -62,17 +62,21 @@ class FileRows:
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         if not len(rows):
             return out
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        # one read per run of consecutive rows
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        for run in np.split(np.arange(len(rows)), breaks):
-            first = int(sorted_rows[run[0]])
-            data = os.pread(self._fd, self.row_bytes * len(run), self.offset + first * self.row_bytes)
-            if len(data) != self.row_bytes * len(run):
+        ascending = bool(np.all(rows[1:] > rows[:-1]))  # unique and sorted: read straight into ``out``
+        order = None if ascending else np.argsort(rows, kind="stable")
+        sorted_rows = rows if order is None else rows[order]
+        into = out if order is None else np.empty_like(out)
+        buf = memoryview(into.reshape(-1).view(np.uint8))
+        # one read per run of consecutive rows (a row repeated is read again)
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(sorted_rows) != 1])).tolist()
+        rb = self.row_bytes
+        for start, end in zip(starts, [*starts[1:], len(rows)], strict=True):
+            first = int(sorted_rows[start])
+            want = rb * (end - start)
+            if os.preadv(self._fd, [buf[start * rb : end * rb]], self.offset + first * rb) != want:
                 raise OSError(f"{self.path}: short read at row {first}")
-            flat[order[run]] = np.frombuffer(data, np.uint8).reshape(len(run), self.row_bytes)
+        if order is not None:
+            out[order] = into
         return out
 
 

@@ -21,6 +21,8 @@ def test_file_rows_read_what_a_load_reads(tmp_path: Path) -> None:
     rows = FileRows(tmp_path / "a.npy")
     wanted = np.array([5, 3, 4, 999, 0, 3, 6])  # unsorted, repeated, runs
     np.testing.assert_array_equal(rows[wanted], a[wanted])
+    ascending = np.array([0, 1, 2, 10, 998, 999])  # read straight into the result
+    np.testing.assert_array_equal(rows[ascending], a[ascending])
     assert len(rows) == 1000 and rows[np.array([], np.int64)].shape == (0, 33)
 
 
@@ -79,3 +81,9 @@ def test_refine_codes_rank_like_the_vectors() -> None:
     np.testing.assert_allclose(got[:, :-3], exact[:, :-3], atol=0.02)
     # the best candidate is the query's own row, as with the exact vectors
     assert (got.argmax(1) == np.arange(5)).all()
+    # unit: cosines with the decoded rows (their length divided out), computed without decoding them
+    decoded = codec.decode(codes[:200])
+    cosines = q @ decoded.T / np.linalg.norm(decoded, axis=1)
+    unit = rerank_scores(codec, codes, rows, q, unit=True)
+    np.testing.assert_allclose(unit[:, :-3], cosines[:, :-3], atol=1e-5)
+    assert np.diag(unit[:, :5]).min() > 0.999  # a row's own query scores (almost) 1
