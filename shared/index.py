@@ -918,7 +918,8 @@ def _codes(path: Path, mapped: bool, budget_mb: float) -> tuple[Any, float]:
     size = path.stat().st_size / 2**20
     if mapped and size > budget_mb:
         return FileRows(path), budget_mb
-    return np.load(path, mmap_mode="r", allow_pickle=False), max(0.0, budget_mb - size)
+    mapped_codes = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)  # no np.memmap per-call overhead
+    return mapped_codes, max(0.0, budget_mb - size)
 
 
 def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
@@ -1002,67 +1003,39 @@ def _remap_labels(part: ClusterIndex, names: list[str]) -> np.ndarray:
 
 def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> ClusterIndex:
     """One index holding the rows of ``parts`` in order, in one set of lists (the job side, when deltas
-    merge). Label codes are mapped onto ``manifest.label_names``; an id stored in more than one part keeps
-    its first row, the later ones go to ``duplicates``.
-
-    Fast-scan PQ lists cannot be merged by FAISS: the later parts' rows are added again from their
-    decoded re-ranking codes (their PQ codes come out the same up to that 8-bit rounding).
+    merge): :func:`join_segments`, then its lists copied into one (:meth:`ClusterIndex.lists_copy`: fast-scan
+    PQ lists, which FAISS cannot merge, take the later parts' rows again from their decoded re-ranking codes)
+    and its per-row arrays concatenated. Label codes are mapped onto ``manifest.label_names``; an id stored in
+    more than one part keeps its first row, the later ones go to ``duplicates``.
     """
-    first = parts[0]
-    index = first.index
+    joined = join_segments(parts, manifest) if len(parts) > 1 else parts[0]
+    index = joined.lists_copy()
     ivf = faiss.extract_index_ivf(index)
-    fast_scan = isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
-    if parts[1:] and not fast_scan and ivf.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
-        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]  # merged only without one
-    for part in parts[1:]:
-        if fast_scan:
-            assert part.codec is not None and part.vectors is not None
-            ivf.add(part.codec.decode(np.asarray(part.vectors)))
-            continue
-        other = faiss.extract_index_ivf(part.index)
-        if other.direct_map.type != faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
-            other.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
-        ivf.merge_from(other, int(ivf.ntotal))
-    index.ntotal = ivf.ntotal  # an IndexPreTransform keeps its own count
-    if manifest.kind != "ivf_pq" and parts[1:]:
-        ivf.make_direct_map()
+    if manifest.kind != "ivf_pq" and ivf.direct_map.type == faiss.DirectMap.NoMap:  # type: ignore[attr-defined]
+        ivf.make_direct_map()  # a stored row's vector is read back from the lists
 
-    def cat(arrays: list[Any]) -> np.ndarray | None:
-        return None if any(a is None for a in arrays) else np.concatenate([np.asarray(a) for a in arrays])
+    def whole(column: Any) -> np.ndarray | None:
+        return None if column is None else np.asarray(column)
 
-    starts = np.cumsum([0] + [p.count for p in parts])
-    widths = {p.class_top.shape[1] for p in parts}
-    class_top = cat([p.class_top for p in parts]) if len(widths) == 1 else None
-    class_prob = cat([p.class_prob for p in parts]) if len(widths) == 1 else None
-    captions = Captions(
-        np.concatenate([p.captions.rows + start for p, start in zip(parts, starts, strict=False)]).astype(np.int64),
-        np.concatenate([p.captions.vectors for p in parts]),
-        np.concatenate([p.captions.text for p in parts]),
-    )
-    clusters: Any = list_of_rows(ivf) if fast_scan else cat([p.clusters for p in parts])
-    ids = np.concatenate([np.asarray(p.ids) for p in parts])
     merged = ClusterIndex(
         index,
-        ids,
-        clusters,
-        np.concatenate([_remap_labels(p, manifest.label_names) for p in parts]),
+        joined.ids,
+        list_of_rows(ivf),
+        np.asarray(joined.built_labels),
         manifest,
-        class_top,
-        class_prob,
-        first.head,
-        captions if len(captions.rows) else None,
-        cat([p.ingested for p in parts]),
-        cat([p.vectors for p in parts]) if manifest.kind == "ivf_pq" else None,
-        codec=first.codec,
-        raw=cat([p.raw for p in parts]),
-        raw_codec=first.raw_codec,
+        whole(joined.class_top),
+        whole(joined.class_prob),
+        joined.head,
+        joined.captions if len(joined.captions.rows) else None,
+        whole(joined.ingested),
+        whole(joined.vectors),
+        codec=joined.codec,
+        raw=whole(joined.raw),
+        raw_codec=joined.raw_codec,
     )
-    merged.duplicates = IdTable(
-        [(k, o) for p in parts for k, o in zip(p.ids.keys, p.ids.orders, strict=True)]
-    ).repeats()
+    merged.duplicates = joined.duplicates
     merged.hidden = merged.duplicates
-    if merged.class_top.shape[1]:
-        merged.class_lists = _segment_lists(parts, merged)
+    merged.class_lists = joined.class_lists
     return merged
 
 

@@ -66,7 +66,7 @@ class FileRows:
         order = None if ascending else np.argsort(rows, kind="stable")
         sorted_rows = rows if order is None else rows[order]
         into = out if order is None else np.empty_like(out)
-        buf = memoryview(into.reshape(-1).view(np.uint8))
+        buf = into.reshape(-1).view(np.uint8).data
         # one read per run of consecutive rows (a row repeated is read again)
         starts = np.flatnonzero(np.concatenate([[True], np.diff(sorted_rows) != 1])).tolist()
         rb = self.row_bytes

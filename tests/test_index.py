@@ -169,7 +169,11 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     assert recall is not None and recall.meets_target and recall.at_10 >= 0.95 and recall.sample == 1000
     curve = recall.curve
     assert recall.nprobe == index.nprobe == index.manifest.nprobe
-    at = {c["nprobe"]: c["recall_at_10"] for c in curve}
+    # a setting reaches the target when its mean less one standard error does (so it holds off the sample)
+    at: dict[int, float] = {}
+    for c in curve:
+        at[c["nprobe"]] = max(at.get(c["nprobe"], 0.0), c["recall_at_10"] - c["stderr"])
+    assert all(0 < c["stderr"] < 0.01 for c in curve)
     assert at[index.nprobe] >= 0.95 and all(r < 0.95 for p, r in at.items() if p < index.nprobe)
     # bisected, not doubled: the nprobe just below the chosen one was measured and fell short
     assert index.nprobe == 1 or index.nprobe - 1 in at

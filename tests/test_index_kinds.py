@@ -118,7 +118,7 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     codes = tmp_path / INDEX / version / "refine.npy"
     assert np.load(codes).dtype == np.uint8 and np.load(codes).shape == (len(ids), 256)
     loaded = load_current(storage, tmp_path / "cache")
-    assert isinstance(loaded.vectors, np.memmap) and loaded.rerank == tuned
+    assert isinstance(loaded.vectors.base, np.memmap) and loaded.rerank == tuned  # mapped, read as an ndarray
     assert loaded.ids.keys[0].shape == (len(ids), 32) and loaded.row_of(ids[123]) == 123 and loaded.ids[123] == ids[123]
     again = loaded.search(queries, 10)
     np.testing.assert_array_equal(again.rows, hits.rows)
