@@ -1308,8 +1308,9 @@ def render_headline(results: Path = RESULTS) -> str:
             e.machine,
         ],
         [
-            f"[search](docs/figures.md#search): {num(big_n)} vectors, clusterlens "
-            f"{KIND_NAMES.get(big['kind'], big['kind'])} (`auto`)",
+            f"[search](docs/figures.md#search): {num(big_n)} vectors"
+            + (" (grown in 256-d: no PCA, raw = index space)" if big["factory"].startswith("RR") else "")
+            + f", clusterlens {KIND_NAMES.get(big['kind'], big['kind'])} (`auto`)",
             f"recall@10 vs raw exact **{big['recall_raw']:.3f}**, one query p50 **{big['warm_ms']['p50']:.2f} ms** "
             f"warm / {big['cold_ms']['p50']:.2f} cold ({num(big.get('speedup_vs_exact_raw'))}x exact raw search), "
             f"serving RSS {num(big['serving']['rss_bytes_per_vector'])} B/vector; a new process answers in "
