@@ -609,11 +609,6 @@ class ClusterIndex:
             return rerank_hits(self.raw_codec, self.raw, raw, hits, k, unit=True)
         return top_k(hits, k)
 
-    def rerank_shortlist(self, xt: np.ndarray, shortlist: SearchHits, k: int) -> SearchHits:
-        """Inner products of the shortlist's re-ranking codes; the best ``k`` of each query."""
-        assert self.codec is not None  # an index with re-ranking codes has their codec
-        return rerank_hits(self.codec, self.vectors, xt, shortlist, k)
-
     def scan(
         self,
         xt: np.ndarray,
