@@ -68,13 +68,15 @@ class FileRows:
         into = out if order is None else np.empty_like(out)
         buf = into.reshape(-1).view(np.uint8).data
         # one read per run of consecutive rows (a row repeated is read again)
-        starts = np.flatnonzero(np.concatenate([[True], np.diff(sorted_rows) != 1])).tolist()
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(sorted_rows) != 1]))
         rb = self.row_bytes
-        for start, end in zip(starts, [*starts[1:], len(rows)], strict=True):
-            first = int(sorted_rows[start])
-            want = rb * (end - start)
-            if os.preadv(self._fd, [buf[start * rb : end * rb]], self.offset + first * rb) != want:
-                raise OSError(f"{self.path}: short read at row {first}")
+        begins = (starts * rb).tolist()
+        ends = [*begins[1:], len(rows) * rb]
+        offsets = (sorted_rows[starts] * rb + self.offset).tolist()
+        fd, read = self._fd, os.preadv
+        for begin, end, at in zip(begins, ends, offsets, strict=True):
+            if read(fd, [buf[begin:end]], at) != end - begin:
+                raise OSError(f"{self.path}: short read at byte {at}")
         if order is not None:
             out[order] = into
         return out
