@@ -59,6 +59,11 @@ DIRECT_MAP_BYTES = 8  # IVF-Flat's row -> (list, offset) map, for reconstructing
 LARGE_TRAINING = 5e7
 PCA_SAMPLE = 100_000  # rows PCA is trained on (1280-d: 512 MB); also the least a training sample holds
 ADD_CHUNK = 65_536  # rows transformed and added at once
+# From this many lists the centroids are linked in an HNSW graph (M links a node) that queries walk to
+# find their nearest lists (see shared.index): at 4,000 lists 0.04 ms instead of 0.3 ms a query.
+COARSE_GRAPH_LISTS = 1024
+COARSE_GRAPH_M = 32
+COARSE_ADD_EF = 32  # the graph's search breadth when rows are added: agrees with exact assignment 99.99%
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class IndexParams:
         recall_target, recall_sample: recall@10 to reach, measured against exact search on this many
             stored vectors (see :func:`tune_nprobe`); the result goes in the manifest.
         min_points_per_list: fewest training points per cluster when choosing ``nlist``.
+        coarse_graph_lists: from this many lists, an HNSW graph over the centroids finds a query's lists.
         seed: k-means and recall-sample seed.
     """
 
@@ -95,6 +101,7 @@ class IndexParams:
     recall_target: float = 0.95
     recall_sample: int = 1000
     min_points_per_list: int = 39
+    coarse_graph_lists: int = COARSE_GRAPH_LISTS
     seed: int = 1234
 
     @classmethod
@@ -141,6 +148,7 @@ class IndexParams:
             raw_rerank=self.raw_rerank,
             flat_max=self.flat_max,
             min_points_per_list=self.min_points_per_list,
+            coarse_graph_lists=self.coarse_graph_lists,
         )
 
 
@@ -168,6 +176,7 @@ class IndexPlan:
         raw_rerank: with PCA, the best ``k * raw_rerank`` candidates are re-ranked by raw cosine (0: none).
         bytes_per_vector: memory the index holds per vector (code plus its id in the list).
         reason: one line on why this kind was chosen.
+        coarse_graph: links a centroid has in the HNSW graph over the centroids; 0: no graph.
     """
 
     kind: str
@@ -180,6 +189,7 @@ class IndexPlan:
     bytes_per_vector: int = 0
     reason: str = ""
     raw_rerank: int = 0
+    coarse_graph: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -199,6 +209,7 @@ def plan_index(
     raw_rerank: int = 5,
     flat_max: int = 2000,
     min_points_per_list: int = 39,
+    coarse_graph_lists: int = COARSE_GRAPH_LISTS,
 ) -> IndexPlan:
     """Choose the index kind and its parameters from the collection size and a memory budget.
 
@@ -216,6 +227,8 @@ def plan_index(
         memory_mb: budget for what the index holds in memory (codes and ids, not the re-ranking file).
         pca_dim: PCA before the coarse quantiser; 0 (or >= input_dim, or n too small) for none.
         raw_rerank: with PCA, the last re-rank's factor in the raw space (kept only when PCA is used).
+        coarse_graph_lists: from this many lists (not for ``flat``, which searches every list), the
+            centroids are linked in an HNSW graph of :data:`COARSE_GRAPH_M` links.
 
     Raises:
         ValueError: unknown kind, or an IVF-PQ code that does not divide the dimension.
@@ -242,9 +255,17 @@ def plan_index(
         full = 4 * dim + ID_BYTES + DIRECT_MAP_BYTES
     nlist = min(nlist or choose_nlist(n, min_points_per_list), n)
     raw_rerank = raw_rerank if use_pca else 0
+    graph = COARSE_GRAPH_M if kind != "flat" and nlist >= max(1, coarse_graph_lists) else 0
     if kind != "ivf_pq":
         return IndexPlan(
-            kind, dim, dim if use_pca else 0, nlist, bytes_per_vector=full, reason=reason, raw_rerank=raw_rerank
+            kind,
+            dim,
+            dim if use_pca else 0,
+            nlist,
+            bytes_per_vector=full,
+            reason=reason,
+            raw_rerank=raw_rerank,
+            coarse_graph=graph,
         )
     if not pq_m:
         most = 64.0 if pq_nbits == 4 else 56.0
@@ -256,7 +277,17 @@ def plan_index(
         raise ValueError(f"IVF-PQ needs pq_m to divide the dimension {dim}; {pq_m} does not")
     code = (pq_m * pq_nbits + 7) // 8
     return IndexPlan(
-        "ivf_pq", dim, dim if use_pca else 0, nlist, pq_m, pq_nbits, max(1, rerank), code + ID_BYTES, reason, raw_rerank
+        "ivf_pq",
+        dim,
+        dim if use_pca else 0,
+        nlist,
+        pq_m,
+        pq_nbits,
+        max(1, rerank),
+        code + ID_BYTES,
+        reason,
+        raw_rerank,
+        graph,
     )
 
 
@@ -264,6 +295,7 @@ def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
     """An untrained FAISS index for ``plan`` over ``d``-dimensional input (n vectors to come), with its
     training settings; and its factory string."""
     metric = faiss.METRIC_INNER_PRODUCT
+    ivf_desc = f"IVF{plan.nlist}" + (f"_HNSW{plan.coarse_graph}" if plan.coarse_graph else "")
     if plan.kind == "ivf_pq":
         # A random rotation spreads the variance (PCA puts most of it in the first dimensions)
         # evenly over the sub-quantisers: recall@10 0.89 -> 0.98 on the real 70k, same code size.
@@ -271,12 +303,12 @@ def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
         if plan.pq_nbits == 4:
             # 4-bit codes scanned with SIMD (fast-scan); ranked by L2 on unit vectors, which orders
             # them as cosine does (FAISS 1.15's 4-bit inner-product scan stalled at ~0.77 recall@10)
-            desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x4fs"
+            desc = f"{pre}{ivf_desc},PQ{plan.pq_m}x4fs"
             metric = faiss.METRIC_L2
         else:
-            desc = f"{pre}IVF{plan.nlist},PQ{plan.pq_m}x{plan.pq_nbits}"
+            desc = f"{pre}{ivf_desc},PQ{plan.pq_m}x{plan.pq_nbits}"
     else:
-        desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"IVF{plan.nlist},Flat"
+        desc = (f"PCA{plan.pca_dim},L2norm," if plan.pca_dim else "") + f"{ivf_desc},Flat"
     index = faiss.index_factory(d, desc, metric)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.spherical = True
@@ -284,6 +316,9 @@ def new_index(plan: IndexPlan, d: int, n: int, seed: int) -> tuple[Any, str]:
     ivf.cp.min_points_per_centroid = 1  # small collections: accept few points per cluster
     if n * plan.nlist > LARGE_TRAINING:  # k-means on a sample: its cost grows with n * nlist
         ivf.cp.max_points_per_centroid, ivf.cp.niter = 64, 10
+    if plan.coarse_graph:  # k-means trains exactly; the centroids are then linked in the graph
+        graph: Any = faiss.downcast_index(ivf.quantizer)
+        graph.hnsw.efConstruction, graph.hnsw.efSearch = 200, COARSE_ADD_EF
     if plan.kind == "ivf_pq":
         ivfpq: Any = faiss.downcast_index(ivf)
         ivfpq.pq.cp.min_points_per_centroid = 1  # the recall gate judges the codes
@@ -790,6 +825,16 @@ def recall_rows(n: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
 
 
+# The gate's cost model of one query (microseconds per row), to choose between settings that all reach
+# the target: measured on this VM (2 cores, AVX-512) at 1M rows, 256-d lists, 1280-d raw codes. Scanning
+# a list row: 4-bit fast-scan PQ ~0.08 ns a dimension, a float row ~0.45 ns; re-ranking a shortlist row
+# from mapped 8-bit codes ~1.4 ns a dimension; a raw row is one ``pread`` (~3 us) plus its scoring.
+SCAN_US_PER_DIM = {"ivf_pq": 0.08e-3, "ivf_flat": 0.45e-3}
+REFINE_US_PER_DIM = 1.4e-3
+RAW_US = 3.0
+RAW_US_PER_DIM = 0.8e-3
+
+
 def tune_against(
     index: ClusterIndex,
     rows: np.ndarray,
@@ -803,13 +848,18 @@ def tune_against(
 ) -> RecallReport:
     """:func:`tune_nprobe` once the exact neighbours are known, however they were found.
 
+    At each nprobe tried, every shortlist setting of :func:`gate_grid` is measured (prefixes of one scan).
+    The smallest nprobe at which the widest setting reaches the target is found by doubling then
+    bisection; nprobe up to a quarter above it is measured too (a narrower shortlist may need a few more
+    lists and still cost less), and of every setting that reaches the target the one the cost model
+    (:func:`query_cost`: rows scanned, re-ranked and read) finds cheapest is kept.
+
     Args:
         rows: int64 (q,) the query rows; queries: float32 (q, dim) their vectors in the index's space.
         exact: int64 (q, k + 1) each query's exact nearest rows among all ``n``, best first (its own row
             among them), k = min(10, n - 1).
         raw_queries: float32 (q, input_dim) the same queries in the raw space, for an index with raw codes
-            (``exact`` then holds the raw space's neighbours). Without re-ranking codes of its own (IVF-PQ's),
-            the raw shortlist factor is what is tuned with nprobe.
+            (``exact`` then holds the raw space's neighbours).
     """
     nlist = int(index.ivf.nlist)
     k = min(10, n - 1)
@@ -818,10 +868,8 @@ def tune_against(
         return RecallReport(target=target, at_10=1.0, meets_target=True, sample=0, curve=[])
     truth = [set(r[r != row][:k]) for r, row in zip(exact, rows, strict=True)]
     raw = raw_queries if index.raw_rerank else None
-    # the shortlist factor tuned with nprobe: IVF-PQ's own, else the raw re-rank's, else none
-    tuned = "rerank" if index.vectors is not None else "raw_rerank" if raw is not None else ""
-    base = int(index.manifest.plan.get(tuned, getattr(index, tuned))) if tuned else 0
-    factors = [base, 2 * base, 4 * base] if base else [0]
+    grid = gate_grid(index, raw is not None)
+    sizes = list_sizes(index)
 
     def recall_of(got: np.ndarray) -> tuple[float, float]:
         """Mean recall@10 over the sample's queries, and its standard error."""
@@ -834,12 +882,12 @@ def tune_against(
         alone, a setting that just reaches the target falls short on fresh queries about half the time."""
         return float(e["recall"] - e["stderr"])
 
-    measured: dict[int, list[dict[str, Any]]] = {}  # nprobe -> one entry per shortlist factor
+    measured: dict[int, list[dict[str, Any]]] = {}  # nprobe -> one entry per shortlist setting
 
     def reaches(p: int) -> bool:
         """Measure at ``p`` lists (once) and say whether its best setting reaches the target."""
         if p not in measured:
-            measured[p] = _measure(index, queries, raw, p, k, n, factors, recall_of)
+            measured[p] = _measure(index, queries, raw, p, k, n, grid, recall_of, sizes)
         return max(sure(e) for e in measured[p]) >= target
 
     if nprobe:
@@ -859,15 +907,20 @@ def tune_against(
             else:
                 low = mid
         chosen = high
-    entries = measured[chosen]
-    good = [e for e in entries if sure(e) >= target]
-    pick = good[0] if good else max(entries, key=sure)
-    index.ivf.nprobe = chosen
-    if base:
-        setattr(index, tuned, int(pick["factor"]))
+        if len(grid) > 1 and reaches(chosen):
+            step = max(1, chosen // 8)
+            for p in range(chosen + step, min(nlist, chosen + chosen // 4) + 1, step):
+                reaches(p)
+    good = [e for p_ in sorted(measured) for e in measured[p_] if sure(e) >= target]
+    pick = min(good, key=lambda e: e["cost_us"]) if good else max(measured[chosen], key=sure)
+    index.ivf.nprobe = int(pick["nprobe"])
+    if index.vectors is not None and "rerank" in pick:
+        index.rerank = int(pick["rerank"])
+    if raw is not None:
+        index.raw_rerank = int(pick["raw_rerank"])
     curve = [
         {
-            **{(tuned if key == "factor" else key): v for key, v in e.items() if key not in ("recall", "stderr")},
+            **{key: v for key, v in e.items() if key not in ("recall", "stderr")},
             "recall_at_10": round(e["recall"], 4),
             "stderr": round(e["stderr"], 4),
         }
@@ -880,11 +933,45 @@ def tune_against(
         meets_target=sure(pick) >= target,
         sample=len(rows),
         curve=curve,
-        nprobe=chosen,
+        nprobe=index.nprobe,
         rerank=index.rerank if index.vectors is not None else None,
         raw_rerank=index.raw_rerank if raw is not None else None,
         space="raw" if raw is not None else "index",
     )
+
+
+def gate_grid(index: ClusterIndex, raw: bool) -> list[tuple[int, int]]:
+    """The (shortlist factor, raw factor) settings the gate measures at each nprobe: IVF-PQ's shortlist at
+    1, 2 and 4 times the plan's, each with the raw re-rank at the plan's factor and three fifths of it;
+    without PCA codes of its own (IVF-Flat), the raw factor at three fifths of, 1, 2 and 4 times the
+    plan's; (0, 0) for an index with neither."""
+    plan = index.manifest.plan
+    raw_base = int(plan.get("raw_rerank", index.raw_rerank)) if raw else 0
+    narrow = max(1, -(-3 * raw_base // 5))  # ceil(0.6 * base): 3 of 5
+    if index.vectors is not None and index.rerank:
+        base = int(plan.get("rerank", index.rerank))
+        raws = list(dict.fromkeys([narrow, raw_base])) if raw_base else [0]
+        return [(s, r) for s in (base, 2 * base, 4 * base) for r in raws]
+    if raw_base:
+        return [(0, r) for r in dict.fromkeys([narrow, raw_base, 2 * raw_base, 4 * raw_base])]
+    return [(0, 0)]
+
+
+def list_sizes(index: ClusterIndex) -> np.ndarray:
+    """int64 (nlist,) rows in each list, over every segment."""
+    sizes = np.zeros(int(index.ivf.nlist), np.int64)
+    for ivf, _ in index.segments:
+        sizes += np.array([ivf.invlists.list_size(i) for i in range(int(ivf.nlist))], np.int64)
+    return sizes
+
+
+def query_cost(index: ClusterIndex, scanned: float, shortlist: int, raw_width: int) -> float:
+    """Estimated microseconds of one query that scans ``scanned`` list rows, re-ranks ``shortlist`` rows
+    with IVF-PQ's codes and ``raw_width`` rows with raw codes (constants above)."""
+    dim = int(index.ivf.d)
+    scan = SCAN_US_PER_DIM["ivf_pq" if index.vectors is not None else "ivf_flat"] * dim
+    raw = RAW_US + RAW_US_PER_DIM * int(index.manifest.input_dim)
+    return scanned * scan + shortlist * REFINE_US_PER_DIM * dim + raw_width * raw
 
 
 def settle(manifest: IndexManifest, index: ClusterIndex, recall: RecallReport) -> None:
@@ -900,33 +987,37 @@ def _measure(
     p: int,
     k: int,
     n: int,
-    factors: list[int],
+    grid: list[tuple[int, int]],
     recall_of: Callable[[np.ndarray], tuple[float, float]],
+    sizes: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """The gate's measurements at ``p`` lists: one per shortlist factor (prefixes of one scan of the
-    longest shortlist, each finished as a search finishes it), or one (``factors == [0]``)."""
+    """The gate's measurements at ``p`` lists: one per shortlist setting of ``grid`` (prefixes of one scan
+    of the longest shortlist, each finished as a search finishes it), or one (``grid == [(0, 0)]``); each
+    with its estimated cost (:func:`query_cost`)."""
     t0 = time.perf_counter()
-    if factors == [0]:
-        got = index.search_transformed(queries, k + 1, p, raw=raw).rows
+    probe_scores, probe = index.coarse(queries, p)
+    scanned = float(sizes[probe].sum(1).mean())
+    if grid == [(0, 0)]:
+        got = index.search_probed(queries, k + 1, probe, probe_scores, faiss.SearchParametersIVF(), None, raw).rows
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         mean, se = recall_of(got)
-        return [{"nprobe": p, "recall": mean, "stderr": se, "ms_per_query": round(ms, 4)}]
-    probe_scores, probe = index.ivf.quantizer.search(queries, p)
-    longest = index.scan(queries, min((k + 1) * factors[-1], n), probe, probe_scores, faiss.SearchParametersIVF())
+        cost = query_cost(index, scanned, 0, 0)
+        return [{"nprobe": p, "recall": mean, "stderr": se, "ms_per_query": round(ms, 4), "cost_us": round(cost, 1)}]
+    widest = max((s or r) for s, r in grid)
+    longest = index.scan(queries, min((k + 1) * widest, n), probe, probe_scores, faiss.SearchParametersIVF())
     scan_ms = (time.perf_counter() - t0) * 1000 / len(queries)
     out = []
-    for r in factors:
+    for s, r in grid:
         t1 = time.perf_counter()
-        width = min((k + 1) * r, n)
+        width = min((k + 1) * (s or r), n)
         prefix = SearchHits(longest.scores[:, :width], longest.rows[:, :width], longest.probe, longest.probe_scores)
-        if index.vectors is not None:  # IVF-PQ's shortlist: finished as a search finishes it
-            got = index.finish(queries, prefix, k + 1, raw).rows
-        else:  # the raw re-rank's shortlist
-            assert index.raw_codec is not None and raw is not None
-            got = rerank_hits(index.raw_codec, index.raw, raw, prefix, k + 1, unit=True).rows
+        got = index.finish(queries, prefix, k + 1, raw, raw_rerank=r).rows
         ms = scan_ms + (time.perf_counter() - t1) * 1000 / len(queries)
         mean, se = recall_of(got)
-        out.append({"nprobe": p, "factor": r, "recall": mean, "stderr": se, "ms_per_query": round(ms, 4)})
+        cost = query_cost(index, scanned, k * s, k * r)
+        entry: dict[str, Any] = {"nprobe": p, **({"rerank": s} if s else {}), **({"raw_rerank": r} if r else {})}
+        entry |= {"recall": mean, "stderr": se, "ms_per_query": round(ms, 4), "cost_us": round(cost, 1)}
+        out.append(entry)
     return out
 
 

@@ -50,6 +50,12 @@ Three kinds, chosen by :func:`plan_index` from the collection size and a memory 
   (FAISS fast-scan: ``dim / 4`` bytes a vector at one sub-quantiser per two dimensions); a query
   scans them for a shortlist of ``k * rerank`` rows, re-ranked with their 8-bit codes.
 
+With many lists (``nlist`` >= 1,024 by default: 1M images have 4,000) the centroids are also linked in
+an HNSW graph (FAISS ``IVF4000_HNSW32``): a query finds its nearest lists by walking the graph
+(~0.04 ms) instead of comparing itself with every centroid (~0.3 ms at 4,000 x 256), with the same
+lists found (measured: the 15 nearest of 4,000 agree in 99.9+% of fresh queries at ``COARSE_EF``). A
+query that asks for a quarter of the lists or more compares itself with every centroid exactly.
+
 Whatever the kind, an index built with PCA ends with a re-rank in the raw space: the best
 ``k * raw_rerank`` candidates are scored by raw cosine from 8-bit codes of the raw embeddings, so the
 results (and their scores) are those of the raw space, not PCA's (:mod:`shared.refine`).
@@ -88,6 +94,7 @@ from shared.versions import read_pointer, swap_pointer
 
 log = logging.getLogger(__name__)
 
+COARSE_EF = 64  # HNSW coarse quantiser: candidates kept while walking the graph (at least 2 x nprobe)
 CAPTION_FILES = ("caption_rows.npy", "caption_vectors.npy", "captions.npy")
 FILES = (
     "index.faiss",
@@ -211,6 +218,12 @@ class ClusterIndex:
         # Stored as float16; widened once here rather than on every text query.
         self.caption_vectors = self.captions.vectors.astype(np.float32)
         self.ivf = faiss.extract_index_ivf(index)
+        # the coarse quantiser: an HNSW graph over the centroids (many lists), else the centroids alone;
+        # either way ``coarse_flat`` compares a query with every centroid (see :meth:`coarse`)
+        quantizer = faiss.downcast_index(self.ivf.quantizer)
+        self.coarse_graph = quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+        self.coarse_flat = quantizer.storage if self.coarse_graph is not None else self.ivf.quantizer
+        self._coarse_params: dict[int, Any] = {}
         # The lists of each segment (the base's first), searched side by side with the same probes:
         # (IVF index, first row). One segment unless loaded from a version with deltas.
         self.segments: list[tuple[Any, int]] = [(self.ivf, 0)]
@@ -558,7 +571,7 @@ class ClusterIndex:
                     np.full((n, k), -np.inf, np.float32), empty, empty[:, :0], np.zeros((n, 0), np.float32)
                 )
         if filters is not None and filters.cluster is not None:
-            centroid = self.ivf.quantizer.reconstruct(int(filters.cluster))
+            centroid = self.coarse_flat.reconstruct(int(filters.cluster))
             probe = np.full((n, 1), filters.cluster, dtype=np.int64)
             if self.l2:  # what the quantiser would give: a squared distance
                 probe_scores = np.asarray(((xt - centroid) ** 2).sum(1)[:, None], dtype=np.float32)
@@ -567,10 +580,10 @@ class ClusterIndex:
             return self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         if allowed is not None:
             nprobe = min(nlist, int(np.ceil(nprobe * self.count / len(allowed))))
-        probe_scores, probe = self.ivf.quantizer.search(xt, nprobe)
+        probe_scores, probe = self.coarse(xt, nprobe)
         hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
-            probe_scores, probe = self.ivf.quantizer.search(xt, nlist)
+            probe_scores, probe = self.coarse(xt, nlist)
             hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
         return hits
 
@@ -592,14 +605,32 @@ class ClusterIndex:
         shortlist = self.scan(xt, min(width, self.count), probe, probe_scores, params, selection)
         return self.finish(xt, shortlist, k, raw)
 
+    def coarse(self, xt: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's ``nprobe`` nearest lists, nearest first, with the quantiser's scores (squared L2 for
+        fast-scan lists, else inner product): through the centroids' HNSW graph when there is one and
+        fewer than a quarter of the lists are wanted, else exactly."""
+        nprobe = min(int(nprobe), int(self.ivf.nlist))
+        if self.coarse_graph is None or 4 * nprobe >= int(self.ivf.nlist):
+            return self.coarse_flat.search(xt, nprobe)
+        ef = max(COARSE_EF, 2 * nprobe)
+        params = self._coarse_params.get(ef)
+        if params is None:  # read-only during a search: shared by concurrent queries
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = ef
+            self._coarse_params[ef] = params
+        return self.coarse_graph.search(xt, nprobe, params=params)
+
     def raw_width(self, k: int, raw: np.ndarray | None) -> int:
         """Candidates the raw-space re-rank takes for ``k`` results (``k`` when there is none)."""
         return k * self.raw_rerank if raw is not None and self.raw_rerank else k
 
-    def finish(self, xt: np.ndarray, shortlist: SearchHits, k: int, raw: np.ndarray | None = None) -> SearchHits:
+    def finish(
+        self, xt: np.ndarray, shortlist: SearchHits, k: int, raw: np.ndarray | None = None, raw_rerank: int | None = None
+    ) -> SearchHits:
         """A scan's shortlist (best first) down to the best ``k``: IVF-PQ re-ranks it with its index-space
-        codes, then an index with raw codes re-ranks the best ``k * raw_rerank`` by raw cosine."""
-        keep = self.raw_width(k, raw)
+        codes, then an index with raw codes re-ranks the best ``k * raw_rerank`` (the index's, unless given)
+        by raw cosine."""
+        keep = self.raw_width(k, raw) if raw_rerank is None else (k * raw_rerank if raw is not None and raw_rerank else k)
         hits = shortlist
         if self.vectors is not None and self.rerank:
             assert self.codec is not None  # an index with re-ranking codes has their codec
@@ -977,8 +1008,9 @@ def top_k(hits: SearchHits, k: int, *, sort: bool = False) -> SearchHits:
     s = rows.shape[1]
     if sort:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        scores, rows = np.take_along_axis(scores, top, 1), np.take_along_axis(rows, top, 1)
-        rows = np.where(np.isfinite(scores), rows, -1)
+        at = np.arange(len(top))[:, None]  # plain fancy indexing: take_along_axis costs ~10 us a call
+        scores, rows = scores[at, top], rows[at, top]
+        rows[~np.isfinite(scores)] = -1
     else:
         scores, rows = scores[:, :k], rows[:, :k]
     if k > s:  # fewer candidates than asked for

@@ -37,7 +37,8 @@ def test_probing_every_cluster_equals_brute_force(real) -> None:  # type: ignore
     """Every cluster probed: the PCA space's exact top ``k * raw_rerank``, re-ranked by raw cosine from the
     8-bit raw codes, which finds (nearly) the raw embeddings' exact top 10, where PCA alone does not."""
     index = _build(real)
-    assert index.raw is not None and index.raw_codec is not None and index.raw_rerank == 5
+    assert index.raw is not None and index.raw_codec is not None and index.raw_rerank in (3, 5, 10, 20)
+    index.raw_rerank = 5  # the plan's factor (the gate may choose another: it has no say at every list)
     vectors = real[0]
     queries = vectors[::50]
     xr_db, xr_q = power_normalize(vectors, 0.5), power_normalize(queries, 0.5)
@@ -174,10 +175,15 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     for c in curve:
         at[c["nprobe"]] = max(at.get(c["nprobe"], 0.0), c["recall_at_10"] - c["stderr"])
     assert all(0 < c["stderr"] < 0.01 for c in curve)
-    assert at[index.nprobe] >= 0.95 and all(r < 0.95 for p, r in at.items() if p < index.nprobe)
-    # bisected, not doubled: the nprobe just below the chosen one was measured and fell short
-    assert index.nprobe == 1 or index.nprobe - 1 in at
+    smallest = min(p for p, r in at.items() if r >= 0.95)
+    # bisected, not doubled: the nprobe just below the smallest that reaches was measured and fell short
+    assert smallest == 1 or at[smallest - 1] < 0.95
     assert [c["nprobe"] for c in curve] == sorted(c["nprobe"] for c in curve)
+    # of the settings that reach the target (up to a quarter more lists), the cheapest by the cost model
+    reaching = [c for c in curve if c["recall_at_10"] - c["stderr"] >= 0.95]
+    chosen = min(reaching, key=lambda c: c["cost_us"])
+    assert (chosen["nprobe"], chosen["raw_rerank"]) == (index.nprobe, index.raw_rerank)
+    assert smallest <= index.nprobe <= smallest + smallest // 4 and max(at) <= smallest + smallest // 4
 
     # The estimate holds for queries the index has never seen: 300 held-out test images.
     x, _ = fashion_test
@@ -192,7 +198,7 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     assert {c["nprobe"] for c in fixed.manifest.recall.curve} == {1}
     # measured against the raw embeddings' exact neighbours, the raw shortlist tuned with nprobe
     assert recall.space == "raw" and recall.raw_rerank == index.raw_rerank == index.manifest.raw_rerank
-    assert {c["raw_rerank"] for c in curve} == {5, 10, 20}
+    assert {c["raw_rerank"] for c in curve} == {3, 5, 10, 20}
 
 
 def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, collection: Collection) -> None:

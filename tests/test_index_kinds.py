@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from job.datasets import png_bytes
 from job.embeddings import EmbeddingStore, embed_pending
-from job.index_build import IndexParams, build_index, plan_index, publish
+from job.index_build import IndexParams, build_delta, build_index, plan_index, publish
 from job.reindex import reindex
 from shared.features import power_normalize
 from shared.health import health
@@ -130,6 +131,44 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     by_file = from_file.search(queries, 10)
     np.testing.assert_array_equal(by_file.rows, hits.rows)
     np.testing.assert_allclose(by_file.scores, hits.scores, atol=1e-6)
+
+
+def test_many_lists_are_found_through_a_graph_over_the_centroids(real, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """From ``coarse_graph_lists`` lists the centroids are linked in an HNSW graph: a query walks it to its
+    nearest lists (the ones comparing it with every centroid finds), published, loaded and in a delta."""
+    vectors, ids = real
+    labels: list[str | None] = [None] * len(ids)
+    params = IndexParams(kind="ivf_flat", nlist=64, coarse_graph_lists=64)
+    built = build_index(vectors[:-50], ids[:-50], labels[:-50], encoder_version="t", params=params)
+    assert "IVF64_HNSW32" in built.manifest.factory and built.coarse_graph is not None
+    assert built.manifest.plan["coarse_graph"] == 32 and built.manifest.recall.meets_target  # type: ignore[union-attr]
+    fewer = build_index(vectors[:300], ids[:300], labels[:300], encoder_version="t", params=replace(params, nlist=8))
+    assert fewer.coarse_graph is None and "HNSW" not in fewer.manifest.factory  # 8 lists: compared one by one
+
+    queries = vectors[::7]
+    xt = built.transform(queries)
+    _, exact = built.coarse_flat.search(xt, 8)
+    _, walked = built.coarse(xt, 8)
+    assert _recall(walked, exact) >= 0.99
+    # a quarter of the lists or more: every centroid compared, exactly
+    np.testing.assert_array_equal(built.coarse(xt, 16)[1], built.coarse_flat.search(xt, 16)[1])
+    hits = built.search(queries, 10)
+    assert _recall(hits.rows, built.search(queries, 10, nprobe=64).rows) >= 0.9
+
+    # published and opened memory-mapped, as the app serves it: the same graph, the same answers
+    storage = LocalStorage(tmp_path)
+    publish(storage, built)
+    loaded = load_current(storage, tmp_path / "cache")
+    assert loaded.coarse_graph is not None
+    np.testing.assert_array_equal(loaded.search(queries, 10).rows, hits.rows)
+    # trained.faiss carries the graph: a delta's rows go to their nearest lists through it
+    assert built.trained is not None
+    delta = build_delta(
+        built.trained, built.manifest, vectors[-50:], ids[-50:], labels[-50:], raw_codec=built.raw_codec
+    )
+    assert delta.coarse_graph is not None
+    nearest = delta.coarse_flat.search(delta.transform(vectors[-50:]), 1)[1][:, 0]
+    assert np.mean(np.asarray(delta.clusters) == nearest) >= 0.98
 
 
 def test_ivf_pq_collection_adds_finds_and_deletes(tmp_path: Path, collection: Collection, fashion_test) -> None:  # type: ignore[no-untyped-def]
