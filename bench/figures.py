@@ -222,8 +222,9 @@ def search_largest(s: Result, kind: str | None = None) -> tuple[int, dict[str, A
 def _gate_curve(r: dict[str, Any]) -> str:
     points = []
     for c in r["gate_curve"]:
-        factor = c.get("rerank", c.get("raw_rerank"))  # the shortlist factor tuned with nprobe, if any
-        at = f"{c['nprobe']}" if factor is None else f"{c['nprobe']}/{factor}"
+        # the shortlist factors tuned with nprobe, if any: IVF-PQ's (s) and the raw re-rank's (r)
+        at = f"{c['nprobe']}" + (f" s{c['rerank']}" if "rerank" in c else "")
+        at += f" r{c['raw_rerank']}" if "raw_rerank" in c else ""
         points.append(f"{at}: {c['recall_at_10']:.3f}")
     return ", ".join(points)
 
@@ -342,7 +343,7 @@ def search_section(s: Result) -> list[str]:
             if r.get("resident", {}).get("mapped"):
                 line += f"; memory-mapped: {', '.join(f'`{f}`' for f in r['resident']['mapped'])}"
             if "gate_curve" in r:
-                line += f"; gate curve (nprobe[/shortlist factor]: recall@10) {_gate_curve(r)}"
+                line += f"; gate curve (nprobe [s: IVF-PQ shortlist factor] [r: raw re-rank factor]: recall@10) {_gate_curve(r)}"
             if "ef_curve" in r:
                 line += "; ef sweep (recall raw): " + ", ".join(
                     f"{p['ef']}: {p['recall_raw']:.3f}" for p in r["ef_curve"]
