@@ -40,6 +40,11 @@ class RefineCodec:
     def __init__(self, low: np.ndarray, step: np.ndarray):
         self.low = np.asarray(low, np.float32)
         self.step = np.asarray(step, np.float32)
+        # what scoring needs of them, once (decoded = code * step + centre)
+        self.centre = self.low + self.step / 2
+        self._square = self.step * self.step
+        self._cross = 2 * self.step * self.centre
+        self._centre_sq = float(self.centre @ self.centre)
 
     @classmethod
     def train(cls, sample: np.ndarray) -> RefineCodec:
@@ -67,16 +72,15 @@ class RefineCodec:
         """float32 (m,) inner products of one query (d,) with the decoded rows of ``codes`` (m, d); ``unit``:
         cosines (each decoded row's norm divided out: rounding changes its length, not only its direction)."""
         c = codes.astype(np.float32)
-        centre = self.low + self.step / 2  # decoded = c * step + centre
-        offset = float(centre @ xq)
+        offset = float(self.centre @ xq)
         if not unit:
             return c @ (self.step * xq) + offset
         # |decoded|^2 = c^2 . step^2 + 2 c . (step * centre) + |centre|^2, without decoding: one product
         # gives the dots and the middle term, then c is squared in place (no second (m, d) temporary:
         # 4x faster for a 50 x 1280 shortlist than three separate products)
-        both = c @ np.stack([self.step * xq, 2 * self.step * centre], axis=1)
+        both = c @ np.stack([self.step * xq, self._cross], axis=1)
         np.square(c, out=c)
-        sq = c @ (self.step * self.step) + both[:, 1] + float(centre @ centre)
+        sq = c @ self._square + both[:, 1] + self._centre_sq
         return (both[:, 0] + offset) / np.sqrt(np.maximum(sq, 1e-24))
 
 

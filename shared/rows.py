@@ -67,16 +67,18 @@ class FileRows:
         sorted_rows = rows if order is None else rows[order]
         into = out if order is None else np.empty_like(out)
         buf = into.reshape(-1).view(np.uint8).data
-        # one read per run of consecutive rows (a row repeated is read again)
-        starts = np.flatnonzero(np.concatenate([[True], np.diff(sorted_rows) != 1]))
-        rb = self.row_bytes
-        begins = (starts * rb).tolist()
-        ends = [*begins[1:], len(rows) * rb]
-        offsets = (sorted_rows[starts] * rb + self.offset).tolist()
-        fd, read = self._fd, os.preadv
-        for begin, end, at in zip(begins, ends, offsets, strict=True):
-            if read(fd, [buf[begin:end]], at) != end - begin:
-                raise OSError(f"{self.path}: short read at byte {at}")
+        # one read per run of consecutive rows (a row repeated is read again); a plain loop: a query reads
+        # a few dozen rows, where numpy's per-call cost would be most of the work
+        listed = sorted_rows.tolist()
+        rb, base, fd, read = self.row_bytes, self.offset, self._fd, os.preadv
+        i, n = 0, len(listed)
+        while i < n:
+            j = i + 1
+            while j < n and listed[j] == listed[j - 1] + 1:
+                j += 1
+            if read(fd, [buf[i * rb : j * rb]], base + listed[i] * rb) != (j - i) * rb:
+                raise OSError(f"{self.path}: short read at row {listed[i]}")
+            i = j
         if order is not None:
             out[order] = into
         return out
