@@ -53,7 +53,7 @@ Three kinds, chosen by :func:`plan_index` from the collection size and a memory 
 With many lists (``nlist`` >= 1,024 by default: 1M images have 4,000) the centroids are also linked in
 an HNSW graph (FAISS ``IVF4000_HNSW32``): a query finds its nearest lists by walking the graph
 (~0.04 ms) instead of comparing itself with every centroid (~0.3 ms at 4,000 x 256), with the same
-lists found (measured: the 15 nearest of 4,000 agree in 99.9+% of fresh queries at ``COARSE_EF``). A
+lists found (measured: the 15 nearest of 4,000 agree in 99.8% of fresh queries at ``COARSE_EF``). A
 query that asks for a quarter of the lists or more compares itself with every centroid exactly.
 
 Whatever the kind, an index built with PCA ends with a re-rank in the raw space: the best
@@ -94,7 +94,7 @@ from shared.versions import read_pointer, swap_pointer
 
 log = logging.getLogger(__name__)
 
-COARSE_EF = 64  # HNSW coarse quantiser: candidates kept while walking the graph (at least 2 x nprobe)
+COARSE_EF = 32  # HNSW coarse quantiser: candidates kept while walking the graph (at least 2 x nprobe)
 CAPTION_FILES = ("caption_rows.npy", "caption_vectors.npy", "captions.npy")
 FILES = (
     "index.faiss",
@@ -220,10 +220,11 @@ class ClusterIndex:
         self.ivf = faiss.extract_index_ivf(index)
         # the coarse quantiser: an HNSW graph over the centroids (many lists), else the centroids alone;
         # either way ``coarse_flat`` compares a query with every centroid (see :meth:`coarse`)
-        quantizer = faiss.downcast_index(self.ivf.quantizer)
-        self.coarse_graph = quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
-        self.coarse_flat = quantizer.storage if self.coarse_graph is not None else self.ivf.quantizer
+        quantizer: Any = faiss.downcast_index(self.ivf.quantizer)
+        self.coarse_graph: Any = quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+        self.coarse_flat: Any = quantizer.storage if self.coarse_graph is not None else self.ivf.quantizer
         self._coarse_params: dict[int, Any] = {}
+        self._scan_params: dict[int, Any] = {}
         # The lists of each segment (the base's first), searched side by side with the same probes:
         # (IVF index, first row). One segment unless loaded from a version with deltas.
         self.segments: list[tuple[Any, int]] = [(self.ivf, 0)]
@@ -558,7 +559,6 @@ class ClusterIndex:
         xt = np.ascontiguousarray(xt, dtype=np.float32)
         n = len(xt)
         allowed = self.select(filters)
-        params = faiss.SearchParametersIVF()
         hidden_rows = self.hidden  # read once: a delete may swap it meanwhile
         selection: Selection | None = None
         if allowed is None and len(hidden_rows):
@@ -577,14 +577,14 @@ class ClusterIndex:
                 probe_scores = np.asarray(((xt - centroid) ** 2).sum(1)[:, None], dtype=np.float32)
             else:
                 probe_scores = (xt @ centroid)[:, None].astype(np.float32)
-            return self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
+            return self.search_probed(xt, k, probe, probe_scores, selection, raw)
         if allowed is not None:
             nprobe = min(nlist, int(np.ceil(nprobe * self.count / len(allowed))))
         probe_scores, probe = self.coarse(xt, nprobe)
-        hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
+        hits = self.search_probed(xt, k, probe, probe_scores, selection, raw)
         if allowed is not None and nprobe < nlist and ((hits.rows >= 0).sum(1) < min(k, len(allowed))).any():
             probe_scores, probe = self.coarse(xt, nlist)
-            hits = self.search_probed(xt, k, probe, probe_scores, params, selection, raw)
+            hits = self.search_probed(xt, k, probe, probe_scores, selection, raw)
         return hits
 
     def search_probed(
@@ -593,7 +593,6 @@ class ClusterIndex:
         k: int,
         probe: np.ndarray,
         probe_scores: np.ndarray,
-        params: Any,
         selection: Selection | None = None,
         raw: np.ndarray | None = None,
     ) -> SearchHits:
@@ -602,7 +601,7 @@ class ClusterIndex:
         width = self.raw_width(k, raw)
         if self.vectors is not None and self.rerank:
             width = max(width, k * self.rerank)
-        shortlist = self.scan(xt, min(width, self.count), probe, probe_scores, params, selection)
+        shortlist = self.scan(xt, min(width, self.count), probe, probe_scores, selection)
         return self.finish(xt, shortlist, k, raw)
 
     def coarse(self, xt: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -615,22 +614,46 @@ class ClusterIndex:
         ef = max(COARSE_EF, 2 * nprobe)
         params = self._coarse_params.get(ef)
         if params is None:  # read-only during a search: shared by concurrent queries
-            params = faiss.SearchParametersHNSW()
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
             params.efSearch = ef
             self._coarse_params[ef] = params
-        return self.coarse_graph.search(xt, nprobe, params=params)
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        scores, lists = np.empty((len(xt), nprobe), np.float32), np.empty((len(xt), nprobe), np.int64)
+        # the C call itself: the Python wrapper's checks cost as much as the walk at one query
+        self.coarse_graph.search_c(
+            len(xt), faiss.swig_ptr(xt), nprobe, faiss.swig_ptr(scores), faiss.swig_ptr(lists), params
+        )
+        return scores, lists
 
     def raw_width(self, k: int, raw: np.ndarray | None) -> int:
         """Candidates the raw-space re-rank takes for ``k`` results (``k`` when there is none)."""
         return k * self.raw_rerank if raw is not None and self.raw_rerank else k
 
     def finish(
-        self, xt: np.ndarray, shortlist: SearchHits, k: int, raw: np.ndarray | None = None, raw_rerank: int | None = None
+        self,
+        xt: np.ndarray,
+        shortlist: SearchHits,
+        k: int,
+        raw: np.ndarray | None = None,
+        raw_rerank: int | None = None,
     ) -> SearchHits:
         """A scan's shortlist (best first) down to the best ``k``: IVF-PQ re-ranks it with its index-space
         codes, then an index with raw codes re-ranks the best ``k * raw_rerank`` (the index's, unless given)
         by raw cosine."""
-        keep = self.raw_width(k, raw) if raw_rerank is None else (k * raw_rerank if raw is not None and raw_rerank else k)
+        keep = (
+            self.raw_width(k, raw) if raw_rerank is None else (k * raw_rerank if raw is not None and raw_rerank else k)
+        )
+        if len(xt) == 1:  # one query (the serving path): the same steps on its valid rows, no batch bookkeeping
+            valid = shortlist.rows[0] >= 0
+            rows, scores = shortlist.rows[0][valid], shortlist.scores[0][valid]
+            if self.vectors is not None and self.rerank and len(rows):
+                assert self.codec is not None
+                rows, scores = best_of(self.codec, self.vectors, rows, xt[0], min(keep, len(rows)))
+            if keep > k and len(rows):
+                assert self.raw_codec is not None and raw is not None
+                rows, scores = best_of(self.raw_codec, self.raw, rows, raw[0], k, unit=True)
+            one = SearchHits(scores[None, :k], rows[None, :k], shortlist.probe, shortlist.probe_scores)
+            return top_k(one, k)  # padded when there are fewer than k
         hits = shortlist
         if self.vectors is not None and self.rerank:
             assert self.codec is not None  # an index with re-ranking codes has their codec
@@ -646,16 +669,22 @@ class ClusterIndex:
         k: int,
         probe: np.ndarray,
         probe_scores: np.ndarray,
-        params: Any,
         selection: Selection | None = None,
     ) -> SearchHits:
         """The best ``k`` rows in the ``probe`` lists of every segment (scores: cosine similarity)."""
         n = len(xt)
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
         probe = np.ascontiguousarray(probe, dtype=np.int64)
         probe_scores = np.ascontiguousarray(probe_scores, dtype=np.float32)
         # The Python wrapper of search_preassigned insists on the index's own nprobe; the C++ call
-        # takes it per query through SearchParametersIVF, so concurrent queries never share state.
-        params.nprobe = probe.shape[1]
+        # takes it per query through SearchParametersIVF (one per nprobe, cached: never changed once
+        # made), so concurrent queries never share mutable state.
+        nprobe = probe.shape[1]
+        params = self._scan_params.get(nprobe)
+        if params is None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = nprobe
+            self._scan_params[nprobe] = params
         found_scores, found_rows = [], []
         for ivf, start in self.segments:
             seg_params, keep_alive = self._segment_params(params, selection, start, int(ivf.ntotal))
@@ -677,7 +706,7 @@ class ClusterIndex:
                 scores = np.asarray(1 - scores / 2, dtype=np.float32)
             scores[rows < 0] = -np.inf
             found_scores.append(scores)
-            found_rows.append(np.where(rows >= 0, rows + start, -1))
+            found_rows.append(np.where(rows >= 0, rows + start, -1) if start else rows)
         if len(found_scores) == 1:
             scores, rows = found_scores[0], found_rows[0]
         else:
@@ -999,6 +1028,21 @@ def rerank_hits(
     rows' decoded ``codes`` (see :func:`shared.refine.rerank_scores`)."""
     scores = rerank_scores(codec, codes, shortlist.rows, xq, unit=unit)
     return top_k(SearchHits(scores, shortlist.rows, shortlist.probe, shortlist.probe_scores), k, sort=True)
+
+
+def best_of(
+    codec: RefineCodec, codes: Any, rows: np.ndarray, xq: np.ndarray, keep: int, *, unit: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One query's best ``keep`` (>= 1) of ``rows`` (distinct, valid) by the inner products (``unit``: cosines)
+    of ``xq`` with their decoded ``codes``, best first: (rows, scores). What :func:`rerank_hits` does for a
+    batch, without its bookkeeping (a full sort, -1 padding): rows are read in file order."""
+    rows = np.sort(rows)
+    scores = codec.scores(np.asarray(codes[rows]), xq, unit=unit)
+    if len(rows) > keep:
+        part = np.argpartition(-scores, keep - 1)[:keep]
+        rows, scores = rows[part], scores[part]
+    order = np.argsort(-scores, kind="stable")
+    return rows[order], scores[order]
 
 
 def top_k(hits: SearchHits, k: int, *, sort: bool = False) -> SearchHits:

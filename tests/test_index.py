@@ -13,6 +13,7 @@ from job.reindex import reindex
 from shared.class_lists import SegmentLists
 from shared.errors import VersionMismatch
 from shared.features import power_normalize
+from shared.filters import SearchFilters
 from shared.index import ClusterIndex, current_version, list_versions, load_current, pretransform
 from shared.search import SearchService
 from shared.storage import INDEX, LocalStorage
@@ -37,7 +38,7 @@ def test_probing_every_cluster_equals_brute_force(real) -> None:  # type: ignore
     """Every cluster probed: the PCA space's exact top ``k * raw_rerank``, re-ranked by raw cosine from the
     8-bit raw codes, which finds (nearly) the raw embeddings' exact top 10, where PCA alone does not."""
     index = _build(real)
-    assert index.raw is not None and index.raw_codec is not None and index.raw_rerank in (3, 5, 10, 20)
+    assert index.raw is not None and index.raw_codec is not None and index.raw_rerank in (3, 4, 5, 10, 20)
     index.raw_rerank = 5  # the plan's factor (the gate may choose another: it has no say at every list)
     vectors = real[0]
     queries = vectors[::50]
@@ -72,6 +73,14 @@ def test_default_probe_recall_against_exact(real) -> None:  # type: ignore[no-un
     approx = index.search(queries, 10).rows
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
     assert recall >= 0.9, recall
+    # one query at a time (the serving path) finds what the batch found, with the same raw cosines
+    batch = index.search(queries[:40], 10)
+    for i in range(40):
+        one = index.search(queries[i : i + 1], 10)
+        np.testing.assert_array_equal(np.sort(one.rows[0]), np.sort(batch.rows[i]))
+        np.testing.assert_allclose(one.scores[0], batch.scores[i], atol=1e-6)
+    few = index.search(queries[:1], 10, filters=SearchFilters(cluster=int(index.clusters[0])))
+    assert (few.rows[0] >= 0).sum() == min(10, int((np.asarray(index.clusters) == index.clusters[0]).sum()))
 
 
 def test_results_come_only_from_probed_clusters(real) -> None:  # type: ignore[no-untyped-def]
@@ -179,11 +188,11 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     # bisected, not doubled: the nprobe just below the smallest that reaches was measured and fell short
     assert smallest == 1 or at[smallest - 1] < 0.95
     assert [c["nprobe"] for c in curve] == sorted(c["nprobe"] for c in curve)
-    # of the settings that reach the target (up to a quarter more lists), the cheapest by the cost model
+    # of the settings that reach the target (up to half as many lists again), the cheapest by the cost model
     reaching = [c for c in curve if c["recall_at_10"] - c["stderr"] >= 0.95]
     chosen = min(reaching, key=lambda c: c["cost_us"])
     assert (chosen["nprobe"], chosen["raw_rerank"]) == (index.nprobe, index.raw_rerank)
-    assert smallest <= index.nprobe <= smallest + smallest // 4 and max(at) <= smallest + smallest // 4
+    assert smallest <= index.nprobe <= smallest + smallest // 2 and max(at) <= smallest + smallest // 2
 
     # The estimate holds for queries the index has never seen: 300 held-out test images.
     x, _ = fashion_test
@@ -198,7 +207,7 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     assert {c["nprobe"] for c in fixed.manifest.recall.curve} == {1}
     # measured against the raw embeddings' exact neighbours, the raw shortlist tuned with nprobe
     assert recall.space == "raw" and recall.raw_rerank == index.raw_rerank == index.manifest.raw_rerank
-    assert {c["raw_rerank"] for c in curve} == {3, 5, 10, 20}
+    assert {c["raw_rerank"] for c in curve} == {3, 4, 5, 10, 20}
 
 
 def test_an_index_below_its_recall_target_is_not_published(tmp_path: Path, collection: Collection) -> None:

@@ -106,6 +106,11 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     exact_scores = np.einsum("nkd,nd->nk", decoded[hits.rows], pq.prepare(queries)[1])
     exact_scores /= np.linalg.norm(decoded[hits.rows], axis=2)
     np.testing.assert_allclose(hits.scores, exact_scores, atol=1e-5)
+    # One query at a time (the serving path, without the batch's bookkeeping) finds the same
+    for i in range(0, len(queries), 5):
+        one = pq.search(queries[i : i + 1], 10)
+        np.testing.assert_array_equal(np.sort(one.rows[0]), np.sort(hits.rows[i]))
+        np.testing.assert_allclose(one.scores[0], hits.scores[i], atol=1e-6)
     # Without re-ranking (a shortlist of exactly k) the 16-byte codes alone find less.
     pq.rerank, pq.raw_rerank = 1, 1
     codes_only = _recall(pq.search(queries, 10).rows, truth)
