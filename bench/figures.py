@@ -343,7 +343,8 @@ def search_section(s: Result) -> list[str]:
             if r.get("resident", {}).get("mapped"):
                 line += f"; memory-mapped: {', '.join(f'`{f}`' for f in r['resident']['mapped'])}"
             if "gate_curve" in r:
-                line += f"; gate curve (nprobe [s: IVF-PQ shortlist factor] [r: raw re-rank factor]: recall@10) {_gate_curve(r)}"
+                legend = "nprobe [s: IVF-PQ shortlist factor] [r: raw re-rank factor]: recall@10"
+                line += f"; gate curve ({legend}) {_gate_curve(r)}"
             if "ef_curve" in r:
                 line += "; ef sweep (recall raw): " + ", ".join(
                     f"{p['ef']}: {p['recall_raw']:.3f}" for p in r["ef_curve"]

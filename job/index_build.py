@@ -37,7 +37,6 @@ from shared.index import (
     merge_segments,
     pretransform,
     read_manifest,
-    rerank_hits,
 )
 from shared.manifests import IndexManifest, RecallReport
 from shared.refine import CODEC_FILE, CODES_FILE, RAW_CODEC_FILE, RAW_CODES_FILE, RefineCodec
@@ -850,9 +849,10 @@ def tune_against(
 
     At each nprobe tried, every shortlist setting of :func:`gate_grid` is measured (prefixes of one scan).
     The smallest nprobe at which the widest setting reaches the target is found by doubling then
-    bisection; nprobe up to a quarter above it is measured too (a narrower shortlist may need a few more
-    lists and still cost less), and of every setting that reaches the target the one the cost model
-    (:func:`query_cost`: rows scanned, re-ranked and read) finds cheapest is kept.
+    bisection; nprobe up to half as much again is measured too (a narrower shortlist may need a few more
+    lists and still cost less: scanning a list is cheap, reading a raw row is not), and of every setting
+    that reaches the target the one the cost model (:func:`query_cost`: rows scanned, re-ranked and read)
+    finds cheapest is kept.
 
     Args:
         rows: int64 (q,) the query rows; queries: float32 (q, dim) their vectors in the index's space.
@@ -909,7 +909,7 @@ def tune_against(
         chosen = high
         if len(grid) > 1 and reaches(chosen):
             step = max(1, chosen // 8)
-            for p in range(chosen + step, min(nlist, chosen + chosen // 4) + 1, step):
+            for p in range(chosen + step, min(nlist, chosen + chosen // 2) + 1, step):
                 reaches(p)
     good = [e for p_ in sorted(measured) for e in measured[p_] if sure(e) >= target]
     pick = min(good, key=lambda e: e["cost_us"]) if good else max(measured[chosen], key=sure)
@@ -942,18 +942,18 @@ def tune_against(
 
 def gate_grid(index: ClusterIndex, raw: bool) -> list[tuple[int, int]]:
     """The (shortlist factor, raw factor) settings the gate measures at each nprobe: IVF-PQ's shortlist at
-    1, 2 and 4 times the plan's, each with the raw re-rank at the plan's factor and three fifths of it;
-    without PCA codes of its own (IVF-Flat), the raw factor at three fifths of, 1, 2 and 4 times the
-    plan's; (0, 0) for an index with neither."""
+    1, 2 and 4 times the plan's, each with the raw re-rank at three fifths of, four fifths of and the
+    plan's factor; without PCA codes of its own (IVF-Flat), the raw factor at those and 2 and 4 times
+    the plan's; (0, 0) for an index with neither."""
     plan = index.manifest.plan
     raw_base = int(plan.get("raw_rerank", index.raw_rerank)) if raw else 0
-    narrow = max(1, -(-3 * raw_base // 5))  # ceil(0.6 * base): 3 of 5
+    narrow = [max(1, -(-f * raw_base // 5)) for f in (3, 4, 5)]  # ceil(0.6, 0.8 and 1 x base)
     if index.vectors is not None and index.rerank:
         base = int(plan.get("rerank", index.rerank))
-        raws = list(dict.fromkeys([narrow, raw_base])) if raw_base else [0]
+        raws = list(dict.fromkeys(narrow)) if raw_base else [0]
         return [(s, r) for s in (base, 2 * base, 4 * base) for r in raws]
     if raw_base:
-        return [(0, r) for r in dict.fromkeys([narrow, raw_base, 2 * raw_base, 4 * raw_base])]
+        return [(0, r) for r in dict.fromkeys([*narrow, 2 * raw_base, 4 * raw_base])]
     return [(0, 0)]
 
 
@@ -998,13 +998,13 @@ def _measure(
     probe_scores, probe = index.coarse(queries, p)
     scanned = float(sizes[probe].sum(1).mean())
     if grid == [(0, 0)]:
-        got = index.search_probed(queries, k + 1, probe, probe_scores, faiss.SearchParametersIVF(), None, raw).rows
+        got = index.search_probed(queries, k + 1, probe, probe_scores, None, raw).rows
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         mean, se = recall_of(got)
         cost = query_cost(index, scanned, 0, 0)
         return [{"nprobe": p, "recall": mean, "stderr": se, "ms_per_query": round(ms, 4), "cost_us": round(cost, 1)}]
     widest = max((s or r) for s, r in grid)
-    longest = index.scan(queries, min((k + 1) * widest, n), probe, probe_scores, faiss.SearchParametersIVF())
+    longest = index.scan(queries, min((k + 1) * widest, n), probe, probe_scores)
     scan_ms = (time.perf_counter() - t0) * 1000 / len(queries)
     out = []
     for s, r in grid:
