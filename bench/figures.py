@@ -350,6 +350,17 @@ def search_section(s: Result) -> list[str]:
                     f"{p['ef']}: {p['recall_raw']:.3f}" for p in r["ef_curve"]
                 )
             out.append(line)
+        if "repeats" in c:
+            again = c["repeats"]
+            ms = ", ".join(
+                f"{n} **{v['median']:.3f}** ({min(v['p50_ms']):.3f} - {max(v['p50_ms']):.3f})"
+                for n, v in again["systems"].items()
+            )
+            out += [
+                "",
+                f"Warm p50 ms measured again by `python -m bench.search_repeat`, {again['runs']} runs "
+                f"({again['method']}; median, min - max; the p50 bar below uses the medians): {ms}.",
+            ]
         if "nn_cosine" in c:
             out += ["", f"Neighbourhoods, {neighbours(c['nn_cosine'])}."]
         if "pca256_ceiling" in c:

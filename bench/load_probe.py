@@ -15,7 +15,11 @@ Without ``--serve`` it answers the first query and prints its rows as JSON: :mod
 this from process start (first answer: imports, open, one query), so it imports nothing else. With
 ``--serve`` it answers every query one at a time and prints the rows of the first query with the
 process's memory (RSS, PSS, USS from psutil) before opening the index (its libraries already imported,
-so the difference is the index's) and after the last answer.
+so the difference is the index's) and after the last answer. With ``--time`` it answers every query
+once untimed (the pages they touch get mapped), then again one at a time, timed, and prints the p50 /
+p99 ms (:mod:`bench.search_repeat`); ``--transform STORE`` gives hnswlib raw queries, put into its space
+by that clusterlens store's index (PCA and the raw space's normalisation), inside the timing, as
+:mod:`bench.search` times it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ LIBRARIES = {
 
 
 def open_index(
-    system: str, path: Path, dim: int, ef: int, params: str, raw: Path | None = None, raw_rerank: int = 5
+    system: str,
+    path: Path,
+    dim: int,
+    ef: int,
+    params: str,
+    raw: Path | None = None,
+    raw_rerank: int = 5,
+    transform: Path | None = None,
 ) -> Any:
     """A function (nq, d) float32 -> int64 (nq, K) rows, over the index saved at ``path``."""
     if system == "clusterlens":
@@ -54,7 +65,14 @@ def open_index(
             from shared.rows import FileRows
 
             codes, codec = FileRows(raw / RAW_CODES_FILE), RefineCodec.from_array(np.load(raw / RAW_CODEC_FILE))
-            dim -= codes.shape[1]
+            dim -= 0 if transform is not None else codes.shape[1]
+        prepare = None
+        if transform is not None:  # raw queries, transformed here (inside each timed search)
+            from shared.index import load_current
+            from shared.storage import LocalStorage
+
+            prepare = load_current(LocalStorage(transform), transform / "cache").prepare
+            dim = int(prepare(np.ones((1, dim), np.float32))[0].shape[1])
         h = hnswlib.Index(space="ip", dim=dim)
         h.load_index(str(path))
         h.set_ef(ef)
@@ -64,8 +82,10 @@ def open_index(
         def reranked(q: np.ndarray) -> np.ndarray:
             from shared.refine import rerank_scores
 
-            rows = h.knn_query(q[:, :dim], k=K * raw_rerank, num_threads=1)[0].astype(np.int64)
-            scores = rerank_scores(codec, codes, rows, q[:, dim:], unit=True)
+            xt, xr = prepare(q) if prepare is not None else (q[:, :dim], q[:, dim:])
+            assert xr is not None  # the store re-ranks in the raw space
+            rows = h.knn_query(xt, k=K * raw_rerank, num_threads=1)[0].astype(np.int64)
+            scores = rerank_scores(codec, codes, rows, xr, unit=True)
             return np.take_along_axis(rows, np.argsort(-scores, axis=1)[:, :K], 1)
 
         return reranked
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", type=Path, default=None, help="hnswlib: re-rank by raw cosine from this folder")
     parser.add_argument("--raw-rerank", type=int, default=5)
     parser.add_argument("--serve", action="store_true")
+    parser.add_argument("--time", action="store_true", help="time every query, once warm")
+    parser.add_argument("--transform", type=Path, default=None, help="hnswlib: raw queries, this store's transform")
     args = parser.parse_args(argv)
     queries = np.ascontiguousarray(np.load(args.queries), dtype=np.float32)
     before = None
@@ -108,8 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in LIBRARIES[args.system]:
             importlib.import_module(name)
         before = memory()
-    search = open_index(args.system, args.path, queries.shape[1], args.ef, args.params, args.raw, args.raw_rerank)
+    search = open_index(
+        args.system, args.path, queries.shape[1], args.ef, args.params, args.raw, args.raw_rerank, args.transform
+    )
     first = search(queries[:1])[0].tolist()
+    if args.time:
+        import time
+
+        for q in queries:  # untimed: the pages the queries touch get mapped
+            search(q[None])
+        ms = []
+        for q in queries:
+            t0 = time.perf_counter()
+            search(q[None])
+            ms.append((time.perf_counter() - t0) * 1000)
+        p50, p99 = (float(np.percentile(ms, p)) for p in (50, 99))
+        print(json.dumps({"rows": first, "queries": len(queries), "p50_ms": round(p50, 4), "p99_ms": round(p99, 4)}))
+        return 0
     if not args.serve:
         print(json.dumps(first))
         return 0

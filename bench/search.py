@@ -811,12 +811,14 @@ def bars(collections: dict[str, Any]) -> dict[str, Any]:
                 b["speedup_vs_exact_raw_ge_50"] = bar(r.get("speedup_vs_exact_raw"), 50)
                 b["serving_rss_gb_le_1.5"] = bar(round(rss, 3), 1.5, at_most=True)
                 if hnsw is not None and equal is not None:
-                    b["p50_vs_hnswlib_le_1"] = bar(
-                        round(r["warm_ms"]["p50"] / equal["warm_ms"]["p50"], 3),
-                        1.0,
-                        at_most=True,
-                        system=equal["system"],
-                    )
+                    # measured again in fresh processes (bench.search_repeat): the ratio of the medians
+                    again = c.get("repeats", {}).get("systems", {})
+                    ours, theirs = again.get(r["system"]), again.get(equal["system"])
+                    ratio, against = r["warm_ms"]["p50"] / equal["warm_ms"]["p50"], equal["system"]
+                    if ours and theirs:
+                        ratio = ours["median"] / theirs["median"]
+                        against += f", median of {len(ours['p50_ms'])} runs"
+                    b["p50_vs_hnswlib_le_1"] = bar(round(ratio, 3), 1.0, at_most=True, system=against)
                     b["rss_vs_hnswlib_le_0.333"] = bar(
                         round(r["serving"]["rss_bytes"] / equal["serving"]["rss_bytes"], 3),
                         1 / 3,
