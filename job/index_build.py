@@ -847,12 +847,12 @@ def tune_against(
 ) -> RecallReport:
     """:func:`tune_nprobe` once the exact neighbours are known, however they were found.
 
-    At each nprobe tried, every shortlist setting of :func:`gate_grid` is measured (prefixes of one scan).
-    The smallest nprobe at which the widest setting reaches the target is found by doubling then
-    bisection; nprobe up to half as much again is measured too (a narrower shortlist may need a few more
-    lists and still cost less: scanning a list is cheap, reading a raw row is not), and of every setting
-    that reaches the target the one the cost model (:func:`query_cost`: rows scanned, re-ranked and read)
-    finds cheapest is kept.
+    The smallest nprobe at which the widest setting of :func:`gate_grid` reaches the target is found by
+    doubling then bisection (measuring that setting alone); there and at nprobe up to half as much again
+    every setting is measured, as prefixes of one scan (a narrower shortlist may need a few more lists and
+    still cost less: scanning a list is cheap, reading a raw row is not); of every setting that reaches
+    the target, the one the cost model (:func:`query_cost`: rows scanned, re-ranked and read) finds
+    cheapest is kept.
 
     Args:
         rows: int64 (q,) the query rows; queries: float32 (q, dim) their vectors in the index's space.
@@ -882,17 +882,19 @@ def tune_against(
         alone, a setting that just reaches the target falls short on fresh queries about half the time."""
         return float(e["recall"] - e["stderr"])
 
-    measured: dict[int, list[dict[str, Any]]] = {}  # nprobe -> one entry per shortlist setting
+    measured: dict[int, list[dict[str, Any]]] = {}  # nprobe -> one entry per shortlist setting measured
+    widest = [max(grid)]  # the longest shortlists: they reach the target wherever any setting does
 
-    def reaches(p: int) -> bool:
-        """Measure at ``p`` lists (once) and say whether its best setting reaches the target."""
-        if p not in measured:
-            measured[p] = _measure(index, queries, raw, p, k, n, grid, recall_of, sizes)
+    def reaches(p: int, full: bool = False) -> bool:
+        """Measure at ``p`` lists (once; every setting when ``full``, else the widest alone, all that the
+        search for the smallest nprobe needs) and say whether its best setting reaches the target."""
+        if p not in measured or (full and len(measured[p]) < len(grid)):
+            measured[p] = _measure(index, queries, raw, p, k, n, grid if full else widest, recall_of, sizes)
         return max(sure(e) for e in measured[p]) >= target
 
     if nprobe:
         chosen = min(nprobe, nlist)
-        reaches(chosen)
+        reaches(chosen, full=True)
     else:
         # Doubling brackets the smallest nprobe that reaches the target, then bisection finds it, so the
         # gate stops at e.g. 22 rather than 32: recall is close to monotone in nprobe.
@@ -907,10 +909,10 @@ def tune_against(
             else:
                 low = mid
         chosen = high
-        if len(grid) > 1 and reaches(chosen):
+        if len(grid) > 1 and reaches(chosen, full=True):
             step = max(1, chosen // 8)
             for p in range(chosen + step, min(nlist, chosen + chosen // 2) + 1, step):
-                reaches(p)
+                reaches(p, full=True)
     good = [e for p_ in sorted(measured) for e in measured[p_] if sure(e) >= target]
     pick = min(good, key=lambda e: e["cost_us"]) if good else max(measured[chosen], key=sure)
     index.ivf.nprobe = int(pick["nprobe"])

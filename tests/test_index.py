@@ -192,7 +192,10 @@ def test_nprobe_is_tuned_to_the_recall_target(real, collection: Collection, fash
     reaching = [c for c in curve if c["recall_at_10"] - c["stderr"] >= 0.95]
     chosen = min(reaching, key=lambda c: c["cost_us"])
     assert (chosen["nprobe"], chosen["raw_rerank"]) == (index.nprobe, index.raw_rerank)
-    assert smallest <= index.nprobe <= smallest + smallest // 2 and max(at) <= smallest + smallest // 2
+    # every setting measured only there and up to half as many lists again (the search measured the widest alone)
+    full = {c["nprobe"] for c in curve if sum(d["nprobe"] == c["nprobe"] for d in curve) > 1}
+    assert min(full) == smallest and max(full) <= smallest + smallest // 2
+    assert smallest <= index.nprobe <= smallest + smallest // 2
 
     # The estimate holds for queries the index has never seen: 300 held-out test images.
     x, _ = fashion_test
