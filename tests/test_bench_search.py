@@ -59,43 +59,30 @@ def test_evict_unmaps_and_drops_a_memory_mapped_file(tmp_path: Path) -> None:
     assert float(x.sum()) == total  # the mapping still reads the file's contents after eviction
 
 
-def test_load_probe_times_a_saved_index_and_hnswlib_with_its_transform(tmp_path: Path) -> None:
-    """``bench.load_probe --time`` (what ``bench.search_repeat`` runs): a fresh process opens the saved index
-    and times one query at a time; hnswlib gets raw queries through the store's own transform and re-ranks
-    as many candidates from its raw codes, finding what the index finds (every list probed: exact in PCA)."""
+def test_load_probe_times_a_saved_index(tmp_path: Path) -> None:
+    """``bench.load_probe --time`` (what ``bench.search_repeat`` runs): a fresh process opens the saved index as
+    the app does and times one query at a time, answering what the index answers. (Its hnswlib side needs the
+    benchmark's packages: ``make bench-search`` runs it.)"""
     import json
     import subprocess
     import sys
-
-    import hnswlib
 
     from job.index_build import IndexParams, build_index, publish
     from shared.storage import LocalStorage
 
     base, queries = _clustered(3000, 96), _clustered(40, 96, seed=5)
     ids = [f"{i:064x}" for i in range(len(base))]
-    params = IndexParams(kind="ivf_flat", pca_dim=32, power=1.0, flat_max=0, nprobe=64)
+    params = IndexParams(kind="ivf_flat", pca_dim=32, power=1.0, flat_max=0)
     built = build_index(base, ids, [None] * len(ids), encoder_version="t", params=params)
     store = tmp_path / "store"
-    version = publish(LocalStorage(store), built)
+    publish(LocalStorage(store), built)
     np.save(tmp_path / "q.npy", queries)
-    h = hnswlib.Index(space="ip", dim=32)
-    h.init_index(max_elements=len(base), M=16, ef_construction=100, random_seed=1)
-    h.add_items(built.transform(base), np.arange(len(base)))
-    h.save_index(str(tmp_path / "h.bin"))
-
-    def probe(*args: str) -> dict:  # type: ignore[type-arg]
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.load_probe", *args, "--time"], capture_output=True, text=True, check=True
-        )
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    ours = probe("clusterlens", str(store), str(tmp_path / "q.npy"))
-    assert ours["queries"] == 40 and 0 < ours["p50_ms"] <= ours["p99_ms"]
-    assert ours["rows"] == built.search(queries[:1], 10).rows[0].tolist()
-    folder = store / "index" / version
-    peer = probe(
-        "hnswlib", str(tmp_path / "h.bin"), str(tmp_path / "q.npy"), "--ef", "200", "--raw", str(folder),
-        "--raw-rerank", str(built.raw_rerank), "--transform", str(store),
-    )  # fmt: skip
-    assert 0 < peer["p50_ms"] and len(set(peer["rows"]) & set(ours["rows"])) >= 9
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.load_probe", "clusterlens", str(store), str(tmp_path / "q.npy"), "--time"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["queries"] == 40 and 0 < got["p50_ms"] <= got["p99_ms"]
+    assert got["rows"] == built.search(queries[:1], 10).rows[0].tolist()
