@@ -65,7 +65,8 @@ def open_index(
             from shared.rows import FileRows
 
             codes, codec = FileRows(raw / RAW_CODES_FILE), RefineCodec.from_array(np.load(raw / RAW_CODEC_FILE))
-            dim -= 0 if transform is not None else codes.shape[1]
+            if transform is None:  # each query holds its index-space vector, then its raw one
+                dim -= codes.shape[1]
         prepare = None
         if transform is not None:  # raw queries, transformed here (inside each timed search)
             from shared.index import load_current

@@ -783,10 +783,8 @@ def tune_nprobe(
     setting reaches the target when its sample's mean recall less one standard error does (about 0.003
     at 1,000 queries), so the figure holds for queries the gate never saw, not only for its sample.
 
-    For IVF-PQ the re-ranked shortlist is tuned with it: at each nprobe the shortlist factor is
-    tried at 1, 2 and 4 times the plan's ``rerank`` (a shorter shortlist is a prefix of a longer
-    one, so one scan serves all three); an nprobe reaches the target when its longest shortlist
-    does, and at the smallest such nprobe the smallest factor that reaches it is kept.
+    The shortlists (IVF-PQ's and the raw re-rank's) are tuned with nprobe, and the cheapest setting that
+    reaches the target is kept: see :func:`tune_against`.
 
     Args:
         index: the index to tune (its ``nprobe`` and re-rank factor are set).
@@ -961,10 +959,7 @@ def gate_grid(index: ClusterIndex, raw: bool) -> list[tuple[int, int]]:
 
 def list_sizes(index: ClusterIndex) -> np.ndarray:
     """int64 (nlist,) rows in each list, over every segment."""
-    sizes = np.zeros(int(index.ivf.nlist), np.int64)
-    for ivf, _ in index.segments:
-        sizes += np.array([ivf.invlists.list_size(i) for i in range(int(ivf.nlist))], np.int64)
-    return sizes
+    return np.bincount(np.asarray(index.clusters), minlength=int(index.ivf.nlist)).astype(np.int64)
 
 
 def query_cost(index: ClusterIndex, scanned: float, shortlist: int, raw_width: int) -> float:

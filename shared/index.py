@@ -1035,9 +1035,8 @@ def best_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One query's best ``keep`` (>= 1) of ``rows`` (distinct, valid) by the inner products (``unit``: cosines)
     of ``xq`` with their decoded ``codes``, best first: (rows, scores). What :func:`rerank_hits` does for a
-    batch, without its bookkeeping (a full sort, -1 padding): rows are read in file order."""
-    rows = np.sort(rows)
-    scores = codec.scores(np.asarray(codes[rows]), xq, unit=unit)
+    batch, without its bookkeeping (a full sort, -1 padding)."""
+    scores = rerank_scores(codec, codes, rows[None], xq[None], unit=unit)[0]  # read in file order
     if len(rows) > keep:
         part = np.argpartition(-scores, keep - 1)[:keep]
         rows, scores = rows[part], scores[part]
