@@ -52,6 +52,7 @@ from job.index_build import (
     new_manifest,
     recall_rows,
     settle,
+    train_lists,
     training_points,
     tune_against,
 )
@@ -319,7 +320,7 @@ def build_streaming(
             x = step.apply(x)
         del x
     xt_train = read_sample(usable, transform=True)
-    ivf.train(xt_train)
+    train_lists(ivf, xt_train, plan, p.seed)
     codec = RefineCodec.train(xt_train) if plan.kind == "ivf_pq" else None
     index.is_trained = True
     k = min(10, n - 1)

@@ -11,9 +11,9 @@ import pytest
 
 from job.datasets import png_bytes
 from job.embeddings import EmbeddingStore, embed_pending
-from job.index_build import IndexParams, build_delta, build_index, plan_index, publish
+from job.index_build import IndexParams, build_delta, build_index, plan_index, publish, two_level_centroids
 from job.reindex import reindex
-from shared.features import power_normalize
+from shared.features import normalize, power_normalize
 from shared.health import health
 from shared.index import ClusterIndex, load_current, load_version
 from shared.ingest import IngestItem, ingest_bytes
@@ -138,6 +138,28 @@ def test_ivf_pq_reranks_its_shortlist_exactly(real, tmp_path: Path) -> None:  # 
     np.testing.assert_allclose(by_file.scores, hits.scores, atol=1e-6)
 
 
+def test_two_level_kmeans_splits_clusters_into_lists_by_their_points(real) -> None:  # type: ignore[no-untyped-def]
+    """Two-level k-means: exactly ``nlist`` unit centroids, close to one-level k-means' fit, and a tiny
+    first-level cluster (a few far-off points) gets a list without breaking the split."""
+    import faiss
+
+    x = power_normalize(real[0][:20000], 0.5)
+    c = two_level_centroids(x, 100, seed=0)
+    assert c.shape == (100, x.shape[1]) and np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-4)
+    flat = faiss.Kmeans(x.shape[1], 100, niter=10, spherical=True, seed=0)
+    flat.train(x)
+
+    def fit(centroids: np.ndarray) -> float:
+        return float((x @ centroids.T).max(axis=1).mean())
+
+    assert flat.centroids is not None and fit(c) >= fit(flat.centroids) - 0.01
+    assert len(np.unique((x @ c.T).argmax(axis=1))) >= 95  # (almost) every list gets rows
+    odd = np.concatenate([x[:3000], normalize(-np.ones((3, x.shape[1]), np.float32))])
+    c2 = two_level_centroids(odd, 64, seed=1)
+    assert c2.shape == (64, x.shape[1]) and np.isfinite(c2).all()
+    assert (odd[-3:] @ c2.T).max() > 0.99  # the far-off points have a list of their own
+
+
 def test_many_lists_are_found_through_a_graph_over_the_centroids(real, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """From ``coarse_graph_lists`` lists the centroids are linked in an HNSW graph: a query walks it to its
     nearest lists (the ones comparing it with every centroid finds), published, loaded and in a delta."""
@@ -147,6 +169,7 @@ def test_many_lists_are_found_through_a_graph_over_the_centroids(real, tmp_path:
     built = build_index(vectors[:-50], ids[:-50], labels[:-50], encoder_version="t", params=params)
     assert "IVF64_HNSW32" in built.manifest.factory and built.coarse_graph is not None
     assert built.manifest.plan["coarse_graph"] == 32 and built.manifest.recall.meets_target  # type: ignore[union-attr]
+    assert built.manifest.train["levels"] == 2  # with the graph, k-means in two levels
     fewer = build_index(vectors[:300], ids[:300], labels[:300], encoder_version="t", params=replace(params, nlist=8))
     assert fewer.coarse_graph is None and "HNSW" not in fewer.manifest.factory  # 8 lists: compared one by one
 

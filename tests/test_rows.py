@@ -87,3 +87,30 @@ def test_refine_codes_rank_like_the_vectors() -> None:
     unit = rerank_scores(codec, codes, rows, q, unit=True)
     np.testing.assert_allclose(unit[:, :-3], cosines[:, :-3], atol=1e-5)
     assert np.diag(unit[:, :5]).min() > 0.999  # a row's own query scores (almost) 1
+
+
+def test_refine_scores_agree_however_the_codes_are_held() -> None:
+    """In-memory codes are scored a block of queries at a time, codes read through a file (or any other
+    row reader) once per distinct row, one query alone without either: the same scores every way."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3000, 48)).astype(np.float32)
+    codec = RefineCodec.train(x)
+    codes = codec.encode(x)
+    q = rng.standard_normal((40, 48)).astype(np.float32)  # more queries than a block
+    rows = rng.integers(0, 3000, (40, 30))
+    rows[3, 10:] = -1
+    rows[7] = -1
+
+    class Reader:  # not an array: the de-duplicating path
+        def __getitem__(self, at: np.ndarray) -> np.ndarray:
+            return codes[at]
+
+    for unit in (False, True):
+        held = rerank_scores(codec, codes, rows, q, unit=unit)
+        read = rerank_scores(codec, Reader(), rows, q, unit=unit)
+        alone = np.concatenate(
+            [rerank_scores(codec, codes, rows[i : i + 1], q[i : i + 1], unit=unit) for i in range(40)]
+        )
+        assert np.isneginf(held[7]).all() and np.isneginf(held[3, 10:]).all()
+        np.testing.assert_allclose(held, read, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(held, alone, rtol=1e-5, atol=1e-4)
