@@ -85,10 +85,12 @@ bench-embed: $(STAMP) models data
 ## bench-search: clusterlens IVF-Flat / IVF-PQ vs exact search, hnswlib and autofaiss on the real 70k embeddings
 ## (train indexed, test queries) and 1M 1280-d vectors grown from them (about 40 min on 2 cores;
 ## `$(BIN)/python -m bench.search --collections real 1m 10m` adds 10M grown in the index's space); then the 1M
-## systems' warm p50 again in 3 fresh processes each (bench.search_repeat: the p50 bar uses the medians)
+## systems' warm p50 again in 3 fresh processes each (bench.search_repeat: the p50 bar uses the medians), and their
+## builds against hnswlib's (bench.build_repeat, ~13 min: the build bar uses the medians)
 bench-search: $(STAMP) $(BENCH_STAMP) models data
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.search_repeat
+	$(BIN)/python -m bench.build_repeat
 
 ## bench-http: the real uvicorn server answering the 10,000 held-out test images at concurrency 1 and 8, on the 60,000 train images and on 1M (grown from them)
 bench-http: $(STAMP) models data

@@ -361,6 +361,17 @@ def search_section(s: Result) -> list[str]:
                 f"Warm p50 ms measured again by `python -m bench.search_repeat`, {again['runs']} runs "
                 f"({again['method']}; median, min - max; the p50 bar below uses the medians): {ms}.",
             ]
+        if "build_repeats" in c:
+            again = c["build_repeats"]
+            built = ", ".join(
+                f"{n} **{v['median']:.1f}** ({min(v['build_s']):.1f} - {max(v['build_s']):.1f})"
+                for n, v in again["systems"].items()
+            )
+            out += [
+                "",
+                f"Build s measured again by `python -m bench.build_repeat`, {again['runs']} runs "
+                f"({again['method']}; median, min - max; the build bar below uses the medians): {built}.",
+            ]
         if "nn_cosine" in c:
             out += ["", f"Neighbourhoods, {neighbours(c['nn_cosine'])}."]
         if "pca256_ceiling" in c:
