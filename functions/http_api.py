@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from functions.api import images, index, jobs, labels, reports, search
+from functions.api import duplicates, images, index, jobs, labels, reports, search
 from shared import __version__
 from shared.access import API_KEY_HEADER
 from shared.http import ERROR_RESPONSES, handle_errors, protect
@@ -45,6 +45,7 @@ def create_app(
     for router in (index.router, search.router(configured), images.router(configured), jobs.router, labels.router):
         app.include_router(router)
     app.include_router(reports.router)
+    app.include_router(duplicates.router)
     handle_errors(app)
 
     @app.get("/", include_in_schema=False)

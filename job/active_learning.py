@@ -251,6 +251,29 @@ class Curve:
         }
 
 
+def _loop_sizes(
+    x_pool: np.ndarray,
+    y_pool: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    seed_frac: float,
+    batch_frac: float,
+    max_frac: float,
+) -> tuple[int, int, int, int, int]:
+    """A simulated labelling loop's sizes: pool, classes, seed set, batch, most labels.
+
+    Raises:
+        ValueError: on bad fractions or shapes.
+    """
+    if not 0 < seed_frac <= max_frac <= 1 or not 0 < batch_frac <= 1:
+        raise ValueError("need 0 < seed_frac <= max_frac <= 1 and 0 < batch_frac <= 1")
+    if len(x_pool) != len(y_pool) or len(x_test) != len(y_test) or x_pool.shape[1] != x_test.shape[1]:
+        raise ValueError("pool and test features and labels must agree")
+    n = len(y_pool)
+    n_classes = int(max(y_pool.max(), y_test.max())) + 1
+    return n, n_classes, max(2, int(round(seed_frac * n))), max(1, int(round(batch_frac * n))), int(round(max_frac * n))
+
+
 def simulate(
     x_pool: np.ndarray,
     y_pool: np.ndarray,
@@ -284,15 +307,7 @@ def simulate(
     Raises:
         ValueError: on bad fractions or shapes.
     """
-    if not 0 < seed_frac <= max_frac <= 1 or not 0 < batch_frac <= 1:
-        raise ValueError("need 0 < seed_frac <= max_frac <= 1 and 0 < batch_frac <= 1")
-    if len(x_pool) != len(y_pool) or len(x_test) != len(y_test) or x_pool.shape[1] != x_test.shape[1]:
-        raise ValueError("pool and test features and labels must agree")
-    n = len(y_pool)
-    n_classes = int(max(y_pool.max(), y_test.max())) + 1
-    seed_n = max(2, int(round(seed_frac * n)))
-    batch_n = max(1, int(round(batch_frac * n)))
-    max_n = int(round(max_frac * n))
+    n, n_classes, seed_n, batch_n, max_n = _loop_sizes(x_pool, y_pool, x_test, y_test, seed_frac, batch_frac, max_frac)
     curves: dict[str, Curve] = {}
     for seed in seeds:
         start = np.random.default_rng(seed).choice(n, size=seed_n, replace=False)
@@ -327,6 +342,101 @@ def simulate(
                 )
                 labelled[rest[pick]] = True
             curve = curves.setdefault(strategy, Curve(labeled_frac=fracs))
+            curve.accuracy.append(accs)
+            curve.seconds += time.perf_counter() - t0
+    return curves
+
+
+def noisy_answers(y: np.ndarray, n_classes: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """What an oracle that is wrong ``noise`` of the time answers for true classes ``y``: each wrong
+    answer a uniformly random other class."""
+    wrong = rng.random(len(y)) < noise
+    return np.where(wrong, (y + rng.integers(1, n_classes, len(y))) % n_classes, y)
+
+
+def simulate_relabel(
+    x_pool: np.ndarray,
+    y_pool: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    shares: Sequence[float] = (0.0, 0.2),
+    noise: float = 0.1,
+    strategy: str = "margin",
+    seeds: Sequence[int] = (0, 1, 2),
+    seed_frac: float = 0.05,
+    batch_frac: float = 0.05,
+    max_frac: float = 0.2,
+    classifier: str = "lightgbm",
+    pool_factor: float = 3.0,
+    on_round: Callable[[str, int, float, float], None] | None = None,
+) -> dict[str, Curve]:
+    """The labelling loop with a noisy oracle, with and without re-label requests.
+
+    The oracle answers wrong ``noise`` of the time (:func:`noisy_answers`), asked again it answers
+    afresh, and the latest answer is the label (as the label log keeps it). Every round spends one
+    batch of answers (``batch_frac`` of the pool): ``share`` of it re-asks the labels that confident
+    learning (:func:`job.label_issues.find_issues`, the analysis job's default) finds most likely
+    wrong among those not re-asked yet, the rest labels new images picked by ``strategy``. The x
+    axis counts answers, re-asks included, so each share spends the same labelling effort.
+
+    Returns:
+        ``"share 0.2"`` (and so on) -> its curve (accuracy on the test set, trained on the labels as
+        answered).
+
+    Raises:
+        ValueError: on bad fractions or shapes.
+    """
+    from job.label_issues import find_issues
+    from shared.features import normalize
+
+    if not 0 <= noise < 1:
+        raise ValueError("need 0 <= noise < 1")
+    n, n_classes, seed_n, batch_n, max_n = _loop_sizes(x_pool, y_pool, x_test, y_test, seed_frac, batch_frac, max_frac)
+    unit = normalize(x_pool)
+    curves: dict[str, Curve] = {}
+    for seed in seeds:
+        start = np.random.default_rng(seed).choice(n, size=seed_n, replace=False)
+        for share in shares:
+            name = f"share {share:g}"
+            t0 = time.perf_counter()
+            rng = np.random.default_rng(seed + 1000)
+            oracle = np.random.default_rng(seed + 2000)
+            given = np.full(n, -1, np.int64)
+            given[start] = noisy_answers(y_pool[start], n_classes, noise, oracle)
+            asked_again = np.zeros(n, bool)
+            spent = seed_n
+            fracs, accs = [], []
+            while True:
+                rows = np.flatnonzero(given >= 0)
+                model = fit_classifier(classifier, x_pool[rows], given[rows], seed)
+                acc = float((full_proba(model, x_test, n_classes).argmax(axis=1) == y_test).mean())
+                fracs.append(spent / n)
+                accs.append(acc)
+                if on_round:
+                    on_round(name, seed, spent / n, acc)
+                if spent >= max_n or len(rows) == n:
+                    break
+                batch = min(batch_n, max_n - spent)
+                again = int(round(share * batch))
+                if again:
+                    issues = find_issues(x_pool[rows], unit[rows], given[rows], n_classes, seed=seed)
+                    suspects = rows[issues.order]
+                    suspects = suspects[~asked_again[suspects]][:again]
+                    given[suspects] = noisy_answers(y_pool[suspects], n_classes, noise, oracle)
+                    asked_again[suspects] = True
+                    again = len(suspects)
+                rest = np.flatnonzero(given < 0)
+                new = min(batch - again, len(rest))
+                probs = full_proba(model, x_pool[rest], n_classes)
+                pick = rest[
+                    select_batch(
+                        probs, new, strategy, features=x_pool[rest], rng=rng, pool_factor=pool_factor, seed=seed
+                    )
+                ]
+                given[pick] = noisy_answers(y_pool[pick], n_classes, noise, oracle)
+                spent += again + new
+            curve = curves.setdefault(name, Curve(labeled_frac=fracs))
             curve.accuracy.append(accs)
             curve.seconds += time.perf_counter() - t0
     return curves

@@ -579,36 +579,60 @@ def anomaly_step(
     return items
 
 
-def mislabel_step(data: AnalysisData, settings: Settings, report: Report) -> list[dict[str, Any]]:
-    """Labelled images whose 10 nearest labelled neighbours confidently vote for another class."""
+def mislabel_step(
+    data: AnalysisData, settings: Settings, report: Report, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """Likely mislabels among the labelled images, by ``settings.analysis_label_issues``
+    (:mod:`job.label_issues`: cleanlab's confident learning over cross-validated probabilities, or the
+    10 nearest labelled neighbours' vote), each with why: the label given and its probability, the
+    class suggested and its probability, the neighbours' vote for it and the 5 nearest neighbours."""
+    from job.label_issues import find_issues, neighbours
+
     lab = data.labelled
     if len(lab) <= KNN_K or len(data.classes) < 2:
         report.skip("mislabels", f"needs more than {KNN_K} labelled images of two classes or more")
         return []
-    scores, nn = knn_neighbours(data.knn_space, data.knn_space, KNN_K, exclude_self=True)
+    method = settings.analysis_label_issues
     y = data.labels[lab]
-    votes = np.zeros((len(lab), len(data.classes)), np.int64)
-    for c in range(len(data.classes)):
-        votes[:, c] = (y[nn] == c).sum(axis=1)
-    top = votes.argmax(axis=1)
-    share = votes.max(axis=1) / nn.shape[1]
-    flag = np.flatnonzero((top != y) & (share >= settings.analysis_mislabel_vote))
-    order = flag[np.lexsort((-scores[flag].mean(axis=1), -share[flag]))]
-    items = [
-        {
-            "id": data.ids[int(lab[i])],
-            "label": data.classes[int(y[i])],
-            "suggested": data.classes[int(top[i])],
-            "vote": round(float(share[i]), 2),
-            "neighbours": [data.ids[int(lab[j])] for j in nn[i][:5]],
-        }
-        for i in order
-    ]
+    t0 = time.perf_counter()
+    issues = find_issues(
+        data.labelled_features,
+        data.knn_space,
+        y,
+        len(data.classes),
+        method,
+        model=settings.analysis_label_issue_model,
+        min_share=settings.analysis_mislabel_vote,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    _, nn = neighbours(data.knn_space, KNN_K)
+    items = []
+    for i in issues.order:
+        votes = y[nn[i]]
+        suggested = int(issues.suggested[i])
+        items.append(
+            {
+                "id": data.ids[int(lab[i])],
+                "label": data.classes[int(y[i])],
+                "suggested": data.classes[suggested],
+                "method": method,
+                "given_probability": round(float(issues.given_probability[i]), 4),
+                "suggested_probability": round(float(issues.suggested_probability[i]), 4),
+                "vote": round(float((votes == suggested).mean()), 2),
+                "neighbours": [data.ids[int(lab[j])] for j in nn[i][:5]],
+                "neighbour_labels": [data.classes[int(c)] for c in votes[:5]],
+            }
+        )
     report.metrics["mislabels"] = {
+        "method": method,
+        "model": issues.model,
         "labelled": int(len(lab)),
         "flagged": len(items),
-        "min_vote": settings.analysis_mislabel_vote,
+        "share": round(len(items) / len(lab), 4),
+        "min_vote": settings.analysis_mislabel_vote if method == "knn_vote" else None,
         "knn_space": data.knn_source,
+        "seconds": round(seconds, 2),
     }
     report.json("mislabels.json", {"items": items})
     return items

@@ -345,15 +345,32 @@ def render_html(report: Report, anomalies: list[dict[str, Any]], mislabels: list
     parts.append(_skipped(report, "mislabels"))
     if "mislabels" in m:
         ml = m["mislabels"]
+        if ml.get("method", "knn_vote") == "knn_vote":
+            how = f"disagree with at least {ml['min_vote']:.0%} of their 10 nearest labelled neighbours"
+        else:
+            how = (
+                f"are label issues by confident learning (cleanlab) over {ml['model']} probabilities from 5-fold "
+                "cross-validation (each image predicted by a model that never saw it)"
+            )
         parts.append(
-            f"<p>{ml['flagged']} of {ml['labelled']:,} labels disagree with at least {ml['min_vote']:.0%} of their 10 "
-            f"nearest labelled neighbours. Each row: the image, then five of its neighbours.</p>"
+            f"<p>{ml['flagged']} of {ml['labelled']:,} labels {how}. Each row: the image, then five of its "
+            "nearest labelled neighbours.</p>"
         )
-        parts.append(_img(report, "mislabels.png", "images whose label their neighbours disagree with"))
+        parts.append(_img(report, "mislabels.png", "images whose label is likely wrong"))
         parts.append(
             _table(
-                ["id", "label", "neighbours say", "vote"],
-                [[x["id"][:12], x["label"], x["suggested"], x["vote"]] for x in mislabels[:25]],
+                ["id", "label", "p(label)", "suggested", "p(suggested)", "neighbours' vote"],
+                [
+                    [
+                        x["id"][:12],
+                        x["label"],
+                        x.get("given_probability", ""),
+                        x["suggested"],
+                        x.get("suggested_probability", ""),
+                        x["vote"],
+                    ]
+                    for x in mislabels[:25]
+                ],
             )
         )
 

@@ -61,7 +61,7 @@ def run_analysis(
     else:
         report.skip("classify_model", "no classifier was trained")
     anomalies = timed("anomalies", lambda: anomaly_step(data, clusters, settings, report))
-    mislabels = timed("mislabels", lambda: mislabel_step(data, settings, report))
+    mislabels = timed("mislabels", lambda: mislabel_step(data, settings, report, step_progress))
 
     version = claim_next(storage, REPORTS)
     created = datetime.now(UTC).isoformat(timespec="seconds")

@@ -322,6 +322,66 @@ def run_simulation(
 # -- the picture ----------------------------------------------------------------------------------
 
 
+def run_relabel_simulation(
+    data: SimulationData,
+    *,
+    shares: Sequence[float] = (0.0, 0.2),
+    noise: float = 0.1,
+    strategy: str = "margin",
+    seeds: Sequence[int] = (0, 1, 2),
+    max_frac: float = 0.2,
+    classifier: str = "lightgbm",
+    pca_dim: int = 128,
+    on_round: Callable[[str, int, float, float], None] | None = None,
+) -> dict[str, Any]:
+    """The labelling loop with an oracle wrong ``noise`` of the time, for each relabel share
+    (:func:`job.active_learning.simulate_relabel`), on the features :func:`run_simulation` uses.
+
+    Returns:
+        ``{"share <s>": curve, "accuracy_at": {"0.1": {"share <s>": mean accuracy}, "0.2": ...},
+        "config", "seconds"}``.
+    """
+    from job.active_learning import simulate_relabel
+
+    t0 = time.perf_counter()
+    space = FeatureSpace(dim=pca_dim).fit(data.x_pool)
+    x_pool, x_test = space.transform(data.x_pool), space.transform(data.x_test)
+    curves = simulate_relabel(
+        x_pool,
+        data.y_pool,
+        x_test,
+        data.y_test,
+        shares=shares,
+        noise=noise,
+        strategy=strategy,
+        seeds=tuple(seeds),
+        max_frac=max_frac,
+        classifier=classifier,
+        on_round=on_round,
+    )
+    out: dict[str, Any] = {name: c.summary() for name, c in curves.items()}
+    at: dict[str, dict[str, float]] = {}
+    for name, c in out.items():
+        for frac, acc in zip(c["labeled_frac"], c["accuracy_mean"], strict=True):
+            if any(abs(frac - f) < 1e-6 for f in (0.1, 0.2)):
+                at.setdefault(f"{frac:g}", {})[name] = acc
+    out["accuracy_at"] = at
+    out["config"] = {
+        "pool": len(data.y_pool),
+        "test": len(data.y_test),
+        "noise": noise,
+        "shares": list(shares),
+        "strategy": strategy,
+        "classifier": classifier,
+        "pca_dim": pca_dim,
+        "seeds": list(seeds),
+        "batch_frac": 0.05,
+        "seed_frac": 0.05,
+    }
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def _strategy_curves(block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The (name, curve) entries of a result (or its small-batch block), strategies in canonical order."""
     names = [s for s in STRATEGIES if s in block] + [s for s in block if s not in STRATEGIES]

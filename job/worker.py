@@ -304,6 +304,32 @@ def run_ingest_container(ctx: JobContext) -> dict[str, Any]:
     )
 
 
+def run_dedupe(ctx: JobContext) -> dict[str, Any]:
+    """Calibrate the near-duplicate threshold and publish the groups (see :mod:`job.duplicates`)."""
+    from job.duplicates import run_dedupe as dedupe
+    from shared.errors import NotReady
+
+    try:
+        result = dedupe(
+            ctx.storage,
+            ctx.settings,
+            ctx.encoder_factory(),
+            seed=int(ctx.message.params.get("seed", 0)),
+            progress=lambda name: ctx.progress(0, None, name),
+        )
+    except NotReady as exc:  # no index yet: trying again will not help until one is built
+        raise PermanentJobError(exc.message, code=exc.code) from exc
+    return {
+        "version": result.version,
+        "threshold": result.calibration["threshold"],
+        "expected_precision": result.calibration["expected_precision"],
+        "expected_recall": result.calibration["expected_recall"],
+        "groups": result.groups,
+        "images": result.images,
+        "seconds": result.seconds,
+    }
+
+
 HANDLERS: dict[str, Handler] = {
     "embed": run_embed,
     "reindex": run_reindex,
@@ -311,6 +337,7 @@ HANDLERS: dict[str, Handler] = {
     "retrain": run_retrain,
     "analyse": run_analyse,
     "ingest_container": run_ingest_container,
+    "dedupe": run_dedupe,
 }
 
 

@@ -223,6 +223,16 @@ class LabelSetRequest(Body):
     invalid: ClassVar[str] = "invalid_label_set"
 
 
+class ResolveRequest(Body):
+    """``POST /api/duplicates/{group}/resolve``: the image to keep (default: the group's suggested keeper)."""
+
+    keep: Annotated[str, Field(pattern=IMAGE_ID_PATTERN)] | Unset = Field(
+        default=None, description="the image kept in search; the group's others are hidden"
+    )
+    user: str | None = Field(default=None, pattern=USER_PATTERN, description="who resolves (default anonymous)")
+    codes: ClassVar[dict[str, str]] = {"keep": "invalid_id", "user": "invalid_user"}
+
+
 class SearchQuery(Body):
     """``POST /api/search`` as JSON: exactly one of ``id`` (similar images) or ``text`` (text-to-image)."""
 

@@ -317,6 +317,12 @@ class AnalyseParams(Body):
     map_sample: Annotated[int, Field(strict=True, ge=100, le=200_000)] | Unset = Field(default=None)
 
 
+class DedupeParams(Body):
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)] | Unset = Field(
+        default=None, description="seeds the calibration sample and its transforms"
+    )
+
+
 class EmbedParams(Body):
     all: Annotated[bool, Field(strict=True)] | Unset = Field(
         default=None, description="every image not embedded yet, not only this job's"
@@ -358,6 +364,11 @@ class AnalyseJob(_Job):
     params: AnalyseParams = Field(default_factory=AnalyseParams)
 
 
+class DedupeJob(_Job):
+    kind: Literal["dedupe"]
+    params: DedupeParams = Field(default_factory=DedupeParams)
+
+
 class EmbedJob(_Job):
     kind: Literal["embed"]
     params: EmbedParams = Field(default_factory=EmbedParams)
@@ -368,7 +379,7 @@ class IngestContainerJob(_Job):
     params: IngestContainerParams
 
 
-JobUnion = ReindexJob | RetrainJob | TrainHeadJob | AnalyseJob | EmbedJob | IngestContainerJob
+JobUnion = ReindexJob | RetrainJob | TrainHeadJob | AnalyseJob | EmbedJob | IngestContainerJob | DedupeJob
 
 
 class JobRequest(RootModel[Annotated[JobUnion, Field(discriminator="kind")]]):
@@ -381,7 +392,15 @@ class JobRequest(RootModel[Annotated[JobUnion, Field(discriminator="kind")]]):
     }
     invalid: ClassVar[str] = "invalid_body"
     not_object: ClassVar[str] = "invalid_json"
-    tags: ClassVar[tuple[str, ...]] = ("reindex", "retrain", "train_head", "analyse", "embed", "ingest_container")
+    tags: ClassVar[tuple[str, ...]] = (
+        "reindex",
+        "retrain",
+        "train_head",
+        "analyse",
+        "embed",
+        "ingest_container",
+        "dedupe",
+    )
 
     def message(self, idempotency_key: str | None = None) -> JobMessage:
         """The job's message (the header's idempotency key wins over the body's).

@@ -2,7 +2,9 @@
 
 API side (numpy only). The queue comes from the published classifier (computed by the retrain job
 for each strategy); before the first classifier, or once its queue is used up, images are offered
-round-robin over the index's clusters, so the first labels cover the collection.
+round-robin over the index's clusters, so the first labels cover the collection. With
+``CLUSTERLENS_AL_RELABEL_SHARE`` a share of each batch re-asks for the labels the latest analysis
+report found most likely wrong (``picked_by: "relabel"``, with the label now and the suggestion).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import numpy as np
 
 from shared.catalog import Catalog, check_image_id
 from shared.classifier import ClassifierView
-from shared.errors import BadRequest, ClusterlensError
+from shared.errors import BadRequest, ClusterlensError, NotFound
 from shared.index import ClusterIndex
 from shared.jobs import JobMessage, enqueue
 from shared.labels import STRATEGIES, LabelSet, check_class_name, check_user
 from shared.live_index import LiveIndex
 from shared.queues import JobQueues
+from shared.reports import current_report, review_list
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
     skip[labelled] = True
     skip[index.hidden] = True
     picked: list[tuple[int, float | None, str]] = []
+    relabel = _relabel_requests(live, index, int(round(live.settings.al_relabel_share * n)))
+    picked += [(row, None, "relabel") for row, _ in relabel]
     if view is not None:
         queued = view.queue.get(strategy, [])
         rows = index.rows_of([q["id"] for q in queued])
@@ -72,18 +77,22 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
                 picked.append((int(row), None, "cluster_round_robin"))
                 if len(picked) == n:
                     break
+    why = {row: item for row, item in relabel}
     items = []
     for row, score, source in picked:
         image_id = str(index.ids[row])
-        items.append(
-            {
-                "id": image_id,
-                "cluster": int(index.clusters[row]),
-                "prediction": view.prediction(image_id) if view else None,
-                "uncertainty": score,
-                "picked_by": source,
-            }
-        )
+        item = {
+            "id": image_id,
+            "cluster": int(index.clusters[row]),
+            "prediction": view.prediction(image_id) if view else None,
+            "uncertainty": score,
+            "picked_by": source,
+        }
+        if row in why:  # a re-label request: the label now and what the report suggests
+            item["label"] = why[row]["label"]
+            item["suggested"] = why[row]["suggested"]
+            item["given_probability"] = why[row].get("given_probability")
+        items.append(item)
     label_set = live.overlay.labels.label_set()
     entries = len(live.overlay.labels.entries())
     return {
@@ -94,6 +103,27 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
         "labelled": len(labelled),
         "unlabelled": int(index.count - len(labelled) - len(index.hidden)),
     }
+
+
+def _relabel_requests(live: LiveIndex, index: ClusterIndex, n: int) -> list[tuple[int, dict[str, Any]]]:
+    """Up to ``n`` of the latest report's likely mislabels (most suspect first) still labelled as the
+    report found them: (row, report item). None without a report or with ``n`` = 0."""
+    if n <= 0 or current_report(live.storage) is None:
+        return []
+    try:
+        listed = review_list(live.storage, "mislabels", 500, 0)
+    except (NotFound, BadRequest):
+        return []
+    out: list[tuple[int, dict[str, Any]]] = []
+    hidden = set(index.hidden.tolist())
+    for item in listed["items"]:
+        row = index.row_of(item["id"])
+        if row is None or row in hidden or index.label_of(row) != item["label"]:
+            continue  # not indexed, hidden, or relabelled since
+        out.append((row, item))
+        if len(out) == n:
+            break
+    return out
 
 
 def _classifier_summary(view: ClassifierView | None, entries: int) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from shared.catalog import Catalog, ImageRecord
 from shared.errors import NotReady
+from shared.hidden import hidden_ids
 from shared.index import ClusterIndex, current_version, load_version
 from shared.index_files import prune_cache, served_folders
 from shared.overlay import LabelOverlay
@@ -100,10 +101,17 @@ class LiveIndex:
                 log.exception("pruning the index download cache failed; serving %s", version)
 
     def _hide_deleted(self, index: ClusterIndex) -> None:
-        """Leave deleted images (tombstones in storage) out of this index's answers."""
-        rows = [index.row_of(i) for i in Catalog(self.storage).deleted_ids()]
+        """Leave deleted images (tombstones in storage) and those hidden by a resolved near-duplicate
+        group (:mod:`shared.duplicates`) out of this index's answers."""
+        gone = Catalog(self.storage).deleted_ids() | hidden_ids(self.storage)
+        rows = [index.row_of(i) for i in gone]
         deleted = np.array(sorted(r for r in rows if r is not None), dtype=np.int64)
         index.hidden = np.union1d(deleted, index.duplicates).astype(np.int64)
+
+    def refresh_hidden(self) -> None:
+        """Apply deletions and resolved near-duplicate groups now (after resolving one here)."""
+        if self._index is not None:
+            self._hide_deleted(self._index)
 
     def refresh_labels(self) -> None:
         """Apply labels written since the last look now (after taking labels)."""

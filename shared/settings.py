@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUEUE_NAME = r"^[a-z0-9][a-z0-9-]{1,56}[a-z0-9]$"
 # The job kinds: here, not in shared.jobs, as a setting names them and shared.jobs imports modules that import this.
-JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse", "ingest_container"]
+JobKind = Literal["embed", "reindex", "train_head", "retrain", "analyse", "ingest_container", "dedupe"]
 
 
 class Settings(BaseSettings):
@@ -191,6 +191,13 @@ class Settings(BaseSettings):
     al_class_balance: float = Field(
         default=0, ge=0, le=1, description="Cap on one predicted class's share of the queue; 0: off."
     )
+    al_relabel_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of each labelling batch given to re-label requests for the latest report's likely "
+        "mislabels (most suspect first); 0: new images only.",
+    )
     label_queue_size: int = Field(default=500, ge=1, le=100_000, description="Queue length computed per retrain.")
     max_label_batch: int = Field(default=500, ge=1, le=10_000, description="Labels per POST /api/labels.")
     retrain_after_labels: int = Field(
@@ -216,8 +223,27 @@ class Settings(BaseSettings):
     analysis_mislabel_vote: float = Field(
         default=0.7, gt=0.5, le=1, description="Flag a label when this share of its 10 neighbours says otherwise."
     )
+    analysis_label_issues: Literal["confident_learning", "knn_vote"] = Field(
+        default="confident_learning",
+        description="How likely mislabels are found: cleanlab's confident learning over cross-validated "
+        "probabilities, or the 10 nearest labelled neighbours' vote (analysis_mislabel_vote).",
+    )
+    analysis_label_issue_model: Literal["logistic+knn", "logistic", "lightgbm"] = Field(
+        default="logistic+knn",
+        description="Where confident learning's out-of-sample probabilities come from: a cross-validated "
+        "classifier, or the mean of logistic regression's and the 20 nearest labelled neighbours' weighted vote.",
+    )
     analysis_contact_per_cluster: int = Field(default=8, ge=1, le=32)
     analysis_keep_versions: int = Field(default=5, ge=1)
+
+    # Near-duplicates: `clusterlens dedupe`, job kind dedupe (job/duplicates.py)
+    dedupe_precision: float = Field(
+        default=0.98, gt=0.5, lt=1, description="Precision the calibrated near-duplicate threshold is chosen for."
+    )
+    dedupe_calibration_images: int = Field(
+        default=200, ge=10, le=20_000, description="Images copied (5 transforms each) to calibrate the threshold."
+    )
+    dedupe_flip: bool = Field(default=False, description="A mirrored copy of an image counts as its duplicate.")
 
     # Access: read endpoints are open unless a read key is set; write/admin endpoints are closed
     # until a write key is set (or the platform's sign-in is trusted). See shared/access.py.

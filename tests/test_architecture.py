@@ -94,7 +94,8 @@ def test_the_http_layer_stays_thin() -> None:
     """functions/ parses, calls one core function and answers: small in total, every route short."""
     files = sorted((ROOT / "functions").rglob("*.py"))
     total = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
-    assert total <= 460, f"functions/ is {total} lines: move logic into shared/"
+    # 460 before the near-duplicates routes (functions/api/duplicates.py: three routes, no logic)
+    assert total <= 520, f"functions/ is {total} lines: move logic into shared/"
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:

@@ -204,6 +204,51 @@ def test_review_lists_and_relabel(page: Any, server: str) -> None:
     assert page.locator("#review-anomalies .review-item").count() == 29
 
 
+def _plant_a_copy(server: str) -> tuple[str, str]:
+    """A gamma-curved copy of a collection image, uploaded and waited for until it is searchable."""
+    import io
+    import time
+
+    from PIL import Image
+
+    original = httpx.get(server + "/api/label-queue", params={"n": 1}).json()["items"][0]["id"]
+    pixels = np.asarray(Image.open(io.BytesIO(httpx.get(f"{server}/api/images/{original}").content)).convert("L"))
+    edited = png((255.0 * (pixels / 255.0) ** 1.2).round().astype(np.uint8))
+    sent = httpx.post(server + "/api/images", files={"image": ("copy.png", edited, "image/png")}, headers=AUTH)
+    assert sent.status_code == 201, sent.text
+    copy = sent.json()["id"]
+    deadline = time.monotonic() + 90
+    while httpx.post(server + "/api/search", json={"id": copy, "k": 1}).status_code != 200:
+        assert time.monotonic() < deadline, "the uploaded copy never became searchable"
+        time.sleep(0.5)
+    return original, copy
+
+
+def test_duplicates_found_resolved_and_undone(page: Any, server: str) -> None:
+    original, copy = _plant_a_copy(server)
+    page.click("nav a[data-view=duplicates]")
+    page.wait_for_function("document.querySelector('#dup-error').textContent.length > 0")
+    assert "no near-duplicate search yet" in page.inner_text("#dup-error")
+    page.click("#dup-run")  # starts a dedupe job and follows it until its groups are shown
+    page.wait_for_selector("#dup-groups .dup-group", timeout=90_000)
+    assert "groups at similarity" in page.inner_text("#dup-meta") and page.is_visible("#dup-hist")
+    listed = httpx.get(server + "/api/duplicates", params={"limit": 50}).json()
+    assert page.locator("#dup-groups .dup-group").count() == len(listed["items"]) > 0
+    assert {original, copy} in [{m["id"] for m in g["images"]} for g in listed["items"]]
+    shot(page, "duplicates")
+    group = page.locator("#dup-groups .dup-group").first
+    first = listed["items"][0]
+    hidden = [m["id"] for m in first["images"] if m["id"] != first["keeper"]]
+    group.locator("button", has_text="Keep the suggested one").click()
+    page.wait_for_selector("#dup-groups .dup-group >> nth=0 >> text=kept")
+    found = httpx.post(server + "/api/search", json={"id": first["keeper"], "k": 20}, headers=AUTH).json()
+    assert not set(hidden) & {r["id"] for r in found["results"]}  # hidden from search
+    page.locator("#dup-groups .dup-group").first.locator("button", has_text="Undo").click()
+    page.wait_for_selector("#dup-groups .dup-group >> nth=0 >> text=Keep the suggested one")
+    again = httpx.get(server + "/api/duplicates", params={"limit": 1}).json()["items"][0]
+    assert again["group"] == first["group"] and again["resolved"] is False
+
+
 def test_upload_then_searchable(page: Any, tmp_path: Path, fashion_test) -> None:  # type: ignore[no-untyped-def]
     page.click("nav a[data-view=upload]")
     page.set_input_files("#upfiles", str(_query_file(tmp_path, fashion_test, "Bag")))

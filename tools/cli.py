@@ -323,6 +323,31 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings, storage: Storage) 
     return 0
 
 
+def cmd_dedupe(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
+    from job.duplicates import run_dedupe
+
+    if args.precision is not None:
+        settings = settings.model_copy(update={"dedupe_precision": args.precision})
+    bar = _progress(None, "dedupe", unit="step")
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    result = run_dedupe(storage, settings, _encoder(settings), seed=args.seed, progress=stage)
+    bar.close()
+    c = result.calibration
+    print(
+        f"near-duplicates {result.version}: {result.groups} groups of {result.images} images at similarity >= "
+        f"{c['threshold']} (calibrated on {c['copies']} copies for precision {c['target_precision']}: expected "
+        f"precision {c['expected_precision']}, recall {c['expected_recall']})"
+    )
+    if not c["reached"]:
+        print("  no threshold reaches the target precision here: only identical images are grouped")
+    print("  see them: GET /api/duplicates, or the page's Duplicates view")
+    return 0
+
+
 def cmd_analyse(args: argparse.Namespace, settings: Settings, storage: Storage) -> int:
     from job.run_analysis import run_analysis, summary
     from shared.storage import REPORTS
@@ -723,6 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", nargs="+", choices=("pca", "umap", "tsne"), help="which 2-D maps (default: all)")
     p.set_defaults(func=cmd_analyse)
 
+    p = sub.add_parser("dedupe", help="calibrate the near-duplicate threshold, find the groups, publish them")
+    p.add_argument("--precision", type=float, help="target precision (default: CLUSTERLENS_DEDUPE_PRECISION)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the calibration sample and transforms")
+    p.set_defaults(func=cmd_dedupe)
+
     p = sub.add_parser("simulate-al", help="replay active learning on a labelled dataset (true labels as oracle)")
     p.add_argument("--dataset", choices=("fashion-mnist",), default="fashion-mnist")
     p.add_argument("--limit", type=int, help="pool: the first N training images (default all 60,000)")
@@ -760,7 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=("list", "show", "start"), default="list")
     p.add_argument("--id", help="job id (show)")
     p.add_argument(
-        "--kind", choices=("reindex", "retrain", "train_head", "analyse", "ingest_container"), help="job kind (start)"
+        "--kind",
+        choices=("reindex", "retrain", "train_head", "analyse", "ingest_container", "dedupe"),
+        help="job kind (start)",
     )
     p.add_argument("--container", help="start ingest_container: the Blob container to register in place")
     p.add_argument("--prefix", help="start ingest_container: only blobs whose names start with this")

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from functions.api.context import READ, WRITE, Ctx, image_url, job_url
 from shared.api_models import IMAGE_ID_PATTERN, form_body, parse_fields, upload_form
 from shared.catalog import Catalog
+from shared.duplicates import ThresholdCache, near_duplicate_of
 from shared.http import IMAGE_TYPES, read_image
 from shared.imaging import CONTENT_TYPES
 from shared.settings import Settings
@@ -27,6 +28,7 @@ FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
 def router(settings: Settings) -> APIRouter:
     api, writes = APIRouter(), APIRouter(dependencies=WRITE)
     form = upload_form(settings.max_text_chars)
+    thresholds = ThresholdCache(settings.index_refresh_seconds)  # the near-duplicate check's threshold
     upload = {"requestBody": form_body(form, IMAGE_TYPES)}
 
     @api.get("/api/images/{image_id}", summary="The stored image bytes", responses=BYTES, dependencies=READ)
@@ -52,6 +54,10 @@ def router(settings: Settings) -> APIRouter:
         body: dict[str, Any] = {"id": result.id, "status": result.status, "url": image_url(result.id)}
         if accepted.job is not None:
             body["job"] = {"id": accepted.job.job_id, "url": job_url(accepted.job.job_id)}
+        if result.status == "added":
+            near = await run_in_threadpool(near_duplicate_of, ctx.service, thresholds, data, result.id)
+            if near is not None:  # a warning, not a refusal: the image is stored all the same
+                body["near_duplicate"] = {**near, "url": image_url(near["id"])}
         return JSONResponse(body, status_code=201 if result.status == "added" else 200)
 
     api.include_router(writes)
