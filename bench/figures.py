@@ -661,6 +661,98 @@ def quality_section(q: Result) -> list[str]:
     return out
 
 
+def _f1(row: dict[str, Any]) -> str:
+    spread = f" ({row['f1_min']:.3f}-{row['f1_max']:.3f})" if "f1_min" in row else ""
+    return f"{row['f1']:.3f}{spread}"
+
+
+def data_quality_section(d: Result) -> list[str]:
+    """Likely mislabels against flipped labels, re-label requests with a noisy oracle, near-duplicates
+    against planted copies."""
+    li, dup = d["label_issues"], d["duplicates"]
+    out = [
+        *heading("Data quality", d, "make bench-quality"),
+        "### Likely mislabels",
+        "",
+        f"{li['method']}. Features: {li['features']}.",
+        "",
+    ]
+    rows = []
+    for noise, methods in li["summary"].items():
+        for name, m in methods.items():
+            label = f"**{name}** (default)" if name == li["default"] else name
+            rows.append([noise, label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", _f1(m), f"{m['seconds']:.1f}"])
+    out += table(["flips", "method", "precision", "recall", "F1 (min-max)", "s"], rows)
+    bar = li["bar"]
+    out += [
+        "",
+        f"Bar: F1 ≥ {bar['target']:.2f} on random flips for the default: {bar['f1_random']:.3f}, {met(bar['met'])}.",
+        "",
+    ]
+    rel = d.get("relabel")
+    if rel:
+        shares = [k for k in rel if k.startswith("share ")]
+        out += ["### Re-label requests in the labelling loop", "", f"{rel['method']}.", ""]
+        out += table(
+            ["labels (share of the pool)", *(f"accuracy, {s} re-asked" for s in shares)],
+            [[f"{float(f):.0%}", *(f"{rel['accuracy_at'][f][s]:.4f}" for s in shares)] for f in rel["accuracy_at"]],
+        )
+        out += [""]
+    out += [
+        "### Near-duplicates",
+        "",
+        f"{dup['method']}: {num(dup['images'])} images, {num(dup['copy_pairs'])} copy pairs.",
+        "",
+    ]
+    ours = dup["clusterlens"]
+    c = ours["calibration"]
+    out += [
+        f"The dedupe job's calibration ({c['copies']} copies of {c['copies'] // 5} of the collection's images): "
+        f"threshold **{c['threshold']:.4f}** for precision {c['target_precision']}, expected precision "
+        f"{c['expected_precision']:.3f} and recall {c['expected_recall']:.3f}, estimated share of duplicated images "
+        f"{c['duplicate_share']:.3f}; copies' median similarity {c['copy_similarity']['p50']:.3f}, nearest other "
+        f"image's {c['nearest_similarity']['p50']:.3f} (p99 {c['nearest_similarity']['p99']:.3f}).",
+        "",
+    ]
+    rows = [
+        [
+            "**clusterlens** (calibrated threshold)",
+            f"cosine ≥ {c['threshold']:.4f}",
+            f"{ours['precision']:.3f}",
+            f"{ours['recall']:.3f}",
+            f"{ours['f1']:.3f}",
+            num(ours["pairs_predicted"]),
+        ]
+    ]
+    for method, h in dup["imagededup"].items():
+        for key, what in (("default_distance_10", "its default"), ("best", "best F1, tuned on the answers")):
+            r = h[key]
+            rows.append(
+                [
+                    f"imagededup {method.upper()}",
+                    f"Hamming ≤ {r['distance']} ({what})",
+                    f"{r['precision']:.3f}",
+                    f"{r['recall']:.3f}",
+                    f"{r['f1']:.3f}",
+                    "",
+                ]
+            )
+    out += table(["system", "threshold", "precision", "recall", "F1", "pairs flagged"], rows)
+    by = ", ".join(f"{k} {v:.2f}" for k, v in ours["recall_by_transform"].items())
+    b = dup["bar"]
+    out += [
+        "",
+        f"clusterlens recall by transform: {by}. Seconds: "
+        + ", ".join(f"{k} {v}" for k, v in ours["stage_seconds"].items())
+        + ".",
+        "",
+        "Bar: precision ≥ 0.97 and recall ≥ 0.90, F1 ahead of the best hash "
+        f"({b['best_hash']} {b['best_hash_f1']:.3f}): precision {b['precision']:.3f}, recall {b['recall']:.3f}, "
+        f"F1 {b['f1']:.3f}: {met(b['met'])}.",
+    ]
+    return out
+
+
 def reliability_section(r: Result) -> list[str]:
     statuses = ", ".join(f"{k}: {num(v)}" for k, v in r["fuzz_statuses"].items())
     mix = ", ".join(f"{k} {num(v)}" for k, v in r["load_mix"].items())
@@ -1169,9 +1261,6 @@ def add_part(add: dict[str, Any]) -> list[str]:
     return out
 
 
-SECTIONS = ("embed", "search", "http", "active_learning", "cluster", "quality", "reliability", "crash", "cost", "scale")
-
-
 def full_reindex_part(fr: dict[str, Any]) -> list[str]:
     """The full-reindex rows of the scale section: seconds, peak RSS, requests, against the bars."""
     runs = fr["runs"]
@@ -1219,7 +1308,19 @@ def full_reindex_part(fr: dict[str, Any]) -> list[str]:
     return out
 
 
-SECTIONS = ("embed", "search", "http", "active_learning", "cluster", "quality", "reliability", "crash", "cost", "scale")
+SECTIONS = (
+    "embed",
+    "search",
+    "http",
+    "active_learning",
+    "cluster",
+    "quality",
+    "reliability",
+    "crash",
+    "cost",
+    "scale",
+    "data_quality",
+)
 
 
 def scale_row(sc: Result) -> list[str]:
@@ -1258,6 +1359,20 @@ def scale_row(sc: Result) -> list[str]:
     return [what, figure, sc.machine]
 
 
+def data_quality_row(dq: Result) -> list[str]:
+    li, dup = dq["label_issues"], dq["duplicates"]
+    ours, b = dup["clusterlens"], dup["bar"]
+    return [
+        f"[data quality](docs/figures.md#data-quality): {num(li['images'])} Fashion-MNIST labels, 10% flipped; "
+        f"{num(dup['copy_pairs'])} planted copies among {num(dup['images'])} images",
+        f"likely mislabels F1 **{li['summary']['random'][li['default']]['f1']:.3f}** on random flips "
+        f"(neighbours' vote {li['summary']['random']['knn_vote']['f1']:.3f}); near-duplicates at the calibrated "
+        f"threshold: precision **{ours['precision']:.3f}**, recall **{ours['recall']:.3f}** "
+        f"(best hash F1 {b['best_hash_f1']:.3f}, ours {ours['f1']:.3f})",
+        dq.machine,
+    ]
+
+
 def render_figures(results: Path = RESULTS) -> str:
     """docs/figures.md, from the JSON files in ``results``.
 
@@ -1279,7 +1394,7 @@ def render_figures(results: Path = RESULTS) -> str:
         "",
         "- [Embedding](#embedding) · [Search](#search) · [HTTP](#http) · [Active learning](#active-learning) · "
         "[Clustering](#clustering) · [Quality](#quality) · [Reliability](#reliability) · "
-        "[Crash trials](#crash-trials) · [Cost](#cost) · [Scale](#scale)",
+        "[Crash trials](#crash-trials) · [Cost](#cost) · [Scale](#scale) · [Data quality](#data-quality)",
         "",
     ]
     sections = [
@@ -1293,6 +1408,7 @@ def render_figures(results: Path = RESULTS) -> str:
         crash_section(r["crash"]),
         cost_section(r["cost"], r["search"]),
         scale_section(r["scale"]),
+        data_quality_section(r["data_quality"]),
     ]
     for section in sections:
         lines += section + [""]
@@ -1319,7 +1435,7 @@ def render_headline(results: Path = RESULTS) -> str:
     Raises:
         FiguresError: if a file is missing or lacks a figure.
     """
-    e, s, h, a, c, q, rel, cr, co, sc = (load(results, name) for name in SECTIONS)
+    e, s, h, a, c, q, rel, cr, co, sc, dq = (load(results, name) for name in SECTIONS)
     co_a = cost_arithmetic(co, s)
     t4 = co_a["gpu"]["Consumption-GPU-NC8as-T4"]
     big_n, big = search_largest(s)
@@ -1402,6 +1518,7 @@ def render_headline(results: Path = RESULTS) -> str:
             co.machine,
         ],
         scale_row(sc),
+        data_quality_row(dq),
     ]
     lines = [GENERATED, "", *table(["what", "figure", "machine"], rows)]
     return "\n".join(lines) + "\n"
