@@ -38,6 +38,8 @@ EXPECTED_WRITES = {
     ("post", "/api/labels"),
     ("put", "/api/label-set"),
     ("post", "/api/index/rollback"),
+    ("post", "/api/duplicates/{group}/resolve"),
+    ("post", "/api/duplicates/{group}/unresolve"),
 }
 SAMPLE_ID = "0" * 64
 

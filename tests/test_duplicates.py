@@ -177,7 +177,7 @@ def test_an_upload_is_warned_of_its_near_duplicate(deduped: Deduped) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "code"),
     [
-        ("post", "/api/duplicates/0123456789abcdef/resolve", None, 404, "group_not_found"),
+        ("post", "/api/duplicates/ffffffffffffffff/resolve", None, 404, "group_not_found"),
         ("post", "/api/duplicates/not-a-group/resolve", None, 400, "invalid_group"),
         ("post", "/api/duplicates/{group}/resolve", {"keep": "0" * 64}, 400, "not_in_group"),
         ("post", "/api/duplicates/{group}/resolve", {"keep": "nope"}, 400, "invalid_id"),

@@ -1,4 +1,5 @@
-"""Jobs: start one (reindex, retrain, train_head, analyse, embed, ingest_container), follow it, list the recent ones."""
+"""Jobs: start one (reindex, retrain, train_head, analyse, embed, ingest_container, dedupe), follow it, list
+the recent ones."""
 
 from __future__ import annotations
 

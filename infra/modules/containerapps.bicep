@@ -2,7 +2,7 @@
 // jobs running `python -m job`, each started by KEDA while its queue has messages (azure-queue scaler,
 // authenticated with the user-assigned identity: no connection string):
 // - `<prefix>-gpu` on the GPU profile takes `jobs-gpu` (embed, train_head);
-// - `<prefix>-cpu` on the Consumption profile takes `jobs` (reindex, retrain, analyse, ingest_container): no GPU billed for
+// - `<prefix>-cpu` on the Consumption profile takes `jobs` (reindex, retrain, analyse, ingest_container, dedupe): no GPU billed for
 //   work that cannot use one.
 // A GPU workload profile can only be added when the environment is created: changing gpuProfileType on an
 // existing environment fails; delete the environment (or deploy a new one) to change it.

@@ -58,7 +58,7 @@ var blobContainers = [
 ]
 
 var queues = [
-  'jobs' // reindex, retrain, analyse, ingest_container: the CPU job
+  'jobs' // reindex, retrain, analyse, ingest_container, dedupe: the CPU job
   'jobs-gpu' // embed, train_head: the GPU job
   'jobs-poison'
 ]

@@ -61,7 +61,7 @@ resource "azurerm_container_app_environment_storage" "index" {
 # Two jobs running `python -m job`, each started by KEDA while its queue has messages
 # (azure-queue scaler authenticated with the managed identity): "gpu" on the GPU profile
 # takes jobs-gpu (embed, train_head), "cpu" on the Consumption profile takes jobs
-# (reindex, retrain, analyse, ingest_container), so no GPU is billed for work that cannot use one.
+# (reindex, retrain, analyse, ingest_container, dedupe), so no GPU is billed for work that cannot use one.
 resource "azurerm_container_app_job" "worker" {
   for_each = local.jobs
 

@@ -28,7 +28,7 @@ locals {
     "deployments",
   ])
 
-  # jobs: reindex, retrain, analyse, ingest_container (the CPU job); jobs-gpu: embed, train_head (the GPU job).
+  # jobs: reindex, retrain, analyse, ingest_container, dedupe (the CPU job); jobs-gpu: embed, train_head (the GPU job).
   queues = toset(["jobs", "jobs-gpu", "jobs-poison"])
 
   # Settings shared by the function app and the job (infra/app-settings.json).

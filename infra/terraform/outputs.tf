@@ -24,7 +24,7 @@ output "gpu_job_name" {
 }
 
 output "cpu_job_name" {
-  description = "The Container Apps job on the Consumption profile (reindex, retrain, analyse, ingest_container)."
+  description = "The Container Apps job on the Consumption profile (reindex, retrain, analyse, ingest_container, dedupe)."
   value       = azurerm_container_app_job.worker["cpu"].name
 }
 
