@@ -701,7 +701,14 @@ def data_quality_section(d: Result) -> list[str]:
     out += [
         "### Near-duplicates",
         "",
-        f"{dup['method']}: {num(dup['images'])} images, {num(dup['copy_pairs'])} copy pairs.",
+        f"{dup['method']}: {num(dup['images'])} images, {num(dup['copy_pairs'])} copy pairs"
+        + (
+            f" ({dup['copies_identical_to_their_original']} more copies had their original's bytes: stored once at "
+            "ingest, no pair to find)"
+            if dup.get("copies_identical_to_their_original")
+            else ""
+        )
+        + ".",
         "",
     ]
     ours = dup["clusterlens"]
@@ -724,6 +731,19 @@ def data_quality_section(d: Result) -> list[str]:
             num(ours["pairs_predicted"]),
         ]
     ]
+    tuned = ours.get("tuned_on_the_answers")
+    if tuned:
+        t = tuned["best"]
+        rows.append(
+            [
+                "clusterlens, the same similarity",
+                f"cosine ≥ {t['threshold']:.3f} (best F1, tuned on the answers)",
+                f"{t['precision']:.3f}",
+                f"{t['recall']:.3f}",
+                f"{t['f1']:.3f}",
+                "",
+            ]
+        )
     for method, h in dup["imagededup"].items():
         for key, what in (("default_distance_10", "its default"), ("best", "best F1, tuned on the answers")):
             r = h[key]

@@ -176,6 +176,7 @@ class DupCollection:
     pixels: list[np.ndarray]  # what imagededup hashes: each image decoded as the product stored it
     truth: set[frozenset[str]]  # the copy pairs
     kinds: dict[str, str]  # copy id -> its transform
+    identical: int  # copies whose bytes were their original's (stored once at ingest, not a pair)
 
 
 def dup_collection(train: int, held_out: int, seed: int) -> DupCollection:
@@ -199,12 +200,16 @@ def dup_collection(train: int, held_out: int, seed: int) -> DupCollection:
     kinds = rng.choice(BENCH_TRANSFORMS, held_out)
     copies = [bench_copy(px, str(k), rng) for px, k in zip(tests, kinds, strict=True)]
     ids, pixels, truth, copy_kind = [], [], set(), {}
+    identical = 0
     for i, px in enumerate(tqdm(originals + tests, desc="ingest originals", unit="img")):
         r = ingest_bytes(storage, settings, IngestItem(data=png_bytes(px), source=f"bench/original/{i}"))
         ids.append(r.id)
         pixels.append(px)
     for i, (data, kind) in enumerate(tqdm(list(zip(copies, kinds, strict=True)), desc="ingest copies", unit="img")):
         r = ingest_bytes(storage, settings, IngestItem(data=data, source=f"bench/copy/{kind}/{i}"))
+        if r.id == ids[train + i]:  # the same bytes as its original (ingest stores it once): no pair to find
+            identical += 1
+            continue
         ids.append(r.id)
         pixels.append(np.asarray(Image.open(io.BytesIO(data)).convert("L")))
         truth.add(frozenset((ids[train + i], r.id)))
@@ -212,7 +217,7 @@ def dup_collection(train: int, held_out: int, seed: int) -> DupCollection:
     encoder = ImageEncoder.from_settings(settings)
     embed_pending(storage, settings, encoder)
     reindex(storage, settings, encoder.version)
-    return DupCollection(settings, ids, pixels, truth, copy_kind)
+    return DupCollection(settings, ids, pixels, truth, copy_kind, identical)
 
 
 def pair_scores(groups: list[list[str]], truth: set[frozenset[str]], kinds: dict[str, str]) -> dict[str, Any]:
@@ -233,6 +238,34 @@ def pair_scores(groups: list[list[str]], truth: set[frozenset[str]], kinds: dict
         "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
         "recall_by_transform": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())},
     }
+
+
+def similarity_curve(storage: Any, coll: DupCollection) -> dict[str, Any]:
+    """The product's similarity at every threshold from 0.90 to 0.995 (pairs through the published index,
+    as the dedupe job finds them), scored on the answers: what a threshold tuned on them would give,
+    beside the hashes' tuned distances."""
+    from job.duplicates import neighbour_pairs
+    from shared.index import load_current
+
+    index = load_current(storage, coll.settings.data_dir / "cache" / "index")
+    _, left, right, sim = neighbour_pairs(storage, index, index.manifest.encoder_version, 0.9)
+    row = dict(zip(coll.ids, index.rows_of(coll.ids).tolist(), strict=True))
+    truth = {tuple(sorted(row[i] for i in pair)) for pair in coll.truth}
+    true = np.array([(int(a), int(b)) in truth for a, b in zip(left, right, strict=True)], bool)
+    curve = []
+    for t in np.round(np.arange(0.90, 0.9951, 0.005), 3):
+        on = sim >= t
+        predicted, hit = int(on.sum()), int((on & true).sum())
+        p, r = (hit / predicted if predicted else 0.0), hit / len(truth)
+        curve.append(
+            {
+                "threshold": float(t),
+                "precision": round(p, 4),
+                "recall": round(r, 4),
+                "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
+            }
+        )
+    return {"best": max(curve, key=lambda c: c["f1"]), "curve": curve}
 
 
 def hash_scores(coll: DupCollection, method: str) -> dict[str, Any]:
@@ -314,6 +347,7 @@ def duplicates(train: int, held_out: int, seed: int) -> dict[str, Any]:
     ours = {**pair_scores(groups, coll.truth, coll.kinds), "groups": len(groups), "seconds": round(seconds, 1)}
     ours["calibration"] = result.calibration
     ours["stage_seconds"] = result.seconds
+    ours["tuned_on_the_answers"] = similarity_curve(storage, coll)
     print("clusterlens", {k: v for k, v in ours.items() if k != "calibration"}, flush=True)
     peers = {}
     for method in ("phash", "dhash"):
@@ -328,6 +362,7 @@ def duplicates(train: int, held_out: int, seed: int) -> dict[str, Any]:
         ),
         "images": len(coll.ids),
         "copy_pairs": len(coll.truth),
+        "copies_identical_to_their_original": coll.identical,
         "prepare_seconds": round(prepared, 1),
         "clusterlens": ours,
         "imagededup": peers,
