@@ -326,6 +326,7 @@ def neighbour_pairs(
     from job.embeddings import EmbeddingStore
 
     n = index.count
+    row_type = np.int32 if n < 2**31 else np.int64
     nearest = np.full(n, -1.0, np.float32)
     hidden = np.zeros(n, bool)
     hidden[index.hidden] = True
@@ -345,13 +346,13 @@ def neighbour_pairs(
             nearest[rows[at]] = scores.max(axis=1)
             i, j = np.nonzero(other & (hits.scores >= floor))
             a, b = me[i, 0], hits.rows[i, j]
-            lefts.append(np.minimum(a, b))
-            rights.append(np.maximum(a, b))
+            lefts.append(np.minimum(a, b).astype(row_type))  # int32 rows: 12 bytes a pair, not 20
+            rights.append(np.maximum(a, b).astype(row_type))
             sims.append(hits.scores[i, j])
         bar.update(len(chunk.ids))
     bar.close()
     if not lefts:
-        return nearest, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return nearest, np.zeros(0, row_type), np.zeros(0, row_type), np.zeros(0, np.float32)
     left, right, sim = np.concatenate(lefts), np.concatenate(rights), np.concatenate(sims).astype(np.float32)
     # a pair is usually found from both ends: keep it once, with its higher score
     order = np.lexsort((-sim, right, left))
