@@ -279,6 +279,19 @@ def _search_rows(c: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _again(again: dict[str, Any], key: str, digits: int, what: str, module: str, bar: str) -> list[str]:
+    """The line on a measurement repeated in fresh processes (bench.search_repeat, bench.build_repeat)."""
+    values = ", ".join(
+        f"{n} **{v['median']:.{digits}f}** ({min(v[key]):.{digits}f} - {max(v[key]):.{digits}f})"
+        for n, v in again["systems"].items()
+    )
+    return [
+        "",
+        f"{what} measured again by `python -m bench.{module}`, {again['runs']} runs "
+        f"({again['method']}; median, min - max; the {bar} bar below uses the medians): {values}.",
+    ]
+
+
 def _bar_value(b: dict[str, Any]) -> str:
     value = b["value"]
     if value is None:
@@ -351,27 +364,9 @@ def search_section(s: Result) -> list[str]:
                 )
             out.append(line)
         if "repeats" in c:
-            again = c["repeats"]
-            ms = ", ".join(
-                f"{n} **{v['median']:.3f}** ({min(v['p50_ms']):.3f} - {max(v['p50_ms']):.3f})"
-                for n, v in again["systems"].items()
-            )
-            out += [
-                "",
-                f"Warm p50 ms measured again by `python -m bench.search_repeat`, {again['runs']} runs "
-                f"({again['method']}; median, min - max; the p50 bar below uses the medians): {ms}.",
-            ]
+            out += _again(c["repeats"], "p50_ms", 3, "Warm p50 ms", "search_repeat", "p50")
         if "build_repeats" in c:
-            again = c["build_repeats"]
-            built = ", ".join(
-                f"{n} **{v['median']:.1f}** ({min(v['build_s']):.1f} - {max(v['build_s']):.1f})"
-                for n, v in again["systems"].items()
-            )
-            out += [
-                "",
-                f"Build s measured again by `python -m bench.build_repeat`, {again['runs']} runs "
-                f"({again['method']}; median, min - max; the build bar below uses the medians): {built}.",
-            ]
+            out += _again(c["build_repeats"], "build_s", 1, "Build s", "build_repeat", "build")
         if "nn_cosine" in c:
             out += ["", f"Neighbourhoods, {neighbours(c['nn_cosine'])}."]
         if "pca256_ceiling" in c:

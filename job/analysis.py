@@ -438,19 +438,14 @@ def knn_vote(neighbour_labels: np.ndarray, n_classes: int, alpha: float = KNN_AL
     return (counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * n_classes)
 
 
-def knn_neighbours(
-    base: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine neighbours (unit vectors) with FAISS: scores and rows (m, k); rows -1 where fewer exist."""
+def knn_neighbours(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine neighbours (unit vectors) with FAISS: scores and rows (m, k); rows -1 where fewer exist.
+    (A set's neighbours among itself, each row left out: :func:`job.label_issues.neighbours`.)"""
     import faiss
 
     flat = faiss.IndexFlatIP(base.shape[1])
     flat.add(np.ascontiguousarray(base, dtype=np.float32))
-    extra = 1 if exclude_self else 0
-    scores, rows = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k + extra, len(base)))
-    if exclude_self:
-        scores, rows = scores[:, 1:], rows[:, 1:]
-    return scores, rows
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(base)))
 
 
 def classifier_step(

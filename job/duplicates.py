@@ -150,6 +150,7 @@ class Calibration:
         def pct(x: np.ndarray) -> dict[str, float]:
             return {f"p{p}": round(float(v), 4) for p, v in zip(q, np.percentile(x, q), strict=True)} if len(x) else {}
 
+        near = self.nearest[self.nearest > -1]  # rows hidden or never searched have none
         per_kind = {
             k: round(float((self.copies[np.array(self.kinds) == k] >= self.threshold).mean()), 4)
             for k in dict.fromkeys(self.kinds)
@@ -164,8 +165,8 @@ class Calibration:
             "copies": len(self.copies),
             "recall_by_transform": per_kind,
             "copy_similarity": pct(self.copies),
-            "nearest_similarity": pct(self.nearest),
-            "images": len(self.nearest),
+            "nearest_similarity": pct(near),
+            "images": len(near),
         }
 
 

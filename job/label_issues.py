@@ -255,12 +255,10 @@ def find_issues(
 
 def neighbours(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k nearest other rows by cosine (unit vectors, exact, FAISS): scores and rows (m, k)."""
-    import faiss
+    from job.analysis import knn_neighbours
 
     x = np.ascontiguousarray(space, dtype=np.float32)
-    flat = faiss.IndexFlatIP(x.shape[1])
-    flat.add(x)
-    scores, rows = flat.search(x, min(k + 1, len(x)))
+    scores, rows = knn_neighbours(x, x, k + 1)
     own = rows == np.arange(len(x))[:, None]
     # drop each row's own entry (first, unless an exact duplicate took its place), keep k others
     keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(rows.shape[1]) < rows.shape[1] - 1)

@@ -1036,7 +1036,7 @@ def best_of(
     """One query's best ``keep`` (>= 1) of ``rows`` (distinct, valid) by the inner products (``unit``: cosines)
     of ``xq`` with their decoded ``codes``, best first: (rows, scores). What :func:`rerank_hits` does for a
     batch, without its bookkeeping (a full sort, -1 padding)."""
-    scores = rerank_scores(codec, codes, rows[None], xq[None], unit=unit)[0]  # read in file order
+    scores = rerank_scores(codec, codes, rows[None], xq[None], unit=unit)[0]
     if len(rows) > keep:
         part = np.argpartition(-scores, keep - 1)[:keep]
         rows, scores = rows[part], scores[part]
