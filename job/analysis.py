@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from job.classifier import ONNX_KINDS, FeatureSpace, evaluate, export, fit_classifier, full_proba, holdout_split
+from job.label_issues import find_issues, knn_neighbours, neighbours
 from shared.errors import NotReady
 from shared.features import normalize
 from shared.manifests import ClassifierManifest
@@ -438,16 +439,6 @@ def knn_vote(neighbour_labels: np.ndarray, n_classes: int, alpha: float = KNN_AL
     return (counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * n_classes)
 
 
-def knn_neighbours(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine neighbours (unit vectors) with FAISS: scores and rows (m, k); rows -1 where fewer exist.
-    (A set's neighbours among itself, each row left out: :func:`job.label_issues.neighbours`.)"""
-    import faiss
-
-    flat = faiss.IndexFlatIP(base.shape[1])
-    flat.add(np.ascontiguousarray(base, dtype=np.float32))
-    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(base)))
-
-
 def classifier_step(
     data: AnalysisData, settings: Settings, report: Report, progress: Progress
 ) -> dict[str, Any] | None:
@@ -581,7 +572,6 @@ def mislabel_step(
     (:mod:`job.label_issues`: cleanlab's confident learning over cross-validated probabilities, or the
     10 nearest labelled neighbours' vote), each with why: the label given and its probability, the
     class suggested and its probability, the neighbours' vote for it and the 5 nearest neighbours."""
-    from job.label_issues import find_issues, neighbours
 
     lab = data.labelled
     if len(lab) <= KNN_K or len(data.classes) < 2:

@@ -253,10 +253,18 @@ def find_issues(
     return Issues(at[found.order], suggested, given, best, method, model)
 
 
+def knn_neighbours(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine neighbours (unit vectors) with FAISS: scores and rows (m, k); rows -1 where fewer exist.
+    (A set's neighbours among itself, each row left out: :func:`neighbours`.)"""
+    import faiss
+
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(np.ascontiguousarray(base, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(base)))
+
+
 def neighbours(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k nearest other rows by cosine (unit vectors, exact, FAISS): scores and rows (m, k)."""
-    from job.analysis import knn_neighbours
-
     x = np.ascontiguousarray(space, dtype=np.float32)
     scores, rows = knn_neighbours(x, x, k + 1)
     own = rows == np.arange(len(x))[:, None]
