@@ -709,36 +709,41 @@ def data_quality_section(d: Result) -> list[str]:
     ours = dup["clusterlens"]
     c = ours["calibration"]
     out += [
-        f"The dedupe job's calibration ({c['copies']} copies of {c['copies'] // 5} of the collection's images): "
-        f"threshold **{c['threshold']:.4f}** for precision {c['target_precision']}, expected precision "
-        f"{c['expected_precision']:.3f} and recall {c['expected_recall']:.3f}, estimated share of duplicated images "
-        f"{c['duplicate_share']:.3f}; copies' median similarity {c['copy_similarity']['p50']:.3f}, nearest other "
-        f"image's {c['nearest_similarity']['p50']:.3f} (p99 {c['nearest_similarity']['p99']:.3f}).",
+        f"The dedupe job's calibration ({c['copies']} copies of {c['copies'] // 5} of the collection's images, "
+        f"{num(c['candidate_pairs'])} candidate pairs scored by pixel match): threshold **{c['threshold']:.4f}** for "
+        f"precision {c['target_precision']}, expected precision {c['expected_precision']:.3f} and recall "
+        f"{c['expected_recall']:.3f}, estimated duplicate pairs {num(round(c['duplicate_pairs']))}; copies' median "
+        f"match {c['copy_match']['p50']:.4f} (p5 {c['copy_match']['p5']:.4f}), each image's best candidate's median "
+        f"{c['nearest_match']['p50']:.4f} (p99 {c['nearest_match']['p99']:.4f}).",
         "",
     ]
     rows = [
         [
             "**clusterlens** (calibrated threshold)",
-            f"cosine ≥ {c['threshold']:.4f}",
+            f"pixel match ≥ {c['threshold']:.4f}",
             f"{ours['precision']:.3f}",
             f"{ours['recall']:.3f}",
             f"{ours['f1']:.3f}",
             num(ours["pairs_predicted"]),
         ]
     ]
-    tuned = ours.get("tuned_on_the_answers")
-    if tuned:
-        t = tuned["best"]
-        rows.append(
-            [
-                "clusterlens, the same similarity",
-                f"cosine ≥ {t['threshold']:.3f} (best F1, tuned on the answers)",
-                f"{t['precision']:.3f}",
-                f"{t['recall']:.3f}",
-                f"{t['f1']:.3f}",
-                "",
-            ]
-        )
+    tuned = ours.get("tuned_on_the_answers", {})
+    for key, what, measure in (
+        ("pixel_match", "the same pixel match", "pixel match"),
+        ("embedding", "the embedding's cosine alone", "cosine"),
+    ):
+        if key in tuned:
+            t = tuned[key]["best"]
+            rows.append(
+                [
+                    f"clusterlens, {what}",
+                    f"{measure} ≥ {t['threshold']:.4f} (best F1, tuned on the answers)",
+                    f"{t['precision']:.3f}",
+                    f"{t['recall']:.3f}",
+                    f"{t['f1']:.3f}",
+                    "",
+                ]
+            )
     for method, h in dup["imagededup"].items():
         for key, what in (("default_distance_10", "its default"), ("best", "best F1, tuned on the answers")):
             r = h[key]
@@ -757,7 +762,8 @@ def data_quality_section(d: Result) -> list[str]:
     b = dup["bar"]
     out += [
         "",
-        f"clusterlens recall by transform: {by}. Seconds: "
+        f"clusterlens recall by transform: {by}; copy pairs among the candidates: "
+        f"{num(tuned.get('copy_pairs_among_candidates', 0))} of {num(dup['copy_pairs'])}. Seconds: "
         + ", ".join(f"{k} {v}" for k, v in ours["stage_seconds"].items())
         + ".",
         "",

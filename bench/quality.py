@@ -240,32 +240,50 @@ def pair_scores(groups: list[list[str]], truth: set[frozenset[str]], kinds: dict
     }
 
 
-def similarity_curve(storage: Any, coll: DupCollection) -> dict[str, Any]:
-    """The product's similarity at every threshold from 0.90 to 0.995 (pairs through the published index,
-    as the dedupe job finds them), scored on the answers: what a threshold tuned on them would give,
-    beside the hashes' tuned distances."""
-    from job.duplicates import neighbour_pairs
-    from shared.index import load_current
-
-    index = load_current(storage, coll.settings.data_dir / "cache" / "index")
-    _, left, right, sim = neighbour_pairs(storage, index, index.manifest.encoder_version, 0.9)
-    row = dict(zip(coll.ids, index.rows_of(coll.ids).tolist(), strict=True))
-    truth = {tuple(sorted(row[i] for i in pair)) for pair in coll.truth}
-    true = np.array([(int(a), int(b)) in truth for a, b in zip(left, right, strict=True)], bool)
-    curve = []
-    for t in np.round(np.arange(0.90, 0.9951, 0.005), 3):
-        on = sim >= t
+def curve(scores: np.ndarray, true: np.ndarray, pairs: int, thresholds: np.ndarray) -> dict[str, Any]:
+    """Precision, recall and F1 of the pairs at or above each threshold, scored on the answers."""
+    rows = []
+    for t in thresholds:
+        on = scores >= t
         predicted, hit = int(on.sum()), int((on & true).sum())
-        p, r = (hit / predicted if predicted else 0.0), hit / len(truth)
-        curve.append(
+        p, r = (hit / predicted if predicted else 0.0), hit / pairs
+        rows.append(
             {
-                "threshold": float(t),
+                "threshold": round(float(t), 4),
                 "precision": round(p, 4),
                 "recall": round(r, 4),
                 "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0,
             }
         )
-    return {"best": max(curve, key=lambda c: c["f1"]), "curve": curve}
+    return {"best": max(rows, key=lambda c: c["f1"]), "curve": rows}
+
+
+def tuned_curves(storage: Any, coll: DupCollection) -> dict[str, Any]:
+    """What a threshold tuned on the answers would give: for the pixel match on the job's candidate pairs
+    (0.990-0.9995), and for the embedding's cosine alone on the index's neighbour pairs (0.90-0.995),
+    beside the hashes' tuned distances."""
+    from job.duplicates import candidate_pairs, neighbour_pairs, thumbnails
+    from shared.index import load_current
+    from shared.pixel_match import match_scores
+
+    index = load_current(storage, coll.settings.data_dir / "cache" / "index")
+    row = dict(zip(coll.ids, index.rows_of(coll.ids).tolist(), strict=True))
+    truth = {tuple(sorted(row[i] for i in pair)) for pair in coll.truth}
+
+    def is_true(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return np.array([(int(a), int(b)) in truth for a, b in zip(left, right, strict=True)], bool)
+
+    thumbs, have = thumbnails(storage, coll.settings, index)
+    left, right = candidate_pairs(storage, index, index.manifest.encoder_version, thumbs, have)
+    match = match_scores(thumbs, left, right)
+    found = is_true(left, right)
+    _, eleft, eright, cosine = neighbour_pairs(storage, index, index.manifest.encoder_version, 0.9)
+    return {
+        "candidate_pairs": len(left),
+        "copy_pairs_among_candidates": int(found.sum()),
+        "pixel_match": curve(match, found, len(truth), np.round(np.arange(0.99, 0.99951, 0.0005), 4)),
+        "embedding": curve(cosine, is_true(eleft, eright), len(truth), np.round(np.arange(0.90, 0.9951, 0.005), 3)),
+    }
 
 
 def hash_scores(coll: DupCollection, method: str) -> dict[str, Any]:
@@ -347,7 +365,7 @@ def duplicates(train: int, held_out: int, seed: int) -> dict[str, Any]:
     ours = {**pair_scores(groups, coll.truth, coll.kinds), "groups": len(groups), "seconds": round(seconds, 1)}
     ours["calibration"] = result.calibration
     ours["stage_seconds"] = result.seconds
-    ours["tuned_on_the_answers"] = similarity_curve(storage, coll)
+    ours["tuned_on_the_answers"] = tuned_curves(storage, coll)
     print("clusterlens", {k: v for k, v in ours.items() if k != "calibration"}, flush=True)
     peers = {}
     for method in ("phash", "dhash"):

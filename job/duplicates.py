@@ -1,28 +1,31 @@
-"""Near-duplicate images: pairs found through the index, a threshold calibrated on the collection's own images.
+"""Near-duplicate images: candidate pairs through the index, scored by pixel match, a threshold calibrated on
+the collection's own images.
 
-Two images are near-duplicates when the cosine similarity of their embeddings (power + L2
-normalised, 1280-d: the similarity search answers with) reaches a threshold. The threshold is not
-picked by hand; :func:`calibrate` measures it on the collection:
+Candidates are each image's :data:`NEIGHBOURS` nearest through the published index (the embedding) and
+its :data:`THUMB_NEIGHBOURS` nearest by grey thumbnail (:func:`thumbnail_pairs`: a blurred copy can be
+far from its original in the embedding). Each candidate pair is scored by :mod:`shared.pixel_match`:
+the best normalised correlation of the two thumbnails over small crops, turns, gamma curves and blurs
+tried on either image. The embedding is not the score: on small images it moves more under a
+re-encode, a blur or a one-pixel crop than between two similar garments, where the pixel match of a
+copy stays ~0.999.
+
+The threshold is not picked by hand; :func:`choose_threshold` measures it on the collection:
 
 - **copies** (the positives): a seeded sample of the collection's images, each transformed the way
   copies of a photo differ (:data:`TRANSFORMS`: re-encoded as low-quality JPEG, resized down, cropped
   by a few percent, brightness and contrast moved, turned a few degrees; a mirror image is a
-  duplicate only when ``flip`` says so), embedded by the same encoder and compared with the
-  original's stored embedding: how similar a copy stays;
-- **nearest neighbours**: every image's nearest other image in the collection, found through the
-  index (:func:`neighbour_pairs`). Most are distinct images, but the collection's own duplicates
-  are among them, in a share (the prior) that is estimated from the upper tail: a duplicate's
-  nearest neighbour is at least as similar as the q-quantile of the copies with probability 1 - q,
-  and distinct images rarely are, so ``share(nearest >= copies_q) / (1 - q)`` over-estimates the
-  prior by the distinct images up there; the smallest over q = 0.5, 0.75, 0.9 is taken
-  (:func:`duplicate_share`).
+  duplicate only when ``flip`` says so) and matched with its original: R(t), the share of copies at or
+  above t, is the recall;
+- **candidate pairs**: P(t), how many of the collection's candidate pairs reach t. Most are distinct
+  images, but the collection's own duplicates are among them; their number D is estimated as the
+  smallest P(t) / R(t) over the thresholds that keep at least half the copies (where P(t) is mostly
+  duplicates, P(t) / R(t) falls to D; lower, distinct pairs lift it; :func:`duplicate_pairs`).
 
-For each threshold t, recall R(t) is the share of copies at or above t, and precision the share of
-duplicates among the images whose nearest neighbour reaches t: ``prior x R(t) / A(t)``, with A(t)
-that share of all images. The threshold is the lowest that reaches the target precision
-(``CLUSTERLENS_DEDUPE_PRECISION``). The estimate leans on the copies being like the collection's
-real duplicates: where real duplicates are milder edits than the copies (the same file saved
-larger, a brighter print), the prior and so the precision are over-estimated.
+The estimated precision at t is ``D x R(t) / P(t)``; the threshold is the lowest that reaches the target
+(``CLUSTERLENS_DEDUPE_PRECISION``), or 1 (identical thumbnails only) when none does. The estimate leans
+on the copies being like the collection's real duplicates: where real duplicates are milder edits than
+the copies (the same file saved larger, a brighter print), R(t) under-states their recall at the top,
+D is over-estimated and so is the precision (bench/quality.py measures by how much).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
-from shared.features import normalize
+from shared.pixel_match import THUMB, match_scores, thumbnail, unit_vectors
 from shared.storage import REPORTS
 
 if TYPE_CHECKING:
@@ -125,10 +128,11 @@ class Calibration:
         precision: the estimated precision of the pairs flagged at it.
         recall: the share of copies at or above it.
         target: the precision asked for.
-        prior: the estimated share of images that have a near-duplicate in the collection.
-        copies: float32 (c,) each copy's similarity to its original.
+        pairs: the estimated number of duplicate pairs among the candidates.
+        candidates: candidate pairs scored.
+        copies: float32 (c,) each copy's pixel match to its original.
         kinds: each copy's transform.
-        nearest: float32 (n,) every image's similarity to its nearest other image.
+        nearest: float32 (n,) every image's best pixel match among its candidates (-1: none).
         reached: whether any threshold reached the target (else the threshold is 1: only identical
             embeddings are grouped).
     """
@@ -137,7 +141,8 @@ class Calibration:
     precision: float
     recall: float
     target: float
-    prior: float
+    pairs: float
+    candidates: int
     copies: np.ndarray
     kinds: list[str]
     nearest: np.ndarray
@@ -161,34 +166,39 @@ class Calibration:
             "expected_precision": round(self.precision, 4),
             "expected_recall": round(self.recall, 4),
             "reached": self.reached,
-            "duplicate_share": round(self.prior, 4),
+            "signal": "pixel_match",
+            "duplicate_pairs": round(self.pairs, 1),
+            "candidate_pairs": self.candidates,
             "copies": len(self.copies),
             "recall_by_transform": per_kind,
-            "copy_similarity": pct(self.copies),
-            "nearest_similarity": pct(near),
+            "copy_match": pct(self.copies),
+            "nearest_match": pct(near),
             "images": len(near),
         }
 
 
-TAIL_QUANTILES = (0.5, 0.75, 0.9)
+def duplicate_pairs(copies: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> float:
+    """The estimated number of duplicate pairs among the candidate pairs (see the module's docstring):
+    the smallest, over thresholds t where at least half the copies stay (R(t) >= 0.5), of P(t) / R(t).
+    Where no pair reaches the copies' median, the collection has no duplicates like them: 0.
 
-
-def duplicate_share(copies: np.ndarray, nearest: np.ndarray) -> float:
-    """The estimated share of images with a near-duplicate (see the module's docstring): the smallest,
-    over the copies' quantiles q in :data:`TAIL_QUANTILES`, of the share of images whose nearest
-    neighbour reaches that quantile, divided by 1 - q (capped at 1)."""
-    if not len(copies) or not len(nearest):
+    Args:
+        copies, scores: sorted ascending.
+    """
+    if not len(copies) or not len(scores):
         return 0.0
-    ratios = [(nearest >= np.quantile(copies, q)).mean() / (1.0 - q) for q in TAIL_QUANTILES]
-    return float(min(1.0, *ratios))
+    recall = 1.0 - np.searchsorted(copies, grid, side="left") / len(copies)
+    above = len(scores) - np.searchsorted(scores, grid, side="left")
+    ok = recall >= 0.5  # a threshold keeping half the copies with no pair at all: no duplicates (0)
+    return float(np.min(above[ok] / recall[ok])) if ok.any() else 0.0
 
 
-def choose_threshold(copies: np.ndarray, nearest: np.ndarray, target: float) -> Calibration:
+def choose_threshold(copies: np.ndarray, scores: np.ndarray, target: float) -> Calibration:
     """The lowest threshold whose estimated precision reaches ``target`` (see the module's docstring).
 
     Args:
-        copies: (c,) similarities of calibration copies to their originals.
-        nearest: (n,) every image's similarity to its nearest other image.
+        copies: (c,) pixel matches of calibration copies to their originals.
+        scores: (p,) pixel matches of every candidate pair in the collection.
         target: the precision wanted, in (0, 1).
 
     Raises:
@@ -200,25 +210,26 @@ def choose_threshold(copies: np.ndarray, nearest: np.ndarray, target: float) -> 
         raise ValueError("the target precision is in (0, 1)")
     given = np.asarray(copies, np.float32)
     copies = np.sort(given.astype(np.float64))
-    nearest_sorted = np.sort(np.asarray(nearest, np.float64))
-    prior = duplicate_share(copies, nearest_sorted)
+    pairs = np.sort(np.asarray(scores, np.float64))
     grid = np.linspace(min(float(copies[0]), 1.0), 1.0, GRID)
+    found = duplicate_pairs(copies, pairs, grid)
     recall = 1.0 - np.searchsorted(copies, grid, side="left") / len(copies)
-    above = 1.0 - np.searchsorted(nearest_sorted, grid, side="left") / max(len(nearest_sorted), 1)
-    # the images whose nearest neighbour reaches t: the duplicates found (prior x recall) and the rest
-    precision = np.where(above > 0, np.minimum(1.0, prior * recall / np.maximum(above, 1e-300)), 0.0)
+    above = len(pairs) - np.searchsorted(pairs, grid, side="left")
+    # the pairs at or above t: the duplicates found (pairs x recall) and the rest
+    precision = np.where(above > 0, np.minimum(1.0, found * recall / np.maximum(above, 1)), 0.0)
     ok = np.flatnonzero((precision >= target) & (recall > 0))
-    # no threshold backs the target: flag only what is identical (similarity 1), rather than guess
+    # no threshold backs the target: flag only what is identical (match 1), rather than guess
     at = int(ok[0]) if len(ok) else len(grid) - 1
     return Calibration(
         threshold=float(grid[at]),
         precision=float(precision[at]),
         recall=float(recall[at]),
         target=target,
-        prior=prior,
+        pairs=found,
+        candidates=len(pairs),
         copies=given,
         kinds=[],
-        nearest=np.asarray(nearest, np.float32),
+        nearest=np.zeros(0, np.float32),
         reached=bool(len(ok)),
     )
 
@@ -247,8 +258,9 @@ def group_pairs(n: int, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]
 # -- the job ---------------------------------------------------------------------------------------
 
 NEIGHBOURS = 10  # neighbours looked at per image: a group larger than this is found through its chain
+THUMB_NEIGHBOURS = 10  # more candidates per image, by thumbnail
+EXACT_UP_TO = 50_000  # rows up to which the thumbnail neighbours are searched exactly
 PREFIX = "duplicates/"  # in the reports container: duplicates/vNNNNNN/..., duplicates/CURRENT.json
-BATCH = 64
 
 
 @dataclass
@@ -270,36 +282,142 @@ class DedupeResult:
     seconds: dict[str, float]
 
 
-def similarity_space(index: ClusterIndex, raw: np.ndarray) -> np.ndarray:
-    """Unit vectors of raw embeddings (n, input_dim) in the space the index's scores are cosines in:
-    the raw space (power + L2) where the index re-ranks by raw codes, else its own space."""
-    xt, xr = index.prepare(np.ascontiguousarray(raw, dtype=np.float32))
-    return normalize(xr if xr is not None else xt)
+THUMB_CACHE = "dedupe-thumbnails.npz"  # under the data folder's cache/: thumbnails by image id
 
 
-def encode_all(encoder: ImageEncoder, images: list[Image.Image]) -> np.ndarray:
-    """float32 (n, 1280) embeddings of RGB images, :data:`BATCH` at a time."""
-    out = [encoder.encode(images[i : i + BATCH]).vectors for i in range(0, len(images), BATCH)]
-    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+def thumbnails(storage: Storage, settings: Settings, index: ClusterIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Every indexed row's grey thumbnail (:func:`shared.pixel_match.thumbnail`), read and decoded on the
+    embedding job's prefetching loader; those of an earlier run come from a local cache (an image's id
+    is its content's hash, so a cached thumbnail never goes stale).
+
+    Returns:
+        uint8 (n, THUMB*THUMB) thumbnails and bool (n,) which rows have one (hidden rows and images
+        that can no longer be read or decoded have none).
+    """
+    from job.embeddings import Loaded, decode_workers, prefetch_batches
+    from shared.catalog import Catalog
+    from shared.errors import ClusterlensError
+    from shared.imaging import decode_image
+
+    n = index.count
+    thumbs = np.zeros((n, THUMB * THUMB), np.uint8)
+    have = np.zeros(n, bool)
+    path = settings.data_dir / "cache" / THUMB_CACHE
+    cached: dict[str, int] = {}
+    old = np.zeros((0, THUMB * THUMB), np.uint8)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            old = f["thumbs"]
+            cached = {str(i): k for k, i in enumerate(f["ids"])}
+    rows = np.setdiff1d(np.arange(n), index.hidden)
+    todo = []
+    for row in rows.tolist():
+        k = cached.get(str(index.ids[row]), -1)
+        if k >= 0:
+            thumbs[row], have[row] = old[k], True
+        else:
+            todo.append(row)
+    catalog = Catalog(storage)
+    row_of = {str(index.ids[r]): r for r in todo}
+
+    def fetch(image_id: str) -> tuple[str, bytes | None]:
+        try:
+            return image_id, catalog.image_bytes(catalog.get(image_id))
+        except ClusterlensError as exc:
+            log.info("no thumbnail for %s: %s", image_id, exc.message)
+            return image_id, None
+
+    def decode(fetched: tuple[str, bytes | None]) -> Loaded:
+        image_id, data = fetched
+        if data is None:
+            return Loaded(image_id, None)
+        try:
+            img = decode_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels).rgb
+        except ClusterlensError as exc:
+            log.info("no thumbnail for %s: %s", image_id, exc.message)
+            return Loaded(image_id, None)
+        return Loaded(image_id, thumbnail(img))
+
+    bar = tqdm(total=len(todo), desc="thumbnails", unit="img", disable=None)
+    for batch in prefetch_batches(
+        [str(index.ids[r]) for r in todo],
+        fetch,
+        decode,
+        256,
+        io_workers=settings.embed_io_workers,
+        decode_workers=decode_workers(settings),
+    ):
+        at = np.array([row_of[i] for i in batch.ids], np.int64)
+        if len(at):
+            thumbs[at], have[at] = batch.pixels, True
+        bar.update(len(batch.ids) + len(batch.failed))
+    bar.close()
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=np.asarray(index.ids[have]).astype(str), thumbs=thumbs[have])
+        tmp.replace(path)
+    return thumbs, have
+
+
+def thumbnail_pairs(thumbs: np.ndarray, have: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows by unedited thumbnail (inner product of
+    :func:`shared.pixel_match.unit_vectors`): exact up to :data:`EXACT_UP_TO` rows, else FAISS IVF over a
+    64-d PCA. These find the copies the embedding misses (a blurred copy can be far from its original in
+    the embedding and still a near-perfect pixel match).
+
+    Returns:
+        (left, right) rows, left < right.
+    """
+    import faiss
+
+    rows = np.flatnonzero(have)
+    if len(rows) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    vectors = np.concatenate([unit_vectors(thumbs[rows[s]]) for s in _blocks(len(rows), 65_536)])
+    dim = vectors.shape[1]
+    if len(rows) <= EXACT_UP_TO:
+        search: Any = faiss.IndexFlatIP(dim)
+    else:
+        lists = int(4 * np.sqrt(len(rows)))
+        search = faiss.index_factory(dim, f"PCA64,IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(rows), min(len(rows), 64 * lists), replace=False)
+        search.train(vectors[np.sort(sample)])
+        faiss.extract_index_ivf(search).nprobe = 16
+    search.add(vectors)
+    lefts, rights = [], []
+    kk = min(k + 1, len(rows))
+    for s in _blocks(len(rows), 16_384):
+        _, found = search.search(vectors[s], kk)
+        me = np.repeat(np.arange(s.start, s.stop), kk)
+        other = found.ravel()
+        keep = (other >= 0) & (other != me)
+        a, b = rows[me[keep]], rows[other[keep]]
+        lefts.append(np.minimum(a, b))
+        rights.append(np.maximum(a, b))
+    return np.concatenate(lefts), np.concatenate(rights)
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def calibration_copies(
     storage: Storage,
     settings: Settings,
-    encoder: ImageEncoder,
     index: ClusterIndex,
+    thumbs: np.ndarray,
+    have: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[str]]:
-    """Similarities of transformed copies of a seeded sample of indexed images to their originals
-    (both encoded now, by the same encoder), with each copy's transform. An image whose bytes cannot
-    be read or decoded any more is left out of the sample."""
+    """Pixel matches of transformed copies of a seeded sample of indexed images to their originals, with
+    each copy's transform. An image whose bytes cannot be read or decoded any more is left out."""
     from shared.catalog import Catalog
     from shared.errors import ClusterlensError
     from shared.imaging import decode_image
 
     catalog = Catalog(storage)
-    visible = np.setdiff1d(np.arange(index.count), index.hidden)
-    rows = rng.permutation(visible)[: settings.dedupe_calibration_images]
+    rows = rng.permutation(np.flatnonzero(have))[: settings.dedupe_calibration_images]
     originals: list[Image.Image] = []
     for image_id in tqdm(index.ids[np.sort(rows)], desc="calibration images", unit="img", disable=None):
         try:
@@ -310,9 +428,10 @@ def calibration_copies(
         except ClusterlensError as exc:
             log.info("calibration leaves out %s: %s", image_id, exc)
     made, source, kinds = copies(originals, rng, flip=settings.dedupe_flip)
-    a = similarity_space(index, encode_all(encoder, originals))
-    b = similarity_space(index, encode_all(encoder, made))
-    return (a[source] * b).sum(axis=1).astype(np.float32), kinds
+    if not made:
+        return np.zeros(0, np.float32), kinds
+    both = np.stack([thumbnail(img) for img in [*originals, *made]])
+    return match_scores(both, source, len(originals) + np.arange(len(made))), kinds
 
 
 def neighbour_pairs(
@@ -360,6 +479,24 @@ def neighbour_pairs(
     left, right, sim = left[order], right[order], sim[order]
     first = np.r_[True, (np.diff(left) != 0) | (np.diff(right) != 0)]
     return nearest, left[first], right[first], sim[first]
+
+
+def candidate_pairs(
+    storage: Storage, index: ClusterIndex, encoder_version: str, thumbs: np.ndarray, have: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs the pixel match scores: each image's :data:`NEIGHBOURS` nearest through the index and
+    its :data:`THUMB_NEIGHBOURS` nearest by thumbnail, once each, both images with a thumbnail.
+
+    Returns:
+        (left, right) rows, left < right.
+    """
+    _, left, right, _ = neighbour_pairs(storage, index, encoder_version, -1.0)
+    more = thumbnail_pairs(thumbs, have, THUMB_NEIGHBOURS)
+    left = np.concatenate([left.astype(np.int64), more[0]])
+    right = np.concatenate([right.astype(np.int64), more[1]])
+    keep = have[left] & have[right]
+    pairs = np.unique(left[keep] * index.count + right[keep])
+    return pairs // index.count, pairs % index.count
 
 
 def keeper(records: list[ImageRecord], labelled: set[str]) -> tuple[int, str]:
@@ -450,7 +587,8 @@ def describe_groups(
 
 def histogram(calibration: Calibration, bins: int = 60) -> dict[str, Any]:
     """Both distributions on shared bins from the lowest copy to 1 (what the page and report draw)."""
-    lo = float(min(calibration.copies.min(), calibration.threshold)) if len(calibration.copies) else 0.0
+    # from the copies' 1st percentile (the scores crowd just under 1; a few far copies would squash them)
+    lo = float(min(np.percentile(calibration.copies, 1), calibration.threshold)) if len(calibration.copies) else 0.0
     edges = np.linspace(lo, 1.0, bins + 1)
     near = calibration.nearest[calibration.nearest > -1]
     return {
@@ -472,11 +610,14 @@ def plot(calibration: Calibration, hist: dict[str, Any]) -> bytes:
     mids = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
-    for key, colour, name in (("nearest", "#888", "nearest other image"), ("copies", "#1f77b4", "transformed copy")):
+    for key, colour, name in (
+        ("nearest", "#888", "best match among candidates"),
+        ("copies", "#1f77b4", "transformed copy"),
+    ):
         counts = np.asarray(hist[key], dtype=np.float64)
         ax.bar(mids, counts / max(counts.sum(), 1), width=width, color=colour, alpha=0.6, label=name)
     ax.axvline(calibration.threshold, color="#d62728", lw=1.5, label=f"threshold {calibration.threshold:.3f}")
-    ax.set_xlabel("cosine similarity")
+    ax.set_xlabel("pixel match (best normalised correlation of the thumbnails)")
     ax.set_ylabel("share")
     ax.set_title(
         f"expected precision {calibration.precision:.3f}, recall {calibration.recall:.3f}"
@@ -516,17 +657,27 @@ def run_dedupe(
         )
     if index.count < 2:
         raise NotReady("near-duplicates need at least 2 indexed images", code="too_few_images")
+    stage("thumbnails")
+    thumbs, have = thumbnails(storage, settings, index)
+    seconds["thumbnails"] = time.perf_counter() - t0
     stage("calibration")
-    sims, kinds = calibration_copies(storage, settings, encoder, index, np.random.default_rng(seed))
+    t = time.perf_counter()
+    sims, kinds = calibration_copies(storage, settings, index, thumbs, have, np.random.default_rng(seed))
     if not len(sims):
         raise NotReady("no indexed image could be read for the calibration", code="no_calibration_images")
-    seconds["calibration"] = time.perf_counter() - t0
-    stage("neighbours")
+    seconds["calibration"] = time.perf_counter() - t
+    stage("candidates")
     t = time.perf_counter()
-    floor = float(min(sims.min(), 1.0))
-    nearest, left, right, sim = neighbour_pairs(storage, index, encoder.version, floor)
-    seconds["neighbours"] = time.perf_counter() - t
-    calibration = choose_threshold(sims, nearest[nearest > -1], settings.dedupe_precision)
+    left, right = candidate_pairs(storage, index, encoder.version, thumbs, have)
+    seconds["candidates"] = time.perf_counter() - t
+    stage("pixel match")
+    t = time.perf_counter()
+    sim = match_scores(thumbs, left, right)
+    seconds["pixel_match"] = time.perf_counter() - t
+    nearest = np.full(index.count, -1.0, np.float32)
+    np.maximum.at(nearest, left, sim)
+    np.maximum.at(nearest, right, sim)
+    calibration = choose_threshold(sims, sim, settings.dedupe_precision)
     calibration.kinds = kinds
     calibration.nearest = nearest
     stage("groups")

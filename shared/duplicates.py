@@ -156,24 +156,50 @@ class ThresholdCache:
                 version = read_pointer(storage, REPORTS, PREFIX)
                 if version is not None:
                     calibration = _read(storage, version, "calibration.json")["calibration"]
-                    self._value = float(calibration["threshold"]) if calibration.get("reached") else None
+                    # a version from before the pixel match (a cosine threshold) is not comparable: none
+                    usable = calibration.get("reached") and calibration.get("signal") == "pixel_match"
+                    self._value = float(calibration["threshold"]) if usable else None
                 self._at = time.monotonic()
             return self._value
+
+
+UPLOAD_CANDIDATES = 5  # indexed images an upload is pixel-matched with
 
 
 def near_duplicate_of(
     service: SearchService, cache: ThresholdCache, data: bytes, image_id: str
 ) -> dict[str, Any] | None:
     """The indexed image an upload is a near-duplicate of, by the latest dedupe's calibrated threshold:
-    ``{id, similarity, threshold}``, or None (no dedupe or index yet, or nothing that close). Costs one
-    search (the upload is encoded as a query is); never fails an upload."""
+    ``{id, similarity, threshold}`` (similarity: the pixel match, :mod:`shared.pixel_match`), or None (no
+    dedupe or index yet, or nothing that close). Costs one search (the upload is encoded as a query is)
+    and the pixel match with its :data:`UPLOAD_CANDIDATES` nearest; never fails an upload."""
+    import numpy as np
+
+    from shared.catalog import Catalog
+    from shared.imaging import decode_image
+    from shared.pixel_match import match_scores, thumbnail
+
     try:
         threshold = cache.get(service.storage)
         if threshold is None:
             return None
-        for hit in service.search_image(data, 2)["results"]:
-            if hit["id"] != image_id and hit["score"] >= threshold:
-                return {"id": hit["id"], "similarity": round(float(hit["score"]), 4), "threshold": threshold}
+        settings = service.settings
+        limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_image_pixels}
+        hits = [h["id"] for h in service.search_image(data, UPLOAD_CANDIDATES + 1)["results"] if h["id"] != image_id]
+        catalog = Catalog(service.storage)
+        thumbs, ids = [thumbnail(decode_image(data, **limits).rgb)], []
+        for hit in hits[:UPLOAD_CANDIDATES]:
+            try:
+                thumbs.append(thumbnail(decode_image(catalog.image_bytes(catalog.get(hit)), **limits).rgb))
+                ids.append(hit)
+            except ClusterlensError:  # deleted or unreadable since it was indexed
+                continue
+        if not ids:
+            return None
+        scores = match_scores(np.stack(thumbs), np.zeros(len(ids), np.int64), np.arange(1, len(ids) + 1))
+        best = int(np.argmax(scores))
+        if scores[best] >= threshold:
+            return {"id": ids[best], "similarity": round(float(scores[best]), 4), "threshold": threshold}
     except ClusterlensError as exc:  # no index or model yet: the upload stands, without the check
         log.info("near-duplicate check skipped: %s", exc.message)
     return None

@@ -88,8 +88,8 @@ def test_planted_copies_are_grouped_with_their_originals(deduped: Deduped) -> No
     found = sum(member.get(c) is not None and member.get(c) == member.get(o) for c, o in deduped.pairs.items())
     assert found >= PLANTED - 1, (found, deduped.job)  # recall of the planted pairs
     planted = {frozenset(p) for p in deduped.pairs.items()}
-    # precision: most groups are the planted pairs; the rest are distinct Fashion-MNIST items as similar as
-    # an enlarged copy (28 px thumbnails of plain garments: make bench-quality measures how often)
+    # precision: most groups are the planted pairs; the rest are distinct Fashion-MNIST items whose
+    # thumbnails line up as well as a copy's (plain trousers: make bench-quality measures how often)
     assert sum(frozenset(m["id"] for m in g["images"]) in planted for g in groups) >= 0.5 * len(groups)
     for g in groups:
         assert g["size"] == len(g["images"]) >= 2 and g["keeper"] == g["images"][0]["id"]
@@ -111,9 +111,10 @@ def test_the_threshold_is_calibrated_and_reported(deduped: Deduped) -> None:
     c = page["calibration"]
     assert c["copies"] == 60 * len(TRANSFORMS) and c["images"] == 1000 + PLANTED
     assert c["reached"] and c["expected_precision"] >= 0.98 and 0.2 < c["expected_recall"] < 1
-    assert 0 < c["duplicate_share"] < 0.5 and page["threshold"] == c["threshold"]
+    assert c["signal"] == "pixel_match" and page["threshold"] == c["threshold"]
+    assert PLANTED / 2 <= c["duplicate_pairs"] < c["candidate_pairs"] / 10
     assert set(c["recall_by_transform"]) == set(TRANSFORMS)  # a mirror image is no duplicate by default
-    assert c["copy_similarity"]["p50"] > c["nearest_similarity"]["p50"]
+    assert c["copy_match"]["p50"] > c["nearest_match"]["p50"]
     hist = page["histogram"]
     assert sum(hist["copies"]) == c["copies"] and len(hist["edges"]) == len(hist["copies"]) + 1
     version = page["version"]
@@ -215,15 +216,15 @@ def test_threshold_choice_counts_the_collections_own_duplicates() -> None:
     rng = np.random.default_rng(0)
     copies = rng.uniform(0.95, 1.0, 1000)
     distinct = rng.uniform(0.7, 0.96, 9000)
-    # a tenth of the images have a duplicate: their nearest neighbour scores like a copy
-    nearest = np.concatenate([distinct, rng.uniform(0.95, 1.0, 1000)])
-    c = choose_threshold(copies, nearest, 0.98)
-    assert c.reached and 0.07 < c.prior < 0.13 and c.precision >= 0.98
-    # measured on the answers: distinct images reach 0.96, duplicates spread over 0.95-1
-    true_precision = (nearest[9000:] >= c.threshold).sum() / (nearest >= c.threshold).sum()
+    # 1,000 of the candidate pairs are duplicates: they score like copies
+    scores = np.concatenate([distinct, rng.uniform(0.95, 1.0, 1000)])
+    c = choose_threshold(copies, scores, 0.98)
+    assert c.reached and 850 < c.pairs < 1150 and c.precision >= 0.98 and c.candidates == 10_000
+    # measured on the answers: distinct pairs reach 0.96, duplicates spread over 0.95-1
+    true_precision = (scores[9000:] >= c.threshold).sum() / (scores >= c.threshold).sum()
     assert true_precision >= 0.98 and (copies >= c.threshold).mean() == c.recall > 0.5
     lone = choose_threshold(copies, distinct, 0.98)  # no duplicates at all: nothing reaches the target
-    assert not lone.reached and lone.prior < 0.01 and lone.threshold == 1.0  # then only identical images
+    assert not lone.reached and lone.pairs == 0 and lone.threshold == 1.0  # then only identical thumbnails
 
 
 def test_groups_are_connected_components_largest_first() -> None:

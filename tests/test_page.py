@@ -231,7 +231,7 @@ def test_duplicates_found_resolved_and_undone(page: Any, server: str) -> None:
     assert "no near-duplicate search yet" in page.inner_text("#dup-error")
     page.click("#dup-run")  # starts a dedupe job and follows it until its groups are shown
     page.wait_for_selector("#dup-groups .dup-group", timeout=90_000)
-    assert "groups at similarity" in page.inner_text("#dup-meta") and page.is_visible("#dup-hist")
+    assert "at pixel match" in page.inner_text("#dup-meta") and page.is_visible("#dup-hist")
     listed = httpx.get(server + "/api/duplicates", params={"limit": 50}).json()
     assert page.locator("#dup-groups .dup-group").count() == len(listed["items"]) > 0
     assert {original, copy} in [{m["id"] for m in g["images"]} for g in listed["items"]]

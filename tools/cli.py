@@ -338,7 +338,7 @@ def cmd_dedupe(args: argparse.Namespace, settings: Settings, storage: Storage) -
     bar.close()
     c = result.calibration
     print(
-        f"near-duplicates {result.version}: {result.groups} groups of {result.images} images at similarity >= "
+        f"near-duplicates {result.version}: {result.groups} groups of {result.images} images at pixel match >= "
         f"{c['threshold']} (calibrated on {c['copies']} copies for precision {c['target_precision']}: expected "
         f"precision {c['expected_precision']}, recall {c['expected_recall']})"
     )
