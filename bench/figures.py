@@ -762,6 +762,13 @@ def data_quality_section(d: Result) -> list[str]:
     b = dup["bar"]
     out += [
         "",
+        "clusterlens, one dedupe run per calibration sample (seed: threshold, precision, recall, F1): "
+        + "; ".join(
+            f"{r['seed']}: {r['threshold']:.4f}, {r['precision']:.3f}, {r['recall']:.3f}, {r['f1']:.3f}"
+            for r in ours.get("calibration_runs", [])
+        )
+        + " (the table: the median run by F1).",
+        "",
         f"clusterlens recall by transform: {by}; copy pairs among the candidates: "
         f"{num(tuned.get('copy_pairs_among_candidates', 0))} of {num(dup['copy_pairs'])}. Seconds: "
         + ", ".join(f"{k} {v}" for k, v in ours["stage_seconds"].items())

@@ -234,23 +234,43 @@ def choose_threshold(copies: np.ndarray, scores: np.ndarray, target: float) -> C
     )
 
 
-def group_pairs(n: int, left: np.ndarray, right: np.ndarray) -> list[np.ndarray]:
-    """Connected components (size >= 2) of the graph on n rows with edges (left[i], right[i]).
+def group_pairs(n: int, left: np.ndarray, right: np.ndarray, score: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Groups of near-duplicates among n rows from scored candidate pairs: the pairs at or above the
+    threshold are taken best first, and two groups join unless a candidate pair between them scored
+    below it. So no group holds two images known not to match (single-link would chain alike images,
+    A like B like C with A not like C, into one group); a large set of copies still forms one group,
+    as the pairs between them that were never scored are no evidence against it.
 
     Returns:
-        int64 arrays of rows, largest group first (ties: lowest first row).
+        int64 arrays of rows (ascending), largest group first (ties: lowest first row).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not len(left):
-        return []
-    graph = coo_matrix((np.ones(len(left), np.int8), (left, right)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    order = np.argsort(label, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(label[order]) != 0])
-    parts = np.split(order, starts[1:])
-    groups = [p for p in parts if len(p) >= 2]
+    left = np.asarray(left, np.int64)
+    right = np.asarray(right, np.int64)
+    score = np.asarray(score)
+    low = score < threshold
+    # each row's candidates that scored below the threshold (CSR over both ends)
+    ends = np.concatenate([left[low], right[low]])
+    others = np.concatenate([right[low], left[low]])
+    order = np.argsort(ends, kind="stable")
+    starts = np.searchsorted(ends[order], np.arange(n + 1))
+    mismatch = others[order]
+    group = np.arange(n)
+    members: dict[int, list[int]] = {}
+    on = np.flatnonzero(~low)
+    for i in on[np.argsort(-score[on], kind="stable")].tolist():
+        ga, gb = int(group[left[i]]), int(group[right[i]])
+        if ga == gb:
+            continue
+        ma, mb = members.get(ga, [ga]), members.get(gb, [gb])
+        if len(ma) < len(mb):
+            ga, gb, ma, mb = gb, ga, mb, ma
+        if any((group[mismatch[starts[x] : starts[x + 1]]] == ga).any() for x in mb):
+            continue
+        group[mb] = ga
+        ma.extend(mb)
+        members[ga] = ma
+        members.pop(gb, None)
+    groups = [np.sort(np.asarray(m, np.int64)) for m in members.values()]
     groups.sort(key=lambda g: (-len(g), int(g[0])))
     return groups
 
@@ -355,7 +375,7 @@ def thumbnails(storage: Storage, settings: Settings, index: ClusterIndex) -> tup
     if todo:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=np.asarray(index.ids[have]).astype(str), thumbs=thumbs[have])
+        np.savez(tmp, ids=index.ids[np.flatnonzero(have)], thumbs=thumbs[have])
         tmp.replace(path)
     return thumbs, have
 
@@ -544,7 +564,8 @@ def describe_groups(
     member = np.full(index.count, -1, np.int64)
     for g, rows in enumerate(groups):
         member[rows] = g
-    edge = member[left]
+    inside = (member[left] >= 0) & (member[left] == member[right])  # a pair whose groups did not join: neither
+    edge, sim = member[left][inside], sim[inside]
     lo = np.full(len(groups), np.inf)
     hi = np.full(len(groups), -np.inf)
     np.minimum.at(lo, edge, sim)
@@ -683,7 +704,7 @@ def run_dedupe(
     stage("groups")
     t = time.perf_counter()
     on = sim >= calibration.threshold
-    groups = group_pairs(index.count, left[on], right[on])
+    groups = group_pairs(index.count, left, right, sim, calibration.threshold)
     items = describe_groups(storage, index, groups, left[on], right[on], sim[on])
     seconds["groups"] = time.perf_counter() - t
     summary = calibration.summary()

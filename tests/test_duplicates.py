@@ -16,13 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from functions.http_api import create_app
-from job.duplicates import TRANSFORMS, choose_threshold, group_pairs, keeper, transform
+from job.duplicates import THUMB_CACHE, TRANSFORMS, choose_threshold, group_pairs, keeper, transform
 from job.embeddings import embed_pending
 from job.reindex import reindex
 from job.worker import Worker
 from shared.catalog import Catalog, ImageRecord
 from shared.ingest import IngestItem, ingest_bytes
 from shared.jobs import JobStore
+from shared.pixel_match import thumbnail
 from shared.queues import open_job_queues, open_queue
 from shared.search import SearchService
 from shared.settings import Settings
@@ -104,6 +105,15 @@ def test_planted_copies_are_grouped_with_their_originals(deduped: Deduped) -> No
     record = Catalog(deduped.storage).get(copy)
     expected = (copy, "largest") if record.width == 56 else (original, "oldest")
     assert (pair["keeper"], pair["reason"]) == expected
+
+
+def test_thumbnails_are_cached_by_image_id(deduped: Deduped) -> None:
+    with np.load(deduped.settings.data_dir / "cache" / THUMB_CACHE) as cached:
+        ids, thumbs = cached["ids"].tolist(), cached["thumbs"]
+    assert sorted(ids) == sorted(Catalog(deduped.storage).ids()) and thumbs.shape == (len(ids), 32 * 32)
+    some = ids[5]
+    pixels = Image.open(io.BytesIO(Catalog(deduped.storage).image_bytes(Catalog(deduped.storage).get(some))))
+    assert np.array_equal(thumbs[5], thumbnail(pixels.convert("RGB")))
 
 
 def test_the_threshold_is_calibrated_and_reported(deduped: Deduped) -> None:
@@ -227,10 +237,21 @@ def test_threshold_choice_counts_the_collections_own_duplicates() -> None:
     assert not lone.reached and lone.pairs == 0 and lone.threshold == 1.0  # then only identical thumbnails
 
 
-def test_groups_are_connected_components_largest_first() -> None:
-    groups = group_pairs(10, np.array([0, 1, 5, 8]), np.array([1, 2, 6, 9]))
-    assert [g.tolist() for g in groups] == [[0, 1, 2], [5, 6], [8, 9]]
-    assert group_pairs(3, np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
+def test_groups_never_hold_two_images_known_not_to_match() -> None:
+    t = 0.99
+    left, right = np.array([0, 1, 5, 8, 0]), np.array([1, 2, 6, 9, 2])
+    # 0, 1 and 2 all match each other: one group
+    assert [g.tolist() for g in group_pairs(10, left, right, np.array([1.0, 0.995, 0.999, 0.992, 0.995]), t)] == [
+        [0, 1, 2],
+        [5, 6],
+        [8, 9],
+    ]
+    chained = group_pairs(10, left, right, np.array([0.993, 0.995, 0.999, 0.992, 0.5]), t)
+    assert [g.tolist() for g in chained] == [[1, 2], [5, 6], [8, 9]]  # 1-2 (0.995) first; 0 would meet 2
+    # five copies of which only a star of pairs was ever scored: nothing against them, one group
+    star = group_pairs(5, np.zeros(4, np.int64), np.arange(1, 5), np.full(4, 0.999), t)
+    assert [g.tolist() for g in star] == [[0, 1, 2, 3, 4]]
+    assert group_pairs(3, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), t) == []
 
 
 def test_keeper_prefers_labelled_then_largest_then_oldest() -> None:
