@@ -34,7 +34,7 @@ from bench.embed import device
 from job.active_learning import STRATEGIES
 from job.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from job.embeddings import EmbeddingSet
-from job.simulation import SimulationData, planned_rounds, plot_learning_curves, run_simulation
+from job.simulation import SimulationData, planned_rounds, plot_learning_curves, run_few_labels, run_simulation
 from shared.catalog import Catalog
 from shared.settings import Settings
 from shared.storage import LocalStorage
@@ -93,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-batch-max-frac", type=float, default=0.1)
     parser.add_argument("--classifier", default="lightgbm", choices=["lightgbm", "logistic", "knn"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "active_learning.json")
+    parser.add_argument(
+        "--few-labels-only",
+        action="store_true",
+        help="run only the few-labels part (a 2%% start, 0.5%% margin batches to 10%%, random and typical-first "
+        "starts) and merge it into --out",
+    )
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     settings, storage, encoder, emb = real_embeddings()
     data = split_data(settings, storage, emb, encoder.version)
     print(f"pool {len(data.x_pool):,} and test {len(data.x_test):,} embeddings ({encoder.version})")
+    if args.few_labels_only:
+        return few_labels_only(data, args)
 
     seeds = tuple(range(args.seeds))
     n = len(data.x_pool)
@@ -160,6 +168,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:>17} ({100 * small['batch_frac']:g}% batches): {pairs}")
         print("small batches, labels to reach 99% of full:", json.dumps(small["labels_to_reach_99pct_of_full"]))
     print(f"best strategy: {result['best_strategy']}; {result['seconds']:.0f} s; wrote {args.out} and {png}")
+    return 0
+
+
+def few_labels(data: SimulationData, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """:func:`job.simulation.run_few_labels` with a progress bar; its full-label accuracy is fitted in the
+    same run, on the same features (a stored one could come from other embeddings or another machine)."""
+    bar = tqdm(total=len(seeds) * 2 * planned_rounds(len(data.x_pool), 0.02, 0.005, 0.1), desc="few labels")
+
+    def on_round(name: str, seed: int, frac: float, acc: float) -> None:
+        bar.set_postfix_str(f"{name} seed {seed}: {100 * frac:.0f}% labelled, accuracy {acc:.4f}")
+        bar.update(1)
+
+    try:
+        return run_few_labels(data, seeds=seeds, on_round=on_round)
+    finally:
+        bar.close()
+
+
+def few_labels_only(data: SimulationData, args: argparse.Namespace) -> int:
+    """The few-labels part alone, merged into the file the full run wrote."""
+    out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    part = few_labels(data, tuple(range(args.seeds)))
+    out["few_labels"] = part
+    out.setdefault("device", device())
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for start, curve in part["curves"].items():
+        pairs = ", ".join(
+            f"{100 * f:.0f}%: {a:.4f}" for f, a in zip(curve["labeled_frac"], curve["accuracy_mean"], strict=True)
+        )
+        print(f"{start:>8} start: {pairs}")
+    print("labels to reach 99% of full:", json.dumps(part["labels_to_reach_99pct_of_full"]))
     return 0
 
 

@@ -229,6 +229,39 @@ def select_batch(
     )
 
 
+COLD_STARTS = ("random", "typical")
+
+
+def typical_first(features: np.ndarray, n: int, *, neighbours: int = 20, seed: int = 0) -> np.ndarray:
+    """A cold start of ``n`` rows to label first: the most typical row of each of ``n`` k-means clusters
+    (TypiClust, Hacohen et al. 2022): typicality is the mean cosine similarity to a row's
+    ``neighbours`` nearest, so each pick is the densest point of its cluster, not an outlier.
+
+    Returns:
+        int64 rows into ``features``, distinct, one per non-empty cluster (at most ``n``), the most
+        typical first.
+
+    Raises:
+        ValueError: n outside 1..len(features).
+    """
+    if not 1 <= n <= len(features):
+        raise ValueError("n must be from 1 to the number of rows")
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    search = faiss.IndexFlatIP(x.shape[1])
+    search.add(x)
+    k = min(neighbours + 1, len(x))
+    typicality = np.zeros(len(x), np.float32)
+    for start in range(0, len(x), 16_384):
+        sims, _ = search.search(x[start : start + 16_384], k)
+        typicality[start : start + 16_384] = sims[:, 1:].mean(axis=1) if k > 1 else 0.0
+    cluster = _kmeans_assign(x, n, seed) if n < len(x) else np.arange(len(x))
+    order = np.lexsort((-typicality, cluster))  # by cluster, most typical first
+    first = np.r_[True, np.diff(cluster[order]) != 0]
+    picked = order[first]
+    return picked[np.argsort(-typicality[picked], kind="stable")].astype(np.int64)
+
+
 # -- simulation -----------------------------------------------------------------------------------
 
 
@@ -288,12 +321,14 @@ def simulate(
     classifier: str = "lightgbm",
     pool_factor: float = 3.0,
     class_balance: float | None = None,
+    cold_start: str = "random",
     on_round: Callable[[str, int, float, float], None] | None = None,
 ) -> dict[str, Curve]:
     """Replay the labelling loop with the true labels as the oracle.
 
-    Each seed draws one random seed set (``seed_frac`` of the pool, not stratified, as a real start
-    is) shared by all strategies; each round trains on the labelled rows, measures accuracy on the
+    Each seed draws one seed set (``seed_frac`` of the pool: at random, not stratified, as a real start
+    is; or with ``cold_start="typical"`` the most typical row of as many clusters, :func:`typical_first`)
+    shared by all strategies; each round trains on the labelled rows, measures accuracy on the
     test set, and asks the strategy for ``batch_frac`` of the pool more, until ``max_frac``.
 
     Args:
@@ -308,9 +343,14 @@ def simulate(
         ValueError: on bad fractions or shapes.
     """
     n, n_classes, seed_n, batch_n, max_n = _loop_sizes(x_pool, y_pool, x_test, y_test, seed_frac, batch_frac, max_frac)
+    if cold_start not in COLD_STARTS:
+        raise ValueError(f"cold_start must be one of {', '.join(COLD_STARTS)}")
     curves: dict[str, Curve] = {}
     for seed in seeds:
-        start = np.random.default_rng(seed).choice(n, size=seed_n, replace=False)
+        if cold_start == "typical":
+            start = typical_first(x_pool, seed_n, seed=seed)
+        else:
+            start = np.random.default_rng(seed).choice(n, size=seed_n, replace=False)
         for strategy in strategies:
             t0 = time.perf_counter()
             rng = np.random.default_rng(seed + 1000)

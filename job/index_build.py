@@ -29,6 +29,7 @@ from shared.errors import NotReady
 from shared.features import normalize, power_normalize, power_normalize_into
 from shared.head import HEAD_FILE, ProjectionHead
 from shared.index import (
+    COLD_START_FILE,
     FILES,
     Captions,
     ClusterIndex,
@@ -534,6 +535,7 @@ def build_index(
         raw_codec=raw_codec,
     )
     built.trained = bytes(trained)
+    built.cold_start = cold_start_rows(np.arange(n), lambda rows: pretransform(index, features_of(rows)), seed)
     t1 = time.perf_counter()
     nprobe = nlist if plan.kind == "flat" else p.nprobe  # flat: every list, exact
     exact = truth.I if truth is not None else np.zeros((0, k + 1), np.int64)
@@ -551,6 +553,25 @@ def build_index(
     settle(manifest, built, recall)
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     return built
+
+
+COLD_SAMPLE = 20_000  # rows the cold start is chosen among
+COLD_START = 500  # rows it offers, at most: one per cluster of the sample
+
+
+def cold_start_rows(rows: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray], seed: int) -> np.ndarray:
+    """The rows a labelling loop should ask about first, before any classifier: the most typical image of
+    each of up to :data:`COLD_START` k-means clusters of a seeded sample of at most :data:`COLD_SAMPLE` of
+    ``rows`` (in the index's space: ``vectors_of(positions into rows)``), most typical first
+    (:func:`job.active_learning.typical_first`). Empty for fewer than 20 rows (the label queue's
+    round-robin over the index's clusters does then)."""
+    from job.active_learning import typical_first
+
+    if len(rows) < 20:
+        return np.zeros(0, np.int64)
+    at = np.sort(np.random.default_rng(seed).choice(len(rows), min(len(rows), COLD_SAMPLE), replace=False))
+    picked = typical_first(vectors_of(at), min(COLD_START, len(at) // 4), seed=seed)
+    return np.asarray(rows)[at[picked]].astype(np.int64)
 
 
 def train_lists(ivf: Any, xt: np.ndarray, plan: IndexPlan, seed: int) -> None:
@@ -736,6 +757,7 @@ def extend_index(
         raw_codec=base.raw_codec,
     )
     grown.trained = bytes(faiss.serialize_index(trained))
+    grown.cold_start = base.cold_start  # the base's rows keep their numbers
     xt = grown.all_vectors()
     nprobe = int(ivf.nlist) if base.manifest.kind == "flat" else p.nprobe
     recall = tune_nprobe(grown, xt, target=p.recall_target, sample=p.recall_sample, nprobe=nprobe, seed=p.seed)
@@ -1187,6 +1209,7 @@ def publish(
         write_class_lists(Path(tmp), np.asarray(built.class_top), np.asarray(built.class_prob))
         ingested = np.asarray(built.ingested) if built.ingested is not None else np.zeros(0, np.int64)
         np.save(Path(tmp) / "ingested.npy", ingested)
+        np.save(Path(tmp) / COLD_START_FILE, np.asarray(built.cold_start, dtype=np.int64))
         np.save(Path(tmp) / "caption_rows.npy", built.captions.rows.astype(np.int64))
         np.save(Path(tmp) / "caption_vectors.npy", built.captions.vectors.astype(np.float16))
         np.save(Path(tmp) / "captions.npy", built.captions.text)

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from job.active_learning import (
+    COLD_STARTS,
     STRATEGIES,
     UNCERTAINTY_STRATEGIES,
     labels_to_reach,
@@ -317,6 +318,76 @@ def run_simulation(
     }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def run_few_labels(
+    data: SimulationData,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    strategy: str = "margin",
+    seed_frac: float = 0.02,
+    batch_frac: float = 0.005,
+    max_frac: float = 0.1,
+    cold_starts: Sequence[str] = COLD_STARTS,
+    classifier: str = "lightgbm",
+    pca_dim: int = 128,
+    full_label_accuracy: float | None = None,
+    on_round: Callable[[str, int, float, float], None] | None = None,
+) -> dict[str, Any]:
+    """The labelling loop started small: ``seed_frac`` of the pool as the first labels (each of
+    ``cold_starts``: at random, or the most typical image of as many clusters), then ``strategy``
+    batches of ``batch_frac`` up to ``max_frac``, for each seed; with the share of labels at which each
+    start reaches 99% of ``full_label_accuracy`` (fitted on every pool label here when None).
+
+    Returns:
+        ``{"curves": {cold_start: curve}, "labels_to_reach_99pct_of_full": {cold_start: fraction or
+        None}, "full_label_accuracy", "config", "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    space = FeatureSpace(dim=pca_dim).fit(data.x_pool)
+    x_pool, x_test = space.transform(data.x_pool), space.transform(data.x_test)
+    if full_label_accuracy is None:
+        model = fit_classifier(classifier, x_pool, data.y_pool, seed=int(seeds[0]))
+        proba = full_proba(model, x_test, len(data.class_names))
+        full_label_accuracy = float((proba.argmax(axis=1) == data.y_test).mean())
+    curves = {}
+    for start in cold_starts:
+
+        def tagged(name: str, seed: int, frac: float, acc: float, start: str = start) -> None:
+            if on_round:
+                on_round(f"{start}/{name}", seed, frac, acc)
+
+        run = simulate(
+            x_pool,
+            data.y_pool,
+            x_test,
+            data.y_test,
+            strategies=(strategy,),
+            seeds=tuple(seeds),
+            seed_frac=seed_frac,
+            batch_frac=batch_frac,
+            max_frac=max_frac,
+            classifier=classifier,
+            cold_start=start,
+            on_round=tagged,
+        )
+        curves[start] = run[strategy].summary()
+    target = TARGET_SHARE * full_label_accuracy
+    return {
+        "curves": curves,
+        "labels_to_reach_99pct_of_full": {k: labels_to_reach(c, target) for k, c in curves.items()},
+        "full_label_accuracy": round(full_label_accuracy, 4),
+        "config": {
+            "strategy": strategy,
+            "seed_frac": seed_frac,
+            "batch_frac": batch_frac,
+            "max_frac": max_frac,
+            "seeds": [int(s) for s in seeds],
+            "classifier": classifier,
+            "pca_dim": pca_dim,
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 # -- the picture ----------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from job.index_build import (
     IndexParams,
     add_transformed,
     choose_nlist,
+    cold_start_rows,
     label_codes_of,
     list_of_rows,
     new_index,
@@ -321,6 +322,7 @@ def build_streaming(
         del x
     xt_train = read_sample(usable, transform=True)
     train_lists(ivf, xt_train, plan, p.seed)
+    cold_start = cold_start_rows(sample_rows, xt_train.__getitem__, p.seed)
     codec = RefineCodec.train(xt_train) if plan.kind == "ivf_pq" else None
     index.is_trained = True
     k = min(10, n - 1)
@@ -437,6 +439,7 @@ def build_streaming(
         raw_codec=raw_codec,
     )
     built.trained = bytes(trained)
+    built.cold_start = cold_start
     built.files = {"ids.npy": ids_path, "order.npy": order_path}
     built.files |= {CODES_FILE: vectors_path} if vectors_path else {}
     built.files |= {RAW_CODES_FILE: raw_path} if raw_path else {}

@@ -22,6 +22,7 @@ Published layout in the index container::
     index/v000007/labels.npy    label code of each row (-1: none); names in the manifest
     index/v000007/class_top.npy, class_prob.npy   each row's top ImageNet classes and probabilities
     index/v000007/ingested.npy  ingest time of each row (UTC epoch seconds), for filters
+    index/v000007/cold_start.npy  rows to label first before any classifier, most typical first
     index/v000007/caption_rows.npy, caption_vectors.npy, captions.npy   rows with a caption, its text
                                 embedding (MiniLM, float16) and text, for text search
     index/v000007/class_offsets.npy, class_rows.npy, class_probs.npy, class_mass.npy   the rows of
@@ -96,6 +97,7 @@ log = logging.getLogger(__name__)
 
 COARSE_EF = 32  # HNSW coarse quantiser: candidates kept while walking the graph (at least 2 x nprobe)
 CAPTION_FILES = ("caption_rows.npy", "caption_vectors.npy", "captions.npy")
+COLD_START_FILE = "cold_start.npy"  # rows offered first to label, the most typical first (may be empty)
 FILES = (
     "index.faiss",
     "ids.npy",
@@ -105,6 +107,7 @@ FILES = (
     "class_prob.npy",
     "ingested.npy",
     "order.npy",
+    COLD_START_FILE,
     CODES_FILE,
     CODEC_FILE,
     RAW_CODES_FILE,
@@ -114,6 +117,7 @@ FILES = (
 )
 # absent from older versions (and the re-ranking codes from every kind but ivf_pq)
 OPTIONAL_FILES = (
+    COLD_START_FILE,
     "class_top.npy",
     "class_prob.npy",
     "ingested.npy",
@@ -207,6 +211,9 @@ class ClusterIndex:
         self.head = head
         self.ingested = ingested
         self.hidden = np.zeros(0, np.int64)  # rows of deleted images, left out until the next build
+        # rows to offer first for labelling before any classifier: the most typical image of each of as
+        # many clusters of a sample, most typical first (job.index_build.cold_start_rows); empty: none
+        self.cold_start = np.zeros(0, np.int64)
         # later rows of an id stored twice (an image embedded twice across delta segments), always hidden
         self.duplicates = np.zeros(0, np.int64)
         self.trained: bytes | None = None  # job side: the index before any row was added (trained.faiss)
@@ -961,6 +968,9 @@ def load_folder(
         raw_codec=raw_codec,
     )
     loaded.mapped = Path(paths["index.faiss"]) if is_mapped else None
+    cold = load(COLD_START_FILE)
+    if cold is not None and len(cold) and int(cold.max()) < len(keys):
+        loaded.cold_start = np.asarray(cold, np.int64)
     if all(name in paths for name in LIST_FILES[:3]) and loaded.class_top.shape[1]:
         loaded.class_lists = ClassLists.from_files(paths)
     return loaded
@@ -1016,6 +1026,7 @@ def join_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluster
     joined.segment_files = [p.mapped for p in parts]
     joined.duplicates = ids.repeats()
     joined.hidden = joined.duplicates
+    joined.cold_start = first.cold_start  # the base's rows keep their numbers
     if joined.class_top.shape[1]:
         joined.class_lists = _segment_lists(parts, joined)
     return joined
@@ -1106,6 +1117,7 @@ def merge_segments(parts: list[ClusterIndex], manifest: IndexManifest) -> Cluste
     merged.duplicates = joined.duplicates
     merged.hidden = merged.duplicates
     merged.class_lists = joined.class_lists
+    merged.cold_start = joined.cold_start
     return merged
 
 

@@ -1,8 +1,10 @@
 """The labelling endpoints' logic: the next images to label, and taking a batch of labels.
 
 API side (numpy only). The queue comes from the published classifier (computed by the retrain job
-for each strategy); before the first classifier, or once its queue is used up, images are offered
-round-robin over the index's clusters, so the first labels cover the collection. With
+for each strategy); before the first classifier, or once its queue is used up, the index's typical
+images come first (the densest image of each of up to 500 clusters of a sample, TypiClust-style:
+representative, not outliers), then images round-robin over the index's clusters, so the first labels
+cover the collection. With
 ``CLUSTERLENS_AL_RELABEL_SHARE`` a share of each batch re-asks for the labels the latest analysis
 report found most likely wrong (``picked_by: "relabel"``, with the label now and the suggestion).
 """
@@ -10,6 +12,7 @@ report found most likely wrong (``picked_by: "relabel"``, with the label now and
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +42,16 @@ def _cold_order(index: ClusterIndex) -> np.ndarray:
     starts = np.searchsorted(clusters, clusters, side="left")
     rank = np.arange(len(by_cluster)) - starts
     return np.asarray(by_cluster[np.lexsort((clusters, rank))], dtype=np.int64)
+
+
+def _cold_start(index: ClusterIndex) -> Iterator[tuple[int, str]]:
+    """Rows to offer without a classifier, with why: the index's typical rows first (``typical``: the
+    densest image of each cluster of a sample, most typical first; built with the index), then every
+    row round-robin over the index's clusters (``cluster_round_robin``)."""
+    for row in index.cold_start.tolist():
+        yield int(row), "typical"
+    for row in _cold_order(index).tolist():
+        yield int(row), "cluster_round_robin"
 
 
 def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> dict[str, Any]:
@@ -71,10 +84,11 @@ def label_queue(live: LiveIndex, n: int = 20, strategy: str | None = None) -> di
                 skip[row] = True
                 if len(picked) == n:
                     break
-    if len(picked) < n:
-        for row in _cold_order(index):
+    if len(picked) < n:  # no classifier yet, or its queue used up: typical images first, then round-robin
+        for row, source in _cold_start(index):
             if not skip[row]:
-                picked.append((int(row), None, "cluster_round_robin"))
+                skip[row] = True
+                picked.append((int(row), None, source))
                 if len(picked) == n:
                     break
     why = {row: item for row, item in relabel}

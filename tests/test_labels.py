@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from functions.http_api import create_app
-from job.active_learning import diverse_order, entropy, least_confidence, margin, select_batch
+from job.active_learning import diverse_order, entropy, least_confidence, margin, select_batch, typical_first
 from job.datasets import FASHION_MNIST_CLASSES, fashion_mnist_items
 from job.embeddings import embed_pending
 from job.reindex import reindex
@@ -91,6 +91,35 @@ def test_class_balance_guard_caps_one_predicted_class() -> None:
     assert (groups[guarded] == 0).sum() == 2 and (groups[guarded] == 1).sum() == 2
 
 
+def test_typical_first_takes_the_densest_image_of_each_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 10
+    blobs = np.concatenate([c + rng.normal(0, 0.5, (50, 8)) for c in centres])
+    outliers = rng.normal(0, 6, (6, 8))  # far from everything
+    x = np.concatenate([blobs, outliers]).astype(np.float32)
+    picked = typical_first(x, 3, seed=0)
+    assert sorted(int(p) // 50 for p in picked) == [0, 1, 2]  # one from each blob, no outlier
+    for p in picked:  # each the blob's most central member, or close to it
+        blob = x[(p // 50) * 50 : (p // 50 + 1) * 50]
+        assert np.linalg.norm(x[p] - blob.mean(axis=0)) < np.median(np.linalg.norm(blob - blob.mean(axis=0), axis=1))
+    assert len(set(typical_first(x, len(x)).tolist())) == len(x)
+    with pytest.raises(ValueError, match="n must be"):
+        typical_first(x, 0)
+
+
+def test_typical_first_on_real_images_is_denser_and_covers_more_classes(
+    fashion_test: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = fashion_test[0][:2000].reshape(2000, -1).astype(np.float32), fashion_test[1][:2000]
+    picked = typical_first(x, 20, seed=0)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    typicality = np.sort(sims, axis=1)[:, -21:-1].mean(axis=1)  # mean cosine to the 20 nearest others
+    at_random = np.random.default_rng(0).choice(2000, 20, replace=False)
+    assert typicality[picked].mean() > np.percentile(typicality, 50) > typicality[at_random].mean() - 0.05
+    assert len(set(y[picked].tolist())) >= 9  # of the 10 classes, from 20 images and no label
+
+
 # -- the label log --------------------------------------------------------------------------------
 
 ID_A, ID_B = "a" * 64, "b" * 64
@@ -154,16 +183,23 @@ def test_labelling_loop_through_the_api_and_the_retrain_job(pool: Pool) -> None:
     service = pool.service()
     client = _client(service, pool.settings)
 
-    # Before any classifier: unlabelled images, spread over the clusters.
+    # Before any classifier: the index's typical images (one per cluster of a sample, most typical first,
+    # written with the index), then every image round-robin over the index's clusters.
+    index = service.index()
+    typical = [str(index.ids[r]) for r in index.cold_start if str(index.ids[r]) not in pool.seeded]
+    assert len(index.cold_start) == POOL // 4 == len(set(index.cold_start.tolist()))
     first = client.get("/api/label-queue", params={"n": 8})
     assert first.status_code == 200, first.text
     body = first.json()
     assert body["classifier"] is None and body["labelled"] == SEEDED
     items = body["items"]
-    assert len(items) == 8 and not {i["id"] for i in items} & pool.seeded
-    clusters = [i["cluster"] for i in items]
-    assert len(set(clusters)) == min(8, int(service.index().manifest.nlist))
-    assert all(i["picked_by"] == "cluster_round_robin" and i["url"] == f"/api/images/{i['id']}" for i in items)
+    assert [i["id"] for i in items] == typical[:8] and not {i["id"] for i in items} & pool.seeded
+    assert all(i["picked_by"] == "typical" and i["url"] == f"/api/images/{i['id']}" for i in items)
+    more = client.get("/api/label-queue", params={"n": 200}).json()["items"]
+    assert [i["picked_by"] for i in more] == ["typical"] * len(typical) + ["cluster_round_robin"] * (200 - len(typical))
+    rest = [i["cluster"] for i in more[len(typical) :]][:8]  # after them, spread over the clusters
+    assert len(set(rest)) >= min(6, int(index.manifest.nlist))
+    assert len({i["id"] for i in more}) == 200
 
     # Label 60 more images (the oracle answers), in one batch with some bad items in it.
     unlabelled = [i for i in pool.truth if i not in pool.seeded]

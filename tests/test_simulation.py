@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from job.simulation import SimulationData, dataset_features, plot_learning_curves, run_simulation
+from job.simulation import SimulationData, dataset_features, plot_learning_curves, run_few_labels, run_simulation
 from shared.encoder import ImageEncoder
 from shared.settings import Settings
 from tests.conftest import make_settings
@@ -137,3 +137,21 @@ def test_plot_writes_a_png(result: dict[str, Any], tmp_path: Path) -> None:
 def test_unknown_dataset_is_refused(settings: Settings, encoder: ImageEncoder) -> None:
     with pytest.raises(ValueError, match="fashion-mnist"):
         dataset_features(settings, encoder, dataset="cifar-10")
+
+
+def test_few_labels_start_small_from_random_or_typical_images(data: SimulationData) -> None:
+    part = run_few_labels(
+        data, seeds=(0,), seed_frac=0.02, batch_frac=0.02, max_frac=0.06, classifier="logistic", pca_dim=32
+    )
+    assert set(part["curves"]) == {"random", "typical"}
+    for curve in part["curves"].values():
+        assert set(curve) == CURVE_KEYS and curve["labeled_frac"][0] == pytest.approx(0.02, abs=0.002)
+        assert curve["labeled_frac"][-1] == pytest.approx(0.06, abs=0.002)
+        assert curve["accuracy_mean"][-1] > curve["accuracy_mean"][0]  # margin batches pay on real images
+    assert 0.5 < part["full_label_accuracy"] < 1 and part["config"]["strategy"] == "margin"
+    target = 0.99 * part["full_label_accuracy"]
+    for start, at in part["labels_to_reach_99pct_of_full"].items():
+        curve = part["curves"][start]
+        pairs = zip(curve["labeled_frac"], curve["accuracy_mean"], strict=True)
+        reached = [frac for frac, acc in pairs if acc >= target]
+        assert at == (reached[0] if reached else None)
