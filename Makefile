@@ -23,7 +23,7 @@ PORT   ?= 7071
 CHROMIUM := /usr/bin/chromium
 LIMIT  ?= 10000
 
-.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-quality bench-cluster bench-reliability bench-cost bench-scale figures
+.PHONY: demo test install infra-tools azurite browser worker models data serve lint typecheck clean bench bench-embed bench-search bench-http bench-al bench-quality bench-multilabel bench-cluster bench-reliability bench-cost bench-scale figures
 
 ## demo: install, build the models and a 10,000-image index from real images, serve http://localhost:7071
 demo: $(STAMP) models data
@@ -77,7 +77,7 @@ data:
 	@./scripts/ensure-fashion-mnist.sh
 
 ## bench: benchmarks (slow; not tests), each writing JSON to bench/results/
-bench: $(BENCH_STAMP) bench-embed bench-search bench-http bench-al bench-quality bench-cluster bench-reliability bench-cost bench-scale
+bench: $(BENCH_STAMP) bench-embed bench-search bench-http bench-al bench-quality bench-multilabel bench-cluster bench-reliability bench-cost bench-scale
 
 bench-embed: $(STAMP) models data
 	$(BIN)/python -m bench.embed
@@ -104,6 +104,11 @@ bench-al: $(STAMP) models data
 ## near-duplicates (the dedupe job's calibrated threshold) against planted copies beside imagededup's hashes
 bench-quality: $(STAMP) $(BENCH_STAMP) models data
 	$(BIN)/python -m bench.quality
+
+## bench-multilabel: label sets of 1-4 labels on 2 x 2 Fashion-MNIST mosaics: micro-F1 and mAP by share of
+## labels, multi-label active learning against random
+bench-multilabel: $(STAMP) models data
+	$(BIN)/python -m bench.multilabel
 
 ## bench-cluster: FAISS k-means vs MiniBatchKMeans (1M x 64, k=1024), and classifiers on backbone vs head embeddings
 bench-cluster: $(STAMP) models data

@@ -692,6 +692,72 @@ def _f1(row: dict[str, Any]) -> str:
     return f"{row['f1']:.3f}{spread}"
 
 
+def multilabel_section(m: Result, results: Path) -> list[str]:
+    """Micro/macro F1 and mAP by share of labels and classifier; multi-label active learning against random."""
+    labels, al, bar = m["labels"], m["active_learning"], m["bar"]
+    counts = ", ".join(f"{k} labels: {num(v)}" for k, v in m["labels_per_test_mosaic"].items())
+    out = [
+        *heading("Multi-label", m, "make bench-multilabel"),
+        f"{m['method']}. Test mosaics by number of labels: {counts}. Thresholds tuned per label for F1 on a fifth "
+        "of the labelled mosaics, then the model refitted on all of them; mean ± std over 3 seeds.",
+        "",
+    ]
+    fracs = list(labels[next(iter(labels))])
+    rows = []
+    for kind, by in labels.items():
+        for f in fracs:
+            r = by[f]
+            rows.append(
+                [
+                    f"`{kind}`",
+                    f"{pct(float(f))} ({num(r['labels'])})",
+                    f"{r['micro_f1_mean']:.4f} ± {r['micro_f1_std']:.4f}",
+                    f"{r['macro_f1_mean']:.4f}",
+                    f"{r['mAP_mean']:.4f}",
+                    f"{r['exact_set_mean']:.4f}",
+                ]
+            )
+    out += table(["classifier", "labelled", "micro-F1", "macro-F1", "mAP", "exact set"], rows)
+    curves = al["curves"]
+    names = list(curves)
+    steps = curves[names[0]]["labeled_frac"]
+    out += [
+        "",
+        f"Active learning (`{al['classifier']}`, {al['seeds']} seeds, micro-F1 on the test mosaics; from a random "
+        f"{pct(steps[0])} of the train mosaics, batches of {pct(steps[1] - steps[0])}):",
+        "",
+    ]
+    out += table(
+        ["strategy", *(pct(f) for f in steps)],
+        [[f"`{n}`", *(f"{v:.4f}" for v in curves[n]["micro_f1_mean"])] for n in names],
+    )
+    ahead = al["ahead_of_random_every_round"]
+    out += [
+        "",
+        "Ahead of random at every round after the shared first: "
+        + ", ".join(f"`{k}` {'yes' if v else 'no'}" for k, v in ahead.items())
+        + ".",
+        "",
+        f"Bar: micro-F1 ≥ 0.85 with all labels ({bar['micro_f1_all_labels']:.4f}) and an uncertainty strategy ahead "
+        f"of random at every round: {met(bar['met'])}.",
+    ]
+    plot = results / "multilabel.png"
+    if plot.is_file():
+        out += ["", f"![multi-label active learning](../bench/results/{plot.name})"]
+    return out
+
+
+def multilabel_row(m: Result) -> list[str]:
+    full = m["labels"]["mlp"]["1.0"]
+    ahead = [k for k, v in m["active_learning.ahead_of_random_every_round"].items() if v]
+    return [
+        "[multi-label](docs/figures.md#multi-label): 2 x 2 Fashion-MNIST mosaics, 1-4 labels each",
+        f"micro-F1 **{full['micro_f1_mean']:.3f}** with all labels (mAP {full['mAP_mean']:.3f}); ahead of random "
+        f"every round: {', '.join(f'`{a}`' for a in ahead) or 'none'}",
+        m.machine,
+    ]
+
+
 def data_quality_section(d: Result) -> list[str]:
     """Likely mislabels against flipped labels, re-label requests with a noisy oracle, near-duplicates
     against planted copies."""
@@ -1379,6 +1445,7 @@ SECTIONS = (
     "cost",
     "scale",
     "data_quality",
+    "multilabel",
 )
 
 
@@ -1453,7 +1520,8 @@ def render_figures(results: Path = RESULTS) -> str:
         "",
         "- [Embedding](#embedding) · [Search](#search) · [HTTP](#http) · [Active learning](#active-learning) · "
         "[Clustering](#clustering) · [Quality](#quality) · [Reliability](#reliability) · "
-        "[Crash trials](#crash-trials) · [Cost](#cost) · [Scale](#scale) · [Data quality](#data-quality)",
+        "[Crash trials](#crash-trials) · [Cost](#cost) · [Scale](#scale) · [Data quality](#data-quality) · "
+        "[Multi-label](#multi-label)",
         "",
     ]
     sections = [
@@ -1468,6 +1536,7 @@ def render_figures(results: Path = RESULTS) -> str:
         cost_section(r["cost"], r["search"]),
         scale_section(r["scale"]),
         data_quality_section(r["data_quality"]),
+        multilabel_section(r["multilabel"], results),
     ]
     for section in sections:
         lines += section + [""]
@@ -1494,7 +1563,7 @@ def render_headline(results: Path = RESULTS) -> str:
     Raises:
         FiguresError: if a file is missing or lacks a figure.
     """
-    e, s, h, a, c, q, rel, cr, co, sc, dq = (load(results, name) for name in SECTIONS)
+    e, s, h, a, c, q, rel, cr, co, sc, dq, ml = (load(results, name) for name in SECTIONS)
     co_a = cost_arithmetic(co, s)
     t4 = co_a["gpu"]["Consumption-GPU-NC8as-T4"]
     big_n, big = search_largest(s)
@@ -1587,6 +1656,7 @@ def render_headline(results: Path = RESULTS) -> str:
         ],
         scale_row(sc),
         data_quality_row(dq),
+        multilabel_row(ml),
     ]
     lines = [GENERATED, "", *table(["what", "figure", "machine"], rows)]
     return "\n".join(lines) + "\n"
