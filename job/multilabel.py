@@ -128,25 +128,12 @@ class OneVsRest:
 
 
 def _binary(kind: str, seed: int, n: int) -> Any:
-    if kind == "logistic":
-        from sklearn.linear_model import LogisticRegression
+    """One label's classifier: the single-label loop's own logistic regression or LightGBM settings."""
+    from job.classifier import make_classifier
 
-        return LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-    if kind == "lightgbm":
-        import lightgbm as lgb
-
-        return lgb.LGBMClassifier(
-            n_estimators=150 if n < 1000 else 300,
-            learning_rate=0.08,
-            num_leaves=15,
-            min_child_samples=5,
-            colsample_bytree=0.5,
-            subsample=0.8,
-            subsample_freq=1,
-            random_state=seed,
-            verbose=-1,
-        )
-    raise ValueError(f"unknown multi-label classifier {kind!r}: logistic or lightgbm")
+    if kind not in ("logistic", "lightgbm"):
+        raise ValueError(f"unknown multi-label classifier {kind!r}: logistic, lightgbm or mlp")
+    return make_classifier(kind, seed, n_labels=n)
 
 
 def tune_thresholds(proba: np.ndarray, y: np.ndarray, beta: float = 1.0) -> np.ndarray:
