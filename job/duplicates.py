@@ -248,7 +248,13 @@ def group_pairs(n: int, left: np.ndarray, right: np.ndarray, score: np.ndarray, 
     right = np.asarray(right, np.int64)
     score = np.asarray(score)
     low = score < threshold
-    # each row's candidates that scored below the threshold (CSR over both ends)
+    # only rows in some pair at or above the threshold can join a group: the evidence against a join is
+    # the pairs between two of them (at 10M images a few pairs, not every candidate's)
+    involved = np.zeros(n, bool)
+    involved[left[~low]] = True
+    involved[right[~low]] = True
+    low &= involved[left] & involved[right]
+    # each such row's candidates that scored below the threshold (CSR over both ends)
     ends = np.concatenate([left[low], right[low]])
     others = np.concatenate([right[low], left[low]])
     order = np.argsort(ends, kind="stable")
@@ -256,7 +262,7 @@ def group_pairs(n: int, left: np.ndarray, right: np.ndarray, score: np.ndarray, 
     mismatch = others[order]
     group = np.arange(n)
     members: dict[int, list[int]] = {}
-    on = np.flatnonzero(~low)
+    on = np.flatnonzero(score >= threshold)
     for i in on[np.argsort(-score[on], kind="stable")].tolist():
         ga, gb = int(group[left[i]]), int(group[right[i]])
         if ga == gb:
