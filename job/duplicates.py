@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
-from shared.pixel_match import THUMB, match_scores, thumbnail, unit_vectors
+from shared.pixel_match import THUMB, match_scores, slices, thumbnail, unit_vectors
 from shared.storage import REPORTS
 
 if TYPE_CHECKING:
@@ -329,22 +329,20 @@ def thumbnails(storage: Storage, settings: Settings, index: ClusterIndex) -> tup
     thumbs = np.zeros((n, THUMB * THUMB), np.uint8)
     have = np.zeros(n, bool)
     path = settings.data_dir / "cache" / THUMB_CACHE
-    cached: dict[str, int] = {}
-    old = np.zeros((0, THUMB * THUMB), np.uint8)
+    ids = np.asarray(index.ids)  # every id at once (O(n)), not one lookup a row
+    rows = np.setdiff1d(np.arange(n), index.hidden)
+    found = np.zeros(len(rows), bool)
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
-            old = f["thumbs"]
-            cached = {str(i): k for k, i in enumerate(f["ids"])}
-    rows = np.setdiff1d(np.arange(n), index.hidden)
-    todo = []
-    for row in rows.tolist():
-        k = cached.get(str(index.ids[row]), -1)
-        if k >= 0:
-            thumbs[row], have[row] = old[k], True
-        else:
-            todo.append(row)
+            old_ids, old = f["ids"], f["thumbs"]
+        order = np.argsort(old_ids)
+        at = np.minimum(np.searchsorted(old_ids, ids[rows], sorter=order), max(len(old_ids) - 1, 0))
+        if len(old_ids):
+            found = old_ids[order[at]] == ids[rows]
+            thumbs[rows[found]], have[rows[found]] = old[order[at[found]]], True
+    todo = rows[~found]
     catalog = Catalog(storage)
-    row_of = {str(index.ids[r]): r for r in todo}
+    row_of = {str(ids[r]): int(r) for r in todo}
 
     def fetch(image_id: str) -> tuple[str, bytes | None]:
         try:
@@ -366,7 +364,7 @@ def thumbnails(storage: Storage, settings: Settings, index: ClusterIndex) -> tup
 
     bar = tqdm(total=len(todo), desc="thumbnails", unit="img", disable=None)
     for batch in prefetch_batches(
-        [str(index.ids[r]) for r in todo],
+        [str(ids[r]) for r in todo],
         fetch,
         decode,
         256,
@@ -378,10 +376,10 @@ def thumbnails(storage: Storage, settings: Settings, index: ClusterIndex) -> tup
             thumbs[at], have[at] = batch.pixels, True
         bar.update(len(batch.ids) + len(batch.failed))
     bar.close()
-    if todo:
+    if len(todo):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=index.ids[np.flatnonzero(have)], thumbs=thumbs[have])
+        np.savez(tmp, ids=ids[have], thumbs=thumbs[have])
         tmp.replace(path)
     return thumbs, have
 
@@ -400,7 +398,7 @@ def thumbnail_pairs(thumbs: np.ndarray, have: np.ndarray, k: int) -> tuple[np.nd
     rows = np.flatnonzero(have)
     if len(rows) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    vectors = np.concatenate([unit_vectors(thumbs[rows[s]]) for s in _blocks(len(rows), 65_536)])
+    vectors = np.concatenate([unit_vectors(thumbs[rows[s]]) for s in slices(len(rows), 65_536)])
     dim = vectors.shape[1]
     if len(rows) <= EXACT_UP_TO:
         search: Any = faiss.IndexFlatIP(dim)
@@ -413,7 +411,7 @@ def thumbnail_pairs(thumbs: np.ndarray, have: np.ndarray, k: int) -> tuple[np.nd
     search.add(vectors)
     lefts, rights = [], []
     kk = min(k + 1, len(rows))
-    for s in _blocks(len(rows), 16_384):
+    for s in slices(len(rows), 16_384):
         _, found = search.search(vectors[s], kk)
         me = np.repeat(np.arange(s.start, s.stop), kk)
         other = found.ravel()
@@ -422,10 +420,6 @@ def thumbnail_pairs(thumbs: np.ndarray, have: np.ndarray, k: int) -> tuple[np.nd
         lefts.append(np.minimum(a, b))
         rights.append(np.maximum(a, b))
     return np.concatenate(lefts), np.concatenate(rights)
-
-
-def _blocks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def calibration_copies(

@@ -149,7 +149,8 @@ def unit_vectors(thumbs: np.ndarray) -> np.ndarray:
     return hypotheses()[0].apply(thumbs)
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
+def slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` over ``range(n)``."""
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -171,7 +172,7 @@ def match_scores(
     left = np.asarray(left, np.int64)
     right = np.asarray(right, np.int64)
     best = np.full(len(left), -1.0, np.float32)
-    for block in _chunks(len(left), PAIR_BLOCK):
+    for block in slices(len(left), PAIR_BLOCK):
         best[block] = _block_scores(thumbs, left[block], right[block], edits)
     return best
 
@@ -182,11 +183,11 @@ def _block_scores(thumbs: np.ndarray, left: np.ndarray, right: np.ndarray, edits
     sub = thumbs[used]
     base = edits[0].apply(sub)
     best = np.full(len(left), -1.0, np.float32)
-    for s in _chunks(len(left), PAIR_CHUNK):
+    for s in slices(len(left), PAIR_CHUNK):
         best[s] = np.einsum("ij,ij->i", base[a_all[s]], base[b_all[s]])
     for edit in edits[1:]:
         v = edit.apply(sub)
-        for s in _chunks(len(left), PAIR_CHUNK):
+        for s in slices(len(left), PAIR_CHUNK):
             a, b = a_all[s], b_all[s]
             one = np.einsum("ij,ij->i", v[a], base[b])
             other = np.einsum("ij,ij->i", base[a], v[b])
